@@ -1,0 +1,60 @@
+"""The `dtl` command line: a thin layer over the library.
+
+Each verb lives in `dtl/commands/<group>.py`, which adds its sub-parser in `register()` and
+calls library functions; nothing here knows how a model trains or a page is served.
+User mistakes raise `DtlError` and come out as one line on stderr with exit code 2
+(`--debug` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dtl.errors import DtlError
+
+# One module per group of verbs, in the order `dtl --help` lists them.
+COMMAND_MODULES = [
+    "dtl.commands.info",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dtl",
+        description="Train decoder-only transformer language models from scratch, then "
+        "generate, answer questions, evaluate and serve them.",
+        epilog="Run `dtl VERB --help` for a verb's options and examples.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="VERB")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """Options every verb accepts (so `dtl VERB --debug` works as well as `dtl --debug VERB`)."""
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except DtlError as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"dtl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dtl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)

@@ -1,0 +1,472 @@
+"""The TransformerLM of the spec (`DTL-ARCHITECTURE.md`), one class per box, in its order.
+
+    input_ids (B, T)
+      -> Embedding (x sqrt(d_model)) -> PositionalEncoding (+ sinusoid) -> Dropout
+      -> TransformerBlock x N:  x = LayerNorm(x + Dropout(MultiHeadAttention(x)))
+                                x = LayerNorm(x + Dropout(FeedForward(x)))
+      -> LayerNorm (ln_f) -> Linear head (d_model -> vocab_size)
+      -> logits (B, T, vocab_size)
+
+Parameter names follow the original DTL training scripts so their checkpoints load as they are.
+
+>>> import torch
+>>> from dtl import ModelConfig, TransformerLM
+>>> model = TransformerLM(ModelConfig.preset("tiny", vocab_size=1000))
+>>> model(torch.tensor([[1, 45, 234, 512]])).shape
+torch.Size([1, 4, 1000])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dtl.config import ModelConfig
+from dtl.errors import DtlError
+
+IGNORE_INDEX = -100  # targets with this value are not scored (padding, masked question tokens)
+
+
+class PositionalEncoding(nn.Module):
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).
+
+    A fixed table, kept as a non-persistent buffer: it is not a parameter and is not saved.
+    """
+
+    def __init__(self, d_model: int, max_len: int) -> None:
+        super().__init__()
+        position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)  # (L, 1)
+        inv_freq = torch.exp(
+            torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model)
+        )  # (ceil(d/2),) = 1 / 10000^(2i/d)
+        pe = torch.zeros(max_len, d_model, dtype=torch.float64)
+        pe[:, 0::2] = torch.sin(position * inv_freq)
+        pe[:, 1::2] = torch.cos(position * inv_freq)[:, : d_model // 2]
+        self.register_buffer("pe", pe.float(), persistent=False)  # (L, d_model)
+
+    def forward(self, x: Tensor, position_ids: Tensor | None = None, start: int = 0) -> Tensor:
+        # x: (B, T, d); position_ids: (B, T) or None for positions start .. start+T-1
+        if position_ids is None:
+            return x + self.pe[start : start + x.size(1)].to(x.dtype)
+        return x + self.pe[position_ids].to(x.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Q, K, V projections -> (B, n_heads, T, d_k) -> softmax(QK^T / sqrt(d_k)) V -> W_O."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.d_k = d_model // n_heads
+        self.w_q = nn.Linear(d_model, d_model)
+        self.w_k = nn.Linear(d_model, d_model)
+        self.w_v = nn.Linear(d_model, d_model)
+        self.w_o = nn.Linear(d_model, d_model)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        kv_buffers: tuple[Tensor, Tensor] | None = None,
+        start: int = 0,
+    ) -> Tensor:
+        # x: (B, T, d); attn_mask: (B, 1, T, S) bool, True = may attend, or None = causal
+        B, T, D = x.shape
+        q = self.w_q(x).view(B, T, self.n_heads, self.d_k).transpose(1, 2)  # (B, H, T, d_k)
+        k = self.w_k(x).view(B, T, self.n_heads, self.d_k).transpose(1, 2)
+        v = self.w_v(x).view(B, T, self.n_heads, self.d_k).transpose(1, 2)
+        if kv_buffers is not None:  # incremental decoding: append to the cache, attend to all
+            k_buf, v_buf = kv_buffers  # (B, H, max_len, d_k)
+            k_buf[:, :, start : start + T] = k
+            v_buf[:, :, start : start + T] = v
+            k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]  # (B, H, S, d_k)
+        # Without a cache or a mask this is plain causal attention (the fused kernel's fast
+        # path). With a cache and no mask, T == 1 and the one query may see every key.
+        is_causal = attn_mask is None and kv_buffers is None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.w_o(out.transpose(1, 2).reshape(B, T, D))  # concatenate heads -> W_O
+
+
+class FeedForward(nn.Module):
+    """Linear (d_model -> d_ff) -> ReLU -> Linear (d_ff -> d_model), position by position."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(F.relu(self.linear1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Post-norm block: x = LN(x + Dropout(MHA(x))); x = LN(x + Dropout(FFN(x)))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention = MultiHeadAttention(config.d_model, config.n_heads)
+        self.feed_forward = FeedForward(config.d_model, config.d_ff)
+        self.norm1 = nn.LayerNorm(config.d_model)
+        self.norm2 = nn.LayerNorm(config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        kv_buffers: tuple[Tensor, Tensor] | None = None,
+        start: int = 0,
+    ) -> Tensor:
+        x = self.norm1(x + self.dropout(self.attention(x, attn_mask, kv_buffers, start)))
+        return self.norm2(x + self.dropout(self.feed_forward(x)))
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for incremental decoding.
+
+    `keys[i]` / `values[i]`: (B, n_heads, max_len, d_k), filled up to `length`.
+    `key_mask`: (B, max_len) bool, False where a cached position is padding.
+
+    >>> cache = KVCache.allocate(ModelConfig.preset("tiny", vocab_size=100), batch_size=1)
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    key_mask: Tensor
+    length: int = 0
+    has_padding: bool = False
+
+    @classmethod
+    def allocate(
+        cls,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> KVCache:
+        max_len = config.max_seq_length if max_len is None else min(max_len, config.max_seq_length)
+        shape = (batch_size, config.n_heads, max_len, config.d_k)
+        return cls(
+            keys=[torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
+            values=[torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
+            key_mask=torch.ones(batch_size, max_len, device=device, dtype=torch.bool),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_mask.size(0)
+
+    @property
+    def max_len(self) -> int:
+        return self.key_mask.size(1)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep only rows `index` (e.g. drop finished sequences from a batch)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.key_mask = self.key_mask.index_select(0, index)
+
+
+class TransformerLM(nn.Module):
+    """A decoder-only transformer language model, exactly as the spec draws it."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_encoding = PositionalEncoding(config.d_model, config.max_seq_length)
+        self.dropout = nn.Dropout(config.dropout)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(config) for _ in range(config.n_layers)
+        )
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size)  # untied, with bias
+        self.embed_scale = math.sqrt(config.d_model)  # "Attention Is All You Need" section 3.4
+        self.apply(_init_weights)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits (B, T, vocab_size), or (B, 1, vocab_size) for the last position only.
+
+        attention_mask: (B, T) of 1 (token) / 0 (padding). Padded positions are never attended
+        to, and real tokens are numbered from 0 after any left padding, so a padded row gives
+        the same logits for its real tokens as the row alone.
+        cache: a `KVCache`; the new tokens are appended to it and attend to all it holds.
+        """
+        return self._logits(self.hidden_states(input_ids, attention_mask, cache=cache), last_only)
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """The final-LayerNorm output (B, T, d_model): everything but the vocabulary head."""
+        self._check_inputs(input_ids, attention_mask, cache)
+        start = 0 if cache is None else cache.length
+        attn_mask, position_ids = self._mask_and_positions(input_ids, attention_mask, cache)
+
+        x = self.embedding(input_ids) * self.embed_scale  # (B, T, d)
+        x = self.dropout(self.pos_encoding(x, position_ids, start))
+        for i, block in enumerate(self.transformer_blocks):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x = block(x, attn_mask, kv, start)
+        if cache is not None:
+            cache.length += input_ids.size(1)
+        return self.ln_f(x)
+
+    def _logits(self, hidden: Tensor, last_only: bool) -> Tensor:
+        return self.head(hidden[:, -1:] if last_only else hidden)
+
+    def loss(
+        self, input_ids: Tensor, targets: Tensor, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """Mean next-token cross-entropy over targets that are not IGNORE_INDEX (-100)."""
+        if targets.shape != input_ids.shape:
+            raise DtlError(
+                f"targets shape {tuple(targets.shape)} must equal input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        logits = self._logits(self.hidden_states(input_ids, attention_mask), last_only=False)
+        return F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+
+    # ------------------------------------------------------------------ masks and checks
+    def _mask_and_positions(
+        self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The boolean attention mask (B, 1, T, S) and position ids (B, T), or None for the
+        fast paths: no padding and no cache (plain causal), or a one-token decode step."""
+        B, T = input_ids.shape
+        start = 0 if cache is None else cache.length
+        new_mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        if cache is not None:
+            cache.key_mask[:, start : start + T] = True if new_mask is None else new_mask
+            if new_mask is not None and not cache.has_padding:
+                cache.has_padding = bool((~new_mask).any())
+        padded = cache.has_padding if cache is not None else new_mask is not None
+        if not padded:
+            if cache is None or T == 1:
+                return None, None
+            key_valid = None  # a multi-token step through a cache without padding
+        else:
+            key_valid = (new_mask if cache is None else cache.key_mask[:, : start + T])  # (B, S)
+
+        device = input_ids.device
+        q_pos = torch.arange(start, start + T, device=device)  # absolute slots of the queries
+        k_pos = torch.arange(start + T, device=device)
+        allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
+        if key_valid is None:
+            return allowed[None, None], None
+        # Each query may always see itself, so a padding query (whose result is never used)
+        # never has an all-masked row, which would give NaN.
+        allowed = (allowed[None] & key_valid[:, None, :]) | (k_pos[None, :] == q_pos[:, None])
+        # Real tokens count from 0 after left padding: position = real tokens before it.
+        valid = key_valid.long()
+        position_ids = (valid.cumsum(1) - 1).clamp(min=0)[:, start : start + T]  # (B, T)
+        return allowed.unsqueeze(1), position_ids
+
+    def _check_inputs(
+        self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None
+    ) -> None:
+        if not isinstance(input_ids, Tensor) or input_ids.dtype.is_floating_point:
+            raise DtlError("input_ids must be an integer tensor of token ids, shape (batch, seq)")
+        if input_ids.dim() != 2:
+            raise DtlError(
+                f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}; "
+                "for a single sequence use input_ids.unsqueeze(0)"
+            )
+        B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise DtlError(f"empty batch: input_ids has shape {(B, T)}; give at least one token")
+        past = 0 if cache is None else cache.length
+        limit = self.config.max_seq_length if cache is None else cache.max_len
+        if past + T > limit:
+            raise DtlError(
+                f"sequence of {past + T} tokens is longer than the model's max_seq_length "
+                f"({limit}); truncate the input or use a model with a longer context"
+            )
+        lo, hi = torch.aminmax(input_ids)
+        if int(lo) < 0 or int(hi) >= self.config.vocab_size:
+            raise DtlError(
+                f"token ids must be in [0, {self.config.vocab_size}), got ids from {int(lo)} to "
+                f"{int(hi)}; was the text encoded with a tokenizer of another vocabulary?"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise DtlError(
+                f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                f"{(B, T)}"
+            )
+        if cache is not None and cache.batch_size != B:
+            raise DtlError(f"KV cache holds {cache.batch_size} rows but the batch has {B}")
+
+    # ------------------------------------------------------------------ conveniences
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def allocate_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache on this model's device and dtype."""
+        p = self.head.weight
+        return KVCache.allocate(self.config, batch_size, max_len, p.device, p.dtype)
+
+    # ------------------------------------------------------------------ saving and loading
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write `config.json` and `model.safetensors` (no pickle) into `directory`.
+
+        >>> path = model.save_pretrained("my-model")  # doctest: +SKIP
+        >>> TransformerLM.from_pretrained("my-model")  # doctest: +SKIP
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, str(p)))
+        config = {"architecture": "dtl.TransformerLM", **self.config.to_dict()}
+        _atomic_write(
+            directory / "config.json",
+            lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"),
+        )
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu"
+    ) -> TransformerLM:
+        """Load a model written by `save_pretrained` (or a DTL checkpoint directory)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        weights = directory / "model.safetensors"
+        if not weights.is_file():
+            raise DtlError(
+                f"{directory}: no model.safetensors here; a model directory holds config.json "
+                "and model.safetensors (written by save_pretrained or dtl train)"
+            )
+        config = ModelConfig.from_json(directory / "config.json")
+        try:
+            state = load_file(str(weights), device=str(device))
+        except (SafetensorError, OSError) as err:
+            raise DtlError(f"{weights}: not a readable safetensors file ({err})") from None
+        model = cls(config).to(device)
+        model.load_weights(state, source=str(weights))
+        return model
+
+    def load_weights(self, state: dict[str, Tensor], source: str = "state dict") -> None:
+        """Load a state dict, naming any tensor that is missing, unexpected or mis-shaped."""
+        expected = self.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        if missing or unexpected:
+            raise DtlError(
+                f"{source} does not match the model config: "
+                + (f"missing tensor(s) {missing[:5]}" if missing else "")
+                + ("; " if missing and unexpected else "")
+                + (f"unexpected tensor(s) {unexpected[:5]}" if unexpected else "")
+            )
+        for name, tensor in state.items():
+            if tensor.shape != expected[name].shape:
+                raise DtlError(
+                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but the config "
+                    f"needs {tuple(expected[name].shape)}; config.json and the weights disagree"
+                )
+        self.load_state_dict(state)
+
+    @classmethod
+    def from_legacy_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        n_heads: int | None = None,
+        max_seq_length: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> TransformerLM:
+        """Load a `.pt` checkpoint written by the original DTL training scripts.
+
+        Those are `torch.save`d dicts with `model_state_dict` (or a bare state dict). The
+        shapes give every size but n_heads (12 when d_model is 768, else 8, unless given) and
+        max_seq_length (the saved positional table's length, unless given). Loading never runs
+        code from the file (`weights_only=True`).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise DtlError(f"{path}: no such checkpoint file")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle errors come in many types
+            raise DtlError(f"{path}: not a loadable PyTorch checkpoint ({err})") from None
+        state = blob.get("model_state_dict", blob) if isinstance(blob, dict) else None
+        if not isinstance(state, dict) or "embedding.weight" not in _strip_prefixes(state):
+            raise DtlError(
+                f"{path}: not a DTL checkpoint (expected a state dict with 'embedding.weight', "
+                "or a dict holding one under 'model_state_dict')"
+            )
+        state = _strip_prefixes(state)
+        pe = state.pop("pos_encoding.pe", None)  # (max_len, 1, d_model): recomputed, not loaded
+        vocab_size, d_model = state["embedding.weight"].shape
+        n_layers = len({k.split(".")[1] for k in state if k.startswith("transformer_blocks.")})
+        d_ff = state["transformer_blocks.0.feed_forward.linear1.weight"].shape[0]
+        if n_heads is None:
+            n_heads = 12 if d_model == 768 else 8
+        if max_seq_length is None:
+            max_seq_length = int(pe.shape[0]) if pe is not None else 512
+        config = ModelConfig(
+            vocab_size=int(vocab_size),
+            d_model=int(d_model),
+            n_heads=n_heads,
+            n_layers=n_layers,
+            d_ff=int(d_ff),
+            max_seq_length=max_seq_length,
+        )
+        model = cls(config)
+        model.load_weights(state, source=str(path))
+        return model.to(device)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Linear and Embedding weights ~ N(0, 0.02), biases 0 (LayerNorms keep 1 and 0)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes some saves carry."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        out[key] = value
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same directory, then rename: never a half file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
