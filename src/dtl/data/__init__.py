@@ -1,0 +1,34 @@
+"""The data pipeline, one module per stage of the spec's "Training Data Flow".
+
+sources.py / wikipedia.py   raw files -> clean records (`dtl extract`)
+qa.py                       the Q&A template; articles -> Q&A pairs
+prepare.py / shards.py      records -> tokenized train/val shards + meta.json (`dtl prepare`)
+loader.py                   shards -> batches (`TokenDataset`, `BatchLoader`)
+
+>>> from dtl.data import BatchLoader, prepare                          # doctest: +SKIP
+>>> prepare(["wiki.test.raw"], "data/wt2", max_length=128)             # doctest: +SKIP
+>>> batch = next(iter(BatchLoader("data/wt2", "train", batch_size=4)))  # doctest: +SKIP
+"""
+
+from dtl.data.loader import BatchLoader, TokenDataset, read_meta
+from dtl.data.prepare import prepare
+from dtl.data.qa import QA_STOP, QA_TEMPLATE, format_qa, qa_prompt
+from dtl.data.sources import iter_records
+
+# The names the issue uses for the torch-style pair.
+Dataset = TokenDataset
+DataLoader = BatchLoader
+
+__all__ = [
+    "QA_STOP",
+    "QA_TEMPLATE",
+    "BatchLoader",
+    "DataLoader",
+    "Dataset",
+    "TokenDataset",
+    "format_qa",
+    "iter_records",
+    "prepare",
+    "qa_prompt",
+    "read_meta",
+]

@@ -1,0 +1,325 @@
+"""Sources or records -> a prepared data dir of token shards (the spec's data flow up to batching).
+
+>>> summary = prepare(["wiki.test.raw"], "data/wt2", tokenizer="gpt2", max_length=256)  # doctest: +SKIP
+>>> summary["train"]["tokens"], summary["mode"]                                          # doctest: +SKIP
+(270412, 'pack')
+
+Plain documents are packed by default (joined with end-of-text, cut into max_length + 1
+windows); Q&A examples are padded by default (one per row). Every example ends with the
+end-of-text token, which is always a loss target so a model learns to stop. With
+`answer_only_loss`, the question (prompt) tokens are not targets either.
+The split is by document (a SQuAD paragraph, an article), seeded, decided from a hash of the
+document's key, so the same document always lands in the same split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from dtl.data.loader import META_FILE
+from dtl.data.qa import QA_TEMPLATE, article_to_qa, split_qa
+from dtl.data.shards import ShardWriter, commit_dir, sha256_file, staging_dir, token_dtype
+from dtl.data.sources import check_input, detect_kind, iter_records
+from dtl.errors import DtlError
+from dtl.tokenizer import Tokenizer, load_tokenizer
+
+MODES = ("pack", "pad")
+BATCH = 512  # examples tokenized per encode_batch call
+MAX_LENGTH_LIMIT = 65_536
+
+
+@dataclass
+class Example:
+    """One training example before tokenization: prompt (not a target with answer_only_loss) + rest."""
+
+    prompt: str
+    completion: str
+    key: str  # the document it belongs to (the split unit)
+    is_qa: bool
+
+
+def records_to_examples(
+    records: Iterable[dict], articles_as: str = "text", template: str = QA_TEMPLATE
+) -> Iterator[Example]:
+    """Q&A records -> template text; articles -> plain text, or Q&A pairs by `article_to_qa`."""
+    if articles_as not in ("text", "qa"):
+        raise DtlError(f"unknown articles_as {articles_as!r}; choose text or qa")
+    for i, rec in enumerate(records):
+        if "question" in rec:
+            prompt, completion = split_qa(str(rec["question"]), str(rec["answer"]), template)
+            key = rec.get("context") or rec.get("title") or f"#{i}"
+            yield Example(prompt, completion, str(key), True)
+        elif articles_as == "qa":
+            text = _with_heading_marks(rec)
+            for qa in article_to_qa(str(rec.get("title", "")), text):
+                prompt, completion = split_qa(qa["question"], qa["answer"], template)
+                yield Example(prompt, completion, f"{rec.get('title')}#{i}", True)
+        elif str(rec.get("text", "")).strip():
+            yield Example("", str(rec["text"]), f"{rec.get('title', '')}#{i}", False)
+
+
+def _with_heading_marks(rec: dict) -> str:
+    """Article text with its heading lines as `== H ==`, the form `article_to_qa` reads."""
+    headings = set(rec.get("sections") or [])
+    if not headings:
+        return str(rec["text"])
+    lines = [f"== {line} ==" if line in headings else line for line in str(rec["text"]).split("\n")]
+    return "\n".join(lines)
+
+
+def is_val(key: str, seed: int, val_fraction: float) -> bool:
+    """Whether a document goes to val: a seeded hash of its key, so it is stable and streamable."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
+
+
+def _check_args(
+    max_length: int, mode: str | None, val_fraction: float, model_max_length: int | None
+) -> None:
+    if not isinstance(max_length, int) or not 1 <= max_length <= MAX_LENGTH_LIMIT:
+        raise DtlError(f"--max-length {max_length} must be an integer in 1..{MAX_LENGTH_LIMIT}")
+    if model_max_length is not None and max_length > model_max_length:
+        raise DtlError(
+            f"--max-length {max_length} is over the model's limit of {model_max_length} tokens "
+            f"(max_seq_length); use --max-length {model_max_length} or less"
+        )
+    if mode is not None and mode not in MODES:
+        raise DtlError(f"unknown mode {mode!r}; choose pack or pad")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DtlError(f"--val-fraction {val_fraction} must be in [0, 1)")
+
+
+def _batched(items: Iterable[Example], n: int) -> Iterator[list[Example]]:
+    it = iter(items)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+class _Splitter:
+    """Routes tokenized examples to train/val and remembers the last train document's start,
+    so an otherwise empty val split can take that document at the end."""
+
+    def __init__(self, writers: dict[str, ShardWriter], seed: int, val_fraction: float) -> None:
+        self.writers, self.seed, self.val_fraction = writers, seed, val_fraction
+        self.documents = {"train": 0, "val": 0}
+        self.last_key: str | None = None
+        self.last_split = ""
+        self.last_start = (0, 0)
+
+    def add(self, key: str, ids: np.ndarray, mask: np.ndarray | None) -> None:
+        if key != self.last_key:
+            split = "val" if is_val(key, self.seed, self.val_fraction) else "train"
+            self.documents[split] += 1
+            self.last_key, self.last_split = key, split
+            self.last_start = self.writers[split].tell()
+        self.writers[self.last_split].append(ids, mask)
+
+    def ensure_val(self) -> None:
+        if self.val_fraction <= 0 or self.documents["val"] or self.documents["train"] < 2:
+            return
+        if self.last_split != "train":
+            return
+        train, val = self.writers["train"], self.writers["val"]
+        ids, mask, lengths = train.read_tail(self.last_start)
+        train.truncate(self.last_start)
+        lengths = lengths or [len(ids)]
+        start = 0
+        for n in lengths:
+            val.append(ids[start : start + n], None if mask is None else mask[start : start + n])
+            start += n
+        self.documents["train"] -= 1
+        self.documents["val"] += 1
+
+
+def _encode(
+    tok: Tokenizer, batch: list[Example], answer_only_loss: bool
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, loss flags) per example: prompt ids + completion ids + end-of-text."""
+    completions = tok.encode_batch([ex.completion for ex in batch])
+    with_prompt = [i for i, ex in enumerate(batch) if ex.prompt]
+    prompts = dict(
+        zip(with_prompt, tok.encode_batch([batch[i].prompt for i in with_prompt]), strict=True)
+    )
+    for i, rest in enumerate(completions):
+        head = prompts.get(i, [])
+        ids = np.fromiter(
+            [*head, *rest, tok.eos_id], dtype=np.int64, count=len(head) + len(rest) + 1
+        )
+        flags = np.ones(len(ids), dtype=np.uint8)
+        if answer_only_loss:
+            flags[: len(head)] = 0
+        yield ids, flags
+
+
+def prepare(
+    inputs: list[str | os.PathLike] | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tokenizer: str | os.PathLike | Tokenizer = "gpt2",
+    kind: str | None = None,
+    max_length: int = 512,
+    mode: str | None = None,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    *,
+    answer_only_loss: bool = False,
+    articles_as: str = "text",
+    template: str = QA_TEMPLATE,
+    gpt2_dir: str | os.PathLike | None = None,
+    model_max_length: int | None = None,
+    source_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize sources (raw files or records.jsonl) into `out_dir`; returns the summary."""
+    started = time.perf_counter()
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not inputs:
+        raise DtlError("no inputs given; pass one or more source files or records.jsonl")
+    _check_args(max_length, mode, val_fraction, model_max_length)
+    for path in inputs:
+        if not str(path).startswith("hf:"):
+            check_input(path)
+    tok = load_tokenizer(tokenizer, gpt2_dir)
+    out_dir = Path(out_dir)
+    tmp = staging_dir(out_dir)
+    try:
+        summary = _write(
+            inputs,
+            tmp,
+            tok,
+            kind,
+            max_length,
+            mode,
+            val_fraction,
+            seed,
+            answer_only_loss,
+            articles_as,
+            template,
+            source_options or {},
+            progress,
+        )
+        # Load with load_tokenizer(data_dir): its files were saved beside the shards.
+        summary["tokenizer"] = "gpt2" if tok.name == "gpt2" else str(tokenizer)
+        summary["seconds"] = round(time.perf_counter() - started, 3)
+        (tmp / META_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        commit_dir(tmp, out_dir)
+    except BaseException:  # no half-written data dir is ever left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["data_dir"] = str(out_dir)
+    return summary
+
+
+def _write(
+    inputs: list,
+    tmp: Path,
+    tok: Tokenizer,
+    kind: str | None,
+    max_length: int,
+    mode: str | None,
+    val_fraction: float,
+    seed: int,
+    answer_only_loss: bool,
+    articles_as: str,
+    template: str,
+    source_options: dict[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
+    extract_stats: dict[str, Any] = {}
+    sources = []
+
+    def records() -> Iterator[dict]:
+        for path in inputs:
+            k = kind or detect_kind(path)
+            options = dict(source_options)
+            if k == "wikipedia":
+                options.setdefault("stats", extract_stats)
+            yield from iter_records(path, k, **options)
+
+    examples = records_to_examples(records(), articles_as, template)
+    first = next(examples, None)
+    if first is None:
+        raise DtlError(
+            f"no documents or Q&A pairs came out of {', '.join(map(str, inputs))}; check --kind"
+        )
+    mode = mode or ("pad" if first.is_qa else "pack")
+    with_mask = answer_only_loss  # otherwise every real token is a target: no mask file needed
+    dtype = token_dtype(tok.vocab_size)
+    writers = {
+        s: ShardWriter(tmp, s, dtype, with_mask, with_offsets=mode == "pad")
+        for s in ("train", "val")
+    }
+    splitter = _Splitter(writers, seed, val_fraction)
+    counts = {"examples": 0, "qa_examples": 0, "truncated": 0, "longest": 0}
+    bar = tqdm(
+        desc="prepare", unit=" ex", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    )
+
+    def chained() -> Iterator[Example]:
+        yield first
+        yield from examples
+
+    for batch in _batched(chained(), BATCH):
+        for ex, (ids, flags) in zip(batch, _encode(tok, batch, answer_only_loss), strict=True):
+            splitter.add(ex.key, ids, flags if with_mask else None)
+            counts["examples"] += 1
+            counts["qa_examples"] += ex.is_qa
+            counts["truncated"] += mode == "pad" and len(ids) > max_length + 1
+            counts["longest"] = max(counts["longest"], len(ids))
+        bar.update(len(batch))
+    bar.close()
+    splitter.ensure_val()
+    for writer in writers.values():
+        writer.close()
+    tok.save(tmp)
+    for path in inputs:
+        if not str(path).startswith("hf:"):
+            p = Path(path)
+            sources.append(
+                {
+                    "path": str(p),
+                    "kind": kind or detect_kind(p),
+                    "bytes": p.stat().st_size,
+                    "sha256": sha256_file(p),
+                }
+            )
+    splits = {}
+    for name, writer in writers.items():
+        rows = writer.n_examples if mode == "pad" else max(writer.n_tokens - 1, 0) // max_length
+        splits[name] = {
+            "documents": splitter.documents[name],
+            "examples": writer.n_examples,
+            "tokens": writer.n_tokens,
+            "rows": rows,
+        }
+    return {
+        "tokenizer": tok.name,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "dtype": dtype.name,
+        "mode": mode,
+        "max_length": max_length,
+        "template": template,
+        "answer_only_loss": answer_only_loss,
+        "loss_mask": with_mask,
+        "articles_as": articles_as,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        **counts,
+        "train": splits["train"],
+        "val": splits["val"],
+        "extract": {k: v for k, v in extract_stats.items() if not isinstance(v, list)},
+        "sources": sources,
+    }

@@ -1,0 +1,327 @@
+"""Tokenizers: GPT-2's BPE (through tiktoken, offline from its files) or a BPE trained on your corpus.
+
+>>> tok = load_tokenizer("gpt2", gpt2_dir="../shared/data/gpt2")  # doctest: +SKIP
+>>> tok.encode("Hello world"), tok.eos_id                           # doctest: +SKIP
+([15496, 995], 50256)
+>>> tok.save("my-model")                                            # doctest: +SKIP
+>>> load_tokenizer("my-model").name                                 # doctest: +SKIP
+'gpt2'
+
+Special-token text such as "<|endoftext|>" inside a string is encoded as ordinary text: only
+the pipeline itself ever emits `eos_id`, so user text can never forge an end of document.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dtl.errors import DtlError
+
+EOT_TEXT = "<|endoftext|>"
+GPT2_VOCAB_SIZE = 50_257
+# tiktoken's r50k / gpt2 pre-tokenizer split (the same regex GPT-2's encoder.py used).
+GPT2_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+CONFIG_FILE = "tokenizer_config.json"
+# The two spellings of the same pair of files: OpenAI's and Hugging Face's.
+GPT2_FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
+GPT2_HELP = (
+    "put GPT-2's encoder.json + vocab.bpe (or Hugging Face's vocab.json + merges.txt) in a folder "
+    "and pass it with --gpt2-dir DIR or the environment variable DTL_GPT2_DIR"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable-character stand-ins for bytes, reversed: char -> byte value."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    visible += range(ord("®"), ord("ÿ") + 1)
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in visible:
+            chars[b] = chr(b)
+        else:  # control and space bytes map past 255 so every byte prints as one character
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+def _token_bytes(token: str) -> bytes:
+    decoder = _byte_decoder()
+    return bytes(decoder[c] for c in token)
+
+
+@dataclass
+class Tokenizer:
+    """A loaded tokenizer: `encode`, `encode_batch`, `decode`, `decode_bytes`, `save`."""
+
+    name: str  # "gpt2" or "bpe"
+    vocab_size: int
+    eos_id: int
+    files: dict[str, Path]  # what `save` copies: vocab.json + merges.txt (HF names)
+    _tiktoken: Any = None  # a tiktoken.Encoding (gpt2)
+    _hf: Any = None  # a tokenizers.Tokenizer (trained BPE)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no end-of-text appended)."""
+        if self._tiktoken is not None:
+            return self._tiktoken.encode_ordinary(text)
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` over many texts, in parallel threads."""
+        if self._tiktoken is not None:
+            return self._tiktoken.encode_ordinary_batch(
+                list(texts), num_threads=os.cpu_count() or 1
+            )
+        return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw bytes of `ids` (a token can end mid-character; stream with this)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise DtlError(
+                f"token id {bad[0]} is outside the {self.name} vocabulary (0..{self.vocab_size - 1})"
+            )
+        if self._tiktoken is not None:
+            return self._tiktoken.decode_bytes(ids)
+        return b"".join(self._id_bytes(i) for i in ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; a broken UTF-8 sequence becomes U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the tokenizer's files into `directory` so `load_tokenizer(directory)` restores it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for target, source in self.files.items():
+            if source.resolve() != (directory / target).resolve():
+                _atomic_copy(source, directory / target)
+        config = {"dtl_tokenizer": self.name, "vocab_size": self.vocab_size, "eos_token": EOT_TEXT}
+        _atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+    @functools.cached_property
+    def _bytes_table(self) -> list[bytes]:
+        vocab = self._hf.get_vocab()
+        table = [b""] * self.vocab_size
+        for token, i in vocab.items():
+            table[i] = EOT_TEXT.encode() if token == EOT_TEXT else _token_bytes(token)
+        return table
+
+    def _id_bytes(self, i: int) -> bytes:
+        return self._bytes_table[i]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def _find_pair(directory: Path) -> tuple[Path, Path] | None:
+    for vocab, merges in GPT2_FILE_PAIRS:
+        if (directory / vocab).is_file() and (directory / merges).is_file():
+            return directory / vocab, directory / merges
+    return None
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DtlError(f"{path}: not a readable BPE vocabulary JSON ({err})") from None
+    if not isinstance(vocab, dict) or not vocab:
+        raise DtlError(f"{path}: expected a JSON object mapping token -> id")
+    return vocab
+
+
+@functools.lru_cache(maxsize=4)
+def _gpt2_from_files(vocab_path: str, merges_path: str) -> Tokenizer:
+    import tiktoken
+
+    vocab = _read_vocab(Path(vocab_path))
+    if len(vocab) != GPT2_VOCAB_SIZE or vocab.get(EOT_TEXT) != GPT2_VOCAB_SIZE - 1:
+        raise DtlError(
+            f"{vocab_path}: has {len(vocab)} tokens, not GPT-2's {GPT2_VOCAB_SIZE} with "
+            f"{EOT_TEXT} = {GPT2_VOCAB_SIZE - 1}; {GPT2_HELP}"
+        )
+    # GPT-2 numbers every token in merge order, so an id is also its BPE rank (what tiktoken wants).
+    ranks = {_token_bytes(tok): i for tok, i in vocab.items() if tok != EOT_TEXT}
+    encoding = tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={EOT_TEXT: GPT2_VOCAB_SIZE - 1},
+    )
+    files = {"vocab.json": Path(vocab_path), "merges.txt": Path(merges_path)}
+    return Tokenizer("gpt2", GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE - 1, files, _tiktoken=encoding)
+
+
+def _gpt2_from_tiktoken_cache() -> Tokenizer:
+    import tiktoken
+
+    try:
+        encoding = tiktoken.get_encoding("gpt2")
+    except Exception as err:  # tiktoken raises requests/OSError/ValueError variants when offline
+        raise DtlError(
+            f"the GPT-2 tokenizer files are not available offline and could not be downloaded "
+            f"({type(err).__name__}); {GPT2_HELP}"
+        ) from None
+    # No files to copy: `save` then writes only the config, and loading it needs tiktoken again.
+    return Tokenizer("gpt2", GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE - 1, {}, _tiktoken=encoding)
+
+
+def _gpt2(gpt2_dir: str | os.PathLike | None) -> Tokenizer:
+    where = gpt2_dir if gpt2_dir is not None else os.environ.get("DTL_GPT2_DIR")
+    if where:
+        directory = Path(where)
+        pair = _find_pair(directory) if directory.is_dir() else None
+        if pair is None:
+            origin = "--gpt2-dir" if gpt2_dir is not None else "DTL_GPT2_DIR"
+            raise DtlError(f"{origin} {directory} holds no GPT-2 BPE files; {GPT2_HELP}")
+        return _gpt2_from_files(str(pair[0].resolve()), str(pair[1].resolve()))
+    return _gpt2_from_tiktoken_cache()
+
+
+def _bpe_from_files(vocab_path: str, merges_path: str) -> Tokenizer:
+    # Keyed on the files' mtimes too, so retraining into the same folder is never served stale.
+    stamp = (os.stat(vocab_path).st_mtime_ns, os.stat(merges_path).st_mtime_ns)
+    return _bpe_cached(vocab_path, merges_path, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _bpe_cached(vocab_path: str, merges_path: str, stamp: tuple[int, int]) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = _read_vocab(Path(vocab_path))
+    if EOT_TEXT not in vocab:
+        raise DtlError(
+            f"{vocab_path}: the vocabulary has no {EOT_TEXT} token; retrain with dtl tokenizer train"
+        )
+    try:
+        bpe = models.BPE.from_file(vocab_path, merges_path)
+    except Exception as err:
+        raise DtlError(f"{merges_path}: not a readable BPE merges file ({err})") from None
+    hf = HFTokenizer(bpe)
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    files = {"vocab.json": Path(vocab_path), "merges.txt": Path(merges_path)}
+    return Tokenizer("bpe", len(vocab), vocab[EOT_TEXT], files, _hf=hf)
+
+
+def _from_directory(directory: Path, gpt2_dir: str | os.PathLike | None) -> Tokenizer:
+    config: dict[str, Any] = {}
+    if (directory / CONFIG_FILE).is_file():
+        try:
+            config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DtlError(f"{directory / CONFIG_FILE}: not valid JSON ({err})") from None
+    pair = _find_pair(directory)
+    kind = config.get("dtl_tokenizer")
+    if pair is None:
+        if kind == "gpt2":  # saved from tiktoken's cache: no files beside it
+            return _gpt2(gpt2_dir)
+        raise DtlError(
+            f"{directory} holds no tokenizer (expected vocab.json + merges.txt, or encoder.json + "
+            f"vocab.bpe); pass --tokenizer gpt2, or a folder written by dtl tokenizer train"
+        )
+    vocab_path, merges_path = (str(p.resolve()) for p in pair)
+    if kind == "gpt2" or (kind is None and len(_read_vocab(pair[0])) == GPT2_VOCAB_SIZE):
+        return _gpt2_from_files(vocab_path, merges_path)
+    return _bpe_from_files(vocab_path, merges_path)
+
+
+def load_tokenizer(
+    spec: str | os.PathLike = "gpt2", gpt2_dir: str | os.PathLike | None = None
+) -> Tokenizer:
+    """`"gpt2"`, or a directory holding tokenizer files (a trained BPE, a model or data dir).
+
+    GPT-2's files come from `gpt2_dir`, else `$DTL_GPT2_DIR`, else tiktoken's cache/download.
+    """
+    if isinstance(spec, Tokenizer):
+        return spec
+    if str(spec) == "gpt2":
+        return _gpt2(gpt2_dir)
+    directory = Path(spec)
+    if not directory.is_dir():
+        raise DtlError(
+            f"tokenizer {str(spec)!r} is neither 'gpt2' nor a directory; pass --tokenizer gpt2 or a "
+            f"folder written by dtl tokenizer train (or a model dir)"
+        )
+    return _from_directory(directory, gpt2_dir)
+
+
+def train_tokenizer(
+    files: list[str | os.PathLike],
+    vocab_size: int,
+    out_dir: str | os.PathLike,
+    min_frequency: int = 2,
+    show_progress: bool = True,
+) -> Tokenizer:
+    """Train a byte-level BPE (GPT-2's algorithm) on text files and save it into `out_dir`.
+
+    >>> tok = train_tokenizer(["corpus.txt"], 8192, "tok-8k")  # doctest: +SKIP
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    if not 257 <= vocab_size <= 1_000_000:
+        raise DtlError(
+            f"--vocab-size {vocab_size} must be between 257 (256 bytes + end-of-text) and 1,000,000"
+        )
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise DtlError("no input files given; pass one or more text files")
+    for path in paths:
+        if not path.is_file():
+            raise DtlError(f"{path}: no such file")
+        if path.stat().st_size == 0:
+            raise DtlError(f"{path}: the file is empty; give text to learn merges from")
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,  # the end-of-text entry is added after training
+        min_frequency=min_frequency,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    try:
+        hf.train([str(p) for p in paths], trainer)
+    except Exception as err:  # the Rust side reports bad UTF-8 as a generic exception
+        raise DtlError(
+            f"training the tokenizer failed on {', '.join(map(str, paths))}: {err}"
+        ) from None
+    return _save_trained(hf, Path(out_dir))
+
+
+def _save_trained(hf: Any, out_dir: Path) -> Tokenizer:
+    model = json.loads(hf.to_str())["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    # A plain vocabulary entry, not an "added token": no text can ever encode to it.
+    vocab[EOT_TEXT] = len(vocab)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    _atomic_write_text(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = _bpe_from_files(
+        str((out_dir / "vocab.json").resolve()), str((out_dir / "merges.txt").resolve())
+    )
+    tok.save(out_dir)
+    return tok
