@@ -17,6 +17,7 @@ from dtl.errors import DtlError
 # One module per group of verbs, in the order `dtl --help` lists them.
 COMMAND_MODULES = [
     "dtl.commands.info",
+    "dtl.commands.train",
 ]
 
 
