@@ -1,0 +1,284 @@
+"""Sampling: the KV-cached loop against full recomputation, padding, seeds, filters against
+Hugging Face's logits processors, stop conditions and UTF-8-safe streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dtl import DtlError, ModelConfig, TransformerLM
+from dtl.generate import (
+    SamplingOptions,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    generate,
+    generate_tokens,
+    sample_next,
+    stream,
+    stream_batch,
+)
+
+
+def tiny_model(vocab_size: int = 97, max_seq_length: int = 64, seed: int = 0) -> TransformerLM:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=vocab_size, d_model=32, n_heads=4, n_layers=2, d_ff=64,
+                         max_seq_length=max_seq_length)  # fmt: skip
+    model = TransformerLM(config).eval()
+    with torch.no_grad():  # larger logits than the 0.02 init, so greedy paths are not ties
+        model.head.weight.mul_(20)
+    return model
+
+
+def naive_greedy(model: TransformerLM, ids: list[int], n: int) -> list[int]:
+    """The oracle: recompute the full sequence each step and take the argmax."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(ids) :]
+
+
+class ScriptedLM(nn.Module):
+    """A stand-in model that emits a fixed token script (its n-th new token is script[n]),
+    so text-level behaviour can be checked on exactly known tokens."""
+
+    def __init__(self, script: list[int], vocab_size: int, max_seq_length: int = 256) -> None:
+        super().__init__()
+        self.script = script
+        self.config = ModelConfig(vocab_size=vocab_size, d_model=8, n_heads=1, n_layers=1,
+                                  d_ff=8, max_seq_length=max_seq_length)  # fmt: skip
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.prompt_len = 0
+
+    def allocate_cache(self, batch_size, max_len=None):
+        return {"length": 0}
+
+    def forward(self, input_ids, attention_mask=None, cache=None, last_only=False):
+        if cache is not None:
+            if cache["length"] == 0:
+                self.prompt_len = input_ids.size(1)
+            cache["length"] += input_ids.size(1)
+            seen = cache["length"]
+        else:
+            if self.prompt_len == 0 or input_ids.size(1) <= self.prompt_len:
+                self.prompt_len = input_ids.size(1)
+            seen = input_ids.size(1)
+        step = seen - self.prompt_len
+        logits = torch.zeros(input_ids.size(0), 1, self.config.vocab_size)
+        logits[:, 0, self.script[min(step, len(self.script) - 1)]] = 10.0
+        return logits
+
+
+# ---------------------------------------------------------------------- the token loop
+def test_greedy_with_cache_equals_full_recomputation():
+    model = tiny_model()
+    prompt = [5, 17, 3, 88, 41]
+    expected = naive_greedy(model, prompt, 30)
+    for use_cache in (True, False):
+        out = generate_tokens(model, torch.tensor([prompt]), 30, temperature=0,
+                              use_cache=use_cache)  # fmt: skip
+        assert out[0, :5].tolist() == prompt
+        assert out[0, 5:].tolist() == expected
+    assert len(set(expected)) > 3  # a real path, not one token repeated
+
+
+def test_batched_prompts_of_different_lengths_equal_unbatched_runs():
+    model = tiny_model()
+    prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [50, 60, 70]]
+    T = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :], mask[i, T - len(p) :] = torch.tensor(p), 1
+    for use_cache in (True, False):
+        out = generate_tokens(model, ids, 20, temperature=0, attention_mask=mask,
+                              use_cache=use_cache)  # fmt: skip
+        for i, p in enumerate(prompts):
+            assert out[i, T:].tolist() == naive_greedy(model, p, 20), (i, use_cache)
+
+
+def test_same_seed_same_sample_and_other_seeds_differ():
+    model = tiny_model()
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    kw = dict(max_new_tokens=25, temperature=1.5, top_k=40)
+    a = generate_tokens(model, ids, seed=123, **kw)
+    b = generate_tokens(model, ids, seed=123, **kw)
+    c = generate_tokens(model, ids, seed=124, **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # the cache changes nothing about which sample a seed draws
+    assert torch.equal(a, generate_tokens(model, ids, seed=123, use_cache=False, **kw))
+
+
+def test_top_k_one_is_greedy():
+    model = tiny_model()
+    ids = torch.tensor([[9, 8, 7]])
+    sampled = generate_tokens(model, ids, 15, temperature=1.0, top_k=1, seed=0)
+    assert sampled[0, 3:].tolist() == naive_greedy(model, [9, 8, 7], 15)
+
+
+def test_stops_at_end_of_text_and_pads_finished_rows():
+    model = tiny_model()
+    prompt = [5, 17, 3]
+    path = naive_greedy(model, prompt, 20)
+    eos = path[3]
+    first = path.index(eos)
+    out = generate_tokens(model, torch.tensor([prompt]), 20, temperature=0, eos_id=eos)
+    assert out[0, 3:].tolist() == path[: first + 1]  # ends with the end-of-text token
+    # in a batch, a finished row is padded with eos while the other row goes on
+    other = [60, 61, 62]
+    batch = generate_tokens(model, torch.tensor([prompt, other]), 20, temperature=0, eos_id=eos)
+    other_path = naive_greedy(model, other, 20)
+    if eos not in other_path:
+        assert batch.size(1) == 23
+        assert batch[0, 3 + first + 1 :].eq(eos).all()
+        assert batch[1, 3:].tolist() == other_path
+
+
+def test_never_runs_past_max_seq_length():
+    model = tiny_model(max_seq_length=32)
+    prompt = list(range(1, 41))  # 40 tokens, longer than the context
+    out = generate_tokens(model, torch.tensor([prompt]), 10, temperature=0)
+    assert out.size(1) == 32  # left-truncated to the last 22 prompt tokens + 10 new
+    assert out[0, :22].tolist() == prompt[-22:]
+    assert out[0, 22:].tolist() == naive_greedy(model, prompt[-22:], 10)
+    with pytest.raises(DtlError, match="max_seq_length"):
+        generate_tokens(model, torch.tensor([prompt]), 10, truncate=False)
+    with pytest.raises(DtlError, match="below the model's max_seq_length"):
+        generate_tokens(model, torch.tensor([[1]]), 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
+def test_bad_options_are_clear_errors(kwargs, message):
+    model = tiny_model()
+    args = {"max_new_tokens": 5, **kwargs}
+    with pytest.raises(DtlError, match=message):
+        generate_tokens(model, torch.tensor([[1, 2]]), **args)
+
+
+# ---------------------------------------------------------------------- filters vs HF
+def test_top_k_top_p_and_repetition_penalty_match_hugging_face():
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 500, generator=g) * 3
+    context = torch.randint(0, 500, (4, 12), generator=g)
+    for k in (1, 7, 50):
+        ours = filter_top_k(logits, k)
+        theirs = TopKLogitsWarper(top_k=k)(context, logits.clone())
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    for p in (0.1, 0.5, 0.9):
+        ours = filter_top_p(logits, p)
+        theirs = TopPLogitsWarper(top_p=p)(context, logits.clone())
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), p
+        assert torch.isfinite(ours).sum(-1).min() >= 1
+    seen = torch.zeros(4, 500, dtype=torch.bool).scatter(1, context, True)
+    ours = apply_repetition_penalty(logits, seen, 1.3)
+    theirs = RepetitionPenaltyLogitsProcessor(penalty=1.3)(context, logits.clone())
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_top_p_hand_computed():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_top_p(logits, 0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_top_p(logits, 0.85)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_top_p(logits, 0.3)).tolist() == [[True, False, False, False]]
+
+
+def test_samples_follow_the_tempered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, SamplingOptions(temperature=0.5), None, g)
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0, -1.0]) / 0.5, dim=0)
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+
+
+def test_repetition_penalty_changes_greedy_output_away_from_repeats():
+    model = tiny_model()
+    prompt = [5, 17, 3]
+    plain = generate_tokens(model, torch.tensor([prompt]), 30, temperature=0)[0, 3:].tolist()
+    penalised = generate_tokens(model, torch.tensor([prompt]), 30, temperature=0,
+                                repetition_penalty=1e6)[0, 3:].tolist()  # fmt: skip
+    # with an enormous penalty a seen token is only chosen once every unseen one is worse,
+    # which for random logits means greedy never repeats a token of its context
+    assert len(set(penalised)) == len(penalised)
+    assert not set(penalised) & set(prompt)
+    assert len(set(plain)) < len(plain)
+
+
+# ---------------------------------------------------------------------- text level
+@pytest.fixture
+def gpt2(gpt2_dir):
+    from dtl.tokenizer import load_tokenizer
+
+    return load_tokenizer("gpt2", gpt2_dir=gpt2_dir)
+
+
+def test_streaming_never_breaks_a_multibyte_character(gpt2):
+    text = " naïve café — 日本語 ☃ 🙂 done"
+    ids = gpt2.encode(text)
+    # the oracle: some of these tokens are not valid UTF-8 on their own
+    assert any("\ufffd" in gpt2.decode([i]) for i in ids)
+    model = ScriptedLM(ids + [gpt2.eos_id], gpt2.vocab_size)
+    pieces = list(stream(model, gpt2, "Hello", max_new_tokens=len(ids) + 5, temperature=0))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert len(pieces) > 5  # streamed in pieces, not at the end
+
+
+def test_stop_string_cuts_the_text_and_is_never_streamed(gpt2):
+    text = " Paris is the capital.\nQuestion: What next?"
+    ids = gpt2.encode(text)
+    model = ScriptedLM(ids, gpt2.vocab_size)
+    chunks = list(stream_batch(model, gpt2, ["Question: Where?\nAnswer:"], 40, temperature=0,
+                               stop=["\nQuestion:"]))  # fmt: skip
+    assert "".join(c.text for c in chunks) == " Paris is the capital."
+    assert chunks[-1].finish_reason == "stop"
+    # a stop string that never appears leaves the text whole, ending for "length"
+    done = generate(ScriptedLM(ids, gpt2.vocab_size), gpt2, "Q", len(ids), temperature=0,
+                    stop=["zebra"])[0]  # fmt: skip
+    assert done.text == text and done.finish_reason == "length"
+    assert done.token_ids == ids
+
+
+def test_end_of_text_ends_a_completion(gpt2):
+    ids = gpt2.encode(" short answer")
+    model = ScriptedLM(ids + [gpt2.eos_id, 11, 12], gpt2.vocab_size)
+    done = generate(model, gpt2, ["Q"], 20, temperature=0)[0]
+    assert done.text == " short answer"
+    assert done.finish_reason == "stop"
+    assert done.token_ids == ids
+    assert done.prompt_tokens == 1
+
+
+def test_text_generate_batched_equals_one_by_one(gpt2):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=gpt2.vocab_size, d_model=32, n_heads=2, n_layers=2, d_ff=64,
+                         max_seq_length=64)  # fmt: skip
+    model = TransformerLM(config).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(30)
+    prompts = ["The", "Once upon a time in a land far away", "Q: 2+2?"]
+    batched = generate(model, gpt2, prompts, 12, temperature=0)
+    for prompt, got in zip(prompts, batched, strict=True):
+        alone = generate(model, gpt2, prompt, 12, temperature=0)[0]
+        assert got.token_ids == alone.token_ids
+        assert got.text == alone.text == gpt2.decode(alone.token_ids)
+        assert got.prompt_tokens == len(gpt2.encode(prompt))
