@@ -18,6 +18,8 @@ from dtl.errors import DtlError
 COMMAND_MODULES = [
     "dtl.commands.info",
     "dtl.commands.train",
+    "dtl.commands.generate",
+    "dtl.commands.serve",
 ]
 
 

@@ -1,0 +1,366 @@
+"""`dtl generate`, `dtl ask`, `dtl chat` and `dtl eval`: putting a trained model to work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from dtl.errors import DtlError
+
+
+def register(subparsers) -> None:
+    from dtl.cli import add_common
+
+    formatter = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser(
+        "generate",
+        help="continue a prompt, streaming the text",
+        formatter_class=formatter,
+        description="Sample a continuation of --prompt from a model, printed as it is generated.",
+        epilog="examples:\n"
+        "  dtl generate --model runs/tiny --prompt 'The history of' --max-new-tokens 80\n"
+        "  dtl generate --model runs/tiny --prompt 'Once' --temperature 0   # greedy\n"
+        "  dtl generate --model best_model.pt --prompt 'Hello' --top-p 0.9 --seed 1",
+    )
+    _model_args(p)
+    p.add_argument("--prompt", required=True, help="the text to continue ('-' reads stdin)")
+    _sampling_args(p, max_new=100, temperature=0.8)
+    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    p.add_argument(
+        "--no-kv-cache", action="store_true", help="recompute the whole context every step"
+    )
+    add_common(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser(
+        "ask",
+        help="answer a question with the Q&A template",
+        formatter_class=formatter,
+        description="Wrap the question in the Q&A template ('Question: ...\\nAnswer:') and print "
+        "only the answer (greedy unless --temperature is given).",
+        epilog='example:\n  dtl ask --model runs/qa "What is the capital of France?"',
+    )
+    _model_args(p)
+    p.add_argument("question", help="the question")
+    _sampling_args(p, max_new=64, temperature=0.0)
+    add_common(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = subparsers.add_parser(
+        "chat",
+        help="an interactive question-and-answer loop",
+        formatter_class=formatter,
+        description="Ask questions one after another; each answer streams as it is generated. "
+        "Earlier questions and answers are given to the model as context until /reset. "
+        "Type /help inside for the commands.",
+        epilog="example:\n  dtl chat --model runs/qa --temperature 0.7",
+    )
+    _model_args(p)
+    _sampling_args(p, max_new=128, temperature=0.0)
+    add_common(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = subparsers.add_parser(
+        "eval",
+        help="perplexity / bits per byte, or SQuAD exact match and F1",
+        formatter_class=formatter,
+        description="Score a model on a file. Text (text, wikitext, articles JSONL): perplexity "
+        "and bits per byte. Questions (squad, Q&A JSONL): the answer generated from the Q&A "
+        "prompt, scored by exact match and F1 with the official SQuAD normalisation against "
+        "all gold answers (unanswerable questions count as right only for an empty answer).",
+        epilog="examples:\n"
+        "  dtl eval --model runs/tiny --data wiki.test.raw --kind wikitext --max-tokens 20000\n"
+        "  dtl eval --model runs/qa --data squad-v2-dev-small.json --limit 100 --json",
+    )
+    _model_args(p)
+    p.add_argument("--data", required=True, help="the file to score")
+    p.add_argument(
+        "--kind",
+        choices=["text", "wikitext", "squad", "jsonl"],
+        help="the file's kind (default: from its name: .raw/.tokens wikitext, .json squad, "
+        ".jsonl records, else text)",
+    )
+    p.add_argument("--limit", type=_positive, help="use only the first N documents or questions")
+    p.add_argument("--max-tokens", type=_positive, help="text: score at most about N tokens")
+    p.add_argument("--batch-size", type=_positive, default=8, help="rows per forward (default 8)")
+    p.add_argument(
+        "--max-new-tokens", type=_positive, default=32, help="questions: answer length (32)"
+    )
+    p.add_argument("--predictions", help="questions: write each prediction to this JSONL file")
+    p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+
+# ---------------------------------------------------------------------- arguments
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="a run dir, a checkpoint dir, or a legacy DTL .pt file"
+    )
+    p.add_argument("--tokenizer", help="override the model's tokenizer: 'gpt2' or a directory")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_new: int, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=_positive, default=max_new,
+                   help=f"at most this many new tokens (default {max_new})")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 = greedy, higher = more random (default {temperature})")  # fmt: skip
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest (50; 0 = all)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: keep this probability mass")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="CTRL penalty for tokens already present (1 = off, 1.2 typical)")  # fmt: skip
+    p.add_argument("--seed", type=int, help="same seed, same output")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable)")  # fmt: skip
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DtlError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return name
+
+
+def _load(args):
+    from dtl.loading import load_model
+
+    return load_model(args.model, device=_device(args.device), tokenizer=args.tokenizer)
+
+
+def _options(args, **extra) -> dict:
+    from dtl.generate import SamplingOptions
+
+    top_k = args.top_k if args.top_k and args.top_k > 0 else None
+    SamplingOptions(args.temperature, top_k, args.top_p, args.repetition_penalty, args.seed)
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": list(args.stop),
+        **extra,
+    }
+
+
+def _print_stream(pieces, strip_leading: bool = False) -> str:
+    """Print text pieces as they come; returns the whole text."""
+    out = []
+    for piece in pieces:
+        if strip_leading and not out:
+            piece = piece.lstrip()
+            if not piece:
+                continue
+        out.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------- generate / ask
+def cmd_generate(args) -> int:
+    from dtl.generate import stream
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    opts = _options(args, use_cache=not args.no_kv_cache)  # check before the slow load
+    model, tokenizer = _load(args)
+    if args.echo:
+        sys.stdout.write(prompt)
+    _print_stream(stream(model, tokenizer, prompt, **opts))
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from dtl.data.qa import QA_STOP, qa_prompt
+    from dtl.generate import stream
+
+    if not args.question.strip():
+        raise DtlError("the question is empty; ask something, e.g. dtl ask --model M 'Who?'")
+    opts = _options(args)
+    opts["stop"] = [QA_STOP, *opts["stop"]]
+    model, tokenizer = _load(args)
+    _print_stream(stream(model, tokenizer, qa_prompt(args.question), **opts), strip_leading=True)
+    return 0
+
+
+# ---------------------------------------------------------------------- chat
+CHAT_HELP = """commands:
+  /help              this list
+  /reset             forget the conversation so far
+  /quit              leave (also /exit or Ctrl-D)
+  /temp X            temperature (0 = greedy)
+  /top-k N           sample from the N likeliest tokens (0 = all)
+  /top-p X           nucleus sampling mass (1 = off)
+  /max N             at most N new tokens per answer
+  /penalty X         repetition penalty (1 = off)
+  /seed N            fix the seed (/seed off for random)
+  /settings          show the current settings
+Ctrl-C stops an answer that is being generated."""
+
+_CHAT_SETTINGS = {  # command -> (option, parse)
+    "/temp": ("temperature", float),
+    "/temperature": ("temperature", float),
+    "/top-k": ("top_k", lambda s: int(s) or None),
+    "/top-p": ("top_p", lambda s: None if float(s) >= 1 else float(s)),
+    "/max": ("max_new_tokens", int),
+    "/penalty": ("repetition_penalty", float),
+    "/seed": ("seed", lambda s: None if s == "off" else int(s)),
+}
+
+
+def chat_command(line: str, opts: dict, history: list) -> str | None:
+    """Apply one slash command to the chat state; returns what to print (None = quit)."""
+    from dtl.generate import SamplingOptions
+
+    name, _, value = line.strip().partition(" ")
+    value = value.strip()
+    if name in ("/quit", "/exit"):
+        return None
+    if name == "/help":
+        return CHAT_HELP
+    if name == "/reset":
+        history.clear()
+        return "(conversation cleared)"
+    if name == "/settings":
+        return ", ".join(f"{k}={opts[k]}" for k in sorted(opts) if k != "stop")
+    if name not in _CHAT_SETTINGS:
+        return f"unknown command {name}; /help lists them"
+    key, parse = _CHAT_SETTINGS[name]
+    try:
+        new = parse(value)
+        trial = {**opts, key: new}
+        SamplingOptions(trial["temperature"], trial["top_k"], trial["top_p"],
+                        trial["repetition_penalty"], trial["seed"])  # fmt: skip
+        if key == "max_new_tokens" and new < 1:
+            raise DtlError("max must be at least 1")
+    except (ValueError, DtlError) as err:
+        return f"{name} {value!r}: {err}"
+    opts[key] = new
+    return f"{key} = {new}"
+
+
+def cmd_chat(args) -> int:
+    from dtl.data.qa import QA_STOP, format_qa, qa_prompt
+    from dtl.generate import stream
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    opts = _options(args)
+    opts["stop"] = [QA_STOP, *opts["stop"]]
+    model, tokenizer = _load(args)
+    limit = model.config.max_seq_length
+    opts["max_new_tokens"] = min(opts["max_new_tokens"], limit - 1)
+    history: list[str] = []
+    print(f"dtl chat: {args.model} ({model.num_parameters():,} parameters). /help for commands.")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            reply = chat_command(line, opts, history)
+            if reply is None:
+                return 0
+            print(reply)
+            continue
+        prompt = "\n".join([*history, qa_prompt(line)])
+        opts["max_new_tokens"] = min(opts["max_new_tokens"], limit - 1)
+        sys.stdout.write("dtl> ")
+        try:
+            answer = _print_stream(stream(model, tokenizer, prompt, **opts), strip_leading=True)
+        except KeyboardInterrupt:
+            print("\n(stopped)")
+            continue
+        history.append(format_qa(line, answer))
+
+
+# ---------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from dtl.data.sources import detect_kind, iter_records
+    from dtl.evaluate import evaluate_lm, evaluate_squad
+
+    if args.predictions and not Path(args.predictions).resolve().parent.is_dir():
+        raise DtlError(f"--predictions {args.predictions}: its folder does not exist")
+    kind = args.kind or detect_kind(args.data)
+    if kind not in ("text", "wikitext", "squad", "jsonl"):
+        raise DtlError(f"{args.data}: eval reads text, wikitext, squad or jsonl files, not {kind}")
+    options = {"unanswerable": ""} if kind == "squad" else {}
+    records = iter_records(args.data, kind, **options)
+    first = next(records, None)
+    if first is None:
+        raise DtlError(f"{args.data}: no records found in this {kind} file")
+    model, tokenizer = _load(args)
+    progress = sys.stderr.isatty()
+
+    def all_records():
+        yield first
+        yield from records
+
+    if "question" in first:
+        scores = evaluate_squad(model, tokenizer, all_records(), args.max_new_tokens,
+                                args.batch_size, args.limit, progress)  # fmt: skip
+        predictions = scores.pop("predictions")
+        if args.predictions:
+            _write_jsonl(Path(args.predictions), predictions)
+        scores = {"task": "qa", "data": args.data, **scores}
+    else:
+        texts = (r["text"] for i, r in enumerate(all_records()) if not args.limit or i < args.limit)
+        scores = {"task": "lm", "data": args.data,
+                  **evaluate_lm(model, tokenizer, texts, args.batch_size, args.max_tokens,
+                                progress)}  # fmt: skip
+    if args.json:
+        print(json.dumps(scores))
+    elif scores["task"] == "qa":
+        print(f"{scores['count']} questions: exact match {scores['exact_match']:.2f}, "
+              f"F1 {scores['f1']:.2f}")  # fmt: skip
+        for group, label in (("has_ans", "answerable"), ("no_ans", "unanswerable")):
+            if scores.get(f"{group}_count"):
+                print(f"  {label} ({scores[f'{group}_count']}): exact match "
+                      f"{scores[f'{group}_exact_match']:.2f}, F1 {scores[f'{group}_f1']:.2f}")  # fmt: skip
+    else:
+        print(f"{scores['tokens']:,} tokens ({scores['bytes']:,} bytes, {scores['documents']} "
+              f"documents): perplexity {scores['perplexity']:.3f}, bits per byte "
+              f"{scores['bits_per_byte']:.4f}")  # fmt: skip
+    return 0
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write rows via a temporary file, then rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

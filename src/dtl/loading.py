@@ -1,0 +1,111 @@
+"""Find and load a trained model (and its tokenizer) from whatever a user names.
+
+A model spec is one of:
+- a run dir (written by `dtl train`): its newest checkpoint (`checkpoints/latest`, else
+  `checkpoints/latest.txt`, else the highest `checkpoints/step-N`);
+- a checkpoint or model dir: `config.json` + `model.safetensors` + the tokenizer's files;
+- a `.pt` file from the original DTL scripts, read with the GPT-2 tokenizer.
+
+>>> model, tokenizer = load_model("runs/tiny")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from dtl.errors import DtlError
+from dtl.model import TransformerLM
+
+
+def resolve_model_dir(spec: str | os.PathLike) -> Path:
+    """The model dir or `.pt` file a spec names (see the module docs), or a DtlError."""
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
+            raise DtlError(
+                f"{path}: a model file must be a legacy DTL .pt checkpoint; otherwise name a "
+                "run dir or a checkpoint dir (config.json + model.safetensors)"
+            )
+        return path
+    if not path.is_dir():
+        raise DtlError(
+            f"{path}: no such model; give a run dir (dtl train --out DIR), a checkpoint dir "
+            "(DIR/checkpoints/step-N) or a legacy .pt file"
+        )
+    if (path / "model.safetensors").is_file():
+        return path
+    checkpoints = path / "checkpoints"
+    if path.name == "checkpoints" or (path / "latest.txt").is_file():
+        checkpoints = path  # RUN_DIR/checkpoints itself
+    if checkpoints.is_dir():
+        return _latest_checkpoint(checkpoints)
+    raise DtlError(
+        f"{path}: neither a model dir (no model.safetensors) nor a run dir (no checkpoints/); "
+        "has training saved a checkpoint yet?"
+    )
+
+
+def _latest_checkpoint(checkpoints: Path) -> Path:
+    latest = checkpoints / "latest"
+    if latest.is_dir() and (latest / "model.safetensors").is_file():
+        return latest.resolve()
+    marker = checkpoints / "latest.txt"
+    if marker.is_file():
+        named = checkpoints / marker.read_text(encoding="utf-8").strip()
+        if (named / "model.safetensors").is_file():
+            return named
+    steps = []
+    for child in checkpoints.iterdir():
+        match = re.fullmatch(r"step-(\d+)", child.name)
+        if match and (child / "model.safetensors").is_file():
+            steps.append((int(match.group(1)), child))
+    if not steps:
+        raise DtlError(f"{checkpoints}: no saved checkpoint (step-N/model.safetensors) yet")
+    return max(steps)[1]
+
+
+def load_model(
+    spec: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    tokenizer=None,
+    gpt2_dir: str | os.PathLike | None = None,
+) -> tuple[TransformerLM, object]:
+    """(model in eval mode, tokenizer) for a run dir, checkpoint dir or legacy `.pt` file.
+
+    `tokenizer` overrides the one saved with the model: a Tokenizer, or a spec for
+    `load_tokenizer` ("gpt2" or a directory).
+    """
+    from dtl.tokenizer import load_tokenizer
+
+    path = resolve_model_dir(spec)
+    if path.is_file():
+        model = TransformerLM.from_legacy_checkpoint(path, device=device)
+        default_tokenizer: str | Path = "gpt2"  # the original scripts all used GPT-2's BPE
+    else:
+        model = TransformerLM.from_pretrained(path, device=device)
+        default_tokenizer = path
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        spec_tok = default_tokenizer if tokenizer is None else tokenizer
+        try:
+            tokenizer = load_tokenizer(spec_tok, gpt2_dir=gpt2_dir)
+        except DtlError as err:
+            raise DtlError(
+                f"{path}: cannot load its tokenizer ({err}); pass --tokenizer gpt2 or a "
+                "tokenizer dir"
+            ) from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise DtlError(
+            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model "
+            f"{path} only {model.config.vocab_size}; they were not trained together"
+        )
+    return model.eval(), tokenizer
+
+
+def model_name(spec: str | os.PathLike) -> str:
+    """A short display name for a model spec: its directory or file name."""
+    path = Path(spec).resolve()
+    return path.stem if path.is_file() else path.name
