@@ -1,0 +1,430 @@
+"""The web page at `/`: its files, and the page itself in a real browser against `dtl serve`.
+
+The browser tests drive Debian's Chromium (/usr/bin/chromium, never a downloaded browser)
+through Playwright against real `dtl serve` subprocesses on loopback ports, one open and one
+with --api-key, serving a tiny random model with the GPT-2 tokenizer. What the page shows is
+checked against the same server's answers fetched with the `openai` client (temperature 0, so
+both are the greedy continuation), never against the page's own output.
+
+Each state is saved as a screenshot under test-artifacts/web/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import PROJECT_ROOT, shared_path
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from dtl.serve.page import STATIC_DIR, add_page_routes
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+ARTIFACTS = PROJECT_ROOT / "test-artifacts" / "web"
+MODEL_NAME = "tiny-web"
+API_KEY = "s3cret-key"
+# Words the random test model is biased towards, so what it writes is readable ASCII.
+WORDS = "the river city people old bridge water north king town valley stone of and in was a"
+
+
+# ---------------------------------------------------------------------- the page's files
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    app = FastAPI()
+    add_page_routes(app)
+    return TestClient(app)
+
+
+def test_root_serves_the_page_with_a_self_only_policy(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert '<script src="static/app.js"' in response.text
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "connect-src 'self'" in policy
+    assert "unsafe-inline" not in policy  # no inline script could sneak in
+
+
+def test_every_file_the_page_links_is_served_with_its_type(client):
+    html = client.get("/").text
+    links = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert {"static/app.js", "static/style.css", "static/favicon.svg"} <= set(links)
+    types = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+    for link in links:
+        response = client.get("/" + link)
+        assert response.status_code == 200, link
+        assert response.headers["content-type"].startswith(types[Path(link).suffix]), link
+
+
+def test_nothing_outside_the_static_folder_is_served(client):
+    for path in ("/static/page.py", "/static/..%2fpage.py", "/static/.hidden", "/static/x.js"):
+        assert client.get(path).status_code == 404, path
+    assert client.get("/static/%2e%2e/page.py").status_code == 404
+
+
+def test_the_page_loads_nothing_from_elsewhere():
+    # Offline means no CDN, no web fonts, no external script: no absolute URL anywhere.
+    for path in STATIC_DIR.iterdir():
+        text = path.read_text(encoding="utf-8")
+        found = re.findall(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}[^\s\"')]*", text, flags=re.I)
+        found = [u for u in found if u != "http://www.w3.org/2000/svg"]  # SVG's namespace name
+        assert not found, f"{path.name} refers to {found}"
+        assert "@import" not in text and "@font-face" not in text, path.name
+
+
+# ---------------------------------------------------------------------- servers and browser
+def _need_chromium() -> None:
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is not installed (apt-get install -y chromium)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A random tiny model with the GPT-2 tokenizer, biased towards a few English words."""
+    import torch
+
+    from dtl import ModelConfig, TransformerLM
+    from dtl.tokenizer import load_tokenizer
+
+    _need_chromium()
+    tokenizer = load_tokenizer("gpt2", gpt2_dir=shared_path("gpt2"))
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=96, n_heads=2, n_layers=4,
+                         d_ff=192, max_seq_length=1024, dropout=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    model = TransformerLM(config)
+    ids = sorted({tokenizer.encode(" " + w)[0] for w in WORDS.split()})
+    with torch.no_grad():  # these words win, and which one depends on the context
+        model.head.weight[ids] = torch.randn(len(ids), config.d_model)
+        model.head.bias[ids] += 20.0
+    directory = tmp_path_factory.mktemp("web") / MODEL_NAME
+    model.save_pretrained(directory)
+    tokenizer.save(directory)
+    (directory / "num_parameters").write_text(str(model.num_parameters()))
+    return directory
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_server(model_dir: Path, api_key: str | None) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    command = [sys.executable, "-m", "dtl", "serve", "--model", str(model_dir),
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    if api_key:
+        command += ["--api-key", api_key]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DTL_GPT2_DIR": str(shared_path("gpt2"))}
+    env.pop("DTL_API_KEY", None)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return process, f"http://127.0.0.1:{port}"
+
+
+def _wait_until_up(process: subprocess.Popen, base: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"dtl serve exited with {process.returncode}:\n{process.stdout.read()}")
+        try:
+            if httpx.get(base + "/", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"dtl serve did not answer at {base} within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir):
+    """{"open": base URL, "keyed": base URL}: two `dtl serve` processes, started together."""
+    started = {"open": _start_server(model_dir, None), "keyed": _start_server(model_dir, API_KEY)}
+    try:
+        for process, base in started.values():
+            _wait_until_up(process, base)
+        yield {name: base for name, (_, base) in started.items()}
+    finally:
+        for process, _ in started.values():
+            process.terminate()
+        for process, _ in started.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="module")
+def browser(servers):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page (its own storage), failing the test on any uncaught script error."""
+    context = browser.new_context(viewport={"width": 1100, "height": 640})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.set_default_timeout(15_000)
+    yield page
+    context.close()
+    assert not errors, f"the page threw: {errors}"
+
+
+def _openai(base: str, key: str = "unused"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def _set(page, element_id: str, value) -> None:
+    """Set a settings control as a user would (its `input` event fires)."""
+    page.evaluate(
+        """([id, value]) => {
+            const el = document.getElementById(id);
+            el.value = value;
+            el.dispatchEvent(new Event("input", { bubbles: true }));
+        }""",
+        [element_id, str(value)],
+    )
+
+
+def _open(page, base: str, mode: str = "ask") -> None:
+    page.goto(f"{base}/#{mode}")
+    page.wait_for_function("() => document.getElementById('model-params').textContent !== ''")
+
+
+def _greedy_chat(base: str, question: str, max_tokens: int) -> str:
+    reply = _openai(base).chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": question}],
+        max_tokens=max_tokens, temperature=0, top_p=0.95, extra_body={"top_k": 40},
+    )  # fmt: skip
+    return reply.choices[0].message.content
+
+
+def _greedy_completion(base: str, prompt: str, max_tokens: int) -> str:
+    reply = _openai(base).completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, top_p=0.95,
+        extra_body={"top_k": 40},
+    )  # fmt: skip
+    return reply.choices[0].text
+
+
+ANSWER_TEXT = "document.getElementById('answer').textContent"
+
+
+# ---------------------------------------------------------------------- the page in a browser
+@pytest.mark.browser
+def test_header_shows_the_model_and_its_parameter_count(page, servers, model_dir):
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    _open(page, servers["open"])
+    n = int((model_dir / "num_parameters").read_text())  # counted by torch, not the server
+    assert page.text_content("#model-name") == MODEL_NAME
+    assert page.text_content("#model-params") == f"{n / 1e6:.1f}M parameters"
+    assert page.get_attribute("#model-params", "title") == f"{n:,} parameters"
+    assert "context 1024 tokens" in page.text_content("#model-context")
+    assert page.is_hidden("#key-bar")  # an open server asks for no key
+    assert requests and all(url.startswith(servers["open"] + "/") for url in requests)
+
+
+@pytest.mark.browser
+def test_ask_streams_the_answer_in_several_updates(page, servers):
+    question = "Who built the old bridge?"
+    _open(page, servers["open"])
+    _set(page, "temperature", 0)
+    _set(page, "max-tokens", 120)
+    # Record the answer's length at every DOM change the stream makes.
+    page.evaluate(
+        """() => {
+            window.lengths = [];
+            const answer = document.getElementById("answer");
+            new MutationObserver(() => window.lengths.push(answer.textContent.length))
+                .observe(answer, { childList: true, characterData: true, subtree: true });
+        }"""
+    )
+    page.fill("#question", question)
+    page.press("#question", "Enter")
+    page.wait_for_function("() => document.getElementById('answer').dataset.state === 'done'")
+    _shot(page, "ask-answer")
+
+    lengths = [n for n in page.evaluate("window.lengths") if n > 0]
+    assert len(set(lengths)) >= 3, f"the answer arrived in too few updates: {lengths}"
+    assert lengths == sorted(lengths)  # it only ever grew
+    assert page.text_content("#answer") == _greedy_chat(servers["open"], question, 120)
+    assert page.text_content("#ask-status").startswith("Done")
+    assert page.is_enabled("#ask-btn") and page.is_disabled("#stop-btn")
+
+
+@pytest.mark.browser
+def test_stop_ends_the_stream_mid_answer(page, servers):
+    question = "Where is the river?"
+    aborted: list[str] = []
+    page.on("requestfailed", lambda r: aborted.append(r.url))
+    _open(page, servers["open"])
+    _set(page, "temperature", 0)
+    _set(page, "max-tokens", 900)
+    page.fill("#question", question)
+    page.click("#ask-btn")
+    page.wait_for_function(f"() => {ANSWER_TEXT}.length > 20")
+    page.click("#stop-btn")
+    page.wait_for_function(
+        "() => document.getElementById('ask-status').textContent.startsWith('Stopped')"
+    )
+    stopped = page.text_content("#answer")
+    page.wait_for_timeout(600)
+    assert page.text_content("#answer") == stopped  # nothing more arrives
+    _shot(page, "ask-stopped")
+
+    full = _greedy_chat(servers["open"], question, 900)
+    assert full.startswith(stopped) and 20 < len(stopped) < len(full)
+    assert any(url.endswith("/v1/chat/completions") for url in aborted)  # the fetch was cut
+    assert page.is_enabled("#ask-btn") and page.is_disabled("#stop-btn")
+    assert page.is_hidden("#error")
+
+
+@pytest.mark.browser
+def test_ghost_suggestion_appears_and_tab_accepts_it(page, servers):
+    prompt = "The river"
+    _open(page, servers["open"], mode="complete")
+    _set(page, "temperature", 0)
+    _set(page, "suggest-tokens", 8)
+    page.locator("#editor").press_sequentially(prompt, delay=20)
+    page.wait_for_selector("#editor-wrap[data-suggest='ready']")
+    ghost = page.text_content("#ghost")
+    _shot(page, "complete-ghost")
+
+    assert ghost == _greedy_completion(servers["open"], prompt, 8)
+    assert page.input_value("#editor") == prompt  # the ghost is not text yet
+    colours = page.evaluate(
+        """() => [getComputedStyle(document.getElementById("ghost")).color,
+                  getComputedStyle(document.getElementById("mirror")).color,
+                  getComputedStyle(document.getElementById("editor")).color]"""
+    )
+    assert colours[0] != colours[1]  # grey, unlike the text typed
+    assert colours[2] == "rgba(0, 0, 0, 0)"  # the textarea's own text steps aside meanwhile
+
+    word = re.match(r"\s*\S+", ghost).group(0)
+    page.keyboard.press("ArrowRight")  # the next word only
+    assert page.input_value("#editor") == prompt + word
+    assert page.text_content("#ghost") == ghost[len(word) :]
+    page.keyboard.press("Tab")  # all the rest
+    assert page.input_value("#editor") == prompt + ghost
+    _shot(page, "complete-accepted")
+
+    # A new suggestion follows; typing on throws it away at once.
+    page.wait_for_selector("#editor-wrap[data-suggest='ready']")
+    page.keyboard.type("!")
+    assert page.evaluate("document.getElementById('ghost')") is None
+    assert page.input_value("#editor") == prompt + ghost + "!"
+
+
+@pytest.mark.browser
+def test_a_stale_suggestion_is_cancelled_when_the_text_changes(page, servers):
+    aborted: list[str] = []
+    page.on("requestfailed", lambda r: aborted.append(r.url))
+    _open(page, servers["open"], mode="complete")
+    _set(page, "temperature", 0)
+    _set(page, "suggest-tokens", 600)  # long enough to be still streaming when we type on
+    editor = page.locator("#editor")
+    editor.press_sequentially("The", delay=10)
+    page.wait_for_selector("#editor-wrap[data-suggest='loading']")
+    editor.press_sequentially(" old", delay=10)
+    _set(page, "suggest-tokens", 6)
+    page.wait_for_selector("#editor-wrap[data-suggest='ready']")
+    assert any(url.endswith("/v1/completions") for url in aborted)
+    assert page.text_content("#ghost") == _greedy_completion(servers["open"], "The old", 6)
+
+
+@pytest.mark.browser
+def test_a_wrong_api_key_shows_the_error_and_the_right_one_works(page, servers):
+    base = servers["keyed"]
+    page.goto(base + "/")
+    page.wait_for_selector("#key-bar", state="visible")
+    assert "needs an API key" in page.text_content("#error-text")
+    _shot(page, "api-key-needed")
+
+    page.fill("#api-key", "not-the-key")
+    page.click("#key-btn")
+    page.wait_for_function(
+        "() => document.getElementById('key-status').textContent === 'key rejected'"
+    )
+    message = page.text_content("#error-text")
+    assert "rejected the API key (401)" in message and page.is_visible("#error")
+    _shot(page, "api-key-wrong")
+
+    page.fill("#api-key", API_KEY)
+    page.click("#key-btn")
+    page.wait_for_function("() => document.getElementById('model-params').textContent !== ''")
+    assert page.is_hidden("#error")
+    _set(page, "temperature", 0)
+    _set(page, "max-tokens", 6)
+    page.fill("#question", "Is the key sent?")
+    page.click("#ask-btn")
+    page.wait_for_function("() => document.getElementById('answer').dataset.state === 'done'")
+    expected = _openai(base, API_KEY).chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Is the key sent?"}],
+        max_tokens=6, temperature=0,
+    )  # fmt: skip
+    assert page.text_content("#answer") == expected.choices[0].message.content
+
+
+@pytest.mark.browser
+def test_a_refused_request_shows_the_servers_reason(page, servers):
+    _open(page, servers["open"])
+    page.fill("#question", "word " * 1100)  # longer than the model's 1024-token context
+    page.click("#ask-btn")
+    page.wait_for_selector("#error", state="visible")
+    message = page.text_content("#error-text")
+    _shot(page, "error-400")
+    assert message.startswith("The server refused the request (400)")
+    assert "context" in message and "shorten the prompt" in message  # the server's own words
+    assert page.is_enabled("#ask-btn") and page.is_disabled("#stop-btn")
+
+
+@pytest.mark.browser
+def test_a_server_that_is_gone_shows_a_message_not_a_hang(page, servers):
+    _open(page, servers["open"])
+    # What the browser sees when nothing listens on the port any more.
+    page.route("**/v1/chat/completions", lambda route: route.abort("connectionrefused"))
+    page.fill("#question", "Anyone there?")
+    page.click("#ask-btn")
+    page.wait_for_selector("#error", state="visible")
+    _shot(page, "error-server-down")
+    assert page.text_content("#error-text").startswith(
+        f"Cannot reach the server at {servers['open']}"
+    )
+    assert page.get_attribute("#server-dot", "data-state") == "down"
+    assert page.is_enabled("#ask-btn")
