@@ -1,0 +1,412 @@
+"""An OpenAI-compatible HTTP API over one loaded model (FastAPI).
+
+    GET  /health                 {"status": "ok", "model": NAME}
+    GET  /v1/models              OpenAI's model list, plus "parameters" and "max_seq_length"
+    POST /v1/completions         prompt -> text; `stream: true` sends server-sent events
+    POST /v1/chat/completions    messages -> the Q&A template (the last user message is the
+                                 question, earlier user/assistant pairs come before it)
+
+Requests take OpenAI's `max_tokens`, `temperature` (0..2), `top_p`, `stop`, `seed`, `n`
+(plus the extensions `top_k` and `repetition_penalty`). Mistakes come back as 400 in OpenAI's
+error shape `{"error": {"message", "type", "param", "code"}}`.
+
+One model is shared by every request, so generation runs on a single worker thread: requests
+wait their turn and never share a KV cache; a stream whose client goes away is cancelled at
+its next token.
+
+>>> app = create_app(model, tokenizer, "tiny")  # doctest: +SKIP
+>>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dtl.data.qa import QA_STOP, format_qa, qa_prompt
+from dtl.generate import StreamChunk, prompt_lengths, stream_batch
+
+MAX_N = 16  # choices per request
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+CHAT_DEFAULT_MAX_TOKENS = 128
+
+
+class ApiError(Exception):
+    """A request mistake, sent back as OpenAI's error object."""
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.kind = (
+            message, param, code, status, kind,
+        )  # fmt: skip
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+@dataclass
+class Job:
+    """One validated request: the rows to generate and how."""
+
+    prompts: list[str]  # one per choice (each prompt repeated n times)
+    prompt_tokens: int  # summed over the distinct prompts, as OpenAI counts usage
+    max_tokens: int
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    repetition_penalty: float
+    stop: list[str]
+    seed: int | None
+
+
+def create_app(model, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `model` (see the module docs); the web page is added at `/`
+    when `dtl.serve.page` is installed."""
+    app = FastAPI(title="DTL", description="OpenAI-compatible API of a DTL model", docs_url=None)
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtl-generate")
+    app.state.model, app.state.tokenizer, app.state.model_name = model, tokenizer, model_name
+    app.state.cancelled = 0  # streams stopped early because their client went away
+    created = int(time.time())
+    n_params = sum(p.numel() for p in model.parameters())
+    context = model.config.max_seq_length
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and _needs_key(request.url.path):
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(given.encode(), api_key.encode()):
+                return ApiError(
+                    "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                    code="invalid_api_key", status=401,
+                ).response()  # fmt: skip
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, err: ApiError):
+        return err.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, err: StarletteHTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return ApiError(str(err.detail), status=err.status_code, kind=kind).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, err: Exception):
+        return ApiError(f"internal error: {err}", status=500, kind="server_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(model_name, created, n_params, context)]}
+
+    @app.get("/v1/models/{name}")
+    async def model_card(name: str):
+        if name != model_name:
+            raise ApiError(f"model {name!r} not found; this server has {model_name!r}",
+                           "model", "model_not_found", status=404)  # fmt: skip
+        return _model_card(model_name, created, n_params, context)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _json_body(request)
+        _check_model(body, model_name)
+        prompts = _prompts(body)
+        job = _job(body, prompts, tokenizer, context, default_max_tokens=16)
+        return await _respond(request, body, job, "text_completion", "cmpl", lambda t: t)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _json_body(request)
+        _check_model(body, model_name)
+        prompt = chat_prompt(body.get("messages"))
+        job = _job(body, [prompt], tokenizer, context, default_max_tokens=None)
+        job.stop = [QA_STOP, *job.stop]
+        return await _respond(request, body, job, "chat.completion", "chatcmpl", str.lstrip)
+
+    async def _respond(request, body, job: Job, kind: str, prefix: str, tidy: Callable):
+        meta = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                "model": model_name}  # fmt: skip
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            events = _sse(request, worker, app.state, job, meta, kind, tidy, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
+        loop = asyncio.get_running_loop()
+        chunks = await loop.run_in_executor(worker, _run_all, app.state, job)
+        return _full_response(job, chunks, meta, kind, tidy)
+
+    try:  # the web page, if the web engineer's module is here
+        from dtl.serve.page import add_page_routes
+    except ImportError:
+        pass
+    else:
+        add_page_routes(app)
+    return app
+
+
+# ---------------------------------------------------------------------- request parsing
+def _needs_key(path: str) -> bool:
+    """The API needs the key; the page and its static files are public (they hold no data
+    and ask the user for the key)."""
+    return path.startswith("/v1") or path == "/health"
+
+
+def _model_card(name: str, created: int, n_params: int, context: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "dtl",
+            "parameters": n_params, "max_seq_length": context}  # fmt: skip
+
+
+async def _json_body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(f"request body is not valid JSON ({err})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError("request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _check_model(body: dict, model_name: str) -> None:
+    name = body.get("model")
+    if name is not None and name != model_name:
+        raise ApiError(
+            f"model {name!r} does not exist on this server; it serves {model_name!r} "
+            "(see GET /v1/models)", "model", "model_not_found",
+        )  # fmt: skip
+
+
+def _prompts(body: dict) -> list[str]:
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return prompt
+    raise ApiError("'prompt' must be a string or a non-empty list of strings", "prompt")
+
+
+def chat_prompt(messages) -> str:
+    """OpenAI chat messages -> one Q&A prompt: earlier user/assistant turns become answered
+    Q&A examples, the last user message the question. System messages are ignored.
+
+    >>> chat_prompt([{"role": "user", "content": "Who wrote Hamlet?"}])
+    'Question: Who wrote Hamlet?\\nAnswer:'
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("'messages' must be a non-empty list of {role, content}", "messages")
+    turns: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content", ""), str):
+            raise ApiError(f"messages[{i}] must be an object with a string 'content'",
+                           "messages")  # fmt: skip
+        role, content = message.get("role"), message.get("content") or ""
+        if role not in ("system", "user", "assistant", "developer", "tool"):
+            raise ApiError(f"messages[{i}] has unknown role {role!r}", "messages")
+        if role in ("user", "assistant"):
+            turns.append((role, content))
+    if not turns or turns[-1][0] != "user":
+        raise ApiError("the last message must come from the user (it is the question)",
+                       "messages")  # fmt: skip
+    history, question = turns[:-1], turns[-1][1]
+    shots, pending = [], None
+    for role, content in history:
+        if role == "user":
+            pending = content
+        elif pending is not None:
+            shots.append(format_qa(pending, content))
+            pending = None
+    return "\n".join([*shots, qa_prompt(question)])
+
+
+def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
+    value = body.get(name)
+    if value is None:
+        return default
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        kind = "an integer" if integer else "a number"
+        raise ApiError(f"'{name}' must be {kind}, got {value!r}", name, "invalid_type")
+    if not lo <= value <= hi:
+        raise ApiError(f"'{name}' must be between {lo} and {hi}, got {value}", name,
+                       "invalid_value")  # fmt: skip
+    return value
+
+
+def _job(body: dict, prompts: list[str], tokenizer, context: int, default_max_tokens) -> Job:
+    n = _number(body, "n", 1, 1, MAX_N, integer=True)
+    temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
+    top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
+    if top_p == 0.0:  # nothing but the top token
+        temperature = 0.0
+    top_k = _number(body, "top_k", None, 1, 1 << 30, integer=True)
+    penalty = float(_number(body, "repetition_penalty", 1.0, 0.01, 100.0))
+    seed = _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ApiError("'stop' must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP:
+        raise ApiError(f"'stop' takes at most {MAX_STOP} strings", "stop")
+    lengths = prompt_lengths(tokenizer, prompts)
+    longest = max(lengths)
+    if longest >= context:
+        raise ApiError(
+            f"the prompt is {longest} tokens but the model's context is {context}; "
+            "shorten the prompt", "prompt", "context_length_exceeded",
+        )  # fmt: skip
+    limit = context - 1
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    if max_tokens is None and default_max_tokens is None:
+        max_tokens = min(CHAT_DEFAULT_MAX_TOKENS, context - longest)
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens, 1, limit,
+                         integer=True)  # fmt: skip
+    if longest + max_tokens > context:
+        raise ApiError(
+            f"this model's context is {context} tokens, but the prompt ({longest} tokens) plus "
+            f"max_tokens ({max_tokens}) is {longest + max_tokens}; lower max_tokens or shorten "
+            "the prompt", "max_tokens", "context_length_exceeded",
+        )  # fmt: skip
+    return Job(
+        prompts=[p for p in prompts for _ in range(n)],
+        prompt_tokens=sum(lengths),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=None if top_p >= 1.0 else top_p,
+        top_k=top_k,
+        repetition_penalty=penalty,
+        stop=list(stop),
+        seed=None if seed is None else seed % (1 << 63),
+    )
+
+
+# ---------------------------------------------------------------------- running jobs
+def _chunks(state, job: Job, cancel: threading.Event | None = None):
+    """The job's StreamChunks (runs on the worker thread); stops when `cancel` is set."""
+    if cancel is not None and cancel.is_set():
+        state.cancelled += 1
+        return
+    for chunk in stream_batch(
+        state.model, state.tokenizer, job.prompts, job.max_tokens, job.temperature, job.top_k,
+        job.top_p, job.repetition_penalty, job.stop, job.seed, truncate=False,
+    ):  # fmt: skip
+        yield chunk
+        if cancel is not None and cancel.is_set() and chunk.finish_reason is None:
+            state.cancelled += 1  # counted so tests (and operators) can see it happen
+            return
+
+
+def _run_all(state, job: Job) -> list[StreamChunk]:
+    return list(_chunks(state, job))
+
+
+def _usage(job: Job, completion_tokens: int) -> dict:
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": job.prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def _full_response(job: Job, chunks: list[StreamChunk], meta: dict, kind: str, tidy) -> dict:
+    texts = [""] * len(job.prompts)
+    finish: list[str | None] = [None] * len(job.prompts)
+    used = 0
+    for chunk in chunks:
+        texts[chunk.index] += chunk.text
+        if chunk.finish_reason is not None:
+            finish[chunk.index] = chunk.finish_reason
+            used += len(chunk.token_ids)
+    choices = []
+    for i, (text, reason) in enumerate(zip(texts, finish, strict=True)):
+        if kind == "chat.completion":
+            message = {"role": "assistant", "content": tidy(text)}
+            choices.append({"index": i, "message": message, "finish_reason": reason,
+                            "logprobs": None})  # fmt: skip
+        else:
+            choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+    return {**meta, "object": kind, "choices": choices, "usage": _usage(job, used)}
+
+
+async def _sse(request, worker, state, job: Job, meta, kind, tidy, include_usage):
+    """Server-sent events: OpenAI's chunk objects, then `data: [DONE]`."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+    end = object()
+
+    def produce() -> None:  # on the worker thread
+        try:
+            for chunk in _chunks(state, job, cancel):
+                loop.call_soon_threadsafe(queue.put_nowait, chunk)
+        except Exception as err:  # reported to the client as an error event
+            loop.call_soon_threadsafe(queue.put_nowait, err)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, end)
+
+    chat = kind == "chat.completion"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    started = [False] * len(job.prompts)  # chat: whether a row's leading space is gone
+    used = 0
+    future = loop.run_in_executor(worker, produce)
+    try:
+        if chat:
+            for i in range(len(job.prompts)):
+                first = {"index": i, "delta": {"role": "assistant", "content": ""},
+                         "finish_reason": None, "logprobs": None}  # fmt: skip
+                yield _event({**meta, "object": obj, "choices": [first]})
+        while True:
+            item = await queue.get()
+            if item is end:
+                break
+            if isinstance(item, Exception):
+                message = f"generation failed: {item}"
+                yield _event({"error": {"message": message, "type": "server_error",
+                                        "param": None, "code": None}})  # fmt: skip
+                break
+            text = item.text
+            if chat and not started[item.index]:
+                text = tidy(text)
+                started[item.index] = bool(text)
+            if item.finish_reason is not None:
+                used += len(item.token_ids)
+            if not text and item.finish_reason is None:
+                continue
+            if chat:
+                delta = {"content": text} if text else {}
+                choice = {"index": item.index, "delta": delta,
+                          "finish_reason": item.finish_reason, "logprobs": None}  # fmt: skip
+            else:
+                choice = {"index": item.index, "text": text, "logprobs": None,
+                          "finish_reason": item.finish_reason}  # fmt: skip
+            yield _event({**meta, "object": obj, "choices": [choice]})
+        if include_usage:
+            yield _event({**meta, "object": obj, "choices": [], "usage": _usage(job, used)})
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away (or we are done): stop generating for it
+        cancel.set()
+        del future  # the worker notices `cancel` at its next token and moves on
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+

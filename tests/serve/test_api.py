@@ -1,0 +1,257 @@
+"""The OpenAI-compatible API, served for real on a loopback port and driven by the official
+`openai` client: completions, chat, streaming, n/seed/stop, the error cases, the API key,
+16 concurrent streams, and a disconnecting client."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from dtl import ModelConfig, TransformerLM
+from dtl.data.qa import QA_STOP, qa_prompt
+from dtl.generate import generate
+from dtl.serve.api import chat_prompt, create_app
+
+NAME = "tiny-test"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from conftest import shared_path
+
+    from dtl.tokenizer import load_tokenizer
+
+    return load_tokenizer("gpt2", gpt2_dir=shared_path("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50257, d_model=32, n_heads=2, n_layers=2, d_ff=64,
+                         max_seq_length=128)  # fmt: skip
+    model = TransformerLM(config).eval()
+    with torch.no_grad():  # peaky logits: greedy text is varied, not a run of one token
+        model.head.weight.mul_(30)
+    return model
+
+
+class LiveServer:
+    """uvicorn serving an app on a free loopback port, in a background thread."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)  # fmt: skip
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer):
+    with LiveServer(create_app(model, tokenizer, NAME)) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                         timeout=60)  # fmt: skip
+
+
+def expected(model, tokenizer, prompt, n, stop=()):
+    return generate(model, tokenizer, prompt, n, temperature=0, stop=list(stop))[0]
+
+
+# ---------------------------------------------------------------------- the happy paths
+def test_models_and_health(client, server, model):
+    cards = client.models.list().data
+    assert [c.id for c in cards] == [NAME]
+    assert cards[0].object == "model"
+    assert cards[0].model_extra["parameters"] == model.num_parameters()
+    assert cards[0].model_extra["max_seq_length"] == 128
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_completion_equals_library_greedy(client, model, tokenizer):
+    want = expected(model, tokenizer, "The Normans were", 12)
+    got = client.completions.create(model=NAME, prompt="The Normans were", max_tokens=12,
+                                    temperature=0)  # fmt: skip
+    assert got.object == "text_completion" and got.model == NAME
+    assert got.choices[0].text == want.text
+    assert got.choices[0].finish_reason == "length"
+    assert got.usage.prompt_tokens == len(tokenizer.encode("The Normans were"))
+    assert got.usage.completion_tokens == 12
+    assert got.usage.total_tokens == got.usage.prompt_tokens + 12
+
+
+def test_streamed_completion_equals_whole(client, model, tokenizer):
+    want = expected(model, tokenizer, "In 1066", 15)
+    chunks = list(client.completions.create(model=NAME, prompt="In 1066", max_tokens=15,
+                                            temperature=0, stream=True))  # fmt: skip
+    assert len(chunks) > 3
+    assert "".join(c.choices[0].text for c in chunks) == want.text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_chat_uses_the_qa_template_streamed_or_not(client, model, tokenizer):
+    question = "Who was Rollo?"
+    want = expected(model, tokenizer, qa_prompt(question), 10, stop=[QA_STOP]).text.lstrip()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": question}]
+    got = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10,
+                                         temperature=0)  # fmt: skip
+    assert got.object == "chat.completion"
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == want
+    assert got.usage.prompt_tokens == len(tokenizer.encode(qa_prompt(question)))
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want
+    assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+
+
+def test_chat_prompt_maps_history_to_answered_examples():
+    messages = [
+        {"role": "user", "content": "Who wrote Hamlet?"},
+        {"role": "assistant", "content": "Shakespeare"},
+        {"role": "user", "content": "When?"},
+    ]
+    assert chat_prompt(messages) == (
+        "Question: Who wrote Hamlet?\nAnswer: Shakespeare\nQuestion: When?\nAnswer:"
+    )
+
+
+def test_stop_n_and_seed(client, model, tokenizer):
+    full = expected(model, tokenizer, "Rollo", 20).text
+    words = full.split()
+    stop = " " + words[len(words) // 2]
+    cut = client.completions.create(model=NAME, prompt="Rollo", max_tokens=20, temperature=0,
+                                    stop=[stop])  # fmt: skip
+    assert cut.choices[0].text == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+    def sample(seed):
+        out = client.completions.create(model=NAME, prompt="Rollo", max_tokens=8, n=3,
+                                        temperature=1.0, seed=seed)  # fmt: skip
+        assert [c.index for c in out.choices] == [0, 1, 2]
+        assert out.usage.completion_tokens == 24
+        return [c.text for c in out.choices]
+
+    first = sample(7)
+    assert sample(7) == first  # same seed, same samples
+    assert len(set(first)) > 1  # the n choices are separate samples
+    assert sample(8) != first
+
+
+# ---------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kwargs, param, code",
+    [
+        ({"model": "gpt-4"}, "model", "model_not_found"),
+        ({"max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({"max_tokens": 100000}, "max_tokens", "invalid_value"),
+        ({"temperature": 2.5}, "temperature", "invalid_value"),
+        ({"prompt": "word " * 200}, "prompt", "context_length_exceeded"),
+        ({"prompt": "word " * 100, "max_tokens": 60}, "max_tokens", "context_length_exceeded"),
+        ({"n": 0}, "n", "invalid_value"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_400(client, kwargs, param, code):
+    args = {"model": NAME, "prompt": "Hello", "max_tokens": 5, **kwargs}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(**args)
+    assert info.value.status_code == 400
+    error = info.value.body
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["code"] == code and error["message"]
+
+
+def test_malformed_json_and_bad_fields_then_server_still_answers(server, client):
+    for body in (b"{not json", b"[1, 2]", b'{"prompt": 5}', b'{"prompt": "x", "stop": 3}'):
+        r = httpx.post(f"{server.url}/v1/completions", content=body,
+                       headers={"Content-Type": "application/json"})  # fmt: skip
+        assert r.status_code == 400, body
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(f"{server.url}/v1/chat/completions",
+                   json={"messages": [{"role": "assistant", "content": "hi"}]})  # fmt: skip
+    assert r.status_code == 400
+    out = client.completions.create(model=NAME, prompt="still alive", max_tokens=2)
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_api_key_required_when_set(model, tokenizer):
+    with LiveServer(create_app(model, tokenizer, NAME, api_key="s3cret")) as live:
+        wrong = openai.OpenAI(base_url=f"{live.url}/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as info:
+            wrong.completions.create(model=NAME, prompt="Hi", max_tokens=2)
+        assert info.value.status_code == 401
+        assert info.value.body["code"] == "invalid_api_key"
+        assert httpx.get(f"{live.url}/v1/models").status_code == 401
+        assert httpx.get(f"{live.url}/health").status_code == 401
+        right = openai.OpenAI(base_url=f"{live.url}/v1", api_key="s3cret", max_retries=0)
+        out = right.completions.create(model=NAME, prompt="Hi", max_tokens=2)
+        assert len(out.choices) == 1
+
+
+# ---------------------------------------------------------------------- concurrency
+def test_sixteen_concurrent_streams_all_get_their_own_output(client, model, tokenizer):
+    # each client samples with its own seed: a mixed-up cache or RNG would show
+    prompts = [f"Story number {i}:" for i in range(16)]
+    want = [generate(model, tokenizer, p, 8, temperature=1.0, seed=i)[0].text
+            for i, p in enumerate(prompts)]  # fmt: skip
+
+    def run(i):
+        stream = client.completions.create(model=NAME, prompt=prompts[i], max_tokens=8,
+                                           temperature=1.0, seed=i, stream=True)  # fmt: skip
+        return "".join(c.choices[0].text for c in stream)
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(run, range(16)))
+    assert got == want
+    assert len(set(want)) == 16
+
+
+def test_client_disconnect_stops_its_generation(server, client):
+    before = server.app.state.cancelled
+    body = {"model": NAME, "prompt": "Once", "max_tokens": 120, "temperature": 1.0,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    deadline = time.time() + 20
+    while server.app.state.cancelled == before:
+        assert time.time() < deadline, "generation went on after the client left"
+        time.sleep(0.05)
+    out = client.completions.create(model=NAME, prompt="after", max_tokens=3)
+    assert out.usage.completion_tokens == 3
