@@ -226,10 +226,10 @@ def _open(page, base: str, mode: str = "ask") -> None:
     page.wait_for_function("() => document.getElementById('model-params').textContent !== ''")
 
 
-def _greedy_chat(base: str, question: str, max_tokens: int) -> str:
+def _greedy_chat(base: str, question: str, max_tokens: int, top_k=40, top_p=0.95) -> str:
     reply = _openai(base).chat.completions.create(
         model=MODEL_NAME, messages=[{"role": "user", "content": question}],
-        max_tokens=max_tokens, temperature=0, top_p=0.95, extra_body={"top_k": 40},
+        max_tokens=max_tokens, temperature=0, top_p=top_p, extra_body={"top_k": top_k},
     )  # fmt: skip
     return reply.choices[0].message.content
 
@@ -275,15 +275,23 @@ def test_ask_streams_the_answer_in_several_updates(page, servers):
                 .observe(answer, { childList: true, characterData: true, subtree: true });
         }"""
     )
+    _set(page, "top-k", 7)
+    _set(page, "top-p", 0.5)
+    sent: list[dict] = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" else None)
     page.fill("#question", question)
     page.press("#question", "Enter")
     page.wait_for_function("() => document.getElementById('answer').dataset.state === 'done'")
     _shot(page, "ask-answer")
+    assert sent == [
+        {"model": MODEL_NAME, "messages": [{"role": "user", "content": question}],
+         "max_tokens": 120, "stream": True, "temperature": 0, "top_p": 0.5, "top_k": 7}
+    ]  # fmt: skip
 
     lengths = [n for n in page.evaluate("window.lengths") if n > 0]
     assert len(set(lengths)) >= 3, f"the answer arrived in too few updates: {lengths}"
     assert lengths == sorted(lengths)  # it only ever grew
-    assert page.text_content("#answer") == _greedy_chat(servers["open"], question, 120)
+    assert page.text_content("#answer") == _greedy_chat(servers["open"], question, 120, 7, 0.5)
     assert page.text_content("#ask-status").startswith("Done")
     assert page.is_enabled("#ask-btn") and page.is_disabled("#stop-btn")
 
@@ -366,6 +374,9 @@ def test_a_stale_suggestion_is_cancelled_when_the_text_changes(page, servers):
     page.wait_for_selector("#editor-wrap[data-suggest='ready']")
     assert any(url.endswith("/v1/completions") for url in aborted)
     assert page.text_content("#ghost") == _greedy_completion(servers["open"], "The old", 6)
+    page.keyboard.press("Escape")  # dismissed, the text left as it was
+    assert page.evaluate("document.getElementById('ghost')") is None
+    assert page.input_value("#editor") == "The old"
 
 
 @pytest.mark.browser

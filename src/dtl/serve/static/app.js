@@ -535,7 +535,8 @@ function editorKeydown(event) {
     accept(ghost.text);
   } else if (event.key === "ArrowRight" && plain && atGhost) {
     event.preventDefault();
-    accept(ghost.text.match(/^\s*\S+/)[0]); // the next word with the space before it
+    const word = ghost.text.match(/^\s*\S+/); // the next word with the space before it
+    accept(word ? word[0] : ghost.text);
   } else if (event.key === "Escape") {
     event.preventDefault();
     discardGhost();
