@@ -17,6 +17,7 @@ from dtl.errors import DtlError
 # One module per group of verbs, in the order `dtl --help` lists them.
 COMMAND_MODULES = [
     "dtl.commands.info",
+    "dtl.commands.data",
     "dtl.commands.train",
     "dtl.commands.generate",
     "dtl.commands.serve",
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dtl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dtl info --json | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"dtl {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -92,7 +92,7 @@ class ModelConfig:
 
 # The spec's presets ("Model Configuration Sizes"), plus `tiny` for CPU work: 4 layers of
 # width 128 train at thousands of tokens/s on a laptop CPU, and with an 8k BPE vocabulary
-# (`dtl tokenizer train --vocab-size 8192`) the model is ~1.9M parameters.
+# (`dtl tokenizer train --vocab-size 8192`) the model has 2.9M parameters.
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(d_model=128, n_heads=4, n_layers=4, d_ff=512, max_seq_length=256),
     "small": ModelConfig(d_model=256, n_heads=8, n_layers=6, d_ff=1024, max_seq_length=512),

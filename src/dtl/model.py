@@ -31,8 +31,9 @@ from torch import Tensor, nn
 
 from dtl.config import ModelConfig
 from dtl.errors import DtlError
+from dtl.head_loss import IGNORE_INDEX, linear_cross_entropy
 
-IGNORE_INDEX = -100  # targets with this value are not scored (padding, masked question tokens)
+__all__ = ["IGNORE_INDEX", "KVCache", "TransformerLM"]  # IGNORE_INDEX = -100: not scored
 
 
 class PositionalEncoding(nn.Module):
@@ -245,9 +246,10 @@ class TransformerLM(nn.Module):
                 f"targets shape {tuple(targets.shape)} must equal input_ids shape "
                 f"{tuple(input_ids.shape)}"
             )
-        logits = self._logits(self.hidden_states(input_ids, attention_mask), last_only=False)
-        return F.cross_entropy(
-            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, d)
+        # The head and the loss together, a chunk of tokens at a time: no (B*T, vocab) logits.
+        return linear_cross_entropy(
+            hidden.reshape(-1, hidden.size(-1)), self.head.weight, self.head.bias, targets.reshape(-1)
         )
 
     # ------------------------------------------------------------------ masks and checks

@@ -1,0 +1,190 @@
+"""Parameter counts and memory estimates, computed from a ModelConfig alone.
+
+The counts are exact (a test checks them against the built model). The memory estimate
+counts what training really keeps alive, tensor by tensor, for DTL's own implementation:
+
+- weights, gradients and AdamW's two moments (fp32 master weights in every precision);
+- per block and token, the activations autograd saves: the block input, Q, K and V, the
+  attention output, the two LayerNorm inputs and the FFN's ReLU output (8 x d_model + d_ff
+  values), the attention's log-sum-exp (n_heads), LayerNorm statistics (4), and the dropout
+  masks (fp32 on CPU, bytes on CUDA); in mixed precision the matmul outputs are 16-bit;
+  with activation checkpointing only each block's input, plus one block being recomputed;
+- the fused head + loss (`dtl.head_loss`): one chunk of logits at a time instead of all
+  (B x T x vocab) of them, plus the head's gradient held from the forward pass.
+
+>>> parameter_breakdown(ModelConfig.preset("small"))["total"]
+30520913
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dtl.config import ModelConfig
+from dtl.head_loss import CHUNK_ELEMENTS
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+GIB = 1024**3
+MIB = 1024**2
+
+
+def parameter_breakdown(config: ModelConfig) -> dict[str, int]:
+    """Exact parameter counts, in the spec's layout ("Parameter Count Example")."""
+    D, F, V, L = config.d_model, config.d_ff, config.vocab_size, config.n_layers
+    attention = 4 * (D * D + D)  # W_Q, W_K, W_V, W_O with biases
+    feed_forward = (D * F + F) + (F * D + D)  # linear1, linear2 with biases
+    norms = 2 * (2 * D)  # norm1, norm2: weight and bias each
+    block = attention + feed_forward + norms
+    out = {
+        "embedding": V * D,
+        "positional_encoding": 0,  # fixed sinusoid: a buffer, not a parameter
+        "attention_per_block": attention,
+        "feed_forward_per_block": feed_forward,
+        "norms_per_block": norms,
+        "per_block": block,
+        "blocks": L * block,
+        "final_norm": 2 * D,
+        "head": D * V + V,
+    }
+    out["total"] = out["embedding"] + out["blocks"] + out["final_norm"] + out["head"]
+    return out
+
+
+def _activation_bytes(
+    config: ModelConfig, tokens: int, precision: str, checkpointing: bool, device: str
+) -> int:
+    D, F, H, L = config.d_model, config.d_ff, config.n_heads, config.n_layers
+    mixed = precision != "fp32"
+    half = 2 if mixed else 4
+    mask = (4 if device == "cpu" else 1) if config.dropout > 0 else 0
+    # Per block and token. fp32: input, Q, K, V, attention out, LN1 in, LN2 in (7 x D) + ReLU
+    # out (F), all 4 bytes. Mixed: the matmul inputs/outputs are 16-bit copies (input, Q, K,
+    # V, attention out, LN1 out, ReLU out), the LayerNorm inputs stay fp32.
+    if mixed:
+        block = (6 * D + F) * half + 2 * D * 4
+    else:
+        block = (8 * D + F) * 4
+    block += (H + 4) * 4 + 2 * D * mask  # log-sum-exp, LN mean/rstd, two dropout masks
+    if checkpointing:
+        per_token = L * D * 4 + block  # block inputs kept; one block recomputed at a time
+    else:
+        per_token = L * block
+    per_token += D * 4 + 8 + 8 + D * mask  # ln_f input, its stats, token ids, embedding dropout
+    return tokens * per_token
+
+
+def estimate_memory(
+    config: ModelConfig,
+    batch_size: int,
+    seq_len: int,
+    precision: str = "fp32",
+    activation_checkpointing: bool = False,
+    device: str = "cpu",
+) -> dict[str, int]:
+    """Bytes a training step and inference need, by component.
+
+    >>> est = estimate_memory(ModelConfig.preset("small"), batch_size=8, seq_len=256)
+    >>> est["train_total"] > est["weights"] > 0
+    True
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    params = parameter_breakdown(config)["total"]
+    tokens = batch_size * seq_len
+    V, D = config.vocab_size, config.d_model
+    weights = params * 4  # fp32 master weights
+    gradients = params * 4
+    optimizer = params * 8  # AdamW exp_avg and exp_avg_sq
+    # Autocast keeps a 16-bit copy of each matmul weight during the step.
+    weight_casts = (params - parameter_breakdown(config)["embedding"]) * 2 if precision != "fp32" else 0
+    activations = _activation_bytes(config, tokens, precision, activation_checkpointing, device)
+    chunk_rows = max(1, min(tokens, CHUNK_ELEMENTS // V))
+    # One chunk of fp32 logits (+ its 16-bit copy in mixed precision) and d(hidden).
+    head_workspace = chunk_rows * V * (4 + (2 if precision != "fp32" else 0)) + tokens * D * 4
+    train_total = weights + gradients + optimizer + weight_casts + activations + head_workspace
+
+    infer_bytes = 4 if precision == "fp32" else 2
+    kv_cache = 2 * config.n_layers * seq_len * D * infer_bytes * batch_size
+    inference_weights = params * infer_bytes
+    return {
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "weight_casts": weight_casts,
+        "activations": activations,
+        "head_workspace": head_workspace,
+        "train_total": train_total,
+        "inference_weights": inference_weights,
+        "kv_cache": kv_cache,
+        "inference_total": inference_weights + kv_cache + batch_size * V * 4,  # + one logits row
+    }
+
+
+@dataclass(frozen=True)
+class FitOption:
+    precision: str
+    activation_checkpointing: bool
+    micro_batch: int
+    grad_accum: int
+    bytes: int
+
+
+# What a CUDA process spends beyond its tensors: the context (~0.5 GB) and allocator slack.
+CUDA_CONTEXT_BYTES = 512 * MIB
+ALLOCATOR_SLACK = 1.10
+
+
+def fit_options(
+    config: ModelConfig,
+    budget_bytes: int,
+    seq_len: int,
+    target_batch: int,
+    precisions: tuple[str, ...] = ("bf16", "fp16", "fp32"),
+    device: str = "cuda",
+) -> list[FitOption]:
+    """For each precision and checkpointing choice, the largest power-of-two micro-batch (up
+    to `target_batch`) whose estimated training memory fits the budget, with the gradient
+    accumulation that reaches the target batch. Options that fit nothing are left out."""
+    overhead = CUDA_CONTEXT_BYTES if device == "cuda" else 0
+    options = []
+    for precision in precisions:
+        for ckpt in (False, True):
+            best = None
+            micro = 1
+            while micro <= target_batch:
+                need = estimate_memory(config, micro, seq_len, precision, ckpt, device)
+                total = int(need["train_total"] * ALLOCATOR_SLACK) + overhead
+                if total > budget_bytes:
+                    break
+                best = FitOption(precision, ckpt, micro, math.ceil(target_batch / micro), total)
+                micro *= 2
+            if best is not None:
+                options.append(best)
+    return options
+
+
+def recommend(options: list[FitOption]) -> FitOption | None:
+    """The option with the fewest accumulation steps; ties go to no checkpointing (faster)
+    and then to the earlier precision in the list (bf16 before fp16 before fp32)."""
+    if not options:
+        return None
+    return min(options, key=lambda o: (o.grad_accum, o.activation_checkpointing))
+
+
+def parse_size(text: str) -> int:
+    """'8GB', '8GiB', '7.5G', '300MB', '1024' (bytes) -> bytes. GB here means GiB, as GPU
+    makers' 8 GB cards hold 8 GiB."""
+    s = text.strip().upper().replace(" ", "")
+    for suffix, mult in (("GIB", GIB), ("GB", GIB), ("G", GIB), ("MIB", MIB), ("MB", MIB), ("M", MIB)):
+        if s.endswith(suffix):
+            try:
+                value = float(s[: -len(suffix)])
+            except ValueError:
+                break
+            if value <= 0:
+                break
+            return int(value * mult)
+    if s.isdigit() and int(s) > 0:
+        return int(s)
+    raise ValueError(f"cannot read memory size {text!r}; write it like 8GB, 7.5GB or 300MB")
