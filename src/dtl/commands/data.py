@@ -1,0 +1,255 @@
+"""`dtl tokenizer train`, `dtl extract`, `dtl prepare`: thin verbs over `dtl.tokenizer` and `dtl.data`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from dtl.errors import DtlError
+
+KINDS_HELP = "wikipedia, wikitext, squad, jsonl, text (default: from the file name)"
+
+TOKENIZER_EXAMPLES = """examples:
+  dtl tokenizer train corpus.txt --vocab-size 8192 -o tok-8k
+  dtl tokenizer train ../shared/data/wikitext-2-raw/wiki.test.raw --vocab-size 4096 -o tok-4k
+  dtl prepare corpus.txt -o data/corpus --tokenizer tok-8k
+"""
+
+EXTRACT_EXAMPLES = """examples:
+  dtl extract enwiki-latest-pages-articles1.xml.bz2 -o wiki.jsonl
+  dtl extract wiki.train.raw --kind wikitext -o wt.jsonl
+  dtl extract train-v2.0.json -o squad.jsonl --unanswerable "unanswerable"
+  dtl extract notes.txt --split blank -o notes.jsonl
+  dtl extract hf:squad -o squad.jsonl            # needs the network and pip install 'dtl[datasets]'
+"""
+
+PREPARE_EXAMPLES = """examples:
+  dtl prepare wiki.test.raw -o data/wt2 --max-length 256            # packed LM text
+  dtl prepare squad.json -o data/squad --answer-only-loss           # padded Q&A rows
+  dtl prepare enwiki.xml.bz2 -o data/wiki-qa --articles-as qa       # articles -> Q&A pairs
+  dtl prepare records.jsonl -o data/mine --tokenizer tok-8k --preset tiny
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from dtl.cli import add_common
+
+    tok = subparsers.add_parser("tokenizer", help="train a byte-level BPE on your files")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    train = tok_sub.add_parser(
+        "train",
+        help="train a byte-level BPE (GPT-2's algorithm) on text files",
+        description="Learn a byte-level BPE vocabulary from your files with the tokenizers "
+        "library, so a small model can use e.g. 8k tokens instead of GPT-2's 50,257.",
+        epilog=TOKENIZER_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("files", nargs="+", help="UTF-8 text files")
+    train.add_argument(
+        "--vocab-size", type=int, required=True, help="tokens in the vocabulary (e.g. 8192)"
+    )
+    train.add_argument(
+        "-o", "--out", required=True, help="folder to write vocab.json + merges.txt into"
+    )
+    train.add_argument("--min-frequency", type=int, default=2, help="a merge must occur this often")
+    add_common(train)
+    train.set_defaults(func=run_tokenizer_train)
+    add_common(tok)
+    tok.set_defaults(func=lambda args: _missing_action(tok))
+
+    ext = subparsers.add_parser(
+        "extract",
+        help="a source (Wikipedia dump, WikiText, SQuAD, JSONL, text) -> clean records JSONL",
+        description="Stream a source into one JSON record a line: {title, text} for articles, "
+        "{question, answer, context?, title?} for Q&A pairs.",
+        epilog=EXTRACT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ext.add_argument(
+        "input", help="the source file, or hf:NAME (wikitext-2, wikitext-103, squad, squad_v2)"
+    )
+    ext.add_argument("-o", "--out", required=True, help="records JSONL to write ('-' for stdout)")
+    _add_source_flags(ext)
+    add_common(ext)
+    ext.set_defaults(func=run_extract)
+
+    prep = subparsers.add_parser(
+        "prepare",
+        help="sources or records -> tokenized train/val shards + meta.json",
+        description="Clean (if raw), format, tokenize and split the inputs into a data dir for "
+        "dtl train: train.bin / val.bin token shards, meta.json and the tokenizer's files.",
+        epilog=PREPARE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prep.add_argument("inputs", nargs="+", help="source files or records.jsonl")
+    prep.add_argument("-o", "--out", required=True, help="the data dir to write")
+    prep.add_argument(
+        "--tokenizer", default="gpt2", help="gpt2 (default) or a dir from dtl tokenizer train"
+    )
+    prep.add_argument(
+        "--gpt2-dir", help="folder with GPT-2's encoder.json + vocab.bpe (else $DTL_GPT2_DIR)"
+    )
+    prep.add_argument(
+        "--max-length", type=int, help="tokens per row (default 512, or the --preset's limit)"
+    )
+    prep.add_argument(
+        "--preset", help="check --max-length against this model preset's max_seq_length"
+    )
+    mode = prep.add_mutually_exclusive_group()
+    mode.add_argument("--pack", dest="mode", action="store_const", const="pack",
+                      help="join documents with end-of-text, cut into rows (default for plain text)")  # fmt: skip
+    mode.add_argument("--pad", dest="mode", action="store_const", const="pad",
+                      help="one example per row, right-padded (default for Q&A)")  # fmt: skip
+    prep.add_argument(
+        "--answer-only-loss", action="store_true", help="Q&A: no loss on the question tokens"
+    )
+    prep.add_argument("--articles-as", choices=("text", "qa"), default="text",
+                      help="articles as plain LM text (default) or as Q&A pairs by the documented rule")  # fmt: skip
+    prep.add_argument(
+        "--template", help="Q&A template with {question} and {answer} (default: the spec's)"
+    )
+    prep.add_argument(
+        "--val-fraction", type=float, default=0.05, help="share of documents for val (0.05)"
+    )
+    prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_source_flags(prep)
+    add_common(prep)
+    prep.set_defaults(func=run_prepare)
+
+
+def _missing_action(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _add_source_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", help=KINDS_HELP)
+    p.add_argument("--unanswerable", metavar="TEXT",
+                   help="SQuAD: keep unanswerable questions with this answer (default: skip them)")  # fmt: skip
+    p.add_argument("--field", action="append", default=[], metavar="OURS=THEIRS",
+                   help="JSONL: read our field from theirs, e.g. --field question=q (repeatable)")  # fmt: skip
+    p.add_argument("--split", choices=("file", "blank"), default=None,
+                   help="text: one document per file (default) or per blank-line-separated block")  # fmt: skip
+    p.add_argument(
+        "--processes", type=int, help="wikipedia: cleaning processes (default: all cores)"
+    )
+    p.add_argument(
+        "--keep-disambiguation", action="store_true", help="wikipedia: keep disambiguation pages"
+    )
+
+
+def _source_options(args: argparse.Namespace, kind: str) -> dict:
+    options: dict = {}
+    if kind == "squad" and args.unanswerable is not None:
+        options["unanswerable"] = args.unanswerable
+    if kind == "jsonl" and args.field:
+        fields = {}
+        for item in args.field:
+            ours, sep, theirs = item.partition("=")
+            if not sep or not ours or not theirs:
+                raise DtlError(
+                    f"--field {item!r} must look like OURS=THEIRS, e.g. --field question=q"
+                )
+            fields[ours] = theirs
+        options["fields"] = fields
+    if kind == "text" and args.split:
+        options["split"] = args.split
+    if kind == "wikipedia":
+        if args.processes is not None:
+            if args.processes < 1:
+                raise DtlError(f"--processes {args.processes} must be at least 1")
+            options["processes"] = args.processes
+        options["keep_disambiguation"] = args.keep_disambiguation
+    return options
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> int:
+    from dtl.tokenizer import train_tokenizer
+
+    started = time.perf_counter()
+    tok = train_tokenizer(args.files, args.vocab_size, args.out, min_frequency=args.min_frequency,
+                          show_progress=sys.stderr.isatty())  # fmt: skip
+    print(f"trained a {tok.vocab_size:,}-token byte-level BPE (end-of-text = {tok.eos_id}) in "
+          f"{time.perf_counter() - started:.1f}s -> {args.out}")  # fmt: skip
+    return 0
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from dtl.data.extract import extract
+    from dtl.data.sources import detect_kind
+
+    kind = args.kind or detect_kind(args.input)
+    summary = extract(args.input, args.out, kind, progress=sys.stderr.isatty(),
+                      **_source_options(args, kind))  # fmt: skip
+    out = sys.stderr if args.out == "-" else sys.stdout
+    print(_extract_line(summary), file=out)
+    return 0
+
+
+def _extract_line(s: dict) -> str:
+    skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in s.get("skipped", {}).items() if v)
+    return (f"{s['records']:,} records ({s['kind']}) in {s['seconds']:.1f}s -> {s['out']}"
+            + (f"; skipped {skipped}" if skipped else ""))  # fmt: skip
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from dtl.config import ModelConfig
+    from dtl.data.prepare import prepare
+    from dtl.data.qa import QA_TEMPLATE
+    from dtl.data.sources import detect_kind
+
+    model_limit = None
+    if args.preset:
+        model_limit = ModelConfig.preset(args.preset).max_seq_length
+    max_length = args.max_length or model_limit or 512
+    kinds = {args.kind or detect_kind(p) for p in args.inputs}
+    options: dict = {}
+    for kind in kinds:
+        options.update(_source_options(args, kind))
+    summary = prepare(
+        args.inputs,
+        args.out,
+        tokenizer=args.tokenizer,
+        kind=args.kind,
+        max_length=max_length,
+        mode=args.mode,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        answer_only_loss=args.answer_only_loss,
+        articles_as=args.articles_as,
+        template=args.template.replace("\\n", "\n") if args.template else QA_TEMPLATE,
+        gpt2_dir=args.gpt2_dir,
+        model_max_length=model_limit,
+        source_options=options,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    print(prepare_summary(summary))
+    return 0
+
+
+def prepare_summary(s: dict) -> str:
+    """The lines `dtl prepare` prints at the end."""
+    tr, va = s["train"], s["val"]
+    lines = [
+        f"prepared {s['examples']:,} examples from {tr['documents'] + va['documents']:,} documents "
+        f"in {s['seconds']:.1f}s -> {s['data_dir']}",
+        f"  tokenizer {s['tokenizer']} (vocab {s['vocab_size']:,}, {s['dtype']}), mode {s['mode']}, "
+        f"max_length {s['max_length']}" + (", answer-only loss" if s["answer_only_loss"] else ""),
+        f"  train: {tr['documents']:,} documents, {tr['tokens']:,} tokens, {tr['rows']:,} rows",
+        f"  val:   {va['documents']:,} documents, {va['tokens']:,} tokens, {va['rows']:,} rows",
+    ]
+    if s.get("truncated"):
+        lines.append(f"  {s['truncated']:,} examples were longer than max_length + 1 and are cut "
+                     f"(longest {s['longest']:,} tokens); raise --max-length to keep them whole")  # fmt: skip
+    extract = s.get("extract") or {}
+    skipped = {k: v for k, v in extract.items() if k not in ("pages", "articles") and v}
+    if skipped:
+        lines.append(
+            "  skipped pages: "
+            + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items())
+        )
+    if not va["rows"] and s["val_fraction"] > 0:
+        lines.append("  warning: the val split has no rows; add data or raise --val-fraction")
+    return "\n".join(lines)
