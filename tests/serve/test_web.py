@@ -11,6 +11,8 @@ Each state is saved as a screenshot under test-artifacts/web/.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import socket
@@ -21,12 +23,23 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import PROJECT_ROOT, shared_path
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from dtl.serve.page import STATIC_DIR, add_page_routes
 
+
+def _root_conftest():
+    # Loaded by path: several conftest.py files share the module name `conftest`.
+    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    spec = importlib.util.spec_from_file_location("dtl_tests_root_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_ROOT = _root_conftest()
+PROJECT_ROOT, shared_path = _ROOT.PROJECT_ROOT, _ROOT.shared_path
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -303,7 +316,7 @@ def test_stop_ends_the_stream_mid_answer(page, servers):
     page.on("requestfailed", lambda r: aborted.append(r.url))
     _open(page, servers["open"])
     _set(page, "temperature", 0)
-    _set(page, "max-tokens", 900)
+    _set(page, "max-tokens", 300)
     page.fill("#question", question)
     page.click("#ask-btn")
     page.wait_for_function(f"() => {ANSWER_TEXT}.length > 20")
@@ -316,7 +329,7 @@ def test_stop_ends_the_stream_mid_answer(page, servers):
     assert page.text_content("#answer") == stopped  # nothing more arrives
     _shot(page, "ask-stopped")
 
-    full = _greedy_chat(servers["open"], question, 900)
+    full = _greedy_chat(servers["open"], question, 300)
     assert full.startswith(stopped) and 20 < len(stopped) < len(full)
     assert any(url.endswith("/v1/chat/completions") for url in aborted)  # the fetch was cut
     assert page.is_enabled("#ask-btn") and page.is_disabled("#stop-btn")
@@ -438,4 +451,52 @@ def test_a_server_that_is_gone_shows_a_message_not_a_hang(page, servers):
         f"Cannot reach the server at {servers['open']}"
     )
     assert page.get_attribute("#server-dot", "data-state") == "down"
+    assert page.is_enabled("#ask-btn")
+
+
+def _chat_chunk(delta: dict, finish: str | None = None) -> str:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return "data: " + json.dumps({"object": "chat.completion.chunk", "choices": [choice]})
+
+
+@pytest.mark.browser
+def test_the_stream_reader_copes_with_other_servers_event_layouts(page, servers):
+    # dtl serve ends lines with \n; other OpenAI-compatible servers (sse-starlette) use \r\n,
+    # send `: ping` comments and a role-only first chunk. The page must read them all.
+    events = [
+        ": ping",
+        _chat_chunk({"role": "assistant"}),
+        _chat_chunk({"content": "Hello"}),
+        _chat_chunk({"content": ", wor"}),
+        _chat_chunk({"content": "ld"}),
+        _chat_chunk({}, finish="stop"),
+        "data: [DONE]",
+        _chat_chunk({"content": " (after DONE: never shown)"}),
+    ]
+    body = "\r\n\r\n".join(events) + "\r\n\r\n"
+    _open(page, servers["open"])
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body),
+    )
+    page.fill("#question", "Say hello")
+    page.click("#ask-btn")
+    page.wait_for_function("() => document.getElementById('answer').dataset.state === 'done'")
+    assert page.text_content("#answer") == "Hello, world"
+    assert page.text_content("#ask-status").startswith("Done: 3 tokens")
+
+    # An error event in the middle of a stream ends it with the server's message.
+    failing = "\n\n".join([_chat_chunk({"content": "Half"}),
+                           'data: {"error": {"message": "generation failed: out of memory"}}'])  # fmt: skip
+    page.unroute("**/v1/chat/completions")
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(status=200, content_type="text/event-stream", body=failing),
+    )
+    page.click("#ask-btn")
+    page.wait_for_selector("#error", state="visible")
+    assert page.text_content("#error-text") == (
+        "The server failed (500): generation failed: out of memory. Its terminal shows the details."
+    )
+    assert page.text_content("#answer") == "Half"
     assert page.is_enabled("#ask-btn")

@@ -256,7 +256,8 @@ const SETTINGS = [
 
 function setting(id) {
   const [, fallback, lo, hi, integer] = SETTINGS.find((s) => s[0] === id);
-  let value = Number($(id).value);
+  const text = $(id).value.trim();
+  let value = text === "" ? fallback : Number(text); // an emptied field means its default
   if (!Number.isFinite(value)) value = fallback;
   if (integer) value = Math.round(value);
   const max = Number($(id).max) || hi;
