@@ -190,8 +190,9 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def _oom_advice(cfg: TrainConfig, seq_len: int) -> str:
+    rows = f"--batch-size {cfg.batch_size}" + (f" x --seq-len {seq_len}" if seq_len else "")
     return (
-        f"out of memory with --batch-size {cfg.batch_size} x --seq-len {seq_len}: lower "
+        f"out of memory with {rows} (preset {cfg.preset}): lower "
         f"--batch-size (and raise --grad-accum to keep the effective batch "
         f"{cfg.batch_size * cfg.grad_accum}), lower --seq-len, add --activation-checkpointing, "
         "or on a GPU use --precision bf16/fp16; `dtl info --fit` suggests settings that fit"
@@ -344,6 +345,7 @@ class Trainer:
         self.val_loader_args = (self.data_dir, "val", cfg.batch_size)
         self.val_kwargs = {**kw, "shuffle": False}
         self.state = _State()
+        self._stop = _StopFlag()
         self.writer = self._tensorboard() if cfg.tensorboard and self.dist.is_main else None
         if resume:
             self._load_latest()
@@ -584,7 +586,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
-        with _StopFlag() as self._stop:
+        with self._stop:
             try:
                 return self._loop()
             except Exception as err:
@@ -697,5 +699,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     try:
         trainer = Trainer(cfg, resume=resume)
         return trainer.run()
+    except Exception as err:
+        if _is_oom(err):
+            raise DtlError(_oom_advice(cfg, cfg.seq_len or 0)) from None
+        raise
     finally:
         distributed.teardown()
