@@ -500,3 +500,18 @@ def test_the_stream_reader_copes_with_other_servers_event_layouts(page, servers)
     )
     assert page.text_content("#answer") == "Half"
     assert page.is_enabled("#ask-btn")
+
+    # A stream cut short (no finish_reason, no [DONE]) is not passed off as a whole answer.
+    page.unroute("**/v1/chat/completions")
+    cut = _chat_chunk({"content": "Cut"}) + "\n\n"
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(status=200, content_type="text/event-stream", body=cut),
+    )
+    page.click("#error-close")
+    page.click("#ask-btn")
+    page.wait_for_selector("#error", state="visible")
+    assert page.text_content("#error-text").startswith(
+        "The connection to the server was lost mid-answer (the stream ended before its last event)"
+    )
+    assert page.text_content("#answer") == "Cut"

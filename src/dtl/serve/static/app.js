@@ -127,6 +127,7 @@ async function* sseData(response) {
       if (data) yield data;
     }
   };
+  let drained = false;
   try {
     for (;;) {
       let chunk;
@@ -141,10 +142,12 @@ async function* sseData(response) {
       buffer += decoder.decode(chunk.value, { stream: true });
       yield* takeEvents(false);
     }
+    drained = true;
     buffer += decoder.decode();
     yield* takeEvents(true);
   } finally {
-    reader.releaseLock();
+    // stopped reading early ([DONE], an error, Stop): close the connection, not just the loop
+    if (!drained) reader.cancel().catch(() => {});
   }
 }
 
@@ -155,8 +158,12 @@ async function streamText(path, body, signal, onPiece) {
   const response = await request(path, { method: "POST", body: JSON.stringify(body), signal });
   let finishReason = null;
   let pieces = 0;
+  let done = false;
   for await (const data of sseData(response)) {
-    if (data.trim() === "[DONE]") break;
+    if (data.trim() === "[DONE]") {
+      done = true;
+      break;
+    }
     let chunk;
     try {
       chunk = JSON.parse(data);
@@ -172,6 +179,10 @@ async function streamText(path, body, signal, onPiece) {
       onPiece(text);
     }
     if (choice.finish_reason) finishReason = choice.finish_reason;
+  }
+  if (!done && !finishReason) {
+    // the connection closed cleanly but the answer never said it was complete
+    throw Object.assign(new Error("the stream ended before its last event"), { lost: true });
   }
   return { finishReason, pieces };
 }
