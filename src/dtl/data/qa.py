@@ -55,12 +55,19 @@ def split_qa(question: str, answer: str, template: str = QA_TEMPLATE) -> tuple[s
 
 # --- Articles -> Q&A pairs ---------------------------------------------------------------
 #
-# The rule (documented in docs/data.md): an article titled T gives
-#   1. "What is T?"  -> the lead's first sentence, when it defines T ("T is/was/are ... ").
-#   2. "What is T known for?" / "Tell me about T." -> the first two lead sentences otherwise.
-#   3. for each section heading H (up to `max_sections`): "What about the H of T?" -> the
-#      section's first sentence (skipping See also / References / ... sections).
-# Only titles with a letter and answers of 4..80 words are used, so no "What is The?".
+# The rule (docs/data.md shows real pairs). An article titled T (without a trailing
+# "(disambiguator)") whose text has a lead and headed sections gives:
+#   1. from the lead's first sentence S, when S names T before its verb ("T (...) is/was ..."):
+#      "Who was T?" / "Who is T?" (S gives a lifespan or "born" before its verb; by the verb),
+#      else "What is T?" / "What was T?" (by S's verb)  ->  S;
+#      otherwise "Tell me about T."  ->  the lead's first two sentences;
+#   2. for each of the first `max_sections` usable section headings H: a fixed question for
+#      common headings (History -> "What is the history of T?", Etymology -> "Where does the
+#      name T come from?", ...), else "What does the article on T say about H?" (H's first
+#      letter lowered when the article uses that word in lower case)  ->  the section's
+#      first sentence.
+# Answers are 4..80 words and start like a sentence; titles need a letter; "See also",
+# "References" and the like are never used. So there is no "What is The?".
 
 SKIP_SECTIONS = {
     "see also",
@@ -75,18 +82,51 @@ SKIP_SECTIONS = {
     "notes and references",
     "works cited",
     "gallery",
+    "primary sources",
+    "secondary sources",
+}
+SECTION_QUESTIONS = {
+    "history": "What is the history of {t}?",
+    "etymology": "Where does the name {t} come from?",
+    "name": "Where does the name {t} come from?",
+    "names": "Where does the name {t} come from?",
+    "naming": "Where does the name {t} come from?",
+    "etymology and terminology": "Where does the name {t} come from?",
+    "geography": "What is the geography of {t} like?",
+    "climate": "What is the climate of {t} like?",
+    "economy": "What is the economy of {t} like?",
+    "demographics": "What are the demographics of {t}?",
+    "early life": "What was the early life of {t} like?",
+    "biography": "What is the life story of {t}?",
+    "life": "What is the life story of {t}?",
+    "career": "What was the career of {t}?",
+    "death": "How did {t} die?",
+    "legacy": "What is the legacy of {t}?",
+    "background": "What is the background of {t}?",
+    "plot": "What is the plot of {t}?",
+    "synopsis": "What is the plot of {t}?",
+    "reception": "How was {t} received?",
+    "overview": "What is an overview of {t}?",
+    "definition": "How is {t} defined?",
+    "origins": "What are the origins of {t}?",
+    "origin": "What is the origin of {t}?",
+    "characteristics": "What are the characteristics of {t}?",
+    "culture": "What is the culture of {t} like?",
+    "politics": "What are the politics of {t} like?",
+    "government": "How is {t} governed?",
+    "education": "What is education like in {t}?",
 }
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 _ABBREV = re.compile(r"\b(?:[A-Z]|Mr|Mrs|Dr|St|Jr|Sr|vs|c|ca|e\.g|i\.e|etc|No|U\.S)\.$")
-_DEFINES = re.compile(r"\b(?:is|was|are|were|refers to|has been)\b")
+_VERB = re.compile(r"\b(is|was|are|were|refers to|has been)\b")
+_LIFESPAN = re.compile(r"\(([^()]*\b\d{1,4}\b[^()]*[–-][^()]*\b\d{1,4}\b[^()]*)\)")
 _HEADING = re.compile(r"^(={1,6})\s*(.+?)\s*\1\s*$")
 
 
 def sentences(paragraph: str) -> list[str]:
     """Split a paragraph at sentence ends, not after initials or common abbreviations."""
-    parts = _SENTENCE_END.split(paragraph.strip())
     out: list[str] = []
-    for part in parts:
+    for part in _SENTENCE_END.split(paragraph.strip()):
         if out and _ABBREV.search(out[-1]):
             out[-1] = f"{out[-1]} {part}"
         else:
@@ -95,7 +135,7 @@ def sentences(paragraph: str) -> list[str]:
 
 
 def _sections(text: str) -> list[tuple[str, str]]:
-    """(heading, body) pairs; the lead has heading ""."""
+    """(heading, body) pairs from text whose heading lines are `== H ==`; the lead has ""."""
     result, heading, body = [], "", []
     for line in text.splitlines():
         match = _HEADING.match(line.strip())
@@ -116,29 +156,57 @@ def _first_paragraph(body: str) -> str:
 
 
 def _good_answer(answer: str) -> bool:
-    return 4 <= len(answer.split()) <= 80
+    return 4 <= len(answer.split()) <= 80 and (
+        answer[:1].isupper() or answer[:1].isdigit() or answer[:1] in "\"'("
+    )
+
+
+def _lead_question(name: str, first: str) -> str | None:
+    """The question S answers, when S (the lead's first sentence) defines `name`."""
+    verb = _VERB.search(first)
+    if verb is None or verb.start() > len(name) + 120:
+        return None
+    subject = first[: verb.start()]
+    if name.lower() not in subject.lower():
+        return None
+    if _LIFESPAN.search(subject) or re.search(r"\(born\b", subject):
+        return f"Who {'was' if verb.group(1) == 'was' else 'is'} {name}?"
+    return f"What {'was' if verb.group(1) in ('was', 'were') else 'is'} {name}?"
+
+
+def _section_question(name: str, heading: str, text: str) -> str:
+    fixed = SECTION_QUESTIONS.get(heading.lower())
+    if fixed:
+        return fixed.format(t=name)
+    # "Early career" -> "early career", but "Europe" stays: lower the first letter only when
+    # the article itself uses the word in lower case.
+    lowered = heading[0].lower() + heading[1:]
+    if lowered != heading and re.search(rf"\b{re.escape(lowered.split()[0])}\b", text):
+        heading = lowered
+    return f"What does the article on {name} say about {heading}?"
 
 
 def article_to_qa(title: str, text: str, max_sections: int = 3) -> Iterator[dict]:
-    """Q&A records from one article by the rule above.
+    """Q&A records from one article by the rule above (headings as `== H ==` lines).
 
     >>> list(article_to_qa("Albedo", "Albedo is the fraction of light that a surface reflects."))
     [{'question': 'What is Albedo?', 'answer': 'Albedo is the fraction of light that a surface reflects.', 'title': 'Albedo'}]
     """
-    title = title.strip()
-    if not re.search(r"[^\W\d_]", title):
+    name = re.sub(r"\s*\([^()]*\)$", "", title.strip()) or title.strip()
+    if not re.search(r"[^\W\d_]", name):
         return
     parts = _sections(text)
     lead = sentences(_first_paragraph(parts[0][1]))
     if lead:
-        first = lead[0]
-        head = first[: max(len(title) + 40, 80)]
-        if _DEFINES.search(head) and _good_answer(first):
-            yield {"question": f"What is {title}?", "answer": first, "title": title}
-        else:
-            answer = " ".join(lead[:2])
-            if _good_answer(answer):
-                yield {"question": f"Tell me about {title}.", "answer": answer, "title": title}
+        question = _lead_question(name, lead[0]) if _good_answer(lead[0]) else None
+        if question:
+            yield {"question": question, "answer": lead[0], "title": title}
+        elif _good_answer(" ".join(lead[:2])):
+            yield {
+                "question": f"Tell me about {name}.",
+                "answer": " ".join(lead[:2]),
+                "title": title,
+            }
     used = 0
     for heading, body in parts[1:]:
         if used >= max_sections:
@@ -147,6 +215,9 @@ def article_to_qa(title: str, text: str, max_sections: int = 3) -> Iterator[dict
             continue
         first = sentences(_first_paragraph(body))
         if first and _good_answer(first[0]):
-            question = f"What about the {heading.lower() if heading.istitle() and ' ' not in heading else heading} of {title}?"
-            yield {"question": question, "answer": first[0], "title": title}
+            yield {
+                "question": _section_question(name, heading, text),
+                "answer": first[0],
+                "title": title,
+            }
             used += 1
