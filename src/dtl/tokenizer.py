@@ -294,6 +294,7 @@ def train_tokenizer(
             raise DtlError(f"{path}: no such file")
         if path.stat().st_size == 0:
             raise DtlError(f"{path}: the file is empty; give text to learn merges from")
+        _check_utf8(path)
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -309,6 +310,13 @@ def train_tokenizer(
             f"training the tokenizer failed on {', '.join(map(str, paths))}: {err}"
         ) from None
     return _save_trained(hf, Path(out_dir))
+
+
+def _check_utf8(path: Path) -> None:
+    from dtl.data.sources import read_lines
+
+    for _ in read_lines(path):  # raises a DtlError naming the line with a bad byte
+        pass
 
 
 def _save_trained(hf: Any, out_dir: Path) -> Tokenizer:

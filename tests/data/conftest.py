@@ -1,0 +1,40 @@
+"""Fixtures of the data tests: the real shared files, extracted once per session."""
+
+from __future__ import annotations
+
+import pytest
+from data_helpers import ENWIKI, SQUAD, WIKITEXT, shared_path
+
+
+@pytest.fixture
+def gpt2(gpt2_dir, monkeypatch):
+    """GPT-2's tokenizer from the shared files (and DTL_GPT2_DIR set for code that loads it)."""
+    from dtl.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("DTL_GPT2_DIR", str(gpt2_dir))
+    return load_tokenizer("gpt2", gpt2_dir=gpt2_dir)
+
+
+@pytest.fixture(scope="session")
+def enwiki_path():
+    return shared_path(*ENWIKI)
+
+
+@pytest.fixture(scope="session")
+def wikitext_path():
+    return shared_path(*WIKITEXT)
+
+
+@pytest.fixture(scope="session")
+def squad_path():
+    return shared_path(*SQUAD)
+
+
+@pytest.fixture(scope="session")
+def enwiki(enwiki_path):
+    """(records, stats) of the shared enwiki excerpt, cleaned with two processes."""
+    from dtl.data.wikipedia import iter_wikipedia
+
+    stats: dict = {}
+    records = list(iter_wikipedia(enwiki_path, processes=2, stats=stats))
+    return records, stats
