@@ -11,7 +11,7 @@ Reading: the standard library's `iterparse` over the (bz2) stream, so memory sta
 exports without `<siteinfo>` or `<ns>` still work. Kept: namespace-0 pages that are not
 redirects or disambiguation pages. Cleaning, per page, in a process pool:
   1. a cheap regex pre-pass removes what needs no parsing and dominates parse time:
-     comments, `<ref>`s, nested `{{templates}}` and `{| tables |}` (innermost first);
+     comments, magic words, `<ref>`s, nested `{{templates}}` and `{| tables |}` (innermost first);
   2. `mwparserfromhell` parses the rest and a walk keeps visible text: a link's text,
      tags' contents; it drops files/images, categories, interlanguage links, leftover
      templates and tags like `<gallery>`, and decodes HTML entities;
@@ -41,6 +41,7 @@ from dtl.errors import DtlError
 
 # --- 1. the pre-pass ----------------------------------------------------------------------
 _COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.S)
+_MAGIC_WORD = re.compile(r"__[A-Z]+__")  # __TOC__, __NOTOC__, ...
 _REF = re.compile(r"<ref\b[^>]*?/>|<ref\b[^>]*>.*?(?:</ref\s*>|$)", re.S | re.I)
 _DROP_TAG_BLOCK = re.compile(
     r"<(gallery|math|timeline|imagemap|score|syntaxhighlight|source|references|chem|graph|mapframe)\b[^>]*?(?:/>|>.*?</\1\s*>)",
@@ -109,7 +110,7 @@ def _drop_file_links(text: str) -> str:
 
 def prepass(text: str) -> str:
     """Remove comments, refs, block tags, templates, tables and file links (nested) by regex."""
-    text = _COMMENT.sub("", text)
+    text = _MAGIC_WORD.sub("", _COMMENT.sub("", text))
     text = _REF.sub("", text)
     text = _DROP_TAG_BLOCK.sub("", text)
     text = _remove_innermost(_TEMPLATE, text, _template_text)
