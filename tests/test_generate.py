@@ -282,3 +282,31 @@ def test_text_generate_batched_equals_one_by_one(gpt2):
         assert got.token_ids == alone.token_ids
         assert got.text == alone.text == gpt2.decode(alone.token_ids)
         assert got.prompt_tokens == len(gpt2.encode(prompt))
+
+
+def test_top_k_top_p_sampling_draws_from_the_filtered_distribution():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 30, generator=g) * 2
+    opts = SamplingOptions(temperature=0.7, top_k=6, top_p=0.8)
+    draws = sample_next(logits.repeat(30000, 1), opts, None, g)
+    freq = torch.bincount(draws, minlength=30).float() / len(draws)
+    scaled = logits / 0.7  # the oracle: Hugging Face's warpers over the whole vocabulary
+    filtered = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(6)(None, scaled.clone()))
+    expected = torch.softmax(filtered, dim=-1)[0]
+    assert (expected > 0).sum() < 6  # top-p really cut some of the k
+    torch.testing.assert_close(freq, expected, atol=0.012, rtol=0)
+
+
+def test_decode_head_equals_the_models_own_head():
+    from dtl.generate import last_logits
+
+    model = tiny_model()
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    with torch.no_grad():
+        torch.testing.assert_close(last_logits(model, ids, None, None),
+                                   model(ids, last_only=True)[:, -1])  # fmt: skip
+        model.head.weight.add_(1.0)  # a changed weight is picked up, not a stale copy
+        torch.testing.assert_close(last_logits(model, ids, None, None),
+                                   model(ids, last_only=True)[:, -1])  # fmt: skip
