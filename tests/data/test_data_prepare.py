@@ -1,0 +1,178 @@
+"""dtl.data.prepare: shards, masks, the split, meta.json, atomic writes, bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from dtl.data.loader import IGNORE_INDEX, TokenDataset, read_meta
+from dtl.data.prepare import is_val, prepare
+from dtl.data.shards import token_dtype
+from dtl.data.sources import iter_records
+from dtl.errors import DtlError
+from dtl.tokenizer import load_tokenizer
+
+
+def _oracle(gpt2_dir):
+    """GPT-2 from the tokenizers library (not DTL's tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    files = (str(gpt2_dir / "encoder.json"), str(gpt2_dir / "vocab.bpe"))
+    hf = Tokenizer(models.BPE.from_file(*files))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return hf
+
+
+def test_pack_wikitext_shards_hold_every_document_once(gpt2, gpt2_dir, wikitext_path, tmp_path):
+    summary = prepare(
+        [wikitext_path], tmp_path / "d", max_length=128, val_fraction=0.1, progress=False
+    )
+    records = list(iter_records(wikitext_path, "wikitext"))
+    oracle = _oracle(gpt2_dir)
+    meta = read_meta(tmp_path / "d")
+    assert meta["mode"] == "pack" and meta["dtype"] == "uint16" and meta["tokenizer"] == "gpt2"
+    assert meta["sources"][0]["sha256"] == hashlib.sha256(wikitext_path.read_bytes()).hexdigest()
+    # Each split is its documents' ids, each followed by end-of-text, in file order.
+    for split in ("train", "val"):
+        docs = [
+            r
+            for i, r in enumerate(records)
+            if is_val(f"{r['title']}#{i}", 0, 0.1) == (split == "val")
+        ]
+        expected = [t for r in docs for t in (*oracle.encode(r["text"]).ids, 50256)]
+        tokens = np.fromfile(tmp_path / "d" / f"{split}.bin", dtype=np.uint16)
+        assert tokens.tolist() == expected
+        assert summary[split]["documents"] == len(docs) and summary[split]["tokens"] == len(
+            expected
+        )
+        assert summary[split]["rows"] == (len(expected) - 1) // 128
+    assert 0 < summary["val"]["documents"] < summary["train"]["documents"]
+    assert (
+        load_tokenizer(tmp_path / "d").name == "gpt2"
+    )  # the tokenizer's files are in the data dir
+
+
+def test_pad_squad_rows_and_answer_only_loss(gpt2, squad_path, tmp_path):
+    prepare([squad_path], tmp_path / "qa", max_length=64, answer_only_loss=True, progress=False)
+    prepare([squad_path], tmp_path / "full", max_length=64, progress=False)
+    records = {r["question"]: r for r in iter_records(squad_path, "squad")}
+    qa = TokenDataset(tmp_path / "qa", "train")
+    full = TokenDataset(tmp_path / "full", "train")
+    assert qa.mode == "pad" and len(qa) == len(full) > 250
+    for i in (0, 7, len(qa) - 1):
+        row, row_full = qa[i], full[i]
+        n = int(row["attention_mask"].sum())
+        text = gpt2.decode(row["input_ids"][:n].tolist())
+        question = text.removeprefix("Question: ").split("\nAnswer:")[0]
+        answer = records[question]["answer"]
+        assert text == f"Question: {question}\nAnswer: {answer}"
+        assert row["attention_mask"][n:].eq(0).all() and row["targets"][n:].eq(IGNORE_INDEX).all()
+        scored = row["targets"][row["targets"] != IGNORE_INDEX].tolist()
+        assert gpt2.decode(scored) == f" {answer}<|endoftext|>"  # answer + the end-of-text token
+        targets = row_full["targets"][:n].tolist()
+        assert gpt2.decode(targets) == text[len("Question") :] + "<|endoftext|>"
+
+
+def test_articles_as_qa(gpt2, enwiki_path, tmp_path):
+    summary = prepare([enwiki_path], tmp_path / "w", articles_as="qa", progress=False)
+    assert summary["mode"] == "pad" and summary["qa_examples"] == summary["examples"] > 300
+    assert summary["extract"]["disambiguation"] == 8
+    row = TokenDataset(tmp_path / "w", "train")[0]
+    n = int(row["attention_mask"].sum())
+    assert gpt2.decode(row["input_ids"][:n].tolist()).startswith(
+        "Question: What is Anarchism?\nAnswer: Anarchism is"
+    )
+
+
+def test_split_is_seeded_and_by_document(gpt2, squad_path, tmp_path):
+    a = prepare(
+        [squad_path], tmp_path / "a", max_length=64, val_fraction=0.2, seed=1, progress=False
+    )
+    b = prepare(
+        [squad_path], tmp_path / "b", max_length=64, val_fraction=0.2, seed=1, progress=False
+    )
+    c = prepare(
+        [squad_path], tmp_path / "c", max_length=64, val_fraction=0.2, seed=2, progress=False
+    )
+    for name in ("train.bin", "val.bin", "train.idx", "val.idx"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
+    assert a["val"] == b["val"] and a["val"] != c["val"]
+    # No SQuAD paragraph (the document here) has questions in both splits.
+    tok = load_tokenizer(tmp_path / "a")
+    records = list(iter_records(squad_path, "squad"))
+    split_of = {}
+    for split in ("train", "val"):
+        ds = TokenDataset(tmp_path / "a", split)
+        for i in range(len(ds)):
+            ids, _ = ds.row(i)
+            question = tok.decode(ids.tolist()).removeprefix("Question: ").split("\nAnswer:")[0]
+            context = next(r["context"] for r in records if r["question"] == question)
+            assert split_of.setdefault(context, split) == split
+
+
+def test_tiny_input_still_gets_a_val_document(gpt2, tmp_path):
+    path = tmp_path / "two.jsonl"
+    path.write_text(
+        '{"title": "a", "text": "First document."}\n{"title": "b", "text": "Second one."}\n'
+    )
+    summary = prepare([path], tmp_path / "d", max_length=4, val_fraction=0.01, progress=False)
+    assert (summary["train"]["documents"], summary["val"]["documents"]) == (1, 1)
+    assert np.fromfile(tmp_path / "d" / "val.bin", dtype=np.uint16).tolist() == gpt2.encode(
+        "Second one."
+    ) + [50256]
+
+
+def test_token_dtype_boundary():
+    assert token_dtype(50_257) == np.uint16 and token_dtype(65_535) == np.uint16
+    assert token_dtype(65_536) == np.uint32 and token_dtype(100_277) == np.uint32
+
+
+def test_max_length_over_the_model_limit(gpt2, wikitext_path, tmp_path):
+    with pytest.raises(
+        DtlError, match=r"--max-length 2048 is over the model's limit of 1024 tokens"
+    ):
+        prepare(
+            [wikitext_path], tmp_path / "d", max_length=2048, model_max_length=1024, progress=False
+        )
+    with pytest.raises(DtlError, match=r"--max-length 0 must be an integer"):
+        prepare([wikitext_path], tmp_path / "d", max_length=0, progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_failure_leaves_no_half_written_dir(gpt2, wikitext_path, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok\n" * 1000 + b"\xff\xfe broken\n")
+    out = tmp_path / "d"
+    with pytest.raises(DtlError, match=r"bad\.txt: line 1001 is not UTF-8"):
+        prepare([wikitext_path, bad], out, progress=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+    # An existing data dir survives a failed re-run unchanged.
+    prepare([wikitext_path], out, max_length=64, progress=False)
+    before = (out / "train.bin").read_bytes()
+    with pytest.raises(DtlError):
+        prepare([bad], out, progress=False)
+    assert (out / "train.bin").read_bytes() == before and json.loads(
+        (out / "meta.json").read_text()
+    )["max_length"] == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "d"]
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_a_data_dir(gpt2, wikitext_path, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(DtlError, match="refusing to overwrite"):
+        prepare([wikitext_path], tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_missing_and_empty_inputs(gpt2, tmp_path):
+    with pytest.raises(DtlError, match=r"nope\.txt: no such file"):
+        prepare([tmp_path / "nope.txt"], tmp_path / "d", progress=False)
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    with pytest.raises(DtlError, match="no documents or Q&A pairs came out of"):
+        prepare([tmp_path / "e.jsonl"], tmp_path / "d", progress=False)
+    assert not (tmp_path / "d").exists()
