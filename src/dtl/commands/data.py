@@ -132,6 +132,8 @@ def _add_source_flags(p: argparse.ArgumentParser) -> None:
                    help="JSONL: read our field from theirs, e.g. --field question=q (repeatable)")  # fmt: skip
     p.add_argument("--split", choices=("file", "blank"), default=None,
                    help="text: one document per file (default) or per blank-line-separated block")  # fmt: skip
+    p.add_argument("--detokenize", action="store_true", default=None,
+                   help="wikitext: undo ' @-@ ' and spaces before punctuation (default: .tokens files only)")  # fmt: skip
     p.add_argument(
         "--processes", type=int, help="wikipedia: cleaning processes (default: all cores)"
     )
@@ -154,6 +156,8 @@ def _source_options(args: argparse.Namespace, kind: str) -> dict:
                 )
             fields[ours] = theirs
         options["fields"] = fields
+    if kind == "wikitext" and args.detokenize:
+        options["detokenize"] = True
     if kind == "text" and args.split:
         options["split"] = args.split
     if kind == "wikipedia":

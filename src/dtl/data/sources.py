@@ -175,7 +175,8 @@ def iter_squad(path: Path, unanswerable: str | None = None) -> Iterator[dict]:
         raise DtlError(f"{path}: not UTF-8 (bad byte at offset {err.start})") from None
     except json.JSONDecodeError as err:
         raise DtlError(
-            f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+            f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); is it a "
+            f"SQuAD .json file? (records JSONL take --kind jsonl)"
         ) from None
     articles = _need(data, "data", "the top level", path, list)
     for a, article in enumerate(articles):
