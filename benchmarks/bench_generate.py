@@ -32,6 +32,7 @@ from dtl import ModelConfig, TransformerLM
 from dtl.generate import generate_tokens
 
 PROMPT, NEW, TOP_K = 16, 128, 50
+SHARED_GPT2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2"
 
 
 def bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
@@ -105,7 +106,8 @@ def bench_decode(batch: int, repeats: int, ours, hf, bw: float) -> list[dict]:
 
 # ---------------------------------------------------------------------- the server
 SERVER = """
-import sys, uvicorn
+import sys, torch, uvicorn
+torch.set_num_threads(int(sys.argv[3]))
 from dtl.loading import load_model
 from dtl.serve.api import create_app
 model, tok = load_model(sys.argv[1])
@@ -114,7 +116,9 @@ uvicorn.run(create_app(model, tok, "small"), host="127.0.0.1", port=int(sys.argv
 """
 
 
-def bench_server(model: TransformerLM, streams: list[int], max_tokens: int) -> list[dict]:
+def bench_server(
+    model: TransformerLM, streams: list[int], max_tokens: int, threads: int
+) -> list[dict]:
 
     from dtl.tokenizer import load_tokenizer
 
@@ -124,7 +128,7 @@ def bench_server(model: TransformerLM, streams: list[int], max_tokens: int) -> l
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, "-c", SERVER, tmp, str(port)])
+        proc = subprocess.Popen([sys.executable, "-c", SERVER, tmp, str(port), str(threads)])
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_up(url, proc)
@@ -191,10 +195,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--no-server", action="store_true", help="skip the server figures")
+    parser.add_argument("--no-decode", action="store_true", help="only the server figures")
     parser.add_argument("--server-streams", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if SHARED_GPT2.is_dir():  # the server's model dir needs GPT-2's files, offline
+        os.environ.setdefault("DTL_GPT2_DIR", str(SHARED_GPT2))
     torch.manual_seed(0)
     ours = TransformerLM(ModelConfig.preset("small")).eval()
     hf = hf_peer(ours.config)
@@ -204,7 +211,7 @@ def main() -> None:
     hf_mb = weight_bytes_per_token(hf, ("transformer.wpe.",)) / 1e6
     print(f"weights read per decode step: dtl {ours_mb:.1f} MB, HF {hf_mb:.1f} MB")
     figures: dict = {"bandwidth_gbs": bw, "threads": args.threads, "decode": [], "server": []}
-    for batch in args.batches:
+    for batch in [] if args.no_decode else args.batches:
         rows = bench_decode(batch, args.repeats, ours, hf, bw)
         hf_rate = rows[-1]["tokens_per_s"]
         for row in rows:
@@ -214,7 +221,7 @@ def main() -> None:
                   f"of bandwidth  {row['vs_hf']:.2f}x HF")  # fmt: skip
         figures["decode"] += rows
     if not args.no_server:
-        for row in bench_server(ours, args.server_streams, NEW):
+        for row in bench_server(ours, args.server_streams, NEW, args.threads):
             print(f"server, {row['streams']} concurrent stream(s) of {row['max_tokens']} tokens: "
                   f"time to first token median {row['ttft_ms_median']:.0f} ms "
                   f"(max {row['ttft_ms_max']:.0f} ms), {row['tokens_per_s']:.1f} tok/s in all")  # fmt: skip

@@ -68,7 +68,8 @@ def register(subparsers) -> None:
         "eval",
         help="perplexity / bits per byte, or SQuAD exact match and F1",
         formatter_class=formatter,
-        description="Score a model on a file. Text (text, wikitext, articles JSONL): perplexity "
+        description="Score a model on a file. Text (text, wikitext, a Wikipedia dump, articles "
+        "JSONL): perplexity "
         "and bits per byte. Questions (squad, Q&A JSONL): the answer generated from the Q&A "
         "prompt, scored by exact match and F1 with the official SQuAD normalisation against "
         "all gold answers (unanswerable questions count as right only for an empty answer).",
@@ -80,7 +81,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="the file to score")
     p.add_argument(
         "--kind",
-        choices=["text", "wikitext", "squad", "jsonl"],
+        choices=["text", "wikitext", "wikipedia", "squad", "jsonl"],
         help="the file's kind (default: from its name: .raw/.tokens wikitext, .json squad, "
         ".jsonl records, else text)",
     )
@@ -148,7 +149,9 @@ def _load(args):
 def _options(args, **extra) -> dict:
     from dtl.generate import SamplingOptions
 
-    top_k = args.top_k if args.top_k and args.top_k > 0 else None
+    if args.top_k is not None and args.top_k < 0:
+        raise DtlError(f"--top-k {args.top_k}: must be 0 (off) or a positive number of tokens")
+    top_k = args.top_k or None
     SamplingOptions(args.temperature, top_k, args.top_p, args.repetition_penalty, args.seed)
     return {
         "max_new_tokens": args.max_new_tokens,
@@ -311,8 +314,9 @@ def cmd_eval(args) -> int:
     if args.predictions and not Path(args.predictions).resolve().parent.is_dir():
         raise DtlError(f"--predictions {args.predictions}: its folder does not exist")
     kind = args.kind or detect_kind(args.data)
-    if kind not in ("text", "wikitext", "squad", "jsonl"):
-        raise DtlError(f"{args.data}: eval reads text, wikitext, squad or jsonl files, not {kind}")
+    if kind not in ("text", "wikitext", "wikipedia", "squad", "jsonl"):
+        raise DtlError(f"{args.data}: eval reads text, wikitext, wikipedia, squad or jsonl "
+                       f"files, not {kind}")  # fmt: skip
     options = {"unanswerable": ""} if kind == "squad" else {}
     records = iter_records(args.data, kind, **options)
     first = next(records, None)
