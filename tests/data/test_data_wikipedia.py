@@ -167,3 +167,26 @@ def test_a_page_that_fails_is_counted_and_skipped(tmp_path, monkeypatch, capsys)
     assert [r["title"] for r in records] == ["One", "Two"]
     assert (stats["failed"], stats["failed_titles"]) == (1, ["Bad"])
     assert "skipped page 'Bad': RecursionError" in capsys.readouterr().err
+
+
+def test_memory_stays_flat_however_large_the_dump(tmp_path):
+    import tracemalloc
+
+    body = "Lorem ipsum [[dolor]] sit amet, {{cite|x}} consectetur. " * 40
+    path = tmp_path / "big.xml"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("<mediawiki>")
+        for i in range(4000):
+            f.write(
+                f"<page><title>P{i}</title><ns>0</ns><revision><text>{body}</text></revision></page>"
+            )
+        f.write("</mediawiki>")
+    assert path.stat().st_size > 9_000_000
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in iter_pages(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 4000
+    assert peak < 1_000_000  # a few pages at a time, not the 9 MB document
