@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -192,24 +192,12 @@ def prepare(
         if not str(path).startswith("hf:"):
             check_input(path)
     tok = load_tokenizer(tokenizer, gpt2_dir)
+    job = _Job(inputs, kind, max_length, mode, val_fraction, seed, answer_only_loss, articles_as,
+               template, source_options or {}, progress)  # fmt: skip
     out_dir = Path(out_dir)
     tmp = staging_dir(out_dir)
     try:
-        summary = _write(
-            inputs,
-            tmp,
-            tok,
-            kind,
-            max_length,
-            mode,
-            val_fraction,
-            seed,
-            answer_only_loss,
-            articles_as,
-            template,
-            source_options or {},
-            progress,
-        )
+        summary = _write(job, tmp, tok)
         # Load with load_tokenizer(data_dir): its files were saved beside the shards.
         summary["tokenizer"] = "gpt2" if tok.name == "gpt2" else str(tokenizer)
         summary["seconds"] = round(time.perf_counter() - started, 3)
@@ -222,57 +210,67 @@ def prepare(
     return summary
 
 
-def _write(
-    inputs: list,
-    tmp: Path,
-    tok: Tokenizer,
-    kind: str | None,
-    max_length: int,
-    mode: str | None,
-    val_fraction: float,
-    seed: int,
-    answer_only_loss: bool,
-    articles_as: str,
-    template: str,
-    source_options: dict[str, Any],
-    progress: bool,
-) -> dict[str, Any]:
-    extract_stats: dict[str, Any] = {}
-    sources = []
+@dataclass
+class _Job:
+    """The settings of one `prepare` call."""
 
-    def records() -> Iterator[dict]:
-        for path in inputs:
-            k = kind or detect_kind(path)
-            options = dict(source_options)
-            if k == "wikipedia":
+    inputs: list
+    kind: str | None
+    max_length: int
+    mode: str | None
+    val_fraction: float
+    seed: int
+    answer_only_loss: bool
+    articles_as: str
+    template: str
+    source_options: dict[str, Any]
+    progress: bool
+
+    def records(self, extract_stats: dict[str, Any]) -> Iterator[dict]:
+        for path in self.inputs:
+            kind = self.kind or detect_kind(path)
+            options = dict(self.source_options)
+            if kind == "wikipedia":
                 options.setdefault("stats", extract_stats)
-            yield from iter_records(path, k, **options)
+            yield from iter_records(path, kind, **options)
 
-    examples = records_to_examples(records(), articles_as, template)
+    def sources(self) -> list[dict[str, Any]]:
+        """What meta.json records of each input file (hf: datasets have no file)."""
+        files = [Path(p) for p in self.inputs if not str(p).startswith("hf:")]
+        return [
+            {
+                "path": str(p),
+                "kind": self.kind or detect_kind(p),
+                "bytes": p.stat().st_size,
+                "sha256": sha256_file(p),
+            }  # fmt: skip
+            for p in files
+        ]
+
+
+def _write(job: _Job, tmp: Path, tok: Tokenizer) -> dict[str, Any]:
+    """Tokenize every example of `job` into shards in `tmp`; returns the summary."""
+    extract_stats: dict[str, Any] = {}
+    examples = records_to_examples(job.records(extract_stats), job.articles_as, job.template)
     first = next(examples, None)
     if first is None:
-        raise DtlError(
-            f"no documents or Q&A pairs came out of {', '.join(map(str, inputs))}; check --kind"
-        )
-    mode = mode or ("pad" if first.is_qa else "pack")
-    with_mask = answer_only_loss  # otherwise every real token is a target: no mask file needed
+        inputs = ", ".join(map(str, job.inputs))
+        raise DtlError(f"no documents or Q&A pairs came out of {inputs}; check --kind")
+    mode = job.mode or ("pad" if first.is_qa else "pack")
+    max_length = job.max_length
+    with_mask = job.answer_only_loss  # otherwise every real token is a target: no mask file
     dtype = token_dtype(tok.vocab_size)
     writers = {
         s: ShardWriter(tmp, s, dtype, with_mask, with_offsets=mode == "pad")
         for s in ("train", "val")
     }
-    splitter = _Splitter(writers, seed, val_fraction)
+    splitter = _Splitter(writers, job.seed, job.val_fraction)
     counts = {"examples": 0, "qa_examples": 0, "truncated": 0, "longest": 0}
     bar = tqdm(
-        desc="prepare", unit=" ex", disable=not progress, file=sys.stderr, dynamic_ncols=True
+        desc="prepare", unit=" ex", disable=not job.progress, file=sys.stderr, dynamic_ncols=True
     )
-
-    def chained() -> Iterator[Example]:
-        yield first
-        yield from examples
-
-    for batch in _batched(chained(), BATCH):
-        for ex, (ids, flags) in zip(batch, _encode(tok, batch, answer_only_loss), strict=True):
+    for batch in _batched(chain([first], examples), BATCH):
+        for ex, (ids, flags) in zip(batch, _encode(tok, batch, job.answer_only_loss), strict=True):
             splitter.add(ex.key, ids, flags if with_mask else None)
             counts["examples"] += 1
             counts["qa_examples"] += ex.is_qa
@@ -284,17 +282,7 @@ def _write(
     for writer in writers.values():
         writer.close()
     tok.save(tmp)
-    for path in inputs:
-        if not str(path).startswith("hf:"):
-            p = Path(path)
-            sources.append(
-                {
-                    "path": str(p),
-                    "kind": kind or detect_kind(p),
-                    "bytes": p.stat().st_size,
-                    "sha256": sha256_file(p),
-                }
-            )
+    sources = job.sources()
     splits = {}
     for name, writer in writers.items():
         rows = writer.n_examples if mode == "pad" else max(writer.n_tokens - 1, 0) // max_length
@@ -311,12 +299,12 @@ def _write(
         "dtype": dtype.name,
         "mode": mode,
         "max_length": max_length,
-        "template": template,
-        "answer_only_loss": answer_only_loss,
+        "template": job.template,
+        "answer_only_loss": job.answer_only_loss,
         "loss_mask": with_mask,
-        "articles_as": articles_as,
-        "val_fraction": val_fraction,
-        "seed": seed,
+        "articles_as": job.articles_as,
+        "val_fraction": job.val_fraction,
+        "seed": job.seed,
         **counts,
         "train": splits["train"],
         "val": splits["val"],
