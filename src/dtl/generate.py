@@ -199,23 +199,29 @@ def iter_tokens(
     use_cache: bool = True,
     attention_mask: Tensor | None = None,
     done: Tensor | None = None,
+    groups: Sequence[tuple[Sequence[int], SamplingOptions]] | None = None,
 ) -> Iterator[Tensor]:
     """Yield the next token ids (B,) once per step, at most max_new_tokens times.
 
     The prompt must already fit (see `fit_context`). Rows that produced `eos_id`, or that the
     caller marked in `done` (a (B,) bool tensor it may set between steps, e.g. on a stop
     string), keep yielding `eos_id` (or 0) as padding; the loop ends when every row is done.
+    `groups` [(rows, options), ...] lets rows of one batch sample differently (the server
+    batches several requests): each group has its own options and seeded generator, so a
+    group draws what it would draw alone.
     """
-    opts = opts or SamplingOptions()
     B, T = input_ids.shape
     device = input_ids.device
-    generator = None
-    if opts.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(opts.seed)
+    groups = [(range(B), opts or SamplingOptions())] if groups is None else groups
+    samplers = []  # (row index or None for all rows, options, generator)
+    for rows, o in groups:
+        g = None if o.seed is None else torch.Generator(device=device).manual_seed(o.seed)
+        index = None if len(groups) == 1 else torch.tensor(list(rows), device=device)
+        samplers.append((index, o, g))
     done = torch.zeros(B, dtype=torch.bool, device=device) if done is None else done
     pad = 0 if eos_id is None else eos_id
     seen = None
-    if opts.repetition_penalty != 1.0:  # (B, V): which tokens each row's context holds
+    if any(o.repetition_penalty != 1.0 for _, o in groups):  # (B, V): tokens in each context
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else (
             attention_mask.bool()
@@ -226,7 +232,7 @@ def iter_tokens(
     ids, mask = input_ids, attention_mask  # the full context, for the no-cache path
     logits = last_logits(model, input_ids, attention_mask, cache)  # (B, V)
     for _ in range(max_new_tokens):
-        token = sample_next(logits, opts, seen, generator)  # (B,)
+        token = _sample_groups(logits, samplers, seen)  # (B,)
         token = torch.where(done, torch.full_like(token, pad), token)
         if seen is not None:
             seen[torch.arange(B, device=device), token] = True
@@ -243,6 +249,17 @@ def iter_tokens(
             if mask is not None:
                 mask = torch.cat([mask, torch.ones_like(step)], dim=1)
             logits = last_logits(model, ids, mask, None)
+
+
+def _sample_groups(logits: Tensor, samplers: list, seen: Tensor | None) -> Tensor:
+    if len(samplers) == 1:
+        _, o, g = samplers[0]
+        return sample_next(logits, o, seen if o.repetition_penalty != 1.0 else None, g)
+    token = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
+    for index, o, g in samplers:
+        row_seen = seen[index] if seen is not None and o.repetition_penalty != 1.0 else None
+        token[index] = sample_next(logits[index], o, row_seen, g)
+    return token
 
 
 def generate_tokens(
@@ -370,6 +387,17 @@ def encode_prompts(
     return input_ids.to(device), (None if all_full else mask.to(device))
 
 
+@dataclass
+class Request:
+    """One prompt's generation settings, for `stream_requests`."""
+
+    prompt: str
+    max_new_tokens: int = 64
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+    stop: Sequence[str] = ()
+    group: int = 0  # requests of one group share a seeded generator (n samples of a prompt)
+
+
 def stream_batch(
     model: torch.nn.Module,
     tokenizer,
@@ -396,20 +424,51 @@ def stream_batch(
     if isinstance(stop, str):
         stop = [stop]
     opts = SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed)
+    requests = [Request(p, max_new_tokens, opts, stop) for p in prompts]
+    yield from stream_requests(model, tokenizer, requests, use_cache, truncate, stop_at_eos)
+
+
+def stream_requests(
+    model: torch.nn.Module,
+    tokenizer,
+    requests: Sequence[Request],
+    use_cache: bool = True,
+    truncate: bool = True,
+    stop_at_eos: bool = True,
+    cancelled=None,
+) -> Iterator[StreamChunk]:
+    """`stream_batch` where each row has its own settings (how the server batches clients).
+
+    The rows share one padded batch, so its longest prompt plus its largest max_new_tokens
+    must fit the context (`batch_fits`). `cancelled(i)`, if given, is asked after each step;
+    a row it says True for is dropped without a final chunk.
+    """
     device = next(model.parameters()).device
-    input_ids, mask = encode_prompts(tokenizer, prompts, device)
-    input_ids, mask = fit_context(
-        input_ids, mask, max_new_tokens, model.config.max_seq_length, truncate
-    )
+    context = model.config.max_seq_length
+    input_ids, mask = encode_prompts(tokenizer, [r.prompt for r in requests], device)
+    steps = max(r.max_new_tokens for r in requests)
+    input_ids, mask = fit_context(input_ids, mask, steps, context, truncate)
     eos_id = tokenizer.eos_id if stop_at_eos else None
-    rows = [_RowText(tokenizer, stop) for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for step in iter_tokens(model, input_ids, max_new_tokens, opts, eos_id, use_cache, mask, done):
+    rows = [_RowText(tokenizer, [r.stop] if isinstance(r.stop, str) else r.stop)
+            for r in requests]  # fmt: skip
+    by_group: dict[int, list[int]] = {}
+    for i, r in enumerate(requests):
+        by_group.setdefault(r.group, []).append(i)
+    groups = [(index, requests[index[0]].options) for index in by_group.values()]
+    done = torch.zeros(len(requests), dtype=torch.bool, device=device)
+    for step in iter_tokens(model, input_ids, steps, None, eos_id, use_cache, mask, done,
+                            groups):  # fmt: skip
         for i, token in enumerate(step.tolist()):
             row = rows[i]
             if row.finished is not None:
                 continue
+            if cancelled is not None and cancelled(i):
+                row.finished = "cancelled"
+                done[i] = True
+                continue
             piece = row.push(token, eos_id)
+            if row.finished is None and len(row.ids) >= requests[i].max_new_tokens:
+                piece += row.finish("length")
             if row.finished is not None:
                 done[i] = True
                 yield StreamChunk(i, piece, row.finished, list(row.ids))
@@ -418,6 +477,11 @@ def stream_batch(
     for i, row in enumerate(rows):  # rows that ran out of new tokens
         if row.finished is None:
             yield StreamChunk(i, row.finish("length"), "length", list(row.ids))
+
+
+def batch_fits(prompt_tokens: Sequence[int], max_new_tokens: Sequence[int], context: int) -> bool:
+    """Whether rows with these prompt lengths and new-token limits fit one padded batch."""
+    return max(prompt_tokens) + max(max_new_tokens) <= context
 
 
 def prompt_lengths(tokenizer, prompts: Sequence[str]) -> list[int]:

@@ -225,7 +225,7 @@ def test_api_key_required_when_set(model, tokenizer):
 
 
 # ---------------------------------------------------------------------- concurrency
-def test_sixteen_concurrent_streams_all_get_their_own_output(client, model, tokenizer):
+def test_sixteen_concurrent_streams_all_get_their_own_output(server, client, model, tokenizer):
     # each client samples with its own seed: a mixed-up cache or RNG would show
     prompts = [f"Story number {i}:" for i in range(16)]
     want = [generate(model, tokenizer, p, 8, temperature=1.0, seed=i)[0].text
@@ -240,6 +240,7 @@ def test_sixteen_concurrent_streams_all_get_their_own_output(client, model, toke
         got = list(pool.map(run, range(16)))
     assert got == want
     assert len(set(want)) == 16
+    assert server.app.state.largest_batch > 1  # waiting requests were decoded together
 
 
 def test_client_disconnect_stops_its_generation(server, client):

@@ -10,9 +10,10 @@ Requests take OpenAI's `max_tokens`, `temperature` (0..2), `top_p`, `stop`, `see
 (plus the extensions `top_k` and `repetition_penalty`). Mistakes come back as 400 in OpenAI's
 error shape `{"error": {"message", "type", "param", "code"}}`.
 
-One model is shared by every request, so generation runs on a single worker thread: requests
-wait their turn and never share a KV cache; a stream whose client goes away is cancelled at
-its next token.
+One model is shared by every request, so generation runs on a single worker thread; the
+requests waiting when it becomes free are decoded together as one batch, each with its own
+settings and seeded generator (what a request gets does not depend on its neighbours), and
+a stream whose client goes away is dropped from the batch at its next token.
 
 >>> app = create_app(model, tokenizer, "tiny")  # doctest: +SKIP
 >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
@@ -26,16 +27,17 @@ import secrets
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dtl import generate as gen
 from dtl.data.qa import QA_STOP, format_qa, qa_prompt
-from dtl.generate import StreamChunk, prompt_lengths, stream_batch
+from dtl.generate import StreamChunk
 
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
@@ -69,6 +71,7 @@ class Job:
 
     prompts: list[str]  # one per choice (each prompt repeated n times)
     prompt_tokens: int  # summed over the distinct prompts, as OpenAI counts usage
+    longest: int  # the longest prompt's tokens (what a batch must make room for)
     max_tokens: int
     temperature: float
     top_p: float | None
@@ -82,9 +85,11 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None) ->
     """The FastAPI app serving `model` (see the module docs); the web page is added at `/`
     when `dtl.serve.page` is installed."""
     app = FastAPI(title="DTL", description="OpenAI-compatible API of a DTL model", docs_url=None)
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtl-generate")
+    model.eval()  # no dropout while serving
     app.state.model, app.state.tokenizer, app.state.model_name = model, tokenizer, model_name
     app.state.cancelled = 0  # streams stopped early because their client went away
+    app.state.largest_batch = 0  # the most rows decoded together so far
+    worker = Batcher(app.state)
     created = int(time.time())
     n_params = sum(p.numel() for p in model.parameters())
     context = model.config.max_seq_length
@@ -154,8 +159,11 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None) ->
             events = _sse(request, worker, app.state, job, meta, kind, tidy, include_usage)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
-        loop = asyncio.get_running_loop()
-        chunks = await loop.run_in_executor(worker, _run_all, app.state, job)
+        chunks = []
+        async for item in _submit(worker, job, threading.Event()):
+            if isinstance(item, Exception):
+                raise item
+            chunks.append(item)
         return _full_response(job, chunks, meta, kind, tidy)
 
     try:  # the web page, if the web engineer's module is here
@@ -270,7 +278,7 @@ def _job(body: dict, prompts: list[str], tokenizer, context: int, default_max_to
         raise ApiError("'stop' must be a string or a list of strings", "stop")
     if len(stop) > MAX_STOP:
         raise ApiError(f"'stop' takes at most {MAX_STOP} strings", "stop")
-    lengths = prompt_lengths(tokenizer, prompts)
+    lengths = gen.prompt_lengths(tokenizer, prompts)
     longest = max(lengths)
     if longest >= context:
         raise ApiError(
@@ -292,6 +300,7 @@ def _job(body: dict, prompts: list[str], tokenizer, context: int, default_max_to
     return Job(
         prompts=[p for p in prompts for _ in range(n)],
         prompt_tokens=sum(lengths),
+        longest=longest,
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=None if top_p >= 1.0 else top_p,
@@ -303,23 +312,121 @@ def _job(body: dict, prompts: list[str], tokenizer, context: int, default_max_to
 
 
 # ---------------------------------------------------------------------- running jobs
-def _chunks(state, job: Job, cancel: threading.Event | None = None):
-    """The job's StreamChunks (runs on the worker thread); stops when `cancel` is set."""
-    if cancel is not None and cancel.is_set():
-        state.cancelled += 1
-        return
-    for chunk in stream_batch(
-        state.model, state.tokenizer, job.prompts, job.max_tokens, job.temperature, job.top_k,
-        job.top_p, job.repetition_penalty, job.stop, job.seed, truncate=False,
-    ):  # fmt: skip
-        yield chunk
-        if cancel is not None and cancel.is_set() and chunk.finish_reason is None:
-            state.cancelled += 1  # counted so tests (and operators) can see it happen
+MAX_BATCH_ROWS = 16
+_END = object()  # a ticket's last item
+
+
+@dataclass
+class Ticket:
+    """A job handed to the worker: where its chunks go and whether its client left."""
+
+    job: Job
+    emit: Callable[[object], None]  # thread-safe: a StreamChunk, an Exception, or _END
+    cancel: threading.Event
+    left: int = 0  # rows not finished yet
+    dropped: bool = False  # stopped because `cancel` was set mid-generation
+
+
+class Batcher:
+    """The one thread that generates for every request. Requests that are waiting when it
+    becomes free run together as one batch (up to MAX_BATCH_ROWS rows that fit the context):
+    each keeps its own settings and seeded generator, so it gets what it would get alone,
+    and none ever sees another's KV cache rows."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.pending: deque[Ticket] = deque()
+        self.ready = threading.Condition()
+        threading.Thread(target=self._loop, name="dtl-generate", daemon=True).start()
+
+    def submit(self, ticket: Ticket) -> None:
+        with self.ready:
+            self.pending.append(ticket)
+            self.ready.notify()
+
+    def _take(self) -> list[Ticket]:
+        context = self.state.model.config.max_seq_length
+        with self.ready:
+            while not self.pending:
+                self.ready.wait()
+            batch = [self.pending.popleft()]
+            while self.pending:
+                nxt = self.pending[0]
+                jobs = [t.job for t in batch] + [nxt.job]
+                if sum(len(j.prompts) for j in jobs) > MAX_BATCH_ROWS or not gen.batch_fits(
+                    [j.longest for j in jobs], [j.max_tokens for j in jobs], context
+                ):
+                    break
+                batch.append(self.pending.popleft())
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            live = []
+            for ticket in batch:
+                if ticket.cancel.is_set():  # its client left while it waited
+                    self.state.cancelled += 1
+                    ticket.emit(_END)
+                else:
+                    live.append(ticket)
+            if not live:
+                continue
+            try:
+                self._generate(live)
+            except Exception as err:  # reported to each client; the server goes on
+                for ticket in live:
+                    if ticket.left:
+                        ticket.emit(err)
+                        ticket.emit(_END)
+
+    def _generate(self, tickets: list[Ticket]) -> None:
+        requests: list = []
+        owner = []  # owner[row] = (ticket, the row's index in its job)
+        for group, ticket in enumerate(tickets):
+            job = ticket.job
+            opts = gen.SamplingOptions(job.temperature, job.top_k, job.top_p,
+                                   job.repetition_penalty, job.seed)  # fmt: skip
+            ticket.left = len(job.prompts)
+            for j, prompt in enumerate(job.prompts):
+                requests.append(gen.Request(prompt, job.max_tokens, opts, job.stop, group))
+                owner.append((ticket, j))
+
+        def cancelled(row: int) -> bool:
+            ticket = owner[row][0]
+            if not ticket.cancel.is_set():
+                return False
+            ticket.left -= 1
+            if not ticket.dropped:
+                ticket.dropped = True
+                self.state.cancelled += 1  # counted so tests (and operators) can see it
+            if ticket.left == 0:
+                ticket.emit(_END)
+            return True
+
+        state = self.state
+        state.largest_batch = max(state.largest_batch, len(requests))
+        for chunk in gen.stream_requests(state.model, state.tokenizer, requests, truncate=False,
+                                     cancelled=cancelled):  # fmt: skip
+            ticket, j = owner[chunk.index]
+            ticket.emit(replace(chunk, index=j))
+            if chunk.finish_reason is not None:
+                ticket.left -= 1
+                if ticket.left == 0:
+                    ticket.emit(_END)
+
+
+async def _submit(worker: Batcher, job: Job, cancel: threading.Event):
+    """Hand `job` to the worker; yield its chunks (or an Exception) as they come."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    worker.submit(Ticket(job, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                         cancel))  # fmt: skip
+    while True:
+        item = await queue.get()
+        if item is _END:
             return
-
-
-def _run_all(state, job: Job) -> list[StreamChunk]:
-    return list(_chunks(state, job))
+        yield item
 
 
 def _usage(job: Job, completion_tokens: int) -> dict:
@@ -347,37 +454,20 @@ def _full_response(job: Job, chunks: list[StreamChunk], meta: dict, kind: str, t
     return {**meta, "object": kind, "choices": choices, "usage": _usage(job, used)}
 
 
-async def _sse(request, worker, state, job: Job, meta, kind, tidy, include_usage):
+async def _sse(request, worker: Batcher, state, job: Job, meta, kind, tidy, include_usage):
     """Server-sent events: OpenAI's chunk objects, then `data: [DONE]`."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
-    end = object()
-
-    def produce() -> None:  # on the worker thread
-        try:
-            for chunk in _chunks(state, job, cancel):
-                loop.call_soon_threadsafe(queue.put_nowait, chunk)
-        except Exception as err:  # reported to the client as an error event
-            loop.call_soon_threadsafe(queue.put_nowait, err)
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, end)
-
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
     started = [False] * len(job.prompts)  # chat: whether a row's leading space is gone
     used = 0
-    future = loop.run_in_executor(worker, produce)
     try:
         if chat:
             for i in range(len(job.prompts)):
                 first = {"index": i, "delta": {"role": "assistant", "content": ""},
                          "finish_reason": None, "logprobs": None}  # fmt: skip
                 yield _event({**meta, "object": obj, "choices": [first]})
-        while True:
-            item = await queue.get()
-            if item is end:
-                break
+        async for item in _submit(worker, job, cancel):
             if isinstance(item, Exception):
                 message = f"generation failed: {item}"
                 yield _event({"error": {"message": message, "type": "server_error",
@@ -402,9 +492,8 @@ async def _sse(request, worker, state, job: Job, meta, kind, tidy, include_usage
         if include_usage:
             yield _event({**meta, "object": obj, "choices": [], "usage": _usage(job, used)})
         yield "data: [DONE]\n\n"
-    finally:  # the client went away (or we are done): stop generating for it
+    finally:  # the client went away (or we are done): the worker drops its rows next step
         cancel.set()
-        del future  # the worker notices `cancel` at its next token and moves on
 
 
 def _event(payload: dict) -> str:
