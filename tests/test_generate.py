@@ -310,3 +310,29 @@ def test_decode_head_equals_the_models_own_head():
         model.head.weight.add_(1.0)  # a changed weight is picked up, not a stale copy
         torch.testing.assert_close(last_logits(model, ids, None, None),
                                    model(ids, last_only=True)[:, -1])  # fmt: skip
+
+
+def test_rows_with_their_own_settings_equal_their_solo_runs(gpt2):
+    from dtl.generate import Request, stream_requests
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=gpt2.vocab_size, d_model=32, n_heads=2, n_layers=2, d_ff=64,
+                         max_seq_length=64)  # fmt: skip
+    model = TransformerLM(config).eval()
+    requests = [
+        Request("The Normans", 5, SamplingOptions(temperature=1.0, top_k=20, seed=3), group=0),
+        Request("A much longer prompt about Rollo", 12, SamplingOptions(temperature=0), group=1),
+        Request("Hi", 9, SamplingOptions(temperature=0.8, top_p=0.9, seed=11), group=2),
+    ]
+    texts, finish, ids = ["", "", ""], [None, None, None], [[], [], []]
+    for chunk in stream_requests(model, gpt2, requests):
+        texts[chunk.index] += chunk.text
+        if chunk.finish_reason:
+            finish[chunk.index], ids[chunk.index] = chunk.finish_reason, chunk.token_ids
+    for r, text, row_ids in zip(requests, texts, ids, strict=True):
+        o = r.options
+        alone = generate(model, gpt2, r.prompt, r.max_new_tokens, o.temperature, o.top_k, o.top_p,
+                         seed=o.seed)[0]  # fmt: skip
+        assert text == alone.text and row_ids == alone.token_ids
+        assert len(row_ids) == r.max_new_tokens  # each row stops at its own limit
+    assert finish == ["length", "length", "length"]
