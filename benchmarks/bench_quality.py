@@ -78,13 +78,15 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--threads", type=int, default=2)
+    # One thread: a tiny model gains little from two, and a shared machine stalls them.
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work", help="folder for the temporary data and runs (default: /tmp)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from dtl.data.prepare import prepare
     from dtl.tokenizer import train_tokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         tmp = Path(tmp)
         train_tokenizer([WIKITEXT], args.vocab_size, tmp / "tok", show_progress=False)
         summary = prepare([WIKITEXT], tmp / "data", tokenizer=str(tmp / "tok"), kind="wikitext",

@@ -59,7 +59,7 @@ def time_interleaved(steps: dict, batches, n: int) -> dict[str, float]:
 
 
 def dtl_trainer(data_dir: Path, out: Path):
-    from dtl.train import Trainer, TrainConfig
+    from dtl.train import TrainConfig, Trainer
 
     cfg = TrainConfig(data=str(data_dir), out=str(out), preset="small", seq_len=256,
                       batch_size=8, lr=6e-4, warmup_steps=0, device="cpu", precision="fp32",

@@ -76,11 +76,13 @@ def wrap(module: nn.Module, dist: DistInfo, fsdp: bool = False) -> nn.Module:
             raise DtlError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
         return module
     if fsdp:
+        if dist.device.type != "cuda":
+            raise DtlError("--fsdp needs GPUs (PyTorch's FSDP has no CPU path); on CPU drop "
+                           "--fsdp to train data-parallel (DDP, gloo)")
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         return FSDP(
-            module, use_orig_params=True,
-            device_id=dist.device if dist.device.type == "cuda" else None,
+            module, use_orig_params=True, device_id=dist.device
         )
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -344,6 +344,7 @@ class Trainer:
         self.train_loader = BatchLoader(self.data_dir, "train", cfg.batch_size, seed=cfg.seed, **kw)
         self.val_loader_args = (self.data_dir, "val", cfg.batch_size)
         self.val_kwargs = {**kw, "shuffle": False}
+        BatchLoader(*self.val_loader_args, **self.val_kwargs)  # an empty val split fails now
         self.state = _State()
         self._stop = _StopFlag()
         self.writer = self._tensorboard() if cfg.tensorboard and self.dist.is_main else None
@@ -670,8 +671,9 @@ class Trainer:
 
     def _summary(self, interrupted: bool) -> dict[str, Any]:
         last = None
-        if self.dist.is_main:
-            for line in (self.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.dist.is_main and metrics.is_file():
+            for line in metrics.read_text(encoding="utf-8").splitlines():
                 rec = json.loads(line)
                 if "val_loss" in rec:
                     last = rec

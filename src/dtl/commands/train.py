@@ -16,6 +16,14 @@ HELP = {
     "out": "the run dir (config, metrics.jsonl, checkpoints/)",
     "preset": "model preset: tiny, small, medium, large, qa",
     "vocab_size": "model vocabulary (default: the data's tokenizer)",
+    "d_model": "model width (default: the preset's)",
+    "n_heads": "attention heads (default: the preset's)",
+    "n_layers": "transformer blocks (default: the preset's)",
+    "d_ff": "feed-forward width (default: the preset's)",
+    "dropout": "dropout rate (default: the preset's, 0.1)",
+    "seed": "seed of the weights, dropout and data order",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
     "seq_len": "tokens per row (default: the data's max_length)",
     "tokenizer": "tokenizer for a raw --data file: gpt2 or a dir from dtl tokenizer train",
     "max_steps": "optimizer steps to train",
@@ -94,7 +102,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text, **extra)
         else:
-            p.add_argument(flag, type=kind, help=f"{text} (default {f.default})", **extra)
+            if "default" not in text and f.default not in (None, ""):
+                text = f"{text} (default {f.default})"
+            p.add_argument(flag, type=kind, help=text, **extra)
 
 
 def _field_type(f: dataclasses.Field) -> type:
