@@ -53,7 +53,8 @@ def parameter_breakdown(config: ModelConfig) -> dict[str, int]:
 
 def _activation_bytes(
     config: ModelConfig, tokens: int, precision: str, checkpointing: bool, device: str
-) -> int:
+) -> tuple[int, int]:
+    """(bytes kept from the forward pass, bytes of one block recomputed in backward)."""
     D, F, H, L = config.d_model, config.d_ff, config.n_heads, config.n_layers
     mixed = precision != "fp32"
     half = 2 if mixed else 4
@@ -66,12 +67,10 @@ def _activation_bytes(
     else:
         block = (8 * D + F) * 4
     block += (H + 4) * 4 + 2 * D * mask  # log-sum-exp, LN mean/rstd, two dropout masks
-    if checkpointing:
-        per_token = L * D * 4 + block  # block inputs kept; one block recomputed at a time
-    else:
-        per_token = L * block
-    per_token += D * 4 + 8 + 8 + D * mask  # ln_f input, its stats, token ids, embedding dropout
-    return tokens * per_token
+    outside = D * 4 + 8 + 8 + D * mask  # ln_f input, its stats, token ids, embedding dropout
+    if checkpointing:  # only block inputs are kept; one block is recomputed at a time
+        return tokens * (L * D * 4 + outside), tokens * block
+    return tokens * (L * block + outside), 0
 
 
 def estimate_memory(
@@ -81,8 +80,14 @@ def estimate_memory(
     precision: str = "fp32",
     activation_checkpointing: bool = False,
     device: str = "cpu",
+    grad_accum: int = 1,
 ) -> dict[str, int]:
     """Bytes a training step and inference need, by component.
+
+    The peak (`train_total`) comes at the end of the forward pass: weights, AdamW moments,
+    the activations, the head's workspace and the head's gradient (computed in the forward);
+    the other gradients appear in backward as the activations are freed, except with
+    gradient accumulation, where all gradients live through the next micro-batch's forward.
 
     >>> est = estimate_memory(ModelConfig.preset("small"), batch_size=8, seq_len=256)
     >>> est["train_total"] > est["weights"] > 0
@@ -98,11 +103,18 @@ def estimate_memory(
     optimizer = params * 8  # AdamW exp_avg and exp_avg_sq
     # Autocast keeps a 16-bit copy of each matmul weight during the step.
     weight_casts = (params - parameter_breakdown(config)["embedding"]) * 2 if precision != "fp32" else 0
-    activations = _activation_bytes(config, tokens, precision, activation_checkpointing, device)
+    activations, recomputed = _activation_bytes(
+        config, tokens, precision, activation_checkpointing, device
+    )
     chunk_rows = max(1, min(tokens, CHUNK_ELEMENTS // V))
     # One chunk of fp32 logits (+ its 16-bit copy in mixed precision) and d(hidden).
     head_workspace = chunk_rows * V * (4 + (2 if precision != "fp32" else 0)) + tokens * D * 4
-    train_total = weights + gradients + optimizer + weight_casts + activations + head_workspace
+    # The peak is at the forward's end (the head's gradient is made there; all gradients when
+    # accumulating) or in backward (all gradients, plus a recomputed block with checkpointing).
+    head_gradient = parameter_breakdown(config)["head"] * 4
+    at_forward_end = (gradients if grad_accum > 1 else head_gradient) + activations + head_workspace
+    in_backward = gradients + (activations + recomputed if activation_checkpointing else 0)
+    train_total = weights + optimizer + weight_casts + max(at_forward_end, in_backward)
 
     infer_bytes = 4 if precision == "fp32" else 2
     kv_cache = 2 * config.n_layers * seq_len * D * infer_bytes * batch_size
@@ -153,11 +165,12 @@ def fit_options(
             best = None
             micro = 1
             while micro <= target_batch:
-                need = estimate_memory(config, micro, seq_len, precision, ckpt, device)
+                accum = math.ceil(target_batch / micro)
+                need = estimate_memory(config, micro, seq_len, precision, ckpt, device, accum)
                 total = int(need["train_total"] * ALLOCATOR_SLACK) + overhead
                 if total > budget_bytes:
                     break
-                best = FitOption(precision, ckpt, micro, math.ceil(target_batch / micro), total)
+                best = FitOption(precision, ckpt, micro, accum, total)
                 micro *= 2
             if best is not None:
                 options.append(best)

@@ -90,7 +90,10 @@ def run(args) -> int:
             budget = memory.parse_size(args.fit)
         except ValueError as err:
             raise DtlError(f"--fit: {err}") from None
-        options = memory.fit_options(config, budget, seq_len, args.target_batch, device=device)
+        precisions = ("bf16", "fp16", "fp32") if device == "cuda" else ("fp32",)  # CPU: fp32
+        options = memory.fit_options(
+            config, budget, seq_len, args.target_batch, precisions=precisions, device=device
+        )
         best = memory.recommend(options)
         fit = {
             "budget_bytes": budget,
@@ -151,7 +154,7 @@ def format_report(name, config: ModelConfig, p: dict, mem: dict, fit: dict | Non
         ("weight_casts", "16-bit weight copies (autocast)"),
         ("activations", "activations"),
         ("head_workspace", "head + loss workspace (chunked)"),
-        ("train_total", "total"),
+        ("train_total", "peak (gradients mostly come as activations go)"),
     ):
         rows.append(f"  {label}".ljust(52) + f"{_mb(fp[key]):>14}{_mb(mx[key]):>16}")
     rows += [

@@ -1,0 +1,89 @@
+"""`dtl info`'s memory estimate against memory measured in real training steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dtl import ModelConfig
+from dtl.memory import estimate_memory, parse_size
+
+PROBE = Path(__file__).with_name("memory_probe.py")
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc and Linux ru_maxrss units"
+)
+
+
+def measure(preset: str, vocab: int, batch: int, seq: int, ckpt: bool, accum: int) -> int:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
+    out = subprocess.run(
+        [sys.executable, str(PROBE), preset, str(vocab), str(batch), str(seq), str(int(ckpt)), str(accum)],
+        capture_output=True, text=True, env=env, timeout=300, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["measured"]
+
+
+@pytest.mark.parametrize(
+    "preset,vocab,batch,seq,ckpt,accum",
+    [
+        ("tiny", 8192, 16, 128, False, 1),
+        ("tiny", 8192, 32, 128, True, 2),
+        ("small", 50257, 2, 128, False, 1),
+    ],
+)
+def test_training_memory_estimate_within_25_percent_of_measured(preset, vocab, batch, seq, ckpt, accum):
+    cfg = ModelConfig.preset(preset, vocab_size=vocab)
+    estimate = estimate_memory(cfg, batch, seq, "fp32", ckpt, "cpu", accum)["train_total"]
+    measured = measure(preset, vocab, batch, seq, ckpt, accum)
+    assert 0.75 * measured <= estimate <= 1.25 * measured, (estimate / 2**20, measured / 2**20)
+
+
+def dtl_info(*args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "dtl", "info", *args, "--json"], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout)
+
+
+def test_fit_answer_holds_in_measured_runs():
+    """Each setting `--fit` offers really fits the budget, and twice its micro-batch doesn't."""
+    budget = "140MB"
+    info = dtl_info("--preset", "tiny", "--vocab-size", "8192", "--seq-len", "128",
+                    "--fit", budget, "--device", "cpu", "--target-batch", "32")
+    options = {o["activation_checkpointing"]: o for o in info["fit"]["options"]}
+    assert set(options) == {False, True}
+    plain, ckpt = options[False], options[True]
+    assert plain["micro_batch"] * plain["grad_accum"] >= 32
+    assert ckpt["micro_batch"] > plain["micro_batch"]  # checkpointing buys a bigger batch
+    limit = parse_size(budget)
+    assert measure("tiny", 8192, plain["micro_batch"], 128, False, plain["grad_accum"]) <= limit
+    assert measure("tiny", 8192, 2 * plain["micro_batch"], 128, False, 1) > limit
+    assert measure("tiny", 8192, ckpt["micro_batch"], 128, True, ckpt["grad_accum"]) <= limit
+    best = info["fit"]["recommended"]
+    assert best["grad_accum"] == min(o["grad_accum"] for o in options.values())
+
+
+def test_info_json_reports_exact_total_and_rejects_bad_input():
+    assert dtl_info("--preset", "small")["parameters"]["total"] == 30_520_913
+    assert dtl_info("--preset", "tiny", "--vocab-size", "8192")["parameters"]["total"] == 2_898_688
+    bad = subprocess.run([sys.executable, "-m", "dtl", "info", "--fit", "eight gigs"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "cannot read memory size" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "dtl", "info", "--preset", "small", "--seq-len", "9999"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "longer than max_seq_length" in bad.stderr
+
+
+def test_parse_size():
+    assert parse_size("8GB") == 8 * 2**30
+    assert parse_size("300MB") == 300 * 2**20
+    assert parse_size("7.5G") == int(7.5 * 2**30)
+    with pytest.raises(ValueError):
+        parse_size("-1GB")

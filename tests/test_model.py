@@ -1,0 +1,395 @@
+"""TransformerLM against independent oracles: PyTorch's own encoder layer, a hand-written
+reference of the original DTL model, hand-computed counts and the plain cross-entropy."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtl import DtlError, ModelConfig, TransformerLM
+from dtl.head_loss import linear_cross_entropy
+from dtl.memory import parameter_breakdown
+from dtl.model import TransformerBlock
+
+TINY = dict(vocab_size=97, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_seq_length=40)
+
+
+def tiny_model(dropout: float = 0.0, **overrides) -> TransformerLM:
+    model = TransformerLM(ModelConfig(**{**TINY, **overrides}, dropout=dropout))
+    with torch.no_grad():  # non-zero biases and norms, so the tests see them
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_f" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def encoder_layer_from_block(block: TransformerBlock, d_model: int, n_heads: int, d_ff: int):
+    ref = nn.TransformerEncoderLayer(
+        d_model, n_heads, d_ff, dropout=0.0, activation="relu", batch_first=True, norm_first=False
+    )
+    a = block.attention
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(torch.cat([a.w_q.weight, a.w_k.weight, a.w_v.weight]))
+        ref.self_attn.in_proj_bias.copy_(torch.cat([a.w_q.bias, a.w_k.bias, a.w_v.bias]))
+        ref.self_attn.out_proj.weight.copy_(a.w_o.weight)
+        ref.self_attn.out_proj.bias.copy_(a.w_o.bias)
+        for ours, theirs in (
+            (block.feed_forward.linear1, ref.linear1),
+            (block.feed_forward.linear2, ref.linear2),
+            (block.norm1, ref.norm1),
+            (block.norm2, ref.norm2),
+        ):
+            theirs.weight.copy_(ours.weight)
+            theirs.bias.copy_(ours.bias)
+    return ref.eval()
+
+
+def causal_mask(T: int) -> torch.Tensor:
+    return torch.triu(torch.full((T, T), float("-inf")), diagonal=1)
+
+
+def test_block_equals_torch_transformer_encoder_layer():
+    model = tiny_model()
+    block = model.transformer_blocks[0]
+    ref = encoder_layer_from_block(block, 32, 4, 64)
+    x = torch.randn(3, 11, 32)
+    with torch.no_grad():
+        ours = block(x)
+        theirs = ref(x, src_mask=causal_mask(11))
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def reference_pe(max_len: int, d_model: int) -> torch.Tensor:
+    """The spec's formula, element by element with math.sin / math.cos."""
+    pe = torch.zeros(max_len, d_model)
+    for pos in range(max_len):
+        for i in range(0, d_model, 2):
+            angle = pos / (10000 ** (i / d_model))
+            pe[pos, i] = math.sin(angle)
+            if i + 1 < d_model:
+                pe[pos, i + 1] = math.cos(angle)
+    return pe
+
+
+def pe_by_pow(max_len: int, d_model: int) -> torch.Tensor:
+    """The same formula, vectorised with pow (the model uses exp/log), for big tables."""
+    pos = torch.arange(max_len, dtype=torch.float64)[:, None]
+    i = torch.arange(0, d_model, 2, dtype=torch.float64)
+    angle = pos / torch.pow(10000.0, i / d_model)
+    pe = torch.zeros(max_len, d_model, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle)[:, : d_model // 2]
+    return pe.float()
+
+
+def test_positional_encoding_is_the_spec_formula_and_not_a_parameter():
+    model = tiny_model()
+    assert torch.allclose(model.pos_encoding.pe, reference_pe(40, 32), atol=1e-6)
+    assert "pos_encoding.pe" not in model.state_dict()
+    assert all("pos_encoding" not in n for n, _ in model.named_parameters())
+    odd = TransformerLM(ModelConfig(**{**TINY, "d_model": 33, "n_heads": 3}))
+    assert torch.allclose(odd.pos_encoding.pe, reference_pe(40, 33), atol=1e-6)
+
+
+def test_whole_model_equals_reference_built_from_torch_layers():
+    model = tiny_model()
+    layers = [encoder_layer_from_block(b, 32, 4, 64) for b in model.transformer_blocks]
+    ids = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        x = model.embedding(ids) * math.sqrt(32) + reference_pe(40, 32)[:13]
+        for layer in layers:
+            x = layer(x, src_mask=causal_mask(13))
+        expected = model.head(model.ln_f(x))
+        assert (model(ids) - expected).abs().max().item() <= 1e-5
+
+
+def test_init_is_normal_002_and_biases_zero():
+    model = TransformerLM(ModelConfig.preset("tiny", vocab_size=4096))
+    w = model.embedding.weight
+    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    assert abs(model.head.weight.std().item() - 0.02) < 0.001
+    assert model.transformer_blocks[0].attention.w_q.bias.abs().max().item() == 0
+    assert model.ln_f.weight.eq(1).all() and model.ln_f.bias.eq(0).all()
+
+
+def test_kv_cache_token_by_token_equals_full_forward():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 25))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_cache(batch_size=2)
+        steps = [model(ids[:, i : i + 1], cache=cache) for i in range(25)]
+        # A prompt prefilled at once, then one token a step, only the last position's logits.
+        cache2 = model.allocate_cache(batch_size=2)
+        pre = model(ids[:, :10], cache=cache2)
+        tail = [model(ids[:, i : i + 1], cache=cache2, last_only=True) for i in range(10, 25)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-4
+    assert (pre - full[:, :10]).abs().max().item() <= 1e-4
+    assert (torch.cat(tail, 1) - full[:, 10:]).abs().max().item() <= 1e-4
+    assert cache.length == 25
+
+
+def test_left_padding_does_not_change_real_tokens_logits():
+    model = tiny_model()
+    a = torch.randint(0, 97, (1, 9))
+    b = torch.randint(0, 97, (1, 5))
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    batch[0] = a[0]
+    batch[1, 4:] = b[0]  # four pad slots on the left, filled with id 0
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        out = model(batch, attention_mask=mask)
+        assert (out[0] - model(a)[0]).abs().max().item() <= 1e-5
+        assert (out[1, 4:] - model(b)[0]).abs().max().item() <= 1e-5
+        batch2 = batch.clone()
+        batch2[1, :4] = torch.randint(0, 97, (4,))  # other pad ids change nothing
+        assert (model(batch2, attention_mask=mask)[1, 4:] - out[1, 4:]).abs().max() <= 1e-6
+        assert torch.isfinite(out).all()
+
+
+def test_right_padding_and_cached_decoding_with_padding():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # right padding: real tokens never see it under causal attention
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        assert (out[1, :5] - model(ids[1:, :5])[0]).abs().max().item() <= 1e-5
+        # Left-padded prompt through the cache, then decoding, equals the row alone.
+        prompt = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+        pmask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+        nxt = torch.tensor([[9], [9]])
+        cache = model.allocate_cache(batch_size=2)
+        model(prompt, attention_mask=pmask, cache=cache)
+        step = model(nxt, cache=cache)
+        alone = model(torch.tensor([[5, 6, 7, 9]]))
+        assert (step[0, -1] - alone[0, -1]).abs().max().item() <= 1e-4
+
+
+def test_exact_parameter_counts():
+    # Hand-computed from the issue / the spec's layout with biases and norms counted.
+    assert parameter_breakdown(ModelConfig.preset("small"))["total"] == 30_520_913
+    for name in ("tiny", "small", "medium", "large", "qa"):
+        cfg = ModelConfig.preset(name)
+        D, F_, V, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+        by_hand = V * D + L * (4 * D * D + 4 * D + 2 * D * F_ + F_ + D + 4 * D) + 2 * D + D * V + V
+        with torch.device("meta"):
+            built = TransformerLM(cfg)
+        assert built.num_parameters() == by_hand == parameter_breakdown(cfg)["total"], name
+    assert parameter_breakdown(ModelConfig.preset("large"))["total"] == 162_301_009  # not ~355M
+
+
+def test_presets_are_the_spec_sizes():
+    expected = {
+        "small": (256, 8, 6, 1024, 512),
+        "medium": (512, 8, 8, 2048, 512),
+        "large": (768, 12, 12, 3072, 512),
+        "qa": (512, 8, 10, 2048, 1024),
+    }
+    for name, sizes in expected.items():
+        c = ModelConfig.preset(name)
+        assert (c.d_model, c.n_heads, c.n_layers, c.d_ff, c.max_seq_length) == sizes
+        assert c.vocab_size == 50_257
+    assert ModelConfig.preset("small", dropout=0.0, vocab_size=8192).vocab_size == 8192
+
+
+def test_save_and_load_round_trip(tmp_path):
+    from safetensors import safe_open
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["d_model"] == 32 and config["n_layers"] == 2
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:  # not a pickle
+        assert "transformer_blocks.1.feed_forward.linear2.weight" in f.keys()
+    loaded = TransformerLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids), loaded(ids))
+
+
+def test_loading_weights_that_do_not_match_the_config_names_the_tensor(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["d_ff"] = 48
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DtlError, match=r"'transformer_blocks\.0\.feed_forward\.linear1\.(weight|bias)'"):
+        TransformerLM.from_pretrained(tmp_path)
+    config.update(d_ff=64, n_layers=3)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DtlError, match=r"missing tensor.*transformer_blocks\.2"):
+        TransformerLM.from_pretrained(tmp_path)
+    with pytest.raises(DtlError, match="no model.safetensors"):
+        TransformerLM.from_pretrained(tmp_path / "nowhere")
+
+
+class LegacyPositionalEncoding(nn.Module):
+    """The original scripts' layout: a (max_len, 1, d_model) buffer, added seq-first."""
+
+    def __init__(self, d_model, max_len=5000):
+        super().__init__()
+        self.register_buffer("pe", pe_by_pow(max_len, d_model).unsqueeze(1))
+
+    def forward(self, x):  # x: (T, B, d)
+        return x + self.pe[: x.size(0)]
+
+
+class LegacyAttention(nn.Module):
+    def __init__(self, d_model, n_heads):
+        super().__init__()
+        self.h, self.dk = n_heads, d_model // n_heads
+        self.w_q, self.w_k, self.w_v, self.w_o = (nn.Linear(d_model, d_model) for _ in range(4))
+
+    def forward(self, x):  # explicit softmax attention, no SDPA
+        B, T, D = x.shape
+        q, k, v = (w(x).view(B, T, self.h, self.dk).transpose(1, 2) for w in (self.w_q, self.w_k, self.w_v))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.dk)
+        scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+        out = torch.softmax(scores, -1) @ v
+        return self.w_o(out.transpose(1, 2).reshape(B, T, D))
+
+
+class LegacyFF(nn.Module):
+    def __init__(self, d_model, d_ff):
+        super().__init__()
+        self.linear1, self.linear2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+
+    def forward(self, x):
+        return self.linear2(torch.relu(self.linear1(x)))
+
+
+class LegacyBlock(nn.Module):
+    def __init__(self, d_model, n_heads, d_ff):
+        super().__init__()
+        self.attention = LegacyAttention(d_model, n_heads)
+        self.feed_forward = LegacyFF(d_model, d_ff)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+
+    def forward(self, x):
+        x = self.norm1(x + self.attention(x))
+        return self.norm2(x + self.feed_forward(x))
+
+
+class LegacyLM(nn.Module):
+    def __init__(self, vocab, d_model, n_heads, n_layers, d_ff):
+        super().__init__()
+        self.d_model = d_model
+        self.embedding = nn.Embedding(vocab, d_model)
+        self.pos_encoding = LegacyPositionalEncoding(d_model)
+        self.transformer_blocks = nn.ModuleList(LegacyBlock(d_model, n_heads, d_ff) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, ids):
+        x = self.embedding(ids) * math.sqrt(self.d_model)
+        x = self.pos_encoding(x.transpose(0, 1)).transpose(0, 1)
+        for block in self.transformer_blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def test_legacy_checkpoint_gives_the_original_models_logits(tmp_path):
+    legacy = LegacyLM(vocab=97, d_model=32, n_heads=8, n_layers=3, d_ff=64).eval()
+    path = tmp_path / "best_model.pt"
+    torch.save(
+        {
+            "epoch": 3,
+            "model_state_dict": legacy.state_dict(),
+            "optimizer_state_dict": {},
+            "train_loss": 2.5,
+            "eval_loss": 2.7,
+        },
+        path,
+    )
+    model = TransformerLM.from_legacy_checkpoint(path).eval()  # n_heads defaults to 8
+    assert (model.config.n_layers, model.config.d_ff, model.config.n_heads) == (3, 64, 8)
+    ids = torch.randint(0, 97, (2, 17))
+    with torch.no_grad():
+        assert (model(ids) - legacy(ids)).abs().max().item() <= 1e-5
+
+    # A bare state dict, saved from a DDP-wrapped model (module. prefix), loads too.
+    torch.save({"module." + k: v for k, v in legacy.state_dict().items()}, tmp_path / "bare.pt")
+    bare = TransformerLM.from_legacy_checkpoint(tmp_path / "bare.pt").eval()
+    with torch.no_grad():
+        assert (bare(ids) - legacy(ids)).abs().max().item() <= 1e-5
+
+
+def test_legacy_n_heads_default_and_bad_files(tmp_path):
+    wide = LegacyLM(vocab=11, d_model=768, n_heads=12, n_layers=1, d_ff=8)
+    torch.save({"model_state_dict": wide.state_dict()}, tmp_path / "wide.pt")
+    assert TransformerLM.from_legacy_checkpoint(tmp_path / "wide.pt").config.n_heads == 12
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(DtlError, match="not a DTL checkpoint"):
+        TransformerLM.from_legacy_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DtlError, match="not a loadable"):
+        TransformerLM.from_legacy_checkpoint(tmp_path / "junk.pt")
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(DtlError, match="divisible by n_heads"):
+        ModelConfig(d_model=100, n_heads=8)
+    with pytest.raises(DtlError, match="unknown preset"):
+        ModelConfig.preset("huge")
+    with pytest.raises(DtlError, match="unknown ModelConfig field"):
+        ModelConfig.preset("tiny", d_modle=64)
+    model = tiny_model()
+    with pytest.raises(DtlError, match="longer than the model's max_seq_length"):
+        model(torch.zeros(1, 41, dtype=torch.long))
+    with pytest.raises(DtlError, match=r"token ids must be in \[0, 97\)"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(DtlError, match="token ids must be in"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(DtlError, match="empty batch"):
+        model(torch.zeros(0, 5, dtype=torch.long))
+    with pytest.raises(DtlError, match="empty batch"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(DtlError, match="unsqueeze"):
+        model(torch.tensor([1, 2, 3]))
+    with pytest.raises(DtlError, match="attention_mask shape"):
+        model(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4))
+    cache = model.allocate_cache(batch_size=1, max_len=4)
+    model(torch.ones(1, 4, dtype=torch.long), cache=cache)
+    with pytest.raises(DtlError, match="longer than"):
+        model(torch.ones(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_fused_head_loss_equals_plain_cross_entropy():
+    h = torch.randn(300, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    b = torch.randn(50, requires_grad=True)
+    t = torch.randint(0, 50, (300,))
+    t[::7] = -100
+    for chunk in (1, 64, 1000):
+        fused = linear_cross_entropy(h, w, b, t, chunk_size=chunk)
+        (fused * 3).backward()
+        grads = [x.grad.clone() for x in (h, w, b)]
+        for x in (h, w, b):
+            x.grad = None
+        plain = F.cross_entropy(h @ w.T + b, t, ignore_index=-100)
+        (plain * 3).backward()
+        assert abs(fused.item() - plain.item()) < 1e-5
+        for g, x in zip(grads, (h, w, b), strict=True):
+            assert (g - x.grad).abs().max().item() < 1e-5
+            x.grad = None
+    ignored = torch.full((4,), -100)
+    loss = linear_cross_entropy(h[:4], w, b, ignored)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(h.grad).all()
+
+
+def test_model_loss_equals_cross_entropy_of_its_logits():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (3, 12))
+    targets = torch.randint(0, 97, (3, 12))
+    targets[:, :4] = -100
+    with torch.no_grad():
+        plain = F.cross_entropy(model(ids).reshape(-1, 97), targets.reshape(-1), ignore_index=-100)
+        assert abs(model.loss(ids, targets).item() - plain.item()) < 1e-5
