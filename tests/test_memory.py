@@ -44,6 +44,37 @@ def test_training_memory_estimate_within_25_percent_of_measured(preset, vocab, b
     assert 0.75 * measured <= estimate <= 1.25 * measured, (estimate / 2**20, measured / 2**20)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_estimate_equals_the_tensors_autograd_saves(precision, dropout):
+    """Count every tensor autograd keeps for backward (by storage, once) in a real forward."""
+    import torch
+
+    from dtl import TransformerLM
+    from dtl.memory import _activation_bytes
+
+    cfg = ModelConfig.preset("tiny", vocab_size=500, dropout=dropout, n_layers=3)
+    model = TransformerLM(cfg).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randint(0, 500, (4, 64))
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+        model.hidden_states(x)
+    saved = sum(n for ptr, n in storages.items() if ptr not in params)
+    kept, _ = _activation_bytes(cfg, 4 * 64, precision, False, "cpu")
+    weight_casts = 0
+    if precision == "bf16":  # autocast's 16-bit copies of the block weights, counted apart
+        weight_casts = 2 * sum(p.numel() for n, p in model.named_parameters()
+                               if n.endswith("weight") and "norm" not in n and "transformer_blocks" in n)
+    assert saved - weight_casts == kept
+
+
 def dtl_info(*args: str) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "dtl", "info", *args, "--json"], capture_output=True, text=True, check=True

@@ -58,16 +58,20 @@ def _activation_bytes(
     D, F, H, L = config.d_model, config.d_ff, config.n_heads, config.n_layers
     mixed = precision != "fp32"
     half = 2 if mixed else 4
-    mask = (4 if device == "cpu" else 1) if config.dropout > 0 else 0
+    # Dropout masks: the activation's dtype on CPU, one byte (bool) on CUDA.
+    mask = (half if device == "cpu" else 1) if config.dropout > 0 else 0
     # Per block and token. fp32: input, Q, K, V, attention out, LN1 in, LN2 in (7 x D) + ReLU
-    # out (F), all 4 bytes. Mixed: the matmul inputs/outputs are 16-bit copies (input, Q, K,
-    # V, attention out, LN1 out, ReLU out), the LayerNorm inputs stay fp32.
+    # out (F), all 4 bytes. Mixed: 16-bit copies of the matmul inputs and outputs (autocast
+    # casts the block input once per projection: 3 copies; Q, K, V, attention out, LN1 out,
+    # ReLU out) while the LayerNorm inputs stay fp32.
     if mixed:
-        block = (6 * D + F) * half + 2 * D * 4
+        block = (8 * D + F) * half + 2 * D * 4
     else:
         block = (8 * D + F) * 4
     block += (H + 4) * 4 + 2 * D * mask  # log-sum-exp, LN mean/rstd, two dropout masks
-    outside = D * 4 + 8 + 8 + D * mask  # ln_f input, its stats, token ids, embedding dropout
+    # ln_f input and stats, token ids, the embedding dropout's mask (its input is fp32).
+    emb_mask = (4 if device == "cpu" else 1) if config.dropout > 0 else 0
+    outside = D * 4 + 8 + 8 + D * emb_mask
     if checkpointing:  # only block inputs are kept; one block is recomputed at a time
         return tokens * (L * D * 4 + outside), tokens * block
     return tokens * (L * block + outside), 0
