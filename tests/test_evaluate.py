@@ -15,6 +15,16 @@ from dtl.cli import main
 from dtl.evaluate import evaluate_lm, exact_match, f1_score, normalize_answer, squad_scores
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a thread pool, and on a busy 2-core box its hand-offs
+    make each small op up to 100x slower; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------- the SQuAD scorer
 @pytest.mark.parametrize(
     "text, normal",

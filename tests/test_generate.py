@@ -21,6 +21,16 @@ from dtl.generate import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a thread pool, and on a busy 2-core box its hand-offs
+    make each small op up to 100x slower; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(vocab_size: int = 97, max_seq_length: int = 64, seed: int = 0) -> TransformerLM:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=vocab_size, d_model=32, n_heads=4, n_layers=2, d_ff=64,

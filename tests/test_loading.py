@@ -11,6 +11,16 @@ from dtl import DtlError, ModelConfig, TransformerLM
 from dtl.loading import load_model, resolve_model_dir
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a thread pool, and on a busy 2-core box its hand-offs
+    make each small op up to 100x slower; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def gpt2(gpt2_dir, monkeypatch):
     from dtl.tokenizer import load_tokenizer
