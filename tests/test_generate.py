@@ -346,3 +346,83 @@ def test_rows_with_their_own_settings_equal_their_solo_runs(gpt2):
         assert text == alone.text and row_ids == alone.token_ids
         assert len(row_ids) == r.max_new_tokens  # each row stops at its own limit
     assert finish == ["length", "length", "length"]
+
+
+# ---------------------------------------------------------------------- the commands
+@pytest.fixture
+def model_dir(tmp_path, gpt2):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=gpt2.vocab_size, d_model=32, n_heads=2, n_layers=2, d_ff=64,
+                         max_seq_length=64)  # fmt: skip
+    model = TransformerLM(config)
+    with torch.no_grad():
+        model.head.weight.mul_(30)
+    model.save_pretrained(tmp_path / "model")
+    gpt2.save(tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.fixture
+def dtl(capsys, monkeypatch, gpt2_dir):
+    """Run `dtl ARGS...` in this process; returns (exit code, stdout, stderr)."""
+    from dtl.cli import main
+
+    monkeypatch.setenv("DTL_GPT2_DIR", str(gpt2_dir))
+
+    def run(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def test_dtl_generate_and_ask_print_the_library_result(dtl, model_dir, gpt2):
+    from dtl.data.qa import QA_STOP, qa_prompt
+    from dtl.loading import load_model
+
+    model, _ = load_model(model_dir)
+    want = generate(model, gpt2, "The Normans", 10, temperature=0)[0].text
+    for extra in ([], ["--no-kv-cache"]):
+        code, out, err = dtl("generate", "--model", model_dir, "--prompt", "The Normans",
+                             "--max-new-tokens", 10, "--temperature", 0, *extra)  # fmt: skip
+        assert code == 0, err
+        assert out == want + "\n"
+    answer = generate(model, gpt2, qa_prompt("Who was Rollo?"), 12, temperature=0,
+                      stop=[QA_STOP])[0].text  # fmt: skip
+    code, out, err = dtl("ask", "--model", model_dir, "Who was Rollo?", "--max-new-tokens", 12)
+    assert code == 0, err
+    assert out == answer.lstrip() + "\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "-1"], "temperature must be in"),
+        (["--max-new-tokens", "64"], "below the model's max_seq_length"),
+        (["--top-k", "-2"], "--top-k -2"),
+        (["--top-p", "2"], "top_p must be in"),
+    ],
+)
+def test_dtl_generate_bad_options(dtl, model_dir, args, message):
+    code, out, err = dtl("generate", "--model", model_dir, "--prompt", "Hi", *args)
+    assert code == 2 and message in err and out == ""
+
+
+def test_dtl_generate_unknown_model(dtl, tmp_path):
+    code, _, err = dtl("generate", "--model", tmp_path / "nope", "--prompt", "Hi")
+    assert code == 2 and "no such model" in err
+
+
+def test_dtl_chat_commands_and_answers(dtl, model_dir, monkeypatch):
+    lines = iter(["/help", "/temp 0.5", "/temp hot", "/settings", "Who was Rollo?", "/reset",
+                  "/nonsense", "/quit"])  # fmt: skip
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    code, out, err = dtl("chat", "--model", model_dir, "--max-new-tokens", 6, "--seed", 1)
+    assert code == 0, err
+    assert "/reset" in out and "temperature = 0.5" in out
+    assert "/temp 'hot'" in out  # a bad value is reported, the loop goes on
+    assert "temperature=0.5" in out and "(conversation cleared)" in out
+    assert "unknown command /nonsense" in out
+    assert "dtl> " in out

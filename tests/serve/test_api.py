@@ -266,3 +266,16 @@ def test_client_disconnect_stops_its_generation(server, client):
         time.sleep(0.05)
     out = client.completions.create(model=NAME, prompt="after", max_tokens=3)
     assert out.usage.completion_tokens == 3
+
+
+def test_dtl_serve_refuses_a_taken_port_and_a_missing_model(tmp_path, capsys):
+    from dtl.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--model", str(tmp_path), "--port", str(port)])
+        assert code == 2 and "pick another --port" in capsys.readouterr().err
+    code = main(["serve", "--model", str(tmp_path / "none"), "--port", str(port)])
+    assert code == 2 and "no such model" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 
 from dtl.errors import DtlError
 
@@ -56,6 +57,9 @@ def cmd_serve(args) -> int:
     auth = " (API key required)" if args.api_key else ""
     print(f"dtl serve: {name} ({model.num_parameters():,} parameters) at {where}/ "
           f"and {where}/v1{auth}; Ctrl-C stops", flush=True)  # fmt: skip
+    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"dtl serve: warning: listening on {args.host} without --api-key; anyone who can "
+              "reach this port can use the model", file=sys.stderr, flush=True)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
