@@ -443,6 +443,8 @@ def stream_requests(
     must fit the context (`batch_fits`). `cancelled(i)`, if given, is asked after each step;
     a row it says True for is dropped without a final chunk.
     """
+    if not requests:
+        raise DtlError("no prompts given: pass at least one prompt")
     device = next(model.parameters()).device
     context = model.config.max_seq_length
     input_ids, mask = encode_prompts(tokenizer, [r.prompt for r in requests], device)
