@@ -158,6 +158,9 @@ def test_chat_prompt_maps_history_to_answered_examples():
     assert chat_prompt(messages) == (
         "Question: Who wrote Hamlet?\nAnswer: Shakespeare\nQuestion: When?\nAnswer:"
     )
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Who "},
+                                          {"type": "text", "text": "wrote it?"}]}]  # fmt: skip
+    assert chat_prompt(parts) == "Question: Who wrote it?\nAnswer:"
 
 
 def test_stop_n_and_seed(client, model, tokenizer):
@@ -213,9 +216,11 @@ def test_malformed_json_and_bad_fields_then_server_still_answers(server, client)
         assert r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": []})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
-    r = httpx.post(f"{server.url}/v1/chat/completions",
-                   json={"messages": [{"role": "assistant", "content": "hi"}]})  # fmt: skip
-    assert r.status_code == 400
+    for messages in ([{"role": "assistant", "content": "hi"}], ["hi"],
+                     [{"role": "user", "content": [{"type": "image_url"}]}],
+                     [{"role": "wizard", "content": "hi"}]):  # fmt: skip
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": messages})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", messages
     out = client.completions.create(model=NAME, prompt="still alive", max_tokens=2)
     assert out.choices[0].finish_reason == "length"
 

@@ -227,10 +227,10 @@ def chat_prompt(messages) -> str:
         raise ApiError("'messages' must be a non-empty list of {role, content}", "messages")
     turns: list[tuple[str, str]] = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content", ""), str):
-            raise ApiError(f"messages[{i}] must be an object with a string 'content'",
+        if not isinstance(message, dict):
+            raise ApiError(f"messages[{i}] must be an object with 'role' and 'content'",
                            "messages")  # fmt: skip
-        role, content = message.get("role"), message.get("content") or ""
+        role, content = message.get("role"), _message_text(message.get("content"), i)
         if role not in ("system", "user", "assistant", "developer", "tool"):
             raise ApiError(f"messages[{i}] has unknown role {role!r}", "messages")
         if role in ("user", "assistant"):
@@ -247,6 +247,19 @@ def chat_prompt(messages) -> str:
             shots.append(format_qa(pending, content))
             pending = None
     return "\n".join([*shots, qa_prompt(question)])
+
+
+def _message_text(content, i: int) -> str:
+    """A message's text: a string, or OpenAI's list of parts ({"type": "text", "text"})."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise ApiError(f"messages[{i}].content must be a string or a list of text parts "
+                   "(this model reads text only)", "messages")  # fmt: skip
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
