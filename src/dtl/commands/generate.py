@@ -165,6 +165,15 @@ def _options(args, **extra) -> dict:
     }
 
 
+def _note_truncation(tokenizer, prompt: str, max_new: int, context: int) -> None:
+    """Say on stderr when the prompt's oldest tokens will be dropped to fit the context."""
+    n = len(tokenizer.encode(prompt))
+    if max_new < context and n + max_new > context:
+        print(f"note: the prompt's first {n + max_new - context} of {n} tokens are dropped so "
+              f"it and {max_new} new tokens fit the model's {context}-token context",
+              file=sys.stderr)  # fmt: skip
+
+
 def _print_stream(pieces, strip_leading: bool = False) -> str:
     """Print text pieces as they come; returns the whole text."""
     out = []
@@ -188,6 +197,7 @@ def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     opts = _options(args, use_cache=not args.no_kv_cache)  # check before the slow load
     model, tokenizer = _load(args)
+    _note_truncation(tokenizer, prompt, opts["max_new_tokens"], model.config.max_seq_length)
     if args.echo:
         sys.stdout.write(prompt)
     _print_stream(stream(model, tokenizer, prompt, **opts))
@@ -203,7 +213,9 @@ def cmd_ask(args) -> int:
     opts = _options(args)
     opts["stop"] = [QA_STOP, *opts["stop"]]
     model, tokenizer = _load(args)
-    _print_stream(stream(model, tokenizer, qa_prompt(args.question), **opts), strip_leading=True)
+    prompt = qa_prompt(args.question)
+    _note_truncation(tokenizer, prompt, opts["max_new_tokens"], model.config.max_seq_length)
+    _print_stream(stream(model, tokenizer, prompt, **opts), strip_leading=True)
     return 0
 
 
