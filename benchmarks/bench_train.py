@@ -77,8 +77,9 @@ def hf_step_fn(config, lr: float = 6e-4):
     ))
     hf.config._attn_implementation = "sdpa"
     hf.train()
+    # The same fused AdamW dtl uses, so the optimizer is no part of the difference.
     opt = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
-                            foreach=True)
+                            fused=True)
 
     def step(batch):
         ids, targets = batch["input_ids"], batch["targets"]
