@@ -102,6 +102,15 @@ def barrier(dist: DistInfo) -> None:
         td.barrier()
 
 
+def gather_objects(obj, dist: DistInfo) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.enabled:
+        return [obj]
+    out = [None] * dist.world_size
+    td.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, dist: DistInfo):
     """Rank 0's `obj` on every rank (e.g. a decision only rank 0 can make)."""
     if not dist.enabled:

@@ -329,6 +329,8 @@ class Trainer:
 
         seed_everything(cfg.seed)
         self.model = TransformerLM(self.model_config).to(self.device)
+        if self.dist.rank > 0:  # same initial weights everywhere, its own dropout masks per rank
+            seed_everything(cfg.seed + 7919 * self.dist.rank)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.net = distributed.wrap(LossModel(self.model), self.dist, fsdp=cfg.fsdp)
@@ -400,7 +402,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["loader"])
         self.state = _State(**state["progress"])
-        ckpt.set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        ckpt.set_rng_state(ranks[self.dist.rank] if ranks else state["rng"])
         if self.dist.is_main:
             self._save_config()
             self._truncate_metrics(self.state.step)
@@ -536,6 +539,7 @@ class Trainer:
         """A checkpoint of the current step (collective under FSDP; rank 0 writes)."""
         optimizer_state = self._optimizer_state()
         model = self._full_model()
+        rng_ranks = distributed.gather_objects(ckpt.rng_state(), self.dist)  # every rank's RNG
         path = None
         if self.dist.is_main:
             state = {
@@ -544,7 +548,8 @@ class Trainer:
                 "scheduler": {"schedule": self.cfg.schedule, "step": self.state.step},
                 "scaler": self.scaler.state_dict(),
                 "loader": self.train_loader.state_dict(),
-                "rng": ckpt.rng_state(),
+                "rng": rng_ranks[0],
+                "rng_ranks": rng_ranks if self.dist.enabled else None,
                 "world_size": self.dist.world_size,
             }
             keep = (self.state.best_step,) if self.state.best_step >= 0 else ()
