@@ -17,12 +17,15 @@ import sys
 import torch
 
 from dtl import ModelConfig, TransformerLM
+from dtl.memory import peak_rss_bytes
 from dtl.train import enable_activation_checkpointing
 
 
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
 
 
 def main() -> None:
@@ -51,8 +54,8 @@ def main() -> None:
             (model.loss(x, y) / accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"measured": peak - base}))
+    peak = peak_rss_bytes()
+    print(json.dumps({"measured": peak - base, "base": base, "peak": peak}))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from dtl.memory import estimate_memory, parse_size
 PROBE = Path(__file__).with_name("memory_probe.py")
 
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="reads /proc and Linux ru_maxrss units"
+    not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)"
 )
 
 

@@ -189,6 +189,24 @@ def recommend(options: list[FitOption]) -> FitOption | None:
     return min(options, key=lambda o: (o.grad_accum, o.activation_checkpointing))
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. On Linux VmHWM from /proc/self/status: unlike
+    ru_maxrss, which Linux carries over from the parent across fork + exec (so a child of a
+    large process would report the parent's peak), it belongs to this process image."""
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere
+
+
 def parse_size(text: str) -> int:
     """'8GB', '8GiB', '7.5G', '300MB', '1024' (bytes) -> bytes. GB here means GiB, as GPU
     makers' 8 GB cards hold 8 GiB."""

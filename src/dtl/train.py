@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import resource
 import signal
 import sys
 import time
@@ -170,8 +169,9 @@ def peak_mem_mb(device: torch.device) -> float:
     """Peak memory so far: CUDA max_memory_allocated, else the process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+    from dtl.memory import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 def seed_everything(seed: int) -> None:
