@@ -1,30 +1,11 @@
-"""Shared fixtures.
-
-The real data lives in `../shared/data/` beside the project root. A user's clone has no such
-folder: tests that need it skip there with the reason, and fail under CI=true, so CI never
-passes by skipping.
-"""
+"""Fixtures for every test. The shared real data is read through `testkit.shared_path`."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
-
-
-def shared_path(*parts: str) -> Path:
-    """Path to a file in ../shared/data, skipping (or failing under CI) when it is absent."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        message = f"shared data {path} is not here (it sits beside the project root in CI)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+from testkit import run_cli, shared_path
 
 
 @pytest.fixture
@@ -33,9 +14,30 @@ def gpt2_dir() -> Path:
     return shared_path("gpt2")
 
 
+@pytest.fixture
+def gpt2(gpt2_dir, monkeypatch):
+    """GPT-2's tokenizer from the shared files, with DTL_GPT2_DIR set for code that loads it."""
+    from dtl.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("DTL_GPT2_DIR", str(gpt2_dir))
+    return load_tokenizer("gpt2", gpt2_dir=gpt2_dir)
+
+
+@pytest.fixture
+def dtl(capsys, gpt2_dir, monkeypatch):
+    """Run `dtl ARGS...` in this process; returns (exit code, stdout, stderr)."""
+    monkeypatch.setenv("DTL_GPT2_DIR", str(gpt2_dir))
+    return lambda *args: run_cli(list(args), capsys)
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed_and_one_thread():
+    """Tests use tiny models, which gain nothing from a thread pool; on a busy 2-core box its
+    hand-offs make each small op up to 100x slower. Restored afterwards."""
     import torch
 
     torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(before)

@@ -8,21 +8,10 @@ import math
 
 import pytest
 import torch
-from conftest import shared_path
+from testkit import shared_path
 
 from dtl import ModelConfig, TransformerLM
-from dtl.cli import main
 from dtl.evaluate import evaluate_lm, exact_match, f1_score, normalize_answer, squad_scores
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a thread pool, and on a busy 2-core box its hand-offs
-    make each small op up to 100x slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------- the SQuAD scorer
@@ -69,14 +58,6 @@ def test_squad_scores_split_answerable_and_unanswerable():
     assert scores["f1"] == pytest.approx(100 * (1 + 6 / 7 + 1 + 0) / 4)
     assert scores["has_ans_count"] == 2 and scores["has_ans_exact_match"] == pytest.approx(50)
     assert scores["no_ans_count"] == 2 and scores["no_ans_f1"] == pytest.approx(50)
-
-
-# ---------------------------------------------------------------------- perplexity
-@pytest.fixture
-def gpt2(gpt2_dir):
-    from dtl.tokenizer import load_tokenizer
-
-    return load_tokenizer("gpt2", gpt2_dir=gpt2_dir)
 
 
 def uniform_model(vocab_size: int, max_seq_length: int) -> TransformerLM:
@@ -130,20 +111,6 @@ def model_dir(tmp_path, gpt2):
     TransformerLM(config).save_pretrained(tmp_path / "model")
     gpt2.save(tmp_path / "model")
     return tmp_path / "model"
-
-
-@pytest.fixture
-def dtl(capsys, monkeypatch, gpt2_dir):
-    """Run `dtl ARGS...` in this process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setenv("DTL_GPT2_DIR", str(gpt2_dir))
-
-    def run(*args):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
 
 
 def test_dtl_eval_squad_end_to_end(model_dir, dtl, tmp_path):

@@ -21,16 +21,6 @@ from dtl.generate import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a thread pool, and on a busy 2-core box its hand-offs
-    make each small op up to 100x slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(vocab_size: int = 97, max_seq_length: int = 64, seed: int = 0) -> TransformerLM:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=vocab_size, d_model=32, n_heads=4, n_layers=2, d_ff=64,
@@ -233,14 +223,6 @@ def test_repetition_penalty_changes_greedy_output_away_from_repeats():
     assert len(set(plain)) < len(plain)
 
 
-# ---------------------------------------------------------------------- text level
-@pytest.fixture
-def gpt2(gpt2_dir):
-    from dtl.tokenizer import load_tokenizer
-
-    return load_tokenizer("gpt2", gpt2_dir=gpt2_dir)
-
-
 def test_streaming_never_breaks_a_multibyte_character(gpt2):
     text = " naïve café — 日本語 ☃ 🙂 done"
     ids = gpt2.encode(text)
@@ -360,22 +342,6 @@ def model_dir(tmp_path, gpt2):
     model.save_pretrained(tmp_path / "model")
     gpt2.save(tmp_path / "model")
     return tmp_path / "model"
-
-
-@pytest.fixture
-def dtl(capsys, monkeypatch, gpt2_dir):
-    """Run `dtl ARGS...` in this process; returns (exit code, stdout, stderr)."""
-    from dtl.cli import main
-
-    monkeypatch.setenv("DTL_GPT2_DIR", str(gpt2_dir))
-
-    def run(*args):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
 
 
 def test_dtl_generate_and_ask_print_the_library_result(dtl, model_dir, gpt2):

@@ -11,24 +11,6 @@ from dtl import DtlError, ModelConfig, TransformerLM
 from dtl.loading import load_model, resolve_model_dir
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a thread pool, and on a busy 2-core box its hand-offs
-    make each small op up to 100x slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def gpt2(gpt2_dir, monkeypatch):
-    from dtl.tokenizer import load_tokenizer
-
-    monkeypatch.setenv("DTL_GPT2_DIR", str(gpt2_dir))
-    return load_tokenizer("gpt2", gpt2_dir=gpt2_dir)
-
-
 def small_model(seed: int) -> TransformerLM:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=50257, d_model=16, n_heads=2, n_layers=1, d_ff=32,

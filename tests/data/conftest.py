@@ -6,15 +6,6 @@ import pytest
 from data_helpers import ENWIKI, SQUAD, WIKITEXT, shared_path
 
 
-@pytest.fixture
-def gpt2(gpt2_dir, monkeypatch):
-    """GPT-2's tokenizer from the shared files (and DTL_GPT2_DIR set for code that loads it)."""
-    from dtl.tokenizer import load_tokenizer
-
-    monkeypatch.setenv("DTL_GPT2_DIR", str(gpt2_dir))
-    return load_tokenizer("gpt2", gpt2_dir=gpt2_dir)
-
-
 @pytest.fixture(scope="session")
 def enwiki_path():
     return shared_path(*ENWIKI)

@@ -23,19 +23,9 @@ from dtl.serve.api import chat_prompt, create_app
 NAME = "tiny-test"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a thread pool, and on a busy 2-core box its hand-offs
-    make each small op up to 100x slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    from conftest import shared_path
+    from testkit import shared_path
 
     from dtl.tokenizer import load_tokenizer
 

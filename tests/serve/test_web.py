@@ -11,7 +11,6 @@ Each state is saved as a screenshot under test-artifacts/web/.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -25,21 +24,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from testkit import PROJECT_ROOT, shared_path
 
 from dtl.serve.page import STATIC_DIR, add_page_routes
 
-
-def _root_conftest():
-    # Loaded by path: several conftest.py files share the module name `conftest`.
-    path = Path(__file__).resolve().parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("dtl_tests_root_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_ROOT = _root_conftest()
-PROJECT_ROOT, shared_path = _ROOT.PROJECT_ROOT, _ROOT.shared_path
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",

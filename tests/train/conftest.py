@@ -10,17 +10,6 @@ import pytest
 from train_helpers import shared_path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest, and steadiest on a busy machine, on one thread."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     raw = shared_path("wikitext-2-raw", "wiki.test.raw").read_bytes()

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-_spec = importlib.util.spec_from_file_location("dtl_root_conftest", PROJECT_ROOT / "tests" / "conftest.py")
-_root = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_root)
-shared_path = _root.shared_path
+from testkit import PROJECT_ROOT, run_cli, shared_path  # noqa: F401 (re-exported)
 
 DTL = [sys.executable, "-m", "dtl"]  # the command line, as a user runs it
 # One thread: tiny models run fastest, and steadiest on a busy machine, that way.
@@ -50,8 +44,4 @@ def model_flags() -> list[str]:
 
 def cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """`dtl ARGV` in this process (what the console script runs): (exit code, stdout, stderr)."""
-    from dtl.cli import main
-
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli(argv, capsys)
