@@ -385,6 +385,27 @@ def test_fused_head_loss_equals_plain_cross_entropy():
     assert loss.item() == 0.0 and torch.isfinite(h.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_head_loss_under_autocast_keeps_small_gradients(dtype):
+    """Under fp16 autocast with a GradScaler the plain loss's gradients survive; the fused
+    loss computes them in its forward, before any scaling, so it must not round them away."""
+    V = 50_257  # a real vocabulary: softmax / n_tokens is ~1e-8, below fp16's normal range
+    h = torch.randn(512, 64, requires_grad=True)
+    w = (torch.randn(V, 64) * 0.02).requires_grad_()
+    b = torch.zeros(V, requires_grad=True)
+    t = torch.randint(0, V, (512,))
+    F.cross_entropy(h @ w.T + b, t).backward()  # the fp32 reference
+    ref = [x.grad.clone() for x in (h, w, b)]
+    for x in (h, w, b):
+        x.grad = None
+    with torch.autocast("cpu", dtype=dtype):
+        loss = linear_cross_entropy(h, w, b, t)
+    (loss * 65536.0).backward()  # what a GradScaler does
+    for x, g in zip((h, w, b), ref, strict=True):
+        assert ((x.grad / 65536.0 - g).norm() / g.norm()).item() < 1e-2
+    assert (w.grad == 0).float().mean().item() < 0.01
+
+
 def test_model_loss_equals_cross_entropy_of_its_logits():
     model = tiny_model()
     ids = torch.randint(0, 97, (3, 12))

@@ -51,19 +51,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_valid = int(valid.sum())
         scale = 1.0 / max(n_valid, 1)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # Under autocast the matmuls run in the autocast dtype; softmax is always fp32.
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            low = torch.get_autocast_dtype(device_type)
+        else:
+            low = torch.promote_types(hidden.dtype, weight.dtype)
+        # The logits matmul runs in `low` (the autocast dtype); softmax is always fp32. The two
+        # gradient matmuls run in bf16 under bf16, else in fp32: these gradients are computed
+        # here, before a GradScaler can scale them, and fp16 (smallest normal 6e-5) would
+        # flush most of them (softmax / n_tokens, ~1e-8) to zero.
+        grad_dtype = torch.bfloat16 if low == torch.bfloat16 else torch.float32
+        w_grad = weight if weight.dtype == grad_dtype else weight.to(grad_dtype)  # once
+        grad_hidden = None
+        if need_grad:
+            grad_hidden = torch.empty_like(hidden, dtype=torch.promote_types(hidden.dtype, grad_dtype))
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         grad_bias = (
             torch.zeros(weight.size(0), dtype=torch.float32, device=weight.device)
             if need_grad and bias is not None
             else None
         )
-        device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):
-            low = torch.get_autocast_dtype(device_type)
-        else:
-            low = torch.promote_types(hidden.dtype, weight.dtype)
         buffer = None
         for start in range(0, hidden.size(0), chunk_size):
             h = hidden[start : start + chunk_size]  # (C, D)
@@ -97,13 +104,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dlogits.scatter_add_(1, t_safe, -row_scale)
             if grad_bias is not None:
                 grad_bias += dlogits.sum(0)
-            if low == torch.float32:  # fp32: accumulate in place, no temporaries
-                torch.mm(dlogits, weight, out=grad_hidden[start : start + chunk_size])
-                grad_weight.addmm_(dlogits.t(), h)
-            else:  # autocast or low-precision weights: the two matmuls in the low dtype
-                d = dlogits.to(low)
-                grad_hidden[start : start + chunk_size] = (d @ weight.to(low)).to(hidden.dtype)
-                grad_weight += (d.t() @ h.to(low)).float()
+            if grad_dtype == torch.float32:  # accumulate in place, fp32 even inside autocast
+                with torch.autocast(device_type, enabled=False):
+                    h32 = h if h.dtype == torch.float32 else h.float()
+                    torch.mm(dlogits, w_grad, out=grad_hidden[start : start + chunk_size])
+                    grad_weight.addmm_(dlogits.t(), h32)
+            else:  # bf16: the two matmuls in bf16, accumulated in fp32
+                d = dlogits.to(grad_dtype)
+                grad_hidden[start : start + chunk_size] = d @ w_grad
+                grad_weight += (d.t() @ h.to(grad_dtype)).float()
             del logits, probs, dlogits  # free this chunk before the next one is made
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
