@@ -403,7 +403,7 @@ def test_fused_head_loss_under_autocast_keeps_small_gradients(dtype):
     (loss * 65536.0).backward()  # what a GradScaler does
     for x, g in zip((h, w, b), ref, strict=True):
         assert ((x.grad / 65536.0 - g).norm() / g.norm()).item() < 1e-2
-    assert (w.grad == 0).float().mean().item() < 0.01
+    assert (w.grad == 0).float().mean().item() < 0.001  # the reference has none
 
 
 def test_model_loss_equals_cross_entropy_of_its_logits():
