@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from dtl.config import ModelConfig
 from dtl.errors import DtlError
+from dtl.fileio import atomic_write, atomic_write_text
 from dtl.head_loss import IGNORE_INDEX, linear_cross_entropy
 
 __all__ = ["IGNORE_INDEX", "KVCache", "TransformerLM"]  # IGNORE_INDEX = -100: not scored
@@ -170,12 +170,6 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.key_mask.size(1)
-
-    def reorder(self, index: Tensor) -> None:
-        """Keep only rows `index` (e.g. drop finished sequences from a batch)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
-        self.key_mask = self.key_mask.index_select(0, index)
 
 
 class TransformerLM(nn.Module):
@@ -342,12 +336,9 @@ class TransformerLM(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, str(p)))
+        atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, str(p)))
         config = {"architecture": "dtl.TransformerLM", **self.config.to_dict()}
-        _atomic_write(
-            directory / "config.json",
-            lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"),
-        )
+        atomic_write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
         return directory
 
     @classmethod
@@ -460,15 +451,3 @@ def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
             key = key.removeprefix(prefix)
         out[key] = value
     return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same directory, then rename: never a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from dtl.errors import DtlError
+from dtl.fileio import atomic_write
 
 
 def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
@@ -55,8 +56,8 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}{out.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:  # savefig picks the format from the name: give it a .png temporary
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return out

@@ -16,13 +16,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dtl.errors import DtlError
+from dtl.fileio import atomic_copy, atomic_write_text
 
 EOT_TEXT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50_257
@@ -106,9 +106,9 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         for target, source in self.files.items():
             if source.resolve() != (directory / target).resolve():
-                _atomic_copy(source, directory / target)
+                atomic_copy(source, directory / target)
         config = {"dtl_tokenizer": self.name, "vocab_size": self.vocab_size, "eos_token": EOT_TEXT}
-        _atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
     @functools.cached_property
     def _bytes_table(self) -> list[bytes]:
@@ -121,17 +121,6 @@ class Tokenizer:
     def _id_bytes(self, i: int) -> bytes:
         return self._bytes_table[i]
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_copy(source: Path, target: Path) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
 
 
 def _find_pair(directory: Path) -> tuple[Path, Path] | None:
@@ -326,8 +315,8 @@ def _save_trained(hf: Any, out_dir: Path) -> Tokenizer:
     vocab[EOT_TEXT] = len(vocab)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    _atomic_write_text(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    atomic_write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     tok = _bpe_from_files(
         str((out_dir / "vocab.json").resolve()), str((out_dir / "merges.txt").resolve())
     )
