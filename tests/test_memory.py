@@ -110,6 +110,9 @@ def test_info_json_reports_exact_total_and_rejects_bad_input():
     bad = subprocess.run([sys.executable, "-m", "dtl", "info", "--preset", "small", "--seq-len", "9999"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "longer than max_seq_length" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "dtl", "info", "--preset", "tiny", "--fit", "1MB",
+                          "--device", "cpu"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not fit in 1MB" in bad.stderr and "seq_len 256" in bad.stderr
 
 
 def test_parse_size():

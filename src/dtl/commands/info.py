@@ -107,10 +107,10 @@ def run(args) -> int:
     else:
         print(format_report(name, config, params, result["memory"], fit))
     if args.fit and fit["recommended"] is None:
+        tried = "16-bit precision and " if device == "cuda" else ""
         raise DtlError(
-            f"{name} does not fit in {args.fit} even with batch 1, 16-bit precision and "
-            "activation checkpointing at seq_len {seq_len}; try a shorter --seq-len or a smaller "
-            "preset"
+            f"{name} does not fit in {args.fit} even with batch 1, {tried}activation "
+            f"checkpointing at seq_len {seq_len}; try a shorter --seq-len or a smaller preset"
         )
     return 0
 
@@ -166,8 +166,9 @@ def format_report(name, config: ModelConfig, p: dict, mem: dict, fit: dict | Non
         "  total".ljust(52) + f"{_mb(fp['inference_total']):>14}{_mb(mx['inference_total']):>16}",
     ]
     if fit is not None:
+        extra = "CUDA context and " if mem["device"] == "cuda" else ""
         rows += ["", f"Fitting {_mb(fit['budget_bytes'])} (target batch {fit['target_batch']}, "
-                 f"seq_len {mem['seq_len']}; includes CUDA context and allocator slack):"]
+                 f"seq_len {mem['seq_len']}; includes {extra}allocator slack):"]
         for o in fit["options"]:
             rows.append(
                 f"  {o['precision']:>4}  checkpointing {'on ' if o['activation_checkpointing'] else 'off'}"
