@@ -110,11 +110,3 @@ def gather_objects(obj, dist: DistInfo) -> list:
     td.all_gather_object(out, obj)
     return out
 
-
-def broadcast_object(obj, dist: DistInfo):
-    """Rank 0's `obj` on every rank (e.g. a decision only rank 0 can make)."""
-    if not dist.enabled:
-        return obj
-    box = [obj]
-    td.broadcast_object_list(box, src=0)
-    return box[0]

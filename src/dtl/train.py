@@ -114,6 +114,12 @@ class TrainConfig:
         return cls(**{k: _coerce(v, types[k], k, source) for k, v in data.items()})
 
 
+def absolute_data(data: str) -> str:
+    """`--data` as an absolute path when it is an existing path (a dataset name stays)."""
+    path = Path(data)
+    return str(path.resolve()) if data and path.exists() else data
+
+
 def _coerce(value: Any, kind: str, key: str, source: str) -> Any:
     """A config value as its field's type (YAML reads `3e-4` as a string, for one)."""
     if value is None:
@@ -245,30 +251,81 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     return run_dir
 
 
-def resolve_data(cfg: TrainConfig, run_dir: Path, dist: distributed.DistInfo) -> Path:
-    """A prepared data dir for `cfg.data`: as given, or prepared into RUN_DIR/data."""
+def resolve_data(cfg: TrainConfig, run_dir: Path, dist: distributed.DistInfo,
+                 resume: bool = False) -> Path:
+    """A prepared data dir for `cfg.data`: as given, or prepared into RUN_DIR/data.
+
+    RUN_DIR/data is reused on --resume, or when it was prepared from the same source file
+    (its checksum), tokenizer and max_length; otherwise it is prepared again (atomically).
+    """
     source = Path(cfg.data)
     if source.is_dir():
         return source
     prepared = run_dir / "data"
-    if (prepared / "meta.json").is_file():
-        return prepared  # prepared by an earlier (or resumed) run
+    if resume and (prepared / "meta.json").is_file():
+        return prepared  # a resumed run keeps the data it was trained on
     name = cfg.data
     if not source.exists():
         if os.sep in name.removeprefix("hf:") or "." in source.name:
             raise DtlError(f"--data {cfg.data}: no such file or directory")
         name = name if name.startswith("hf:") else f"hf:{name}"  # a dataset name
-    if dist.is_main:
+    max_length = cfg.seq_len or 256
+    if dist.is_main and not _prepared_matches(prepared, run_dir, source, name, cfg.tokenizer,
+                                              max_length):
         from dtl.data.prepare import prepare
 
-        max_length = cfg.seq_len or 256
         print(f"preparing {cfg.data} into {prepared} (tokenizer {cfg.tokenizer}) ...", flush=True)
+        marker = run_dir / DATA_SOURCE_FILE
+        marker.unlink(missing_ok=True)
         prepare([name], prepared, tokenizer=cfg.tokenizer, max_length=max_length, seed=cfg.seed)
-    distributed.barrier(dist)
+        if name.startswith("hf:"):  # meta.json records files only: remember the name
+            marker.write_text(name + "\n", encoding="utf-8")
+    distributed.barrier(dist)  # every rank waits here, whatever rank 0 decided
     return prepared
 
 
+DATA_SOURCE_FILE = ".data-source"  # the dataset name RUN_DIR/data was prepared from
+
+
+def _prepared_matches(prepared: Path, run_dir: Path, source: Path, name: str, tokenizer: str,
+                      max_length: int) -> bool:
+    """Whether RUN_DIR/data was prepared from this source, tokenizer and max_length."""
+    from dtl.data.shards import sha256_file
+
+    try:
+        meta = json.loads((prepared / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or meta.get("max_length") != max_length:
+        return False
+    if not _same_tokenizer(str(meta.get("tokenizer")), tokenizer):
+        return False
+    sources = meta.get("sources") or []
+    if name.startswith("hf:"):
+        marker = run_dir / DATA_SOURCE_FILE
+        return not sources and marker.is_file() and marker.read_text(encoding="utf-8").strip() == name
+    if len(sources) != 1 or not isinstance(sources[0], dict):
+        return False
+    try:
+        return (sources[0].get("bytes") == source.stat().st_size
+                and sources[0].get("sha256") == sha256_file(source))
+    except OSError:
+        return False
+
+
+def _same_tokenizer(saved: str, given: str) -> bool:
+    if saved == given:
+        return True
+    a, b = Path(saved), Path(given)
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
 def build_model_config(cfg: TrainConfig, meta: dict[str, Any], data_len: int) -> ModelConfig:
+    """The model of the run: the preset's (or the flags') sizes and context, max_seq_length.
+
+    The model is trained on rows of `--seq-len` tokens (default: the data's max_length);
+    rows longer than the model's context are an error, never a silent change of the model.
+    """
     vocab = int(meta["vocab_size"])
     if cfg.vocab_size is not None and cfg.vocab_size < vocab:
         raise DtlError(
@@ -284,7 +341,30 @@ def build_model_config(cfg: TrainConfig, meta: dict[str, Any], data_len: int) ->
         )
     overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) is not None}
     overrides.setdefault("vocab_size", vocab)
-    return ModelConfig.preset(cfg.preset, **{**overrides, "max_seq_length": seq_len})
+    model_config = ModelConfig.preset(cfg.preset, **overrides)
+    limit = model_config.max_seq_length
+    if seq_len > limit:
+        given = "--seq-len" if cfg.seq_len else "the data's max_length"
+        raise DtlError(
+            f"rows of {seq_len} tokens ({given}) are longer than the model's context: the "
+            f"{cfg.preset} preset's max_seq_length is {limit}; re-run `dtl prepare --max-length N` "
+            f"with N <= {limit} (or pass --seq-len {limit}), or choose a preset with a longer "
+            "context such as qa"
+        )
+    return model_config
+
+
+def _resumed_context(run_dir: Path, model_config: ModelConfig, seq_len: int) -> ModelConfig:
+    """Runs made before the context rule have max_seq_length = the data's max_length: a
+    resumed run keeps its saved context (it fixes no weight) when the rows still fit it."""
+    path = ckpt.latest_checkpoint(run_dir)
+    if path is None or not (path / "config.json").is_file():
+        return model_config
+    saved = ModelConfig.from_json(path / "config.json")
+    same = dataclasses.replace(saved, max_seq_length=model_config.max_seq_length) == model_config
+    if same and seq_len <= saved.max_seq_length:
+        return saved
+    return model_config
 
 
 # ---------------------------------------------------------------------- the run
@@ -314,7 +394,7 @@ class Trainer:
         self.prec = precision.resolve_precision(cfg.precision, self.device)
         self.run_dir = prepare_run_dir(cfg, resume) if self.dist.is_main else Path(cfg.out)
         distributed.barrier(self.dist)
-        self.data_dir = resolve_data(cfg, self.run_dir, self.dist)
+        self.data_dir = resolve_data(cfg, self.run_dir, self.dist, resume=resume)
         self.meta = read_meta(self.data_dir)
         self.tokenizer = load_tokenizer(str(self.data_dir))
         if int(self.tokenizer.vocab_size) != int(self.meta["vocab_size"]):
@@ -324,7 +404,9 @@ class Trainer:
             )
         self.data_len = int(self.meta["max_length"])
         self.model_config = build_model_config(cfg, self.meta, self.data_len)
-        self.seq_len = self.model_config.max_seq_length
+        self.seq_len = cfg.seq_len or self.data_len  # tokens per row trained on
+        if resume:
+            self.model_config = _resumed_context(self.run_dir, self.model_config, self.seq_len)
         self.min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
 
         seed_everything(cfg.seed)
@@ -358,9 +440,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ config and resume
     def resolved_config(self) -> dict[str, Any]:
+        settings = dataclasses.asdict(self.cfg)
+        settings["data"] = absolute_data(self.cfg.data)  # resumable from any directory
         return {
-            **dataclasses.asdict(self.cfg),
-            "data_dir": str(self.data_dir),
+            **settings,
+            "data_dir": str(Path(self.data_dir).resolve()),
             "model": self.model_config.to_dict(),
             "precision_resolved": self.prec.name,
             "device_resolved": str(self.device),
@@ -468,10 +552,9 @@ class Trainer:
                 sync = self.net.no_sync()  # all-reduce gradients once, after the last micro-batch
             with sync:
                 with precision.autocast(self.prec, self.device):
-                    if counts[i] > 0:
-                        loss = self.forward(ids, targets, mask)  # mean over this micro-batch
-                    else:  # nothing scored: a zero that still touches every parameter (DDP)
-                        loss = sum(p.sum() for p in self.net.parameters()) * 0.0
+                    # Always through the wrapped forward, even with nothing scored (the loss
+                    # is then 0 with zero gradients): DDP's reducer must all-reduce on every rank.
+                    loss = self.forward(ids, targets, mask)  # mean over this micro-batch
                 # Weight by this micro-batch's share of all scored tokens, times world_size
                 # because DDP averages gradients over ranks: the sum is one big batch's mean.
                 weight = float(counts[i]) * self.dist.world_size / max(total, 1.0)

@@ -147,7 +147,7 @@ def build_config(args: argparse.Namespace):
     settings.update(flags)
     if args.resume:
         settings["out"] = args.resume
-        changed = [k for k in RESUME_LOCKED if k in saved and settings.get(k) != saved[k]]
+        changed = [k for k in RESUME_LOCKED if k in saved and not _same_setting(k, settings.get(k), saved[k])]
         if changed:
             diffs = ", ".join(f"{k}: {saved[k]!r} -> {settings.get(k)!r}" for k in changed)
             raise DtlError(
@@ -158,6 +158,17 @@ def build_config(args: argparse.Namespace):
         return TrainConfig.from_dict(settings, source=args.config or "settings")
     except TypeError as err:
         raise DtlError(f"bad settings: {err}") from None
+
+
+def _same_setting(key: str, given: Any, saved: Any) -> bool:
+    """Equal settings; `data` paths compare resolved (config.yaml stores it absolute)."""
+    if given == saved:
+        return True
+    if key == "data" and given and saved:
+        from dtl.train import absolute_data
+
+        return absolute_data(str(given)) == absolute_data(str(saved))
+    return False
 
 
 def _saved_config(run_dir: str) -> dict[str, Any]:

@@ -161,8 +161,8 @@ class BatchLoader:
         if ds.mode == "pack":
             return (
                 f"the {split} split of {data_dir} has {len(ds.tokens)} tokens, fewer than "
-                f"max_length + 1 = {ds.max_length + 1}; prepare more text, a smaller --max-length, "
-                f"or a larger --val-fraction"
+                f"max_length + 1 = {ds.max_length + 1}; prepare more text, re-run "
+                f"`dtl prepare --max-length N` with a smaller N, or use a larger --val-fraction"
             )
         return f"the {split} split of {data_dir} has no examples; prepare more data or a larger --val-fraction"
 
