@@ -392,3 +392,28 @@ def test_dtl_chat_commands_and_answers(dtl, model_dir, monkeypatch):
     assert "temperature=0.5" in out and "(conversation cleared)" in out
     assert "unknown command /nonsense" in out
     assert "dtl> " in out
+
+
+@pytest.mark.parametrize("verb", ["generate", "ask", "chat", "eval", "serve"])
+@pytest.mark.parametrize(
+    "device, unavailable, message",
+    [
+        ("foo", None, "unknown device 'foo'"),
+        ("mps", "mps", "MPS is not available here"),
+        ("cuda", "cuda", "PyTorch sees no CUDA GPU"),
+        ("cuda:1", "cuda", "PyTorch sees no CUDA GPU"),
+    ],
+)
+def test_bad_device_is_one_clear_error(dtl, model_dir, tmp_path, monkeypatch, verb, device,
+                                       unavailable, message):  # fmt: skip
+    if unavailable == "mps":
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if unavailable == "cuda":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "text.txt").write_text("Some text to score.\n")
+    extra = {"generate": ["--prompt", "Hi"], "ask": ["Who?"], "chat": [],
+             "eval": ["--data", tmp_path / "text.txt"], "serve": ["--port", "8765"]}[verb]  # fmt: skip
+    code, out, err = dtl(verb, "--model", model_dir, "--device", device, *extra)
+    assert code == 2 and out == ""
+    assert err.startswith(f"dtl {verb}: error: ") and message in err
+    assert "Traceback" not in err and "safetensors" not in err

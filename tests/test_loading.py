@@ -87,3 +87,22 @@ def test_bad_specs_are_clear_errors(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DtlError, match="not a loadable PyTorch checkpoint"):
         load_model(tmp_path / "broken.pt")
+
+
+def test_run_dir_lookup_is_dtl_checkpoint_latest_model_dir(tmp_path, gpt2):
+    from dtl.checkpoint import latest_checkpoint, latest_model_dir, save_checkpoint
+
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    for step in (1, 2):  # what dtl train writes: latest, latest.txt, training_state.pt
+        save_checkpoint(run, step, small_model(step), {"step": step}, tokenizer=gpt2)
+    assert latest_model_dir(run) == latest_model_dir(ckpts) == (ckpts / "step-2").resolve()
+    assert resolve_model_dir(run) == latest_model_dir(run)
+    assert same_weights(load_model(run)[0], small_model(2))
+    exported = save_model_dir(ckpts / "step-5", 5, gpt2)  # a model dir without training state
+    (ckpts / "latest").unlink()
+    (ckpts / "latest.txt").write_text("step-9\n")  # names a step that is gone
+    assert latest_model_dir(run) == ckpts / "step-5"  # the highest loadable step
+    assert same_weights(load_model(run)[0], exported)
+    assert latest_checkpoint(run) == ckpts / "step-2"  # resuming still needs training state
+    assert latest_model_dir(tmp_path / "nothing") is None

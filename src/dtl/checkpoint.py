@@ -124,6 +124,34 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def latest_model_dir(run_dir_or_root: str | os.PathLike) -> Path | None:
+    """The newest loadable model dir of a run (for generating, not resuming), or None.
+
+    Takes a run dir or its `checkpoints/` dir and tries, in order: the `latest` symlink,
+    `latest.txt`, then the highest `step-N`; each must hold `model.safetensors` (a training
+    state is not needed to load the model, unlike `latest_checkpoint`).
+    """
+    root = Path(run_dir_or_root)
+    if root.name != "checkpoints" and not (root / "latest.txt").is_file():
+        root = checkpoint_dir(root)
+    if not root.is_dir():
+        return None
+    link = root / "latest"
+    if link.is_dir() and (link / "model.safetensors").is_file():
+        return link.resolve()
+    txt = root / "latest.txt"
+    if txt.is_file():
+        name = txt.read_text(encoding="utf-8").strip()
+        if name and (root / name / "model.safetensors").is_file():
+            return root / name
+    steps = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and (child / "model.safetensors").is_file():
+            steps.append((int(m.group(1)), child))
+    return max(steps)[1] if steps else None
+
+
 def load_training_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """The training state of a checkpoint dir; tensors and plain data only, no code."""
     path = Path(checkpoint) / STATE_FILE

@@ -12,11 +12,11 @@ A model spec is one of:
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
 
+from dtl.checkpoint import latest_model_dir
 from dtl.errors import DtlError
 from dtl.model import TransformerLM
 
@@ -42,30 +42,14 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path:
     if path.name == "checkpoints" or (path / "latest.txt").is_file():
         checkpoints = path  # RUN_DIR/checkpoints itself
     if checkpoints.is_dir():
-        return _latest_checkpoint(checkpoints)
+        found = latest_model_dir(checkpoints)
+        if found is None:
+            raise DtlError(f"{checkpoints}: no saved checkpoint (step-N/model.safetensors) yet")
+        return found
     raise DtlError(
         f"{path}: neither a model dir (no model.safetensors) nor a run dir (no checkpoints/); "
         "has training saved a checkpoint yet?"
     )
-
-
-def _latest_checkpoint(checkpoints: Path) -> Path:
-    latest = checkpoints / "latest"
-    if latest.is_dir() and (latest / "model.safetensors").is_file():
-        return latest.resolve()
-    marker = checkpoints / "latest.txt"
-    if marker.is_file():
-        named = checkpoints / marker.read_text(encoding="utf-8").strip()
-        if (named / "model.safetensors").is_file():
-            return named
-    steps = []
-    for child in checkpoints.iterdir():
-        match = re.fullmatch(r"step-(\d+)", child.name)
-        if match and (child / "model.safetensors").is_file():
-            steps.append((int(match.group(1)), child))
-    if not steps:
-        raise DtlError(f"{checkpoints}: no saved checkpoint (step-N/model.safetensors) yet")
-    return max(steps)[1]
 
 
 def load_model(

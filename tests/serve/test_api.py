@@ -8,6 +8,8 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -18,6 +20,7 @@ import uvicorn
 from dtl import ModelConfig, TransformerLM
 from dtl.data.qa import QA_STOP, qa_prompt
 from dtl.generate import generate
+from dtl.serve import api
 from dtl.serve.api import chat_prompt, create_app
 
 NAME = "tiny-test"
@@ -84,6 +87,58 @@ def client(server):
 
 def expected(model, tokenizer, prompt, n, stop=()):
     return generate(model, tokenizer, prompt, n, temperature=0, stop=list(stop))[0]
+
+
+@contextmanager
+def hold_worker(model, until, timeout: float = 20.0):
+    """Inside, each step of the server's worker thread waits until `until()` is true (at most
+    `timeout` seconds a step), so a test can pin down what happens between two steps."""
+    originals = {name: getattr(model, name) for name in ("forward", "hidden_states")}
+
+    def gate(original):
+        def wrapped(*args, **kwargs):
+            if threading.current_thread().name == "dtl-generate":
+                deadline = time.monotonic() + timeout
+                while not until() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            return original(*args, **kwargs)
+
+        return wrapped
+
+    for name, original in originals.items():
+        setattr(model, name, gate(original))
+    try:
+        yield
+    finally:
+        for name in originals:
+            delattr(model, name)
+
+
+@pytest.fixture
+def gated_server(tokenizer):
+    """A server of its own whose worker, once a long request (max_tokens > 50) has sent a
+    chunk, takes no further step until that request is cancelled (at most 20 s): whether a
+    client's leaving stops its generation can then be seen without any race."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50257, d_model=32, n_heads=2, n_layers=2, d_ff=64,
+                         max_seq_length=128)  # fmt: skip
+    model = TransformerLM(config).eval()
+    app = create_app(model, tokenizer, NAME)
+    batcher = app.state.batcher
+
+    def free():
+        return not any(t.job.max_tokens > 50 and t.emitted and not t.cancel.is_set()
+                       for t in batcher.running)  # fmt: skip
+
+    with hold_worker(model, free), LiveServer(app) as live:
+        yield live
+
+
+def wait_for(condition, what: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------- the happy paths
@@ -241,26 +296,98 @@ def test_sixteen_concurrent_streams_all_get_their_own_output(server, client, mod
                                            temperature=1.0, seed=i, stream=True)  # fmt: skip
         return "".join(c.choices[0].text for c in stream)
 
-    with ThreadPoolExecutor(16) as pool:
+    state = server.app.state
+    state.largest_batch = 0  # earlier tests (n=3) have set it already
+    # the first request to arrive holds the worker until two others wait (the client runs
+    # at most 8 at once): those must then be decoded together, as one batch
+    released = threading.Event()  # latched: from then on the worker runs freely
+
+    def others_wait():
+        if len(state.batcher.pending) >= 2:
+            released.set()
+        return released.is_set()
+
+    with hold_worker(model, others_wait), ThreadPoolExecutor(16) as pool:
         got = list(pool.map(run, range(16)))
     assert got == want
     assert len(set(want)) == 16
-    assert server.app.state.largest_batch > 1  # waiting requests were decoded together
+    assert state.largest_batch >= 2  # waiting requests were decoded together
 
 
-def test_client_disconnect_stops_its_generation(server, client):
-    before = server.app.state.cancelled
+def test_client_disconnect_stops_its_generation(gated_server):
+    state = gated_server.app.state
     body = {"model": NAME, "prompt": "Once", "max_tokens": 120, "temperature": 1.0,
             "stream": True}  # fmt: skip
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+    with httpx.stream("POST", f"{gated_server.url}/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-    deadline = time.time() + 20
-    while server.app.state.cancelled == before:
-        assert time.time() < deadline, "generation went on after the client left"
-        time.sleep(0.05)
-    out = client.completions.create(model=NAME, prompt="after", max_tokens=3)
+    # the worker takes no step until the request is cancelled (or 20 s have passed, when
+    # it would run all 120 tokens): a cancelled row is counted once, mid-generation
+    wait_for(lambda: state.cancelled == 1, "generation went on after the client left")
+    out = openai.OpenAI(base_url=f"{gated_server.url}/v1", api_key="unused",
+                        max_retries=0).completions.create(model=NAME, prompt="after", max_tokens=3)  # fmt: skip
     assert out.usage.completion_tokens == 3
+
+
+def test_client_that_leaves_a_non_streamed_request_stops_its_generation(gated_server):
+    state = gated_server.app.state
+    body = {"model": NAME, "prompt": "Once", "max_tokens": 120}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{gated_server.url}/v1/completions", json=body, timeout=1.0)
+    wait_for(lambda: state.cancelled == 1, "generation went on after the client left")
+    r = httpx.post(f"{gated_server.url}/v1/completions", timeout=30,
+                   json={"model": NAME, "prompt": "after", "max_tokens": 3})  # fmt: skip
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+# ---------------------------------------------------------------------- found in review
+def test_top_p_zero_is_greedy_and_answers(server, model, tokenizer):
+    r = httpx.post(f"{server.url}/v1/completions", timeout=30,
+                   json={"prompt": "hi", "max_tokens": 3, "top_p": 0})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == expected(model, tokenizer, "hi", 3).text
+
+
+def test_a_request_may_make_at_most_64_completions(server):
+    url = f"{server.url}/v1/completions"
+    for body, param in (({"prompt": ["x"] * 65}, "prompt"),
+                        ({"prompt": ["x"] * 5, "n": 16}, "prompt"),
+                        ({"prompt": ["x"] * 10_000, "n": 16}, "prompt")):  # fmt: skip
+        r = httpx.post(url, json={**body, "max_tokens": 1}, timeout=30)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and error["code"] == "too_many_completions"
+        assert "at most 64" in error["message"]
+    r = httpx.post(url, json={"prompt": ["x"] * 4, "n": 16, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 64
+
+
+def test_a_failing_request_does_not_fail_its_batch_neighbours(model, tokenizer, monkeypatch):
+    real = api.gen.stream_requests
+
+    def fails_on_boom(model, tokenizer, requests, *args, **kwargs):
+        if any(r.prompt == "boom" for r in requests):
+            raise RuntimeError("boom broke")
+        yield from real(model, tokenizer, requests, *args, **kwargs)
+
+    monkeypatch.setattr(api.gen, "stream_requests", fails_on_boom)
+    state = SimpleNamespace(model=model, tokenizer=tokenizer, cancelled=0, largest_batch=0)
+    worker = api.Batcher(state)
+    got: dict[str, list] = {"boom": [], "fine": []}
+    tickets = []
+    for prompt in got:
+        job = api._job({"temperature": 0, "max_tokens": 5}, [prompt], tokenizer, 128, 16)
+        tickets.append(api.Ticket(job, got[prompt].append, threading.Event()))
+    with worker.ready:  # both wait before the worker wakes: they are taken as one batch
+        for ticket in tickets:
+            worker.submit(ticket)
+    wait_for(lambda: all(items and items[-1] is api._END for items in got.values()),
+             "the worker did not finish both requests")  # fmt: skip
+    assert state.largest_batch == 2  # they were tried together first
+    assert [type(x) for x in got["boom"]] == [RuntimeError, object]
+    fine = got["fine"][:-1]
+    assert fine and not any(isinstance(x, Exception) for x in fine)
+    assert "".join(c.text for c in fine) == expected(model, tokenizer, "fine", 5).text
 
 
 def test_dtl_serve_refuses_a_taken_port_and_a_missing_model(tmp_path, capsys):

@@ -113,7 +113,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--model", required=True, help="a run dir, a checkpoint dir, or a legacy DTL .pt file"
     )
     p.add_argument("--tokenizer", help="override the model's tokenizer: 'gpt2' or a directory")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N or mps (default auto: cuda, else mps, else cpu)")  # fmt: skip
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_new: int, temperature: float) -> None:
@@ -130,20 +131,32 @@ def _sampling_args(p: argparse.ArgumentParser, max_new: int, temperature: float)
                    help="stop when this text appears (repeatable)")  # fmt: skip
 
 
-def _device(name: str) -> str:
+def _device(name: str):
+    """`--device` as a torch.device, checked by `dtl.precision.resolve_device` (unknown names,
+    and cuda or mps where this machine has none, are clear errors), plus the CUDA index."""
     import torch
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DtlError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-    return name
+    from dtl.precision import resolve_device
+
+    try:
+        device = resolve_device(name)
+    except RuntimeError:  # torch.device refuses the name, e.g. cuda:x
+        raise DtlError(f"--device {name}: not a device name; use cpu, cuda, cuda:N or mps"
+                       ) from None  # fmt: skip
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise DtlError(f"--device {name}: this machine has {count} CUDA GPU(s), "
+                           f"cuda:0 to cuda:{count - 1}")  # fmt: skip
+    return device
 
 
-def _load(args):
+def _load(args, device=None):
     from dtl.loading import load_model
 
-    return load_model(args.model, device=_device(args.device), tokenizer=args.tokenizer)
+    if device is None:
+        device = _device(args.device)
+    return load_model(args.model, device=device, tokenizer=args.tokenizer)
 
 
 def _options(args, **extra) -> dict:

@@ -43,14 +43,15 @@ def register(subparsers) -> None:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from dtl.commands.generate import _load
+    from dtl.commands.generate import _device, _load
     from dtl.loading import model_name
     from dtl.serve.api import create_app
 
     if not 0 < args.port < 65536:
         raise DtlError(f"--port {args.port}: must be between 1 and 65535")
+    device = _device(args.device)  # dtl.precision.resolve_device, before the slow load
     _check_port_free(args.host, args.port)
-    model, tokenizer = _load(args)
+    model, tokenizer = _load(args, device)
     name = args.name or model_name(args.model)
     app = create_app(model, tokenizer, name, api_key=args.api_key)
     where = f"http://{args.host}:{args.port}"

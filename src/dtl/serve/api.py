@@ -7,13 +7,16 @@
                                  question, earlier user/assistant pairs come before it)
 
 Requests take OpenAI's `max_tokens`, `temperature` (0..2), `top_p`, `stop`, `seed`, `n`
-(plus the extensions `top_k` and `repetition_penalty`). Mistakes come back as 400 in OpenAI's
-error shape `{"error": {"message", "type", "param", "code"}}`.
+(plus the extensions `top_k` and `repetition_penalty`). A request makes at most
+MAX_REQUEST_ROWS (64) rows: its prompts times `n`. Mistakes come back as 400 in OpenAI's
+error shape `{"error": {"message", "type", "param", "code"}}`; every request is checked
+(sampling options included) before it is queued, so none can fail inside the worker.
 
 One model is shared by every request, so generation runs on a single worker thread; the
 requests waiting when it becomes free are decoded together as one batch, each with its own
-settings and seeded generator (what a request gets does not depend on its neighbours), and
-a stream whose client goes away is dropped from the batch at its next token.
+settings and seeded generator (what a request gets does not depend on its neighbours; should
+one fail, the others are run again on their own), and a request whose client goes away
+(streamed or not) is dropped from the batch at its next token.
 
 >>> app = create_app(model, tokenizer, "tiny")  # doctest: +SKIP
 >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
@@ -37,9 +40,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dtl import generate as gen
 from dtl.data.qa import QA_STOP, format_qa, qa_prompt
+from dtl.errors import DtlError
 from dtl.generate import StreamChunk
 
 MAX_N = 16  # choices per request
+MAX_REQUEST_ROWS = 64  # prompts x n per request: one request never makes a giant batch
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 CHAT_DEFAULT_MAX_TOKENS = 128
 
@@ -79,6 +84,7 @@ class Job:
     repetition_penalty: float
     stop: list[str]
     seed: int | None
+    options: gen.SamplingOptions  # the above, checked when the request came in
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -90,6 +96,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None) ->
     app.state.cancelled = 0  # streams stopped early because their client went away
     app.state.largest_batch = 0  # the most rows decoded together so far
     worker = Batcher(app.state)
+    app.state.batcher = worker
     created = int(time.time())
     n_params = sum(p.numel() for p in model.parameters())
     context = model.config.max_seq_length
@@ -160,10 +167,14 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None) ->
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
         chunks = []
-        async for item in _submit(worker, job, threading.Event()):
+        cancel = threading.Event()
+        async for item in _submit(worker, job, cancel, request):
             if isinstance(item, Exception):
                 raise item
             chunks.append(item)
+        if cancel.is_set():  # the client went away; nobody reads this
+            return ApiError("the client closed the request", code="client_closed",
+                            status=499).response()  # fmt: skip
         return _full_response(job, chunks, meta, kind, tidy)
 
     try:  # the web page, if the web engineer's module is here
@@ -278,10 +289,17 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
 
 def _job(body: dict, prompts: list[str], tokenizer, context: int, default_max_tokens) -> Job:
     n = _number(body, "n", 1, 1, MAX_N, integer=True)
+    if len(prompts) * n > MAX_REQUEST_ROWS:
+        raise ApiError(
+            f"{len(prompts)} prompts x n={n} is {len(prompts) * n} completions; a request may "
+            f"ask for at most {MAX_REQUEST_ROWS} (prompts times n); split it into several",
+            "prompt" if len(prompts) > 1 else "n", "too_many_completions",
+        )  # fmt: skip
     temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
     top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
-    if top_p == 0.0:  # nothing but the top token
+    if top_p == 0.0:  # nothing but the top token: greedy, with no nucleus filter
         temperature = 0.0
+    top_p_option = None if top_p >= 1.0 or top_p == 0.0 else top_p
     top_k = _number(body, "top_k", None, 1, 1 << 30, integer=True)
     penalty = float(_number(body, "repetition_penalty", 1.0, 0.01, 100.0))
     seed = _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
@@ -310,17 +328,23 @@ def _job(body: dict, prompts: list[str], tokenizer, context: int, default_max_to
             f"max_tokens ({max_tokens}) is {longest + max_tokens}; lower max_tokens or shorten "
             "the prompt", "max_tokens", "context_length_exceeded",
         )  # fmt: skip
+    seed = None if seed is None else seed % (1 << 63)
+    try:  # built here, so a bad combination is a 400 and never fails in the worker
+        options = gen.SamplingOptions(temperature, top_k, top_p_option, penalty, seed)
+    except DtlError as err:
+        raise ApiError(str(err), code="invalid_value") from None
     return Job(
         prompts=[p for p in prompts for _ in range(n)],
         prompt_tokens=sum(lengths),
         longest=longest,
         max_tokens=max_tokens,
         temperature=temperature,
-        top_p=None if top_p >= 1.0 else top_p,
+        top_p=top_p_option,
         top_k=top_k,
         repetition_penalty=penalty,
         stop=list(stop),
-        seed=None if seed is None else seed % (1 << 63),
+        seed=seed,
+        options=options,
     )
 
 
@@ -334,21 +358,38 @@ class Ticket:
     """A job handed to the worker: where its chunks go and whether its client left."""
 
     job: Job
-    emit: Callable[[object], None]  # thread-safe: a StreamChunk, an Exception, or _END
+    send: Callable[[object], None]  # thread-safe: a StreamChunk, an Exception, or _END
     cancel: threading.Event
     left: int = 0  # rows not finished yet
     dropped: bool = False  # stopped because `cancel` was set mid-generation
+    emitted: int = 0  # chunks sent so far
+    ended: bool = False  # _END sent: nothing more goes out
+
+    def emit(self, item) -> None:
+        if self.ended:
+            return
+        if item is _END:
+            self.ended = True
+        elif isinstance(item, StreamChunk):
+            self.emitted += 1
+        self.send(item)
+
+    def fail(self, err: Exception) -> None:
+        self.emit(err)
+        self.emit(_END)
 
 
 class Batcher:
     """The one thread that generates for every request. Requests that are waiting when it
     becomes free run together as one batch (up to MAX_BATCH_ROWS rows that fit the context):
     each keeps its own settings and seeded generator, so it gets what it would get alone,
-    and none ever sees another's KV cache rows."""
+    and none ever sees another's KV cache rows. A failure is kept to its own request: if a
+    batch fails, its requests that had no output yet are run again one at a time."""
 
     def __init__(self, state) -> None:
         self.state = state
         self.pending: deque[Ticket] = deque()
+        self.running: list[Ticket] = []  # the batch being decoded (for tests and operators)
         self.ready = threading.Condition()
         threading.Thread(target=self._loop, name="dtl-generate", daemon=True).start()
 
@@ -383,26 +424,34 @@ class Batcher:
                     ticket.emit(_END)
                 else:
                     live.append(ticket)
-            if not live:
-                continue
-            try:
-                self._generate(live)
-            except Exception as err:  # reported to each client; the server goes on
-                for ticket in live:
-                    if ticket.left:
-                        ticket.emit(err)
-                        ticket.emit(_END)
+            if live:
+                self._run(live)
+
+    def _run(self, tickets: list[Ticket]) -> None:
+        """Generate for `tickets`; never raises (each client hears of its own failure)."""
+        try:
+            self._generate(tickets)
+        except Exception as err:
+            if len(tickets) == 1:
+                tickets[0].fail(err)
+                return
+            for ticket in tickets:  # whoever had output already cannot start over
+                if not ticket.ended and ticket.emitted:
+                    ticket.fail(err)
+            for ticket in tickets:
+                if not ticket.ended:
+                    self._run([ticket])  # alone: a bad request fails only itself
+        finally:
+            self.running = []
 
     def _generate(self, tickets: list[Ticket]) -> None:
         requests: list = []
         owner = []  # owner[row] = (ticket, the row's index in its job)
         for group, ticket in enumerate(tickets):
             job = ticket.job
-            opts = gen.SamplingOptions(job.temperature, job.top_k, job.top_p,
-                                   job.repetition_penalty, job.seed)  # fmt: skip
-            ticket.left = len(job.prompts)
+            ticket.left, ticket.dropped = len(job.prompts), False
             for j, prompt in enumerate(job.prompts):
-                requests.append(gen.Request(prompt, job.max_tokens, opts, job.stop, group))
+                requests.append(gen.Request(prompt, job.max_tokens, job.options, job.stop, group))
                 owner.append((ticket, j))
 
         def cancelled(row: int) -> bool:
@@ -418,6 +467,7 @@ class Batcher:
             return True
 
         state = self.state
+        self.running = list(tickets)
         state.largest_batch = max(state.largest_batch, len(requests))
         for chunk in gen.stream_requests(state.model, state.tokenizer, requests, truncate=False,
                                      cancelled=cancelled):  # fmt: skip
@@ -429,17 +479,41 @@ class Batcher:
                     ticket.emit(_END)
 
 
-async def _submit(worker: Batcher, job: Job, cancel: threading.Event):
-    """Hand `job` to the worker; yield its chunks (or an Exception) as they come."""
+async def _submit(worker: Batcher, job: Job, cancel: threading.Event, request=None):
+    """Hand `job` to the worker; yield its chunks (or an Exception) as they come. Given the
+    `request`, stop (setting `cancel`, so the worker drops the job at its next step) when its
+    client disconnects: the body has been read, so the next ASGI message is the disconnect
+    (`request.is_disconnected()` cannot see it through the HTTP middleware)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     worker.submit(Ticket(job, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
                          cancel))  # fmt: skip
-    while True:
-        item = await queue.get()
-        if item is _END:
+    getter = asyncio.ensure_future(queue.get())
+    watcher = asyncio.ensure_future(_disconnected(request)) if request is not None else None
+    try:
+        while True:
+            waiting = {getter} if watcher is None else {getter, watcher}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():  # the client left
+                cancel.set()
+                return
+            item = getter.result()
+            if item is _END:
+                return
+            yield item
+            getter = asyncio.ensure_future(queue.get())
+    finally:
+        getter.cancel()
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client of `request` (whose body is read) has disconnected."""
+    while not await request.is_disconnected():
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
             return
-        yield item
 
 
 def _usage(job: Job, completion_tokens: int) -> dict:
