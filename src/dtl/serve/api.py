@@ -32,6 +32,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
@@ -168,10 +169,11 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None) ->
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
         chunks = []
         cancel = threading.Event()
-        async for item in _submit(worker, job, cancel, request):
-            if isinstance(item, Exception):
-                raise item
-            chunks.append(item)
+        async with aclosing(_submit(worker, job, cancel, request)) as items:
+            async for item in items:  # closed on the way out: its disconnect watch ends too
+                if isinstance(item, Exception):
+                    raise item
+                chunks.append(item)
         if cancel.is_set():  # the client went away; nobody reads this
             return ApiError("the client closed the request", code="client_closed",
                             status=499).response()  # fmt: skip
