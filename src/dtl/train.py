@@ -35,6 +35,7 @@ from dtl import checkpoint as ckpt
 from dtl import distributed, optim, precision
 from dtl.config import ModelConfig
 from dtl.errors import DtlError
+from dtl.fileio import atomic_write_text
 from dtl.model import IGNORE_INDEX, TransformerLM
 
 MODEL_FIELDS = ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "dropout")
@@ -460,9 +461,7 @@ class Trainer:
         import yaml
 
         text = yaml.safe_dump(self.resolved_config(), sort_keys=False)
-        tmp = self.run_dir / f".config.yaml.{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.run_dir / "config.yaml")
+        atomic_write_text(self.run_dir / "config.yaml", text)
 
     def _load_latest(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
@@ -500,9 +499,7 @@ class Trainer:
             return
         kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
                 if ln.strip() and _line_step(ln) <= step]
-        tmp = path.with_name(f".metrics.jsonl.{os.getpid()}")
-        tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
     def _optimizer_state(self) -> dict:
         if self.cfg.fsdp:
