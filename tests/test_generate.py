@@ -292,15 +292,16 @@ def test_top_k_top_p_sampling_draws_from_the_filtered_distribution():
 
 
 def test_decode_head_equals_the_models_own_head():
+    from dtl.decode import plan_for
     from dtl.generate import last_logits
 
     model = tiny_model()
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     with torch.no_grad():
-        torch.testing.assert_close(last_logits(model, ids, None, None),
+        torch.testing.assert_close(last_logits(model, ids, None, None, plan_for(model)),
                                    model(ids, last_only=True)[:, -1])  # fmt: skip
         model.head.weight.add_(1.0)  # a changed weight is picked up, not a stale copy
-        torch.testing.assert_close(last_logits(model, ids, None, None),
+        torch.testing.assert_close(last_logits(model, ids, None, None, plan_for(model)),
                                    model(ids, last_only=True)[:, -1])  # fmt: skip
 
 

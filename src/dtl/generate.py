@@ -25,15 +25,14 @@ dropped) so that it does, unless `truncate=False`, which raises a DtlError inste
 from __future__ import annotations
 
 import codecs
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from dtl.decode import DecodePlan, decode_step, plan_for, uses_fast_path
 from dtl.errors import DtlError
-from dtl.model import TransformerLM
 
 
 @dataclass(frozen=True)
@@ -128,35 +127,23 @@ def _top_p_sorted(values: Tensor, p: float | None) -> Tensor:
 
 
 # ---------------------------------------------------------------------- the head
-# On the CPU, `F.linear(h, W)` with the head's (vocab, d_model) weight is a matrix-vector
-# product against a transposed operand, and MKL runs it ~8x slower than `h @ W_t` with W_t
-# stored (d_model, vocab) contiguously (small preset, one row: 14 ms vs 1.7 ms, the latter
-# at the memory-bandwidth limit). Decoding is that product over and over, so generation keeps
-# a transposed copy of the head weight per model (refreshed if the weight changes).
-_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _head_t(model: TransformerLM) -> Tensor:
-    weight = model.head.weight
-    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-    hit = _HEADS.get(model)
-    if hit is None or hit[0] != key:
-        hit = (key, weight.detach().t().contiguous())  # (d_model, vocab)
-        _HEADS[model] = hit
-    return hit[1]
-
-
 def last_logits(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None, cache
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    cache,
+    plan: DecodePlan | None = None,
 ) -> Tensor:
     """The next-token logits (B, V) after `input_ids`: only the last position goes through
-    the vocabulary head (equal to `model(..., last_only=True)[:, -1]`)."""
-    if not isinstance(model, TransformerLM) or model.head.weight.device.type != "cpu":
+    the vocabulary head (equal to `model(..., last_only=True)[:, -1]`). With a `DecodePlan`
+    (CPU models, `dtl.decode`) the head, and each one-token step through the cache, run on
+    weights laid out for memory speed; the loop gets the plan once, not every step."""
+    if plan is None:
         return model(input_ids, attention_mask, cache=cache, last_only=True)[:, -1]
+    if cache is not None and input_ids.size(1) == 1 and attention_mask is None:
+        return decode_step(model, input_ids, cache, plan)
     hidden = model.hidden_states(input_ids, attention_mask, cache=cache)[:, -1]  # (B, d)
-    if model.head.bias is None:
-        return hidden @ _head_t(model)
-    return torch.addmm(model.head.bias, hidden, _head_t(model))  # (B, V)
+    return plan.head(hidden)  # (B, V)
 
 
 # ---------------------------------------------------------------------- the token loop
@@ -223,14 +210,17 @@ def iter_tokens(
     seen = None
     if any(o.repetition_penalty != 1.0 for _, o in groups):  # (B, V): tokens in each context
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else (
-            attention_mask.bool()
+        valid = (
+            torch.ones_like(input_ids, dtype=torch.bool)
+            if attention_mask is None
+            else (attention_mask.bool())
         )
         seen[torch.arange(B, device=device)[:, None].expand(B, T)[valid], input_ids[valid]] = True
 
     cache = model.allocate_cache(B, T + max_new_tokens) if use_cache else None
     ids, mask = input_ids, attention_mask  # the full context, for the no-cache path
-    logits = last_logits(model, input_ids, attention_mask, cache)  # (B, V)
+    plan = plan_for(model) if uses_fast_path(model) else None  # weights fixed from here on
+    logits = last_logits(model, input_ids, attention_mask, cache, plan)  # (B, V)
     for _ in range(max_new_tokens):
         token = _sample_groups(logits, samplers, seen)  # (B,)
         token = torch.where(done, torch.full_like(token, pad), token)
@@ -243,12 +233,12 @@ def iter_tokens(
             return
         step = token[:, None]  # (B, 1)
         if cache is not None:
-            logits = last_logits(model, step, None, cache)
+            logits = last_logits(model, step, None, cache, plan)
         else:  # recompute the whole context: the reference the cache must equal
             ids = torch.cat([ids, step], dim=1)
             if mask is not None:
                 mask = torch.cat([mask, torch.ones_like(step)], dim=1)
-            logits = last_logits(model, ids, mask, None)
+            logits = last_logits(model, ids, mask, None, plan)
 
 
 def _sample_groups(logits: Tensor, samplers: list, seen: Tensor | None) -> Tensor:

@@ -17,6 +17,7 @@ import pytest
 import torch
 import uvicorn
 
+import dtl.generate
 from dtl import ModelConfig, TransformerLM
 from dtl.data.qa import QA_STOP, qa_prompt
 from dtl.generate import generate
@@ -93,25 +94,20 @@ def expected(model, tokenizer, prompt, n, stop=()):
 def hold_worker(model, until, timeout: float = 20.0):
     """Inside, each step of the server's worker thread waits until `until()` is true (at most
     `timeout` seconds a step), so a test can pin down what happens between two steps."""
-    originals = {name: getattr(model, name) for name in ("forward", "hidden_states")}
+    original = dtl.generate.last_logits  # every step of the token loop goes through it
 
-    def gate(original):
-        def wrapped(*args, **kwargs):
-            if threading.current_thread().name == "dtl-generate":
-                deadline = time.monotonic() + timeout
-                while not until() and time.monotonic() < deadline:
-                    time.sleep(0.005)
-            return original(*args, **kwargs)
+    def gated(*args, **kwargs):
+        if threading.current_thread().name == "dtl-generate":
+            deadline = time.monotonic() + timeout
+            while not until() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return original(*args, **kwargs)
 
-        return wrapped
-
-    for name, original in originals.items():
-        setattr(model, name, gate(original))
+    dtl.generate.last_logits = gated
     try:
         yield
     finally:
-        for name in originals:
-            delattr(model, name)
+        dtl.generate.last_logits = original
 
 
 @pytest.fixture

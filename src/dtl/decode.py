@@ -1,0 +1,192 @@
+"""The one-token decode step on the CPU: `TransformerLM`'s cached forward for T == 1, with
+every weight matrix laid out for a matrix-vector product.
+
+Decoding one token multiplies a single row (B = 1) by every weight of the blocks and the
+vocabulary head, so it is bound by how fast those weights stream from memory. On the CPU,
+MKL's matrix-vector kernel behind `F.linear` reaches a fraction of the memory bandwidth
+(small preset on 2 cores: 8-18 GB/s, one core, and slower still when the contiguous axis is
+short), while the same product cut into p column blocks and run as one batched product
+(`torch.baddbmm`, p slices of (in, out/p)) runs the slices on every core at the bandwidth
+limit. Measured on the 2-core box (small preset; see docs/benchmarks.md): the head's
+(256 x 50257) product 1.72 ms -> 0.97 ms, a block's feed-forward up-projection 98 -> 35 us.
+
+So a `DecodePlan` keeps, per model, a copy of every linear weight as (p, in, ceil(out/p))
+column blocks (Q, K and V fused into one), refreshed when any parameter changes. The maths is
+the model's own, operation for operation; only the summation kernels differ (results agree
+with `model(...)` to float32 rounding, tested).
+
+>>> import torch
+>>> from dtl import ModelConfig, TransformerLM
+>>> model = TransformerLM(ModelConfig.preset("tiny", vocab_size=100)).eval()
+>>> cache = model.allocate_cache(1, 8)
+>>> logits = model(torch.tensor([[1, 2, 3]]), cache=cache, last_only=True)  # the prompt
+>>> decode_step(model, torch.tensor([[4]]), cache).shape  # then one token at a time
+torch.Size([1, 100])
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dtl.errors import DtlError
+from dtl.model import KVCache, TransformerLM
+
+
+@dataclass
+class SplitLinear:
+    """y = x @ W.T + b for x (B, in), as one batched product over p slices of W.
+
+    Two ways to cut W (in, out), chosen by its shape (see `split_for`):
+    "cols": p blocks of whole columns (p, in, out/p); each slice gives part of y.
+    "rows": p blocks of rows (p, in/p, out) against p chunks of x; y is the slices' sum.
+    """
+
+    weight: Tensor  # cols: (p, in, c), c = ceil(out / p), zero-padded; rows: (p, in / p, out)
+    bias: Tensor  # cols: (p, 1, c); rows: (out,)
+    out_features: int
+    by_rows: bool
+
+    @classmethod
+    def of(
+        cls, weights: list[Tensor], biases: list[Tensor], parts: int, by_rows: bool
+    ) -> SplitLinear:
+        """From nn.Linear weights (out_i, in) stacked along out (several fuse into one)."""
+        w = torch.cat([x.detach() for x in weights]).t()  # (in, out)
+        b = torch.cat([x.detach() for x in biases])  # (out,)
+        n_in, out = w.shape
+        if by_rows:
+            if n_in % parts:
+                raise ValueError(f"in_features {n_in} does not split into {parts} row blocks")
+            return cls(w.reshape(parts, n_in // parts, out).contiguous(), b.clone(), out, True)
+        c = -(-out // parts)
+        padded = w.new_zeros(n_in, parts * c)
+        padded[:, :out] = w
+        bias = b.new_zeros(parts * c)
+        bias[:out] = b
+        weight = padded.view(n_in, parts, c).permute(1, 0, 2).contiguous()  # (p, in, c)
+        return cls(weight, bias.view(parts, 1, c), out, False)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        B = x.size(0)
+        if self.by_rows:
+            p, chunk, out = self.weight.shape
+            x_parts = x.view(B, p, chunk).transpose(0, 1)  # (p, B, in / p)
+            return torch.bmm(x_parts, self.weight).sum(0).add_(self.bias)  # (B, out)
+        p, n_in, c = self.weight.shape
+        y = torch.baddbmm(self.bias, x.expand(p, B, n_in), self.weight)  # (p, B, c)
+        return y.transpose(0, 1).reshape(B, p * c)[:, : self.out_features]  # (B, out)
+
+
+def split_for(
+    weights: list[Tensor], biases: list[Tensor], threads: int, rows: int = 2, cols: int = 4
+) -> SplitLinear:
+    """Widening products (out > in) cut by rows, narrowing ones by columns, which measured
+    fastest on the 2-core box with the weights coming from memory (docs/benchmarks.md)."""
+    out = sum(w.size(0) for w in weights)
+    n_in = weights[0].size(1)
+    r = rows * threads // 2 or 1
+    if out > n_in and n_in % r == 0:
+        return SplitLinear.of(weights, biases, r, by_rows=True)
+    return SplitLinear.of(weights, biases, max(1, cols * threads // 2), by_rows=False)
+
+
+@dataclass
+class BlockPlan:
+    qkv: SplitLinear  # d -> 3d: [q | k | v]
+    w_o: SplitLinear
+    linear1: SplitLinear
+    linear2: SplitLinear
+    norm1: nn.LayerNorm
+    norm2: nn.LayerNorm
+
+
+@dataclass
+class DecodePlan:
+    key: tuple
+    blocks: list[BlockPlan]
+    head: SplitLinear
+
+    @classmethod
+    def build(cls, model: TransformerLM, key: tuple, threads: int) -> DecodePlan:
+        def split(*linears: nn.Linear) -> SplitLinear:
+            biases = [x.bias if x.bias is not None else x.weight.new_zeros(x.out_features)
+                      for x in linears]  # fmt: skip
+            return split_for([x.weight for x in linears], biases, threads)
+
+        blocks = []
+        for block in model.transformer_blocks:
+            a, ff = block.attention, block.feed_forward
+            blocks.append(BlockPlan(
+                split(a.w_q, a.w_k, a.w_v), split(a.w_o), split(ff.linear1), split(ff.linear2),
+                block.norm1, block.norm2,
+            ))  # fmt: skip
+        head = model.head  # (vocab x d): whole columns per core measured fastest here
+        bias = head.bias if head.bias is not None else head.weight.new_zeros(head.out_features)
+        return cls(key, blocks, SplitLinear.of([head.weight], [bias], threads, by_rows=False))
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def uses_fast_path(model: nn.Module) -> bool:
+    """The plan serves CPU models in eval mode (or without dropout): its step has no dropout."""
+    return (
+        isinstance(model, TransformerLM)
+        and model.head.weight.device.type == "cpu"
+        and (not model.training or model.config.dropout == 0.0)
+    )
+
+
+def plan_for(model: TransformerLM) -> DecodePlan:
+    """The model's decode plan, rebuilt when any parameter was replaced or changed in place."""
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+    plan = _PLANS.get(model)
+    if plan is None or plan.key != key:
+        plan = DecodePlan.build(model, key, threads=max(2, torch.get_num_threads()))
+        _PLANS[model] = plan
+    return plan
+
+
+@torch.no_grad()
+def decode_step(
+    model: TransformerLM, tokens: Tensor, cache: KVCache, plan: DecodePlan | None = None
+) -> Tensor:
+    """Logits (B, vocab) of the next token after `tokens` (B, 1), appended to `cache`.
+
+    Equal to `model(tokens, cache=cache, last_only=True)[:, -1]` to float32 rounding.
+    `plan`: `plan_for(model)`, which a loop should fetch once (it checks every parameter).
+    """
+    B, T = tokens.shape
+    start = cache.length
+    if T != 1 or B != cache.batch_size:
+        raise DtlError(f"decode_step takes (batch={cache.batch_size}, 1) tokens, got {(B, T)}")
+    if start + 1 > cache.max_len:
+        raise DtlError(
+            f"the KV cache is full ({cache.max_len} positions); the model's max_seq_length is "
+            f"{model.config.max_seq_length}"
+        )
+    plan = plan_for(model) if plan is None else plan
+    cfg = model.config
+    H, d_k = cfg.n_heads, cfg.d_k
+    attn_mask, position_ids = model._mask_and_positions(tokens, None, cache)  # None unpadded
+    x = F.embedding(tokens[:, 0], model.embedding.weight) * model.embed_scale  # (B, d)
+    pe = model.pos_encoding.pe
+    x = x + (pe[start] if position_ids is None else pe[position_ids[:, 0]])
+    end = start + 1
+    for i, block in enumerate(plan.blocks):
+        q, k, v = block.qkv(x).view(B, 3, H, 1, d_k).unbind(1)  # each (B, H, 1, d_k)
+        keys, values = cache.keys[i], cache.values[i]  # (B, H, max_len, d_k)
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        out = F.scaled_dot_product_attention(
+            q, keys[:, :, :end], values[:, :, :end], attn_mask=attn_mask
+        )  # (B, H, 1, d_k); one query sees every cached key (the mask drops padding)
+        x = block.norm1(x + block.w_o(out.reshape(B, cfg.d_model)))
+        x = block.norm2(x + block.linear2(block.linear1(x).relu_()))
+    cache.length = end
+    return plan.head(model.ln_f(x))  # (B, vocab)

@@ -1,0 +1,97 @@
+"""dtl.decode: the CPU one-token step must be the model's own maths, whatever the layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dtl import ModelConfig, TransformerLM
+from dtl.decode import SplitLinear, decode_step, plan_for, split_for, uses_fast_path
+from dtl.errors import DtlError
+
+
+def odd_model(seed: int = 0) -> TransformerLM:
+    """Sizes that no split divides evenly: vocab 101, d_ff 72, 3 heads of 8."""
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=101, d_model=24, n_heads=3, n_layers=3, d_ff=72,
+                         max_seq_length=40)  # fmt: skip
+    return TransformerLM(config).eval()
+
+
+@pytest.mark.parametrize("by_rows", [False, True])
+@pytest.mark.parametrize("parts", [1, 2, 3, 8])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_split_linear_equals_f_linear(by_rows, parts, batch):
+    torch.manual_seed(parts)
+    weights = [torch.randn(13, 24), torch.randn(7, 24)]  # two fused: out 20, in 24
+    biases = [torch.randn(13), torch.randn(7)]
+    x = torch.randn(batch, 24)
+    want = F.linear(x, torch.cat(weights), torch.cat(biases))  # the oracle: PyTorch's own
+    got = SplitLinear.of(weights, biases, parts, by_rows=by_rows)(x)
+    assert got.shape == (batch, 20)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_split_for_cuts_rows_only_where_they_divide():
+    widening = split_for([torch.randn(30, 8)], [torch.zeros(30)], threads=2)
+    narrowing = split_for([torch.randn(8, 30)], [torch.zeros(8)], threads=2)
+    odd_input = split_for([torch.randn(30, 7)], [torch.zeros(30)], threads=2)
+    assert widening.by_rows and not narrowing.by_rows and not odd_input.by_rows
+
+
+def test_decode_steps_equal_the_full_forward_with_padding():
+    """Left-padded rows of different lengths, several steps: each step's logits equal the
+    model run on the whole context without a cache (an independent path through model.py)."""
+    model = odd_model()
+    ids = torch.tensor([[0, 0, 5, 9, 14], [3, 1, 4, 1, 5], [0, 0, 0, 0, 7]])
+    mask = (torch.arange(5)[None] >= torch.tensor([[2], [0], [4]])).long()
+    steps = torch.tensor([[11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 25, 26], [1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        cache = model.allocate_cache(3, 16)
+        model(ids, mask, cache=cache, last_only=True)
+        context, context_mask = ids, mask
+        for t in range(steps.size(1)):
+            token = steps[:, t : t + 1]
+            got = decode_step(model, token, cache)
+            context = torch.cat([context, token], 1)
+            context_mask = torch.cat([context_mask, torch.ones_like(token)], 1)
+            want = model(context, context_mask)[:, -1]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert cache.length == 5 + steps.size(1)
+
+
+def test_the_plan_follows_weight_changes():
+    model, other = odd_model(0), odd_model(1)
+    ids = torch.tensor([[1, 2, 3]])
+
+    def step():
+        cache = model.allocate_cache(1, 8)
+        model(ids[:, :2], cache=cache)
+        return decode_step(model, ids[:, 2:], cache)
+
+    with torch.no_grad():
+        first = plan_for(model)
+        assert plan_for(model) is first  # unchanged weights: the same plan, no rebuild
+        model.load_state_dict(other.state_dict())  # copies in place: a new _version
+        torch.testing.assert_close(step(), other(ids)[:, -1], rtol=1e-5, atol=1e-5)
+        model.transformer_blocks[1].feed_forward.linear2.weight = torch.nn.Parameter(
+            torch.zeros(24, 72)
+        )  # a replaced parameter, too
+        torch.testing.assert_close(step(), model(ids)[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_full_cache_is_a_clear_error():
+    model = odd_model()
+    with torch.no_grad():
+        cache = model.allocate_cache(1, 3)
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        with pytest.raises(DtlError, match="KV cache is full"):
+            decode_step(model, torch.tensor([[4]]), cache)
+
+
+def test_training_mode_with_dropout_keeps_the_models_path():
+    model = TransformerLM(ModelConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=1,
+                                      d_ff=32, max_seq_length=8, dropout=0.1))  # fmt: skip
+    assert not uses_fast_path(model.train())
+    assert uses_fast_path(model.eval())
