@@ -176,6 +176,24 @@ def fit_context(
     return input_ids[:, -room:], mask
 
 
+def seeded_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """The generator a row group draws from: seeded, or None for torch's global one."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def context_tokens(input_ids: Tensor, attention_mask: Tensor | None, vocab_size: int) -> Tensor:
+    """(B, V) bool: True where a token occurs in the row's (unpadded) prompt, which the
+    repetition penalty then keeps up to date with each new token."""
+    B, T = input_ids.shape
+    seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=input_ids.device)
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else (
+        attention_mask.bool()
+    )  # fmt: skip
+    seen[torch.arange(B, device=input_ids.device)[:, None].expand(B, T)[valid],
+         input_ids[valid]] = True  # fmt: skip
+    return seen
+
+
 @torch.no_grad()
 def iter_tokens(
     model: torch.nn.Module,
@@ -202,20 +220,13 @@ def iter_tokens(
     groups = [(range(B), opts or SamplingOptions())] if groups is None else groups
     samplers = []  # (row index or None for all rows, options, generator)
     for rows, o in groups:
-        g = None if o.seed is None else torch.Generator(device=device).manual_seed(o.seed)
         index = None if len(groups) == 1 else torch.tensor(list(rows), device=device)
-        samplers.append((index, o, g))
+        samplers.append((index, o, seeded_generator(o.seed, device)))
     done = torch.zeros(B, dtype=torch.bool, device=device) if done is None else done
     pad = 0 if eos_id is None else eos_id
     seen = None
-    if any(o.repetition_penalty != 1.0 for _, o in groups):  # (B, V): tokens in each context
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        valid = (
-            torch.ones_like(input_ids, dtype=torch.bool)
-            if attention_mask is None
-            else (attention_mask.bool())
-        )
-        seen[torch.arange(B, device=device)[:, None].expand(B, T)[valid], input_ids[valid]] = True
+    if any(o.repetition_penalty != 1.0 for _, o in groups):
+        seen = context_tokens(input_ids, attention_mask, model.config.vocab_size)
 
     cache = model.allocate_cache(B, T + max_new_tokens) if use_cache else None
     ids, mask = input_ids, attention_mask  # the full context, for the no-cache path

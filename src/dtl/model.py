@@ -171,6 +171,48 @@ class KVCache:
     def max_len(self) -> int:
         return self.key_mask.size(1)
 
+    # Continuous batching (the server): rows leave a running batch, and batches merge.
+    def select(self, rows: Tensor) -> KVCache:
+        """The cache of `rows` (a LongTensor of row indices) only, less the leading slots
+        that none of them uses (so a long-gone row's length is not carried on)."""
+        used = self.key_mask[rows, : self.length]  # (b, length)
+        first = int(used.any(0).long().argmax()) if bool(used.any()) else self.length
+        return KVCache(
+            keys=[k[rows, :, first:] for k in self.keys],
+            values=[v[rows, :, first:] for v in self.values],
+            key_mask=self.key_mask[rows, first:],
+            length=self.length - first,
+            has_padding=bool((~used[:, first:]).any()),
+        )
+
+    @classmethod
+    def merge(cls, caches: list[KVCache], room: int) -> KVCache:
+        """One cache holding the rows of `caches` in order, each right-aligned at the longest
+        length (shorter ones left-padded with masked slots), with `room` free slots after."""
+        length = max(c.length for c in caches)
+        first = caches[0]
+        B = sum(c.batch_size for c in caches)
+        H, d_k = first.keys[0].size(1), first.keys[0].size(3)
+        like = first.keys[0]
+        shape = (B, H, length + room, d_k)
+        merged = cls(
+            keys=[like.new_zeros(shape) for _ in first.keys],
+            values=[like.new_zeros(shape) for _ in first.keys],
+            key_mask=torch.zeros(B, length + room, dtype=torch.bool, device=like.device),
+            length=length,
+        )
+        row = 0
+        for c in caches:
+            rows, pad = slice(row, row + c.batch_size), length - c.length
+            for i in range(len(first.keys)):
+                merged.keys[i][rows, :, pad:length] = c.keys[i][:, :, : c.length]
+                merged.values[i][rows, :, pad:length] = c.values[i][:, :, : c.length]
+            merged.key_mask[rows, pad:length] = c.key_mask[:, : c.length]
+            row += c.batch_size
+        merged.key_mask[:, length:] = True  # slots to come are written as they are filled
+        merged.has_padding = bool((~merged.key_mask[:, :length]).any())
+        return merged
+
 
 class TransformerLM(nn.Module):
     """A decoder-only transformer language model, exactly as the spec draws it."""

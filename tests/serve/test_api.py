@@ -358,32 +358,59 @@ def test_a_request_may_make_at_most_64_completions(server):
     assert r.status_code == 200 and len(r.json()["choices"]) == 64
 
 
-def test_a_failing_request_does_not_fail_its_batch_neighbours(model, tokenizer, monkeypatch):
-    real = api.gen.stream_requests
-
-    def fails_on_boom(model, tokenizer, requests, *args, **kwargs):
-        if any(r.prompt == "boom" for r in requests):
-            raise RuntimeError("boom broke")
-        yield from real(model, tokenizer, requests, *args, **kwargs)
-
-    monkeypatch.setattr(api.gen, "stream_requests", fails_on_boom)
-    state = SimpleNamespace(model=model, tokenizer=tokenizer, cancelled=0, largest_batch=0)
-    worker = api.Batcher(state)
-    got: dict[str, list] = {"boom": [], "fine": []}
-    tickets = []
-    for prompt in got:
-        job = api._job({"temperature": 0, "max_tokens": 5}, [prompt], tokenizer, 128, 16)
-        tickets.append(api.Ticket(job, got[prompt].append, threading.Event()))
-    with worker.ready:  # both wait before the worker wakes: they are taken as one batch
-        for ticket in tickets:
-            worker.submit(ticket)
+def _worker_run(model, tokenizer, prompts, max_tokens=5, worker=None):
+    """Submit one greedy request per prompt to `worker` (a fresh one if None), all before it
+    wakes; return {prompt: items it received} once each has ended, and the worker."""
+    if worker is None:
+        state = SimpleNamespace(model=model, tokenizer=tokenizer, cancelled=0, largest_batch=0)
+        worker = api.Batcher(state)
+    got: dict[str, list] = {p: [] for p in prompts}
+    with worker.ready:  # all wait before the worker wakes
+        for prompt in prompts:
+            job = api._job({"temperature": 0, "max_tokens": max_tokens}, [prompt], tokenizer,
+                           128, 16)  # fmt: skip
+            worker.submit(api.Ticket(job, got[prompt].append, threading.Event()))
     wait_for(lambda: all(items and items[-1] is api._END for items in got.values()),
-             "the worker did not finish both requests")  # fmt: skip
-    assert state.largest_batch == 2  # they were tried together first
+             "the worker did not finish every request")  # fmt: skip
+    return got, worker
+
+
+def test_a_request_that_fails_alone_does_not_fail_its_batch_neighbours(
+    model, tokenizer, monkeypatch
+):
+    real = api.gen.encode_prompts
+
+    def fails_on_boom(tokenizer, prompts, *args, **kwargs):
+        if "boom" in prompts:
+            raise RuntimeError("boom broke")
+        return real(tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(api.gen, "encode_prompts", fails_on_boom)  # the request's prefill
+    got, worker = _worker_run(model, tokenizer, ["fine", "boom", "also fine"])
     assert [type(x) for x in got["boom"]] == [RuntimeError, object]
-    fine = got["fine"][:-1]
-    assert fine and not any(isinstance(x, Exception) for x in fine)
-    assert "".join(c.text for c in fine) == expected(model, tokenizer, "fine", 5).text
+    assert worker.state.largest_batch == 2  # the two good ones were decoded together
+    for prompt in ("fine", "also fine"):
+        chunks = got[prompt][:-1]
+        assert chunks and not any(isinstance(x, Exception) for x in chunks)
+        assert "".join(c.text for c in chunks) == expected(model, tokenizer, prompt, 5).text
+
+
+def test_a_failed_step_fails_its_requests_and_the_worker_goes_on(model, tokenizer, monkeypatch):
+    real, calls = api.ContinuousBatch.step, []
+
+    def fails_once(self):
+        calls.append(1)
+        if len(calls) == 2:  # the second step, with both requests in the batch
+            raise RuntimeError("out of memory")
+        return real(self)
+
+    monkeypatch.setattr(api.ContinuousBatch, "step", fails_once)
+    got, worker = _worker_run(model, tokenizer, ["one", "two"])
+    for prompt in ("one", "two"):
+        assert isinstance(got[prompt][-2], RuntimeError) and "out of memory" in str(got[prompt][-2])
+    later, _ = _worker_run(model, tokenizer, ["three"], worker=worker)  # the same worker
+    got_text = "".join(c.text for c in later["three"][:-1])
+    assert got_text == expected(model, tokenizer, "three", 5).text
 
 
 def test_dtl_serve_refuses_a_taken_port_and_a_missing_model(tmp_path, capsys):

@@ -12,10 +12,11 @@ MAX_REQUEST_ROWS (64) rows: its prompts times `n`. Mistakes come back as 400 in 
 error shape `{"error": {"message", "type", "param", "code"}}`; every request is checked
 (sampling options included) before it is queued, so none can fail inside the worker.
 
-One model is shared by every request, so generation runs on a single worker thread; the
-requests waiting when it becomes free are decoded together as one batch, each with its own
-settings and seeded generator (what a request gets does not depend on its neighbours; should
-one fail, the others are run again on their own), and a request whose client goes away
+One model is shared by every request, so generation runs on a single worker thread that
+batches continuously (`dtl.serve.engine`): a request joins the running batch between two
+decode steps (so it waits one step, not a whole batch) and leaves it when it is done. Each
+keeps its own settings and seeded generator (what a request gets does not depend on its
+neighbours; one that fails alone fails only itself), and a request whose client goes away
 (streamed or not) is dropped from the batch at its next token.
 
 >>> app = create_app(model, tokenizer, "tiny")  # doctest: +SKIP
@@ -33,7 +34,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -43,6 +44,7 @@ from dtl import generate as gen
 from dtl.data.qa import QA_STOP, format_qa, qa_prompt
 from dtl.errors import DtlError
 from dtl.generate import StreamChunk
+from dtl.serve.engine import ContinuousBatch
 
 MAX_N = 16  # choices per request
 MAX_REQUEST_ROWS = 64  # prompts x n per request: one request never makes a giant batch
@@ -363,7 +365,6 @@ class Ticket:
     send: Callable[[object], None]  # thread-safe: a StreamChunk, an Exception, or _END
     cancel: threading.Event
     left: int = 0  # rows not finished yet
-    dropped: bool = False  # stopped because `cancel` was set mid-generation
     emitted: int = 0  # chunks sent so far
     ended: bool = False  # _END sent: nothing more goes out
 
@@ -382,103 +383,85 @@ class Ticket:
 
 
 class Batcher:
-    """The one thread that generates for every request. Requests that are waiting when it
-    becomes free run together as one batch (up to MAX_BATCH_ROWS rows that fit the context):
-    each keeps its own settings and seeded generator, so it gets what it would get alone,
-    and none ever sees another's KV cache rows. A failure is kept to its own request: if a
-    batch fails, its requests that had no output yet are run again one at a time."""
+    """The one thread that generates for every request, by continuous batching
+    (`dtl.serve.engine`): between two decode steps, waiting requests join the running batch
+    (up to MAX_BATCH_ROWS rows that fit the context, first come first served) and finished
+    or abandoned ones leave it. Each request keeps its own settings and seeded generator, so
+    it gets what it would get alone, and none ever sees another's KV cache rows. A request
+    that fails on its own (its prefill) fails alone; a failed step fails the requests in it."""
 
     def __init__(self, state) -> None:
         self.state = state
         self.pending: deque[Ticket] = deque()
-        self.running: list[Ticket] = []  # the batch being decoded (for tests and operators)
+        self.batch = ContinuousBatch(state.model, state.tokenizer, MAX_BATCH_ROWS)
+        self.tickets: dict[int, Ticket] = {}  # id(ticket) -> ticket, for those in the batch
         self.ready = threading.Condition()
         threading.Thread(target=self._loop, name="dtl-generate", daemon=True).start()
+
+    @property
+    def running(self) -> list[Ticket]:
+        """The requests being decoded now (for tests and operators)."""
+        return [self.tickets[m.key] for m in self.batch.members]
 
     def submit(self, ticket: Ticket) -> None:
         with self.ready:
             self.pending.append(ticket)
             self.ready.notify()
 
-    def _take(self) -> list[Ticket]:
-        context = self.state.model.config.max_seq_length
+    def _next(self, wait: bool) -> Ticket | None:
+        """The first waiting ticket if it can join the batch now (waiting for one if `wait`)."""
         with self.ready:
-            while not self.pending:
+            while wait and not self.pending:
                 self.ready.wait()
-            batch = [self.pending.popleft()]
-            while self.pending:
-                nxt = self.pending[0]
-                jobs = [t.job for t in batch] + [nxt.job]
-                if sum(len(j.prompts) for j in jobs) > MAX_BATCH_ROWS or not gen.batch_fits(
-                    [j.longest for j in jobs], [j.max_tokens for j in jobs], context
-                ):
-                    break
-                batch.append(self.pending.popleft())
-            return batch
+            if self.pending:
+                job = self.pending[0].job
+                if self.batch.fits(len(job.prompts), job.longest, job.max_tokens):
+                    return self.pending.popleft()
+        return None
 
     def _loop(self) -> None:
-        while True:
-            batch = self._take()
-            live = []
-            for ticket in batch:
-                if ticket.cancel.is_set():  # its client left while it waited
-                    self.state.cancelled += 1
-                    ticket.emit(_END)
-                else:
-                    live.append(ticket)
-            if live:
-                self._run(live)
-
-    def _run(self, tickets: list[Ticket]) -> None:
-        """Generate for `tickets`; never raises (each client hears of its own failure)."""
-        try:
-            self._generate(tickets)
-        except Exception as err:
-            if len(tickets) == 1:
-                tickets[0].fail(err)
-                return
-            for ticket in tickets:  # whoever had output already cannot start over
-                if not ticket.ended and ticket.emitted:
-                    ticket.fail(err)
-            for ticket in tickets:
-                if not ticket.ended:
-                    self._run([ticket])  # alone: a bad request fails only itself
-        finally:
-            self.running = []
-
-    def _generate(self, tickets: list[Ticket]) -> None:
-        requests: list = []
-        owner = []  # owner[row] = (ticket, the row's index in its job)
-        for group, ticket in enumerate(tickets):
-            job = ticket.job
-            ticket.left, ticket.dropped = len(job.prompts), False
-            for j, prompt in enumerate(job.prompts):
-                requests.append(gen.Request(prompt, job.max_tokens, job.options, job.stop, group))
-                owner.append((ticket, j))
-
-        def cancelled(row: int) -> bool:
-            ticket = owner[row][0]
-            if not ticket.cancel.is_set():
-                return False
-            ticket.left -= 1
-            if not ticket.dropped:
-                ticket.dropped = True
-                self.state.cancelled += 1  # counted so tests (and operators) can see it
-            if ticket.left == 0:
-                ticket.emit(_END)
-            return True
-
         state = self.state
-        self.running = list(tickets)
-        state.largest_batch = max(state.largest_batch, len(requests))
-        for chunk in gen.stream_requests(state.model, state.tokenizer, requests, truncate=False,
-                                     cancelled=cancelled):  # fmt: skip
-            ticket, j = owner[chunk.index]
-            ticket.emit(replace(chunk, index=j))
-            if chunk.finish_reason is not None:
-                ticket.left -= 1
-                if ticket.left == 0:
+        while True:
+            while (ticket := self._next(wait=not self.batch)) is not None:
+                if ticket.cancel.is_set():  # its client left while it waited
+                    state.cancelled += 1
                     ticket.emit(_END)
+                    continue
+                job = ticket.job
+                try:
+                    self.batch.add(id(ticket), job.prompts, job.max_tokens, job.options, job.stop)
+                except Exception as err:  # this request's own failure: only it hears of it
+                    ticket.fail(err)
+                    continue
+                ticket.left = len(job.prompts)
+                self.tickets[id(ticket)] = ticket
+            state.largest_batch = max(state.largest_batch, self.batch.n_rows)
+            for ticket in self.running:
+                if ticket.cancel.is_set():  # the client left mid-generation
+                    state.cancelled += 1
+                    self.batch.drop(id(ticket))
+                    self._end(ticket)
+            if not self.batch:
+                continue
+            try:
+                pieces = self.batch.step()
+            except Exception as err:  # the step was everyone's: every request in it fails
+                for ticket in self.running:
+                    ticket.fail(err)
+                self.batch.clear()
+                self.tickets.clear()
+                continue
+            for key, chunk in pieces:
+                ticket = self.tickets[key]
+                ticket.emit(chunk)
+                if chunk.finish_reason is not None:
+                    ticket.left -= 1
+                    if ticket.left == 0:
+                        self._end(ticket)
+
+    def _end(self, ticket: Ticket) -> None:
+        ticket.emit(_END)
+        self.tickets.pop(id(ticket), None)
 
 
 async def _submit(worker: Batcher, job: Job, cancel: threading.Event, request=None):

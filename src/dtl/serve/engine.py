@@ -1,0 +1,173 @@
+"""Continuous batching: the server's requests join a running decode batch between two steps
+and leave it when they finish, so a new request waits for one step, not for a whole batch.
+
+Each request ("member": its prompts x n rows) is prefilled on its own (its own padding, its
+own KV cache, exactly as `dtl.generate.stream_requests` would run it alone), then its cache
+is merged into the batch's (`KVCache.merge`: rows right-aligned at the longest length, the
+shorter ones left-padded and masked; positions count real tokens, so padding changes
+nothing). Every step samples each member's rows with the member's own options and seeded
+generator, and finished rows keep drawing (and are fed padding) until the whole member is
+done, just as they do alone: what a request gets does not depend on its neighbours.
+
+>>> batch = ContinuousBatch(model, tokenizer, max_rows=16)  # doctest: +SKIP
+>>> batch.add("a", ["Once upon a time"], max_new_tokens=20, options=SamplingOptions())
+>>> while batch:
+...     for key, chunk in batch.step():
+...         print(key, chunk.text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dtl import generate as gen
+from dtl.decode import plan_for, uses_fast_path
+from dtl.generate import SamplingOptions, StreamChunk
+from dtl.model import KVCache
+
+
+@dataclass
+class Member:
+    """One request's rows in the batch, in order."""
+
+    key: Hashable
+    options: SamplingOptions
+    generator: torch.Generator | None
+    rows: list  # a _RowText per row
+    max_new_tokens: int
+    logits: Tensor  # (n, V): the next-token logits of its rows
+    seen: Tensor | None  # (n, V) bool, for the repetition penalty
+    done: Tensor  # (n,) bool
+    steps: int = 0  # tokens drawn so far
+
+    @property
+    def finished(self) -> bool:
+        return all(r.finished is not None for r in self.rows)
+
+
+class ContinuousBatch:
+    """Rows decoded together one token per step, joining and leaving between steps."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, max_rows: int = 16) -> None:
+        self.model, self.tokenizer, self.max_rows = model, tokenizer, max_rows
+        self.members: list[Member] = []
+        self.cache: KVCache | None = None
+        self.eos_id = tokenizer.eos_id
+        self.plan = None
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(len(m.rows) for m in self.members)
+
+    def _room_needed(self, extra: int = 0) -> int:
+        """Free slots the batch must keep: the most tokens any member may still draw."""
+        return max([extra] + [m.max_new_tokens - m.steps for m in self.members])
+
+    def fits(self, n_rows: int, longest_prompt: int, max_new_tokens: int) -> bool:
+        """Whether a request of these sizes can join now (rows and context both)."""
+        if self.n_rows + n_rows > self.max_rows and self.members:
+            return False
+        length = max(longest_prompt, self.cache.length if self.cache is not None else 0)
+        return length + self._room_needed(max_new_tokens) <= self.model.config.max_seq_length
+
+    @torch.no_grad()
+    def add(
+        self,
+        key: Hashable,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        options: SamplingOptions,
+        stop: Sequence[str] = (),
+    ) -> None:
+        """Prefill `prompts` alone and merge them into the batch (raises on a bad request,
+        leaving the batch as it was)."""
+        model = self.model
+        device = next(model.parameters()).device
+        ids, mask = gen.encode_prompts(self.tokenizer, prompts, device)
+        ids, mask = gen.fit_context(ids, mask, max_new_tokens, model.config.max_seq_length,
+                                    truncate=False)  # fmt: skip
+        if self.plan is None or not self.members:  # weights may have changed between batches
+            self.plan = plan_for(model) if uses_fast_path(model) else None
+        cache = model.allocate_cache(ids.size(0), ids.size(1))
+        logits = gen.last_logits(model, ids, mask, cache, self.plan)  # (n, V)
+        seen = None
+        if options.repetition_penalty != 1.0:
+            seen = gen.context_tokens(ids, mask, model.config.vocab_size)
+        member = Member(
+            key, options, gen.seeded_generator(options.seed, device),
+            [gen._RowText(self.tokenizer, list(stop)) for _ in prompts], max_new_tokens,
+            logits, seen, torch.zeros(len(prompts), dtype=torch.bool, device=device),
+        )  # fmt: skip
+        caches = [cache] if self.cache is None else [self.cache, cache]
+        room = self._room_needed(max_new_tokens)
+        self.cache = KVCache.merge(caches, room)
+        self.members.append(member)
+
+    def drop(self, key: Hashable) -> None:
+        """Take a member out (its client left); the others go on."""
+        self._keep([m for m in self.members if m.key != key])
+
+    def clear(self) -> None:
+        self.members, self.cache = [], None
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Hashable, StreamChunk]]:
+        """Draw one token for every row; return the text pieces, each with its member's key
+        (a row's last piece has its finish_reason). Finished members leave the batch."""
+        out: list[tuple[Hashable, StreamChunk]] = []
+        pad = self.eos_id if self.eos_id is not None else 0
+        tokens = []
+        for m in self.members:
+            token = gen.sample_next(m.logits, m.options, m.seen, m.generator)  # (n,)
+            token = torch.where(m.done, torch.full_like(token, pad), token)
+            if m.seen is not None:
+                m.seen[torch.arange(token.size(0)), token] = True
+            m.steps += 1
+            for i, t in enumerate(token.tolist()):
+                row = m.rows[i]
+                if row.finished is not None:
+                    continue
+                piece = row.push(t, self.eos_id)
+                if row.finished is None and len(row.ids) >= m.max_new_tokens:
+                    piece += row.finish("length")
+                if row.finished is not None:
+                    m.done[i] = True
+                    out.append((m.key, StreamChunk(i, piece, row.finished, list(row.ids))))
+                elif piece:
+                    out.append((m.key, StreamChunk(i, piece)))
+            tokens.append(token)
+        keep = [not m.finished for m in self.members]
+        if any(keep):
+            step = torch.cat([t for t, k in zip(tokens, keep, strict=True) if k])[:, None]
+            self._keep([m for m, k in zip(self.members, keep, strict=True) if k])
+            logits = gen.last_logits(self.model, step, None, self.cache, self.plan)  # (B, V)
+            row = 0
+            for m in self.members:
+                m.logits = logits[row : row + len(m.rows)]
+                row += len(m.rows)
+        else:
+            self.clear()
+        return out
+
+    def _keep(self, members: list[Member]) -> None:
+        if len(members) == len(self.members):
+            return
+        if not members:
+            self.clear()
+            return
+        kept = {id(m) for m in members}
+        rows, row = [], 0
+        for m in self.members:
+            if id(m) in kept:
+                rows.extend(range(row, row + len(m.rows)))
+            row += len(m.rows)
+        assert self.cache is not None
+        self.cache = self.cache.select(torch.tensor(rows, device=self.cache.key_mask.device))
+        self.members = members
