@@ -320,7 +320,7 @@ class StreamChunk:
     token_ids: list[int] = field(default_factory=list)
 
 
-class _RowText:
+class RowText:
     """Turns one row's tokens into text pieces: UTF-8 safe, and holding back any tail that
     could be the start of a stop string until it is known not to be one."""
 
@@ -348,6 +348,18 @@ class _RowText:
         piece = self.text[self.sent : len(self.text) - keep]
         self.sent += len(piece)
         return piece
+
+    def advance(
+        self, index: int, token: int, eos_id: int | None, max_new_tokens: int
+    ) -> StreamChunk | None:
+        """Push row `index`'s next token; the chunk to send, if any (the row's last one, with
+        its finish_reason, at end-of-text, a stop string or max_new_tokens)."""
+        piece = self.push(token, eos_id)
+        if self.finished is None and len(self.ids) >= max_new_tokens:
+            piece += self.finish("length")
+        if self.finished is not None:
+            return StreamChunk(index, piece, self.finished, list(self.ids))
+        return StreamChunk(index, piece) if piece else None
 
     def finish(self, reason: str) -> str:
         """End the row; return whatever was held back."""
@@ -452,7 +464,7 @@ def stream_requests(
     steps = max(r.max_new_tokens for r in requests)
     input_ids, mask = fit_context(input_ids, mask, steps, context, truncate)
     eos_id = tokenizer.eos_id if stop_at_eos else None
-    rows = [_RowText(tokenizer, [r.stop] if isinstance(r.stop, str) else r.stop)
+    rows = [RowText(tokenizer, [r.stop] if isinstance(r.stop, str) else r.stop)
             for r in requests]  # fmt: skip
     by_group: dict[int, list[int]] = {}
     for i, r in enumerate(requests):
@@ -469,14 +481,11 @@ def stream_requests(
                 row.finished = "cancelled"
                 done[i] = True
                 continue
-            piece = row.push(token, eos_id)
-            if row.finished is None and len(row.ids) >= requests[i].max_new_tokens:
-                piece += row.finish("length")
+            chunk = row.advance(i, token, eos_id, requests[i].max_new_tokens)
             if row.finished is not None:
                 done[i] = True
-                yield StreamChunk(i, piece, row.finished, list(row.ids))
-            elif piece:
-                yield StreamChunk(i, piece)
+            if chunk is not None:
+                yield chunk
     for i, row in enumerate(rows):  # rows that ran out of new tokens
         if row.finished is None:
             yield StreamChunk(i, row.finish("length"), "length", list(row.ids))

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from dtl import generate as gen
 from dtl.decode import plan_for, uses_fast_path
-from dtl.generate import SamplingOptions, StreamChunk
+from dtl.generate import RowText, SamplingOptions, StreamChunk
 from dtl.model import KVCache
 
 
@@ -37,7 +37,7 @@ class Member:
     key: Hashable
     options: SamplingOptions
     generator: torch.Generator | None
-    rows: list  # a _RowText per row
+    rows: list[RowText]
     max_new_tokens: int
     logits: Tensor  # (n, V): the next-token logits of its rows
     seen: Tensor | None  # (n, V) bool, for the repetition penalty
@@ -102,7 +102,7 @@ class ContinuousBatch:
             seen = gen.context_tokens(ids, mask, model.config.vocab_size)
         member = Member(
             key, options, gen.seeded_generator(options.seed, device),
-            [gen._RowText(self.tokenizer, list(stop)) for _ in prompts], max_new_tokens,
+            [RowText(self.tokenizer, list(stop)) for _ in prompts], max_new_tokens,
             logits, seen, torch.zeros(len(prompts), dtype=torch.bool, device=device),
         )  # fmt: skip
         caches = [cache] if self.cache is None else [self.cache, cache]
@@ -134,14 +134,11 @@ class ContinuousBatch:
                 row = m.rows[i]
                 if row.finished is not None:
                     continue
-                piece = row.push(t, self.eos_id)
-                if row.finished is None and len(row.ids) >= m.max_new_tokens:
-                    piece += row.finish("length")
+                chunk = row.advance(i, t, self.eos_id, m.max_new_tokens)
                 if row.finished is not None:
                     m.done[i] = True
-                    out.append((m.key, StreamChunk(i, piece, row.finished, list(row.ids))))
-                elif piece:
-                    out.append((m.key, StreamChunk(i, piece)))
+                if chunk is not None:
+                    out.append((m.key, chunk))
             tokens.append(token)
         keep = [not m.finished for m in self.members]
         if any(keep):
