@@ -4,6 +4,12 @@ torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `setup()` joins the process group 
 GPUs, gloo on CPU) and gives each rank its device. Only rank 0 logs and saves. Without
 torchrun everything here is a no-op for a world of one.
 
+`wrap(..., fsdp=True)` shards the model with PyTorch's FSDP2 (`fully_shard`: each
+TransformerBlock, then the root), on GPUs (NCCL) and on CPU (gloo) alike; its parameters stay
+the module's own, under their own names, as DTensors. `full_state_dict` /
+`full_optimizer_state` gather them into what an unsharded model and optimizer hold, so a
+checkpoint is the same whichever way the model was trained.
+
 >>> dist = setup("cpu")   # a single process: rank 0 of 1
 >>> dist.world_size, dist.is_main
 (1, True)
@@ -70,24 +76,128 @@ def teardown() -> None:
 
 
 def wrap(module: nn.Module, dist: DistInfo, fsdp: bool = False) -> nn.Module:
-    """DDP (or FSDP) around `module` for a world of more than one; the module itself else."""
+    """DDP (or FSDP) around `module` for a world of more than one; the module itself else.
+
+    With `fsdp` the module is sharded in place (FSDP2) and returned: each TransformerBlock is
+    a unit of its own (gathered for its forward and backward only), the rest is the root's.
+    """
+    if fsdp:
+        check_fsdp(dist)
     if not dist.enabled:
-        if fsdp:
-            raise DtlError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
         return module
     if fsdp:
-        if dist.device.type != "cuda":
-            raise DtlError("--fsdp needs GPUs (PyTorch's FSDP has no CPU path); on CPU drop "
-                           "--fsdp to train data-parallel (DDP, gloo)")
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.device_mesh import init_device_mesh
 
-        return FSDP(
-            module, use_orig_params=True, device_id=dist.device
-        )
+        from dtl.model import TransformerBlock
+
+        fully_shard, _ = _fsdp2()
+        mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+        for block in [m for m in module.modules() if isinstance(m, TransformerBlock)]:
+            fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+        return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     return DDP(module, device_ids=ids)
+
+
+def check_fsdp(dist: DistInfo) -> None:
+    """--fsdp shards over torchrun's processes: a world of one has nothing to shard over."""
+    if not dist.enabled:
+        raise DtlError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+    _fsdp2()  # this torch has it
+
+
+def _fsdp2():
+    """PyTorch's `fully_shard` and the class it gives sharded modules."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard  # torch >= 2.6
+    except ImportError:
+        try:  # torch 2.4, 2.5
+            from torch.distributed._composable.fsdp import FSDPModule, fully_shard
+        except ImportError:
+            raise DtlError(f"--fsdp needs PyTorch's fully_shard (FSDP2, torch >= 2.4); this is "
+                           f"torch {torch.__version__}. Drop --fsdp to train with DDP") from None
+    return fully_shard, FSDPModule
+
+
+def _reshard(module: nn.Module) -> None:
+    """Register every sharded parameter again. A forward without a backward (evaluation)
+    leaves the root's parameters gathered, and the state-dict helpers match the optimizer's
+    parameters (the shards) with the module's by identity."""
+    _, fsdp_module = _fsdp2()
+    for m in module.modules():
+        if isinstance(m, fsdp_module):
+            m.reshard()
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights of a sharded `module` on CPU, on rank 0 ({} on the others).
+
+    Collective: every rank must call it.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    _reshard(module)
+    return get_model_state_dict(module, options=_full_options(cpu_offload=True))
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load unsharded weights (every rank holds all of `state`) into a sharded `module`."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    _reshard(module)
+    set_model_state_dict(module, state, options=_full_options())
+
+
+def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state of a sharded `module` as an unsharded `optimizer.state_dict()`
+    (parameters numbered in param-group order, full tensors on CPU), on rank 0; {} on the
+    others. Collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    _reshard(module)
+    state = get_optimizer_state_dict(module, optimizer, options=_full_options(cpu_offload=True))
+    if not state:
+        return {}
+    names = [name for group in state["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    return {
+        "state": {index[name]: value for name, value in state["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                         for g in state["param_groups"]],
+    }
+
+
+def load_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer,
+                              state: dict) -> None:
+    """Load an unsharded `optimizer.state_dict()` (every rank holds all of it) into the
+    optimizer of a sharded `module`."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    _reshard(module)
+    names = {id(p): name for name, p in module.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    saved = state["param_groups"]
+    if [len(g["params"]) for g in saved] != [len(g) for g in groups]:
+        raise DtlError(
+            "the saved optimizer state does not match this model's parameter groups "
+            f"({[len(g['params']) for g in saved]} vs {[len(g) for g in groups]} parameters); "
+            "was it saved with a different --decay-all or model?"
+        )
+    order = [name for g in groups for name in g]
+    by_name = {
+        "state": {order[int(i)]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": names_} for g, names_ in zip(saved, groups, strict=True)],
+    }
+    set_optimizer_state_dict(module, optimizer, by_name, options=_full_options())
 
 
 def all_reduce_sum(value: torch.Tensor, dist: DistInfo) -> torch.Tensor:

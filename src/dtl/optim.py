@@ -8,7 +8,7 @@ or a rarely seen token's row towards zero only hurts.
 >>> from dtl import ModelConfig, TransformerLM
 >>> model = TransformerLM(ModelConfig.preset("tiny", vocab_size=100))
 >>> opt = build_optimizer(model, lr=3e-4, weight_decay=0.1)
->>> lr_at(0, lr=3e-4, min_lr=3e-5, warmup_steps=10, max_steps=100)  # first step of warmup
+>>> round(lr_at(0, lr=3e-4, min_lr=3e-5, warmup_steps=10, max_steps=100), 12)  # warmup step 0
 3e-05
 """
 
@@ -35,11 +35,9 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False)
         if not p.requires_grad:
             continue
         # A weight matrix of a Linear layer; the embedding table is 2-D too but is a lookup.
-        # FSDP shows flat 1-D shards, so its parameters are told apart by name.
-        name = name.replace("_fsdp_wrapped_module.", "")
-        is_matrix = "embedding" not in name and (
-            p.dim() >= 2 or (name.endswith(".weight") and "norm" not in name and "ln_f" not in name)
-        )
+        # Under FSDP (fully_shard) a parameter is a DTensor with its own name and its full
+        # shape, so it is told apart the same way.
+        is_matrix = p.dim() >= 2 and "embedding" not in name
         (decay if decay_all or is_matrix else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:

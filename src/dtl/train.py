@@ -391,6 +391,8 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.dist = distributed.setup(cfg.device)
+        if cfg.fsdp:
+            distributed.check_fsdp(self.dist)  # before anything is written or prepared
         self.device = self.dist.device
         self.prec = precision.resolve_precision(cfg.precision, self.device)
         self.run_dir = prepare_run_dir(cfg, resume) if self.dist.is_main else Path(cfg.out)
@@ -417,9 +419,10 @@ class Trainer:
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.net = distributed.wrap(LossModel(self.model), self.dist, fsdp=cfg.fsdp)
-        # FSDP flattens parameters: its optimizer must see the wrapped ones.
+        # FSDP shards self.model's own parameters in place (DTensors under their own names),
+        # so the optimizer and its weight-decay groups are the same either way.
         self.optimizer = optim.build_optimizer(
-            self.net if cfg.fsdp else self.model,
+            self.model,
             lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
             decay_all=cfg.decay_all,
         )
@@ -479,8 +482,13 @@ class Trainer:
                 f"cannot resume {self.run_dir}: it ran on {state.get('world_size', 1)} process(es), "
                 f"this launch has {self.dist.world_size}; the data order would differ"
             )
-        weights = TransformerLM.from_pretrained(path, device=self.device).state_dict()
-        self.model.load_state_dict(weights)
+        # Under FSDP every rank reads the full weights (on CPU) and keeps its shard.
+        device = "cpu" if self.cfg.fsdp else self.device
+        weights = TransformerLM.from_pretrained(path, device=device).state_dict()
+        if self.cfg.fsdp:
+            distributed.load_full_state_dict(self.net, {f"model.{k}": v for k, v in weights.items()})
+        else:
+            self.model.load_state_dict(weights)
         self._load_optimizer(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["loader"])
@@ -502,18 +510,17 @@ class Trainer:
         atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
     def _optimizer_state(self) -> dict:
+        """The optimizer's state_dict; under FSDP gathered unsharded on rank 0 (collective),
+        in the same layout, so either kind of run resumes from either kind of checkpoint."""
         if self.cfg.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            return FSDP.optim_state_dict(self.net, self.optimizer)
+            return distributed.full_optimizer_state(self.net, self.optimizer)
         return self.optimizer.state_dict()
 
     def _load_optimizer(self, state: dict) -> None:
         if self.cfg.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            state = FSDP.optim_state_dict_to_load(self.net, self.optimizer, state)
-        self.optimizer.load_state_dict(state)
+            distributed.load_full_optimizer_state(self.net, self.optimizer, state)
+        else:
+            self.optimizer.load_state_dict(state)
 
     def _tensorboard(self):
         try:
@@ -553,7 +560,8 @@ class Trainer:
                     # is then 0 with zero gradients): DDP's reducer must all-reduce on every rank.
                     loss = self.forward(ids, targets, mask)  # mean over this micro-batch
                 # Weight by this micro-batch's share of all scored tokens, times world_size
-                # because DDP averages gradients over ranks: the sum is one big batch's mean.
+                # because DDP (and FSDP) average gradients over ranks: the sum is one big
+                # batch's mean.
                 weight = float(counts[i]) * self.dist.world_size / max(total, 1.0)
                 self.scaler.scale(loss.float() * weight).backward()
             loss_sum += loss.detach().float() * counts[i]
@@ -563,6 +571,8 @@ class Trainer:
 
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # Under FSDP these are sharded DTensors: their norm is the full gradient's (the shards'
+        # norms are reduced over the ranks), so every rank clips by the same factor.
         if self.cfg.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         else:
@@ -639,18 +649,16 @@ class Trainer:
         distributed.barrier(self.dist)
         return path
 
-    def _full_model(self) -> TransformerLM:
+    def _full_model(self) -> TransformerLM | None:
+        """The model with all its weights (under FSDP gathered on rank 0, collective); None
+        on the other ranks under FSDP, which do not save."""
         if not self.cfg.fsdp:
             return self.model
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        conf = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-        with FSDP.state_dict_type(self.net, StateDictType.FULL_STATE_DICT, conf):
-            full = self.net.state_dict()
+        full = distributed.full_state_dict(self.net)  # {} off rank 0
+        if not self.dist.is_main:
+            return None
         model = TransformerLM(self.model_config)
-        if self.dist.is_main:
-            model.load_state_dict({k.removeprefix("model."): v for k, v in full.items()})
+        model.load_state_dict({k.removeprefix("model."): v for k, v in full.items()})
         return model
 
     def log(self, record: dict[str, Any]) -> None:

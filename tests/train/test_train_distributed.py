@@ -1,5 +1,6 @@
 """Two real processes through torchrun (gloo on CPU): 2 ranks x batch B train exactly like
-1 process x batch 2B, only rank 0 logs and saves, and the checkpoint loads."""
+1 process x batch 2B, with DDP and with --fsdp (FSDP2, sharded weights and optimizer state);
+only rank 0 logs and saves, the checkpoint loads, and --resume continues exactly."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from train_helpers import DTL, PROJECT_ROOT, SUBPROCESS_ENV, model_flags, run_dtl
 
 from dtl import TransformerLM
@@ -39,28 +41,79 @@ def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_ranks_equal_one_process_with_twice_the_batch_and_resume(padded_data, tmp_path):
-    single = run_dtl(*_args(padded_data, tmp_path / "one", 4, steps=6))
-    assert single.returncode == 0, single.stderr
-    _torchrun(*_args(padded_data, tmp_path / "two", 2))
-
-    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
-    assert [r["step"] for r in two] == [r["step"] for r in one if r["step"] <= 4]  # rank 0 only
+def _same_records(one, two):
     for a, b in zip(one, two, strict=False):
         key = "val_loss" if "val_loss" in a else "loss"
         assert b[key] == pytest.approx(a[key], abs=1e-5), (a, b)
+
+
+@pytest.fixture(scope="module")
+def single_run(padded_data, tmp_path_factory):
+    """One process, batch 4, 6 steps (checkpoints at steps 4 and 6): what 2 ranks x 2 rows
+    must reproduce."""
+    out = tmp_path_factory.mktemp("dist") / "one"
+    done = run_dtl(*_args(padded_data, out, 4, steps=6))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _train_and_resume(padded_data, single_run, run_dir, *extra):
+    """2 ranks x batch 2 to step 4 (`extra` flags), then --resume to 6, checked against the
+    one-process run at each step; returns the step-4 checkpoint's path."""
+    _torchrun(*_args(padded_data, run_dir, 2), *extra)
+    one, two = _records(single_run), _records(run_dir)
+    assert [r["step"] for r in two] == [r["step"] for r in one if r["step"] <= 4]  # rank 0 only
+    _same_records(one, two)
     assert two[0]["tokens"] == one[0]["tokens"]  # 2 ranks x 2 rows == 1 x 4 rows
 
-    latest = latest_checkpoint(tmp_path / "two")
-    model = TransformerLM.from_pretrained(latest)
+    step4 = latest_checkpoint(run_dir)
+    assert step4.name == "step-4"
+    model = TransformerLM.from_pretrained(step4)
     assert model.config.d_model == 32 and model.config.vocab_size == 512
-    assert load_training_state(latest)["world_size"] == 2
+    assert load_training_state(step4)["world_size"] == 2
+    saved = {p.name: p.stat().st_size > 0 for p in step4.iterdir()}
+    assert {"config.json", "model.safetensors", "training_state.pt"} <= set(saved)
 
     # Resume the 2-process run to step 6: it continues as the 1-process run did (optimizer,
     # data position, step; the RNG round trip is the SIGKILL test's, with dropout on).
-    _torchrun("train", "--resume", str(tmp_path / "two"), "--max-steps", "6", "--no-progress")
-    resumed = _records(tmp_path / "two")
+    _torchrun("train", "--resume", str(run_dir), "--max-steps", "6", "--no-progress")
+    resumed = _records(run_dir)
     assert [r["step"] for r in resumed] == [r["step"] for r in one]
-    for a, b in zip(one, resumed, strict=True):
-        key = "val_loss" if "val_loss" in a else "loss"
-        assert b[key] == pytest.approx(a[key], abs=1e-5), (a, b)
+    _same_records(one, resumed)
+    return step4
+
+
+def test_two_ranks_equal_one_process_with_twice_the_batch_and_resume(padded_data, single_run,
+                                                                     tmp_path):
+    _train_and_resume(padded_data, single_run, tmp_path / "two")
+
+
+def test_fsdp_on_cpu_trains_saves_and_resumes_like_one_process(padded_data, single_run, tmp_path):
+    run_dir = tmp_path / "fsdp"
+    _train_and_resume(padded_data, single_run, run_dir, "--fsdp")
+    assert load_training_state(latest_checkpoint(run_dir))["world_size"] == 2
+
+    # Rank 0 wrote the full, unsharded weights and optimizer state, in the layout (and to
+    # float tolerance the values) of the one-process run's own step-4 checkpoint.
+    fsdp_dir, ref_dir = run_dir / "checkpoints" / "step-4", single_run / "checkpoints" / "step-4"
+    fsdp, ref = TransformerLM.from_pretrained(fsdp_dir), TransformerLM.from_pretrained(ref_dir)
+    assert json.loads((fsdp_dir / "config.json").read_text()) == json.loads(
+        (ref_dir / "config.json").read_text())
+    ref_weights = ref.state_dict()
+    for name, tensor in fsdp.state_dict().items():
+        torch.testing.assert_close(tensor, ref_weights[name], atol=1e-5, rtol=1e-4)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = fsdp(ids)
+    assert logits.shape == (2, 16, 512) and torch.isfinite(logits).all()
+
+    got = load_training_state(fsdp_dir)["optimizer"]
+    want = load_training_state(ref_dir)["optimizer"]
+    # The same weight-decay groups (decayed matrices, then the rest), in the same order.
+    assert [(g["weight_decay"], g["params"]) for g in got["param_groups"]] == [
+        (g["weight_decay"], g["params"]) for g in want["param_groups"]]
+    assert sorted(got["state"]) == sorted(want["state"])
+    for i, state in want["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(got["state"][i][key].cpu(), value.cpu(), atol=1e-5,
+                                       rtol=1e-4)

@@ -85,6 +85,12 @@ def test_bad_settings(packed_data, tmp_path, capsys):
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def test_fsdp_without_torchrun(packed_data, tmp_path, capsys):
+    _fails_here(capsys, _base(packed_data, tmp_path / "run", "--fsdp"),
+                "--fsdp needs several processes", "torchrun --nproc_per_node")
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_file_then_flags_resolved_and_saved(packed_data, tmp_path, capsys):
     import yaml
 

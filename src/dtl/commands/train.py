@@ -45,7 +45,8 @@ HELP = {
     "device": "auto, cpu, cuda, mps",
     "compile": "torch.compile the model",
     "activation_checkpointing": "recompute each block in backward (less memory, ~30%% slower)",
-    "fsdp": "shard the model over torchrun processes (FSDP) instead of DDP",
+    "fsdp": "shard the model over torchrun processes (FSDP2; gloo on CPU, NCCL on GPUs) "
+    "instead of DDP",
     "tensorboard": "also log to RUN_DIR/tensorboard",
     "skip_nonfinite": "skip at most N steps with a non-finite loss (fp16) instead of stopping",
     "progress": "show the progress bar",
