@@ -83,10 +83,11 @@ class SplitLinear:
 
 
 def split_for(
-    weights: list[Tensor], biases: list[Tensor], threads: int, rows: int = 2, cols: int = 4
+    weights: list[Tensor], biases: list[Tensor], threads: int, rows: int = 2, cols: int = 8
 ) -> SplitLinear:
-    """Widening products (out > in) cut by rows, narrowing ones by columns, which measured
-    fastest on the 2-core box with the weights coming from memory (docs/benchmarks.md)."""
+    """Widening products (out > in) cut in `rows` row blocks, narrowing ones in `cols` column
+    blocks (both per two threads): what measured fastest on the 2-core box with the weights
+    coming from memory (`benchmarks/bench_decode_layouts.py`, docs/benchmarks.md)."""
     out = sum(w.size(0) for w in weights)
     n_in = weights[0].size(1)
     r = rows * threads // 2 or 1
