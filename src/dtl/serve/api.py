@@ -428,13 +428,13 @@ class Batcher:
                     ticket.emit(_END)
                     continue
                 job = ticket.job
+                ticket.left = len(job.prompts)
+                self.tickets[id(ticket)] = ticket  # before it joins: `running` may look it up
                 try:
                     self.batch.add(id(ticket), job.prompts, job.max_tokens, job.options, job.stop)
                 except Exception as err:  # this request's own failure: only it hears of it
+                    del self.tickets[id(ticket)]
                     ticket.fail(err)
-                    continue
-                ticket.left = len(job.prompts)
-                self.tickets[id(ticket)] = ticket
             state.largest_batch = max(state.largest_batch, self.batch.n_rows)
             for ticket in self.running:
                 if ticket.cancel.is_set():  # the client left mid-generation
