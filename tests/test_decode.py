@@ -11,10 +11,11 @@ from dtl.decode import SplitLinear, decode_step, plan_for, split_for, uses_fast_
 from dtl.errors import DtlError
 
 
-def odd_model(seed: int = 0) -> TransformerLM:
-    """Sizes that no split divides evenly: vocab 101, d_ff 72, 3 heads of 8."""
+def odd_model(seed: int = 0, d_model: int = 24) -> TransformerLM:
+    """Sizes that the splits do not divide evenly: vocab 101, d_ff 72, 3 heads (d_model 15:
+    no row split either, so every product is cut in zero-padded column blocks)."""
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=101, d_model=24, n_heads=3, n_layers=3, d_ff=72,
+    config = ModelConfig(vocab_size=101, d_model=d_model, n_heads=3, n_layers=3, d_ff=72,
                          max_seq_length=40)  # fmt: skip
     return TransformerLM(config).eval()
 
@@ -40,10 +41,11 @@ def test_split_for_cuts_rows_only_where_they_divide():
     assert widening.by_rows and not narrowing.by_rows and not odd_input.by_rows
 
 
-def test_decode_steps_equal_the_full_forward_with_padding():
+@pytest.mark.parametrize("d_model", [24, 15])
+def test_decode_steps_equal_the_full_forward_with_padding(d_model):
     """Left-padded rows of different lengths, several steps: each step's logits equal the
     model run on the whole context without a cache (an independent path through model.py)."""
-    model = odd_model()
+    model = odd_model(d_model=d_model)
     ids = torch.tensor([[0, 0, 5, 9, 14], [3, 1, 4, 1, 5], [0, 0, 0, 0, 7]])
     mask = (torch.arange(5)[None] >= torch.tensor([[2], [0], [4]])).long()
     steps = torch.tensor([[11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 25, 26], [1, 2, 3, 4, 5, 6]])

@@ -3,17 +3,18 @@ every weight matrix laid out for a matrix-vector product.
 
 Decoding one token multiplies a single row (B = 1) by every weight of the blocks and the
 vocabulary head, so it is bound by how fast those weights stream from memory. On the CPU,
-MKL's matrix-vector kernel behind `F.linear` reaches a fraction of the memory bandwidth
-(small preset on 2 cores: 8-18 GB/s, one core, and slower still when the contiguous axis is
-short), while the same product cut into p column blocks and run as one batched product
-(`torch.baddbmm`, p slices of (in, out/p)) runs the slices on every core at the bandwidth
-limit. Measured on the 2-core box (small preset; see docs/benchmarks.md): the head's
-(256 x 50257) product 1.72 ms -> 0.97 ms, a block's feed-forward up-projection 98 -> 35 us.
+MKL's matrix-vector kernel behind `F.linear` runs on one core at a fraction of the memory
+bandwidth (8-30 GB/s here, slowest where the contiguous axis is short), while the same
+product cut into p blocks and run as one batched product (`torch.baddbmm` / `torch.bmm`)
+streams the blocks on every core. `benchmarks/bench_decode_layouts.py` measures each shape
+(small preset, 2 cores, weights from memory): the head's (256 x 50257) product 6.1 ms with
+`F.linear` -> 1.2 ms in 2 column blocks; the feed-forward up-projection 181 -> 67 us in 2
+row blocks; the down-projection 111 -> 62 us in 8 column blocks.
 
-So a `DecodePlan` keeps, per model, a copy of every linear weight as (p, in, ceil(out/p))
-column blocks (Q, K and V fused into one), refreshed when any parameter changes. The maths is
-the model's own, operation for operation; only the summation kernels differ (results agree
-with `model(...)` to float32 rounding, tested).
+So a `DecodePlan` keeps, per model, a copy of every linear weight cut that way (`split_for`;
+Q, K and V fused into one product), rebuilt when any parameter changes. The maths is the
+model's own, operation for operation; only the summation kernels differ (results agree with
+`model(...)` to float32 rounding, tested). The copy takes as much memory as those weights.
 
 >>> import torch
 >>> from dtl import ModelConfig, TransformerLM
@@ -180,7 +181,7 @@ def decode_step(
     x = x + (pe[start] if position_ids is None else pe[position_ids[:, 0]])
     end = start + 1
     for i, block in enumerate(plan.blocks):
-        q, k, v = block.qkv(x).view(B, 3, H, 1, d_k).unbind(1)  # each (B, H, 1, d_k)
+        q, k, v = block.qkv(x).reshape(B, 3, H, 1, d_k).unbind(1)  # each (B, H, 1, d_k)
         keys, values = cache.keys[i], cache.values[i]  # (B, H, max_len, d_k)
         keys[:, :, start:end] = k
         values[:, :, start:end] = v
