@@ -41,6 +41,10 @@ from dtl.model import IGNORE_INDEX, TransformerLM
 MODEL_FIELDS = ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "dropout")
 # Settings a resumed run must share with the saved one: they fix the model or the data order.
 RESUME_LOCKED = ("data", "preset", *MODEL_FIELDS, "seq_len", "batch_size", "grad_accum", "seed")
+# fp16: a step whose gradients overflow at a loss scale this low is not the GradScaler's to
+# skip (scaling down cannot help): it counts as non-finite, so the guard stops a run that the
+# scaler would otherwise skip forever, its scale halving towards 0.
+MIN_LOSS_SCALE = 1.0
 
 
 @dataclass
@@ -490,7 +494,8 @@ class Trainer:
         else:
             self.model.load_state_dict(weights)
         self._load_optimizer(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without a scaler (fp32/bf16): start a fresh one
+            self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["loader"])
         self.state = _State(**state["progress"])
         ranks = state.get("rng_ranks")
@@ -578,25 +583,34 @@ class Trainer:
         else:
             grad_norm = float(torch.linalg.vector_norm(
                 torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        bad = not math.isfinite(step_loss) or (not self.prec.use_scaler and not math.isfinite(grad_norm))
+        # A non-finite loss is the guard's business. Non-finite gradients under a finite loss
+        # are the GradScaler's (fp16): it skips the step and halves the scale, unless the scale
+        # is already <= 1, where the gradients overflow unscaled and no scale can fix them.
+        note = ""
+        bad = not math.isfinite(step_loss)
+        if not bad and not math.isfinite(grad_norm):
+            if not self.prec.use_scaler:
+                bad = True
+            elif (scale := self.scaler.get_scale()) <= MIN_LOSS_SCALE:
+                bad, note = True, f"; fp16 gradients overflow even at loss scale {scale:g}"
         if bad:
-            self._nonfinite(step_loss, grad_norm)
+            self._nonfinite(step_loss, grad_norm, note)
         else:
             self.scaler.step(self.optimizer)  # skips the update itself if fp16 grads overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)  # no partial window leaks into the next step
         return step_loss, grad_norm, bool(reduced[1] > 0)
 
-    def _nonfinite(self, loss: float, grad_norm: float) -> None:
+    def _nonfinite(self, loss: float, grad_norm: float, note: str = "") -> None:
         step = self.state.step + 1
         if self.state.skipped_nonfinite < self.cfg.skip_nonfinite:
             self.state.skipped_nonfinite += 1
-            self._print(f"step {step}: non-finite loss {loss} / grad norm {grad_norm}; skipped "
+            self._print(f"step {step}: non-finite loss {loss} / grad norm {grad_norm}{note}; skipped "
                         f"({self.state.skipped_nonfinite} of --skip-nonfinite {self.cfg.skip_nonfinite})")
             return
         last = ckpt.latest_checkpoint(self.run_dir)
         raise DtlError(
-            f"loss is {loss} (grad norm {grad_norm}) at step {step}: stopped instead of training "
+            f"loss is {loss} (grad norm {grad_norm}{note}) at step {step}: stopped instead of training "
             f"on garbage; last good checkpoint: {last if last else 'none saved yet'}. Lower --lr, "
             "use --precision fp32 or bf16, or allow a few skips with --skip-nonfinite N (fp16)"
         )
@@ -719,7 +733,8 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": st.step,
-                    "loss": st.window_loss / max(st.window_steps, 1),
+                    # NaN, not 0, when every step of the window was skipped as non-finite.
+                    "loss": st.window_loss / st.window_steps if st.window_steps else math.nan,
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9),
