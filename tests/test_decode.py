@@ -81,6 +81,31 @@ def test_the_plan_follows_weight_changes():
             torch.zeros(24, 72)
         )  # a replaced parameter, too
         torch.testing.assert_close(step(), model(ids)[:, -1], rtol=1e-5, atol=1e-5)
+        for p, q in zip(model.parameters(), odd_model(2).parameters(), strict=True):
+            p.data.copy_(q)  # `.data` writes bump no version counter: the samples see them
+        torch.testing.assert_close(step(), model(ids)[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_plan_follows_training_with_dtls_fused_adamw():
+    """The CPU fused AdamW step updates parameters without bumping their version counters."""
+    from dtl.optim import build_optimizer
+
+    model = odd_model()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    with torch.no_grad():
+        plan_for(model)  # a plan of the untrained weights
+    for _ in range(3):
+        model.train()
+        model.loss(ids, ids.roll(-1, 1)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        cache = model.allocate_cache(1, 8)
+        model(ids[:, :5], cache=cache)
+        got = decode_step(model, ids[:, 5:], cache)
+        torch.testing.assert_close(got, model(ids)[:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_a_full_cache_is_a_clear_error():

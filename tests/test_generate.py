@@ -418,3 +418,14 @@ def test_bad_device_is_one_clear_error(dtl, model_dir, tmp_path, monkeypatch, ve
     assert code == 2 and out == ""
     assert err.startswith(f"dtl {verb}: error: ") and message in err
     assert "Traceback" not in err and "safetensors" not in err
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_a_tiny_temperature_is_nearly_greedy_not_an_overflow(top_k):
+    """logits / 1e-30 overflows float32 to inf; the sampler must still draw (the argmax)."""
+    from dtl.generate import SamplingOptions, sample_next
+
+    logits = torch.randn(4, 97) * 3
+    opts = SamplingOptions(temperature=1e-30, top_k=top_k, top_p=0.9, seed=0)
+    got = sample_next(logits, opts, None, torch.Generator().manual_seed(0))
+    assert torch.equal(got, logits.argmax(-1))

@@ -28,7 +28,7 @@ torch.Size([1, 100])
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -109,9 +109,10 @@ class BlockPlan:
 
 @dataclass
 class DecodePlan:
-    key: tuple
+    key: tuple  # (data_ptr, _version, dtype) of every parameter when it was built
     blocks: list[BlockPlan]
     head: SplitLinear
+    samples: list[Tensor] = field(default_factory=list)  # see `plan_for`
 
     @classmethod
     def build(cls, model: TransformerLM, key: tuple, threads: int) -> DecodePlan:
@@ -144,14 +145,36 @@ def uses_fast_path(model: nn.Module) -> bool:
     )
 
 
+def _samples(model: TransformerLM) -> list[Tensor]:
+    """32 evenly spaced values of every parameter: what a plan checks besides versions."""
+    return [p.detach().reshape(-1)[:: max(1, p.numel() // 32)] for p in model.parameters()]
+
+
 def plan_for(model: TransformerLM) -> DecodePlan:
-    """The model's decode plan, rebuilt when any parameter was replaced or changed in place."""
+    """The model's decode plan, rebuilt when any parameter changed since it was built.
+
+    A change is seen by the parameter's storage and version counter, and, since some writes
+    bump no counter (CPU fused AdamW's step, anything through `p.data`), by 32 sampled values
+    of each parameter (an optimizer step or a weight load changes them all). A sparse edit
+    through `.data` (a few rows) can slip past the samples: call `forget(model)` after one.
+    """
     key = tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
     plan = _PLANS.get(model)
-    if plan is None or plan.key != key:
-        plan = DecodePlan.build(model, key, threads=max(2, torch.get_num_threads()))
-        _PLANS[model] = plan
+    if plan is not None and plan.key == key:
+        samples = _samples(model)
+        if len(samples) == len(plan.samples) and all(
+            torch.equal(a, b) for a, b in zip(samples, plan.samples, strict=True)
+        ):
+            return plan
+    plan = DecodePlan.build(model, key, threads=max(2, torch.get_num_threads()))
+    plan.samples = [x.clone() for x in _samples(model)]
+    _PLANS[model] = plan
     return plan
+
+
+def forget(model: TransformerLM) -> None:
+    """Drop the model's decode plan (and its copy of the weights); the next use rebuilds it."""
+    _PLANS.pop(model, None)
 
 
 @torch.no_grad()

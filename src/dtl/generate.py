@@ -108,12 +108,14 @@ def sample_next(
         logits = apply_repetition_penalty(logits, seen, opts.repetition_penalty)
     if opts.temperature == 0.0:
         return logits.argmax(-1)
-    logits = logits / opts.temperature
+    # Scaled as (logits - max) / T: the same distribution as logits / T, but a tiny T cannot
+    # overflow to inf (and inf - inf = NaN): the best token gets 0, the rest -> -inf at worst.
     if opts.top_k is not None and opts.top_k < logits.size(-1):
         values, index = torch.topk(logits, opts.top_k, dim=-1)  # (B, k), sorted descending
-        values = _top_p_sorted(values, opts.top_p)
+        values = _top_p_sorted((values - values[:, :1]) / opts.temperature, opts.top_p)
         pick = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)
         return index.gather(-1, pick).squeeze(-1)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / opts.temperature
     probs = torch.softmax(filter_top_p(logits, opts.top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

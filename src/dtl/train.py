@@ -628,11 +628,10 @@ class Trainer:
         for _, batch in zip(range(n_batches), loader, strict=False):
             ids, targets, mask = self._batch(batch)
             n = float((targets != IGNORE_INDEX).sum())
-            if n == 0:
-                continue
-            with precision.autocast(self.prec, self.device):
-                loss = self.forward(ids, targets, mask)
-            sums += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+            with precision.autocast(self.prec, self.device):  # every rank runs every forward:
+                loss = self.forward(ids, targets, mask)  # under FSDP each one is collective
+            if n > 0:
+                sums += torch.tensor([float(loss) * n, n], dtype=torch.float64)
         self.net.train()
         sums = distributed.all_reduce_sum(sums.to(self.device), self.dist).cpu()
         val_loss = float(sums[0] / sums[1]) if sums[1] > 0 else math.nan

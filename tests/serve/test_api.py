@@ -360,15 +360,16 @@ def test_a_request_may_make_at_most_64_completions(server):
 
 def _worker_run(model, tokenizer, prompts, max_tokens=5, worker=None):
     """Submit one greedy request per prompt to `worker` (a fresh one if None), all before it
-    wakes; return {prompt: items it received} once each has ended, and the worker."""
+    wakes; return {prompt: items it received} once each has ended, and the worker.
+    max_tokens: one for all, or {prompt: max_tokens}."""
     if worker is None:
         state = SimpleNamespace(model=model, tokenizer=tokenizer, cancelled=0, largest_batch=0)
         worker = api.Batcher(state)
     got: dict[str, list] = {p: [] for p in prompts}
     with worker.ready:  # all wait before the worker wakes
         for prompt in prompts:
-            job = api._job({"temperature": 0, "max_tokens": max_tokens}, [prompt], tokenizer,
-                           128, 16)  # fmt: skip
+            n = max_tokens[prompt] if isinstance(max_tokens, dict) else max_tokens
+            job = api._job({"temperature": 0, "max_tokens": n}, [prompt], tokenizer, 128, 16)
             worker.submit(api.Ticket(job, got[prompt].append, threading.Event()))
     wait_for(lambda: all(items and items[-1] is api._END for items in got.values()),
              "the worker did not finish every request")  # fmt: skip
@@ -395,22 +396,73 @@ def test_a_request_that_fails_alone_does_not_fail_its_batch_neighbours(
         assert "".join(c.text for c in chunks) == expected(model, tokenizer, prompt, 5).text
 
 
-def test_a_failed_step_fails_its_requests_and_the_worker_goes_on(model, tokenizer, monkeypatch):
-    real, calls = api.ContinuousBatch.step, []
+def test_a_failed_forward_fails_the_batch_not_those_done_and_the_worker_goes_on(
+    model, tokenizer, monkeypatch
+):
+    real, steps = api.gen.last_logits, []
 
-    def fails_once(self):
-        calls.append(1)
-        if len(calls) == 2:  # the second step, with both requests in the batch
-            raise RuntimeError("out of memory")
-        return real(self)
+    def second_step_fails(model, input_ids, *args, **kwargs):
+        if input_ids.size(1) == 1:  # a decode step (the prompts are longer)
+            steps.append(input_ids.size(0))
+            if len(steps) == 2:  # "short" has just drawn its last token; "long" goes on
+                raise RuntimeError("out of memory")
+        return real(model, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(api.ContinuousBatch, "step", fails_once)
-    got, worker = _worker_run(model, tokenizer, ["one", "two"])
-    for prompt in ("one", "two"):
-        assert isinstance(got[prompt][-2], RuntimeError) and "out of memory" in str(got[prompt][-2])
+    monkeypatch.setattr(api.gen, "last_logits", second_step_fails)
+    short, long = "the short one", "the long one"
+    got, worker = _worker_run(model, tokenizer, [short, long], {short: 2, long: 5})
+    assert steps == [2, 1]  # both decoded together, then "long" alone
+    assert not any(isinstance(x, Exception) for x in got[short])  # it finished: not failed
+    assert got[short][-2].finish_reason == "length" and got[short][-1] is api._END
+    assert isinstance(got[long][-2], RuntimeError) and "out of memory" in str(got[long][-2])
+    monkeypatch.setattr(api.gen, "last_logits", real)
     later, _ = _worker_run(model, tokenizer, ["three"], worker=worker)  # the same worker
-    got_text = "".join(c.text for c in later["three"][:-1])
-    assert got_text == expected(model, tokenizer, "three", 5).text
+    assert "".join(c.text for c in later["three"][:-1]) == expected(model, tokenizer, "three", 5).text
+
+
+def test_a_request_whose_draw_fails_fails_alone(model, tokenizer, monkeypatch):
+    real = api.gen.sample_next
+
+    def nan_for_seed_13(logits, opts, *args):
+        if opts.seed == 13:  # as if its logits were NaN
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, opts, *args)
+
+    monkeypatch.setattr(api.gen, "sample_next", nan_for_seed_13)
+    state = SimpleNamespace(model=model, tokenizer=tokenizer, cancelled=0, largest_batch=0)
+    worker = api.Batcher(state)
+    got: dict[str, list] = {"good": [], "bad": []}
+    with worker.ready:
+        for prompt, seed in (("good", 1), ("bad", 13)):
+            job = api._job({"max_tokens": 6, "seed": seed}, [prompt], tokenizer, 128, 16)
+            worker.submit(api.Ticket(job, got[prompt].append, threading.Event()))
+    wait_for(lambda: all(items and items[-1] is api._END for items in got.values()),
+             "the worker did not finish both requests")  # fmt: skip
+    assert [type(x) for x in got["bad"]] == [RuntimeError, object]
+    good = got["good"][:-1]
+    assert good and not any(isinstance(x, Exception) for x in good)
+    want = generate(model, tokenizer, "good", 6, temperature=1.0, seed=1)[0].text
+    assert "".join(c.text for c in good) == want
+
+
+def test_a_cancelled_request_at_the_head_of_the_queue_blocks_nobody(model, tokenizer):
+    state = SimpleNamespace(model=model, tokenizer=tokenizer, cancelled=0, largest_batch=0)
+    worker = api.Batcher(state)
+    log: list[tuple[str, object]] = []  # what each request received, in order
+    long_prompt = "word " * 40  # "gone": 40 + 80 tokens fit alone, not beside "running"
+    sizes = {"running": 100, "gone": 80, "small": 3}
+    with worker.ready:
+        for prompt, n in sizes.items():
+            text = long_prompt if prompt == "gone" else prompt
+            job = api._job({"temperature": 0, "max_tokens": n}, [text], tokenizer, 128, 16)
+            cancel = threading.Event()
+            if prompt == "gone":
+                cancel.set()  # its client left while it waited
+            worker.submit(api.Ticket(job, lambda item, p=prompt: log.append((p, item)), cancel))
+    wait_for(lambda: ("running", api._END) in log, "the requests did not finish")
+    assert [item for p, item in log if p == "gone"] == [api._END] and state.cancelled == 1
+    small_done = log.index(("small", api._END))
+    assert sum(p == "running" for p, _ in log[:small_done]) <= 3  # beside it, not after it
 
 
 def test_dtl_serve_refuses_a_taken_port_and_a_missing_model(tmp_path, capsys):

@@ -388,7 +388,8 @@ class Batcher:
     (up to MAX_BATCH_ROWS rows that fit the context, first come first served) and finished
     or abandoned ones leave it. Each request keeps its own settings and seeded generator, so
     it gets what it would get alone, and none ever sees another's KV cache rows. A request
-    that fails on its own (its prefill) fails alone; a failed step fails the requests in it."""
+    whose own work fails (its prefill, its draw) fails alone; should the batch's forward
+    fail, the requests in it hear of it, and the worker goes on with the next ones."""
 
     def __init__(self, state) -> None:
         self.state = state
@@ -401,7 +402,8 @@ class Batcher:
     @property
     def running(self) -> list[Ticket]:
         """The requests being decoded now (for tests and operators)."""
-        return [self.tickets[m.key] for m in self.batch.members]
+        tickets = [self.tickets.get(m.key) for m in list(self.batch.members)]
+        return [t for t in tickets if t is not None]  # another thread may read mid-change
 
     def submit(self, ticket: Ticket) -> None:
         with self.ready:
@@ -413,6 +415,9 @@ class Batcher:
         with self.ready:
             while wait and not self.pending:
                 self.ready.wait()
+            while self.pending and self.pending[0].cancel.is_set():  # never queue behind
+                self.state.cancelled += 1  # a request whose client has left
+                self.pending.popleft().emit(_END)
             if self.pending:
                 job = self.pending[0].job
                 if self.batch.fits(len(job.prompts), job.longest, job.max_tokens):
@@ -423,10 +428,6 @@ class Batcher:
         state = self.state
         while True:
             while (ticket := self._next(wait=not self.batch)) is not None:
-                if ticket.cancel.is_set():  # its client left while it waited
-                    state.cancelled += 1
-                    ticket.emit(_END)
-                    continue
                 job = ticket.job
                 ticket.left = len(job.prompts)
                 self.tickets[id(ticket)] = ticket  # before it joins: `running` may look it up
@@ -444,17 +445,21 @@ class Batcher:
             if not self.batch:
                 continue
             try:
-                pieces = self.batch.step()
-            except Exception as err:  # the step was everyone's: every request in it fails
-                for ticket in self.running:
+                items = self.batch.step()  # a failed draw or forward comes back as an item
+            except Exception as err:  # a bug of ours: nobody may be left waiting
+                for ticket in list(self.tickets.values()):
                     ticket.fail(err)
                 self.batch.clear()
                 self.tickets.clear()
                 continue
-            for key, chunk in pieces:
+            for key, item in items:
                 ticket = self.tickets[key]
-                ticket.emit(chunk)
-                if chunk.finish_reason is not None:
+                if isinstance(item, Exception):
+                    ticket.fail(item)
+                    self.tickets.pop(key, None)
+                    continue
+                ticket.emit(item)
+                if item.finish_reason is not None:
                     ticket.left -= 1
                     if ticket.left == 0:
                         self._end(ticket)

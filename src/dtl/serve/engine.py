@@ -12,8 +12,8 @@ done, just as they do alone: what a request gets does not depend on its neighbou
 >>> batch = ContinuousBatch(model, tokenizer, max_rows=16)  # doctest: +SKIP
 >>> batch.add("a", ["Once upon a time"], max_new_tokens=20, options=SamplingOptions())
 >>> while batch:
-...     for key, chunk in batch.step():
-...         print(key, chunk.text)
+...     for key, item in batch.step():  # a StreamChunk, or the Exception a member failed with
+...         print(key, item.text)
 """
 
 from __future__ import annotations
@@ -118,14 +118,22 @@ class ContinuousBatch:
         self.members, self.cache = [], None
 
     @torch.no_grad()
-    def step(self) -> list[tuple[Hashable, StreamChunk]]:
-        """Draw one token for every row; return the text pieces, each with its member's key
-        (a row's last piece has its finish_reason). Finished members leave the batch."""
-        out: list[tuple[Hashable, StreamChunk]] = []
+    def step(self) -> list[tuple[Hashable, StreamChunk | Exception]]:
+        """Draw one token for every row; return what each member gets, with its key: text
+        pieces (a row's last piece has its finish_reason), or the Exception it failed with.
+
+        Never raises: a member whose draw fails (say, NaN logits) fails alone, and should
+        the batch's forward fail, every member still in it gets the error, after the pieces
+        already drawn. Finished and failed members leave the batch."""
+        out: list[tuple[Hashable, StreamChunk | Exception]] = []
         pad = self.eos_id if self.eos_id is not None else 0
-        tokens = []
+        tokens: dict[int, Tensor] = {}  # id(member) -> its rows' tokens, for those that go on
         for m in self.members:
-            token = gen.sample_next(m.logits, m.options, m.seen, m.generator)  # (n,)
+            try:
+                token = gen.sample_next(m.logits, m.options, m.seen, m.generator)  # (n,)
+            except Exception as err:
+                out.append((m.key, err))
+                continue
             token = torch.where(m.done, torch.full_like(token, pad), token)
             if m.seen is not None:
                 m.seen[torch.arange(token.size(0)), token] = True
@@ -139,18 +147,22 @@ class ContinuousBatch:
                     m.done[i] = True
                 if chunk is not None:
                     out.append((m.key, chunk))
-            tokens.append(token)
-        keep = [not m.finished for m in self.members]
-        if any(keep):
-            step = torch.cat([t for t, k in zip(tokens, keep, strict=True) if k])[:, None]
-            self._keep([m for m, k in zip(self.members, keep, strict=True) if k])
+            if not m.finished:
+                tokens[id(m)] = token
+        self._keep([m for m in self.members if id(m) in tokens])
+        if not self.members:
+            return out
+        step = torch.cat([tokens[id(m)] for m in self.members])[:, None]  # (B, 1)
+        try:
             logits = gen.last_logits(self.model, step, None, self.cache, self.plan)  # (B, V)
-            row = 0
-            for m in self.members:
-                m.logits = logits[row : row + len(m.rows)]
-                row += len(m.rows)
-        else:
+        except Exception as err:
+            out += [(m.key, err) for m in self.members]
             self.clear()
+            return out
+        row = 0
+        for m in self.members:
+            m.logits = logits[row : row + len(m.rows)]
+            row += len(m.rows)
         return out
 
     def _keep(self, members: list[Member]) -> None:
