@@ -476,3 +476,13 @@ def test_dtl_serve_refuses_a_taken_port_and_a_missing_model(tmp_path, capsys):
         assert code == 2 and "pick another --port" in capsys.readouterr().err
     code = main(["serve", "--model", str(tmp_path / "none"), "--port", str(port)])
     assert code == 2 and "no such model" in capsys.readouterr().err
+
+
+def test_dtl_serve_threads_default_to_all_cores_but_one(capsys):
+    from dtl.cli import main
+    from dtl.commands.serve import serve_threads
+
+    assert [serve_threads(None, n) for n in (1, 2, 16)] == [1, 1, 15]
+    assert serve_threads(3, 2) == 3  # as asked
+    assert main(["serve", "--model", "x", "--threads", "0"]) == 2
+    assert "--threads 0: give at least 1" in capsys.readouterr().err
