@@ -10,14 +10,15 @@ Requests take OpenAI's `max_tokens`, `temperature` (0..2), `top_p`, `stop`, `see
 (plus the extensions `top_k` and `repetition_penalty`). A request makes at most
 MAX_REQUEST_ROWS (64) rows: its prompts times `n`. Mistakes come back as 400 in OpenAI's
 error shape `{"error": {"message", "type", "param", "code"}}`; every request is checked
-(sampling options included) before it is queued, so none can fail inside the worker.
+(sampling options included) before it is queued, so none should fail inside the worker
+(and one that does fails alone, see `Batcher`).
 
 One model is shared by every request, so generation runs on a single worker thread that
 batches continuously (`dtl.serve.engine`): a request joins the running batch between two
 decode steps (so it waits one step, not a whole batch) and leaves it when it is done. Each
 keeps its own settings and seeded generator (what a request gets does not depend on its
-neighbours; one that fails alone fails only itself), and a request whose client goes away
-(streamed or not) is dropped from the batch at its next token.
+neighbours), and a request whose client goes away (streamed or not) is dropped from the
+batch at its next token; one still waiting never holds up those behind it.
 
 >>> app = create_app(model, tokenizer, "tiny")  # doctest: +SKIP
 >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
