@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dtl.decode import DecodePlan, decode_step, plan_for, uses_fast_path
+from dtl.decode import DecodePlan, decode_step, forget, plan_for, uses_fast_path
 from dtl.errors import DtlError
 
 
@@ -233,6 +233,8 @@ def iter_tokens(
     cache = model.allocate_cache(B, T + max_new_tokens) if use_cache else None
     ids, mask = input_ids, attention_mask  # the full context, for the no-cache path
     plan = plan_for(model) if uses_fast_path(model) else None  # weights fixed from here on
+    if plan is None:
+        forget(model)  # say it moved to a GPU: no CPU copy of its weights is kept
     logits = last_logits(model, input_ids, attention_mask, cache, plan)  # (B, V)
     for _ in range(max_new_tokens):
         token = _sample_groups(logits, samplers, seen)  # (B,)
