@@ -145,7 +145,7 @@ def last_logits(
     if cache is not None and input_ids.size(1) == 1 and attention_mask is None:
         return decode_step(model, input_ids, cache, plan)
     hidden = model.hidden_states(input_ids, attention_mask, cache=cache)[:, -1]  # (B, d)
-    return plan.head(hidden)  # (B, V)
+    return plan.head_for(model, hidden.size(0))(hidden)  # (B, V)
 
 
 # ---------------------------------------------------------------------- the token loop
