@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dtl import ModelConfig, TransformerLM
+from dtl.commands.serve import serve_threads
 from dtl.generate import generate_tokens
 
 PROMPT, NEW, TOP_K = 16, 128, 50
@@ -197,6 +198,8 @@ def main() -> None:
     parser.add_argument("--no-server", action="store_true", help="skip the server figures")
     parser.add_argument("--no-decode", action="store_true", help="only the server figures")
     parser.add_argument("--server-streams", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--server-threads", type=int,
+                        help="the server's threads (default: dtl serve's, all cores but one)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -221,7 +224,9 @@ def main() -> None:
                   f"of bandwidth  {row['vs_hf']:.2f}x HF")  # fmt: skip
         figures["decode"] += rows
     if not args.no_server:
-        for row in bench_server(ours, args.server_streams, NEW, args.threads):
+        server_threads = serve_threads(args.server_threads, os.cpu_count() or 1)
+        print(f"server: {server_threads} thread(s), as `dtl serve --threads {server_threads}`")
+        for row in bench_server(ours, args.server_streams, NEW, server_threads):
             print(f"server, {row['streams']} concurrent stream(s) of {row['max_tokens']} tokens: "
                   f"time to first token median {row['ttft_ms_median']:.0f} ms "
                   f"(max {row['ttft_ms_max']:.0f} ms), {row['tokens_per_s']:.1f} tok/s in all")  # fmt: skip

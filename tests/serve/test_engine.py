@@ -6,7 +6,7 @@ import torch
 
 from dtl import ModelConfig, TransformerLM
 from dtl.generate import SamplingOptions, generate
-from dtl.serve.engine import ContinuousBatch
+from dtl.serve.engine import ContinuousBatch, Join
 
 
 def peaky_model(context: int = 96) -> TransformerLM:
@@ -60,6 +60,19 @@ def test_members_joining_a_running_batch_get_what_they_get_alone(gpt2):
         assert finished[key] == len(prompts)  # every row ended exactly once
         assert texts[key] == alone(model, gpt2, key), key
     assert batch.cache is None  # all left: nothing is held
+
+
+def test_members_prefilled_together_get_what_they_get_alone(gpt2):
+    """A burst: all three requests in one padded prefill (rows of different lengths)."""
+    model = peaky_model()
+    batch = ContinuousBatch(model, gpt2, max_rows=16)
+    batch.add_many([Join(k, p, n, o, list(stop)) for k, (p, n, o, stop) in REQUESTS.items()])
+    texts = {k: [""] * len(REQUESTS[k][0]) for k in REQUESTS}
+    while batch:
+        for key, chunk in batch.step():
+            texts[key][chunk.index] += chunk.text
+    for key in REQUESTS:
+        assert texts[key] == alone(model, gpt2, key), key
 
 
 def test_finished_members_leave_and_the_cache_shrinks(gpt2):

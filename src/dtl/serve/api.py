@@ -43,9 +43,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dtl import generate as gen
 from dtl.data.qa import QA_STOP, format_qa, qa_prompt
+from dtl.decode import plan_for, uses_fast_path
 from dtl.errors import DtlError
 from dtl.generate import StreamChunk
-from dtl.serve.engine import ContinuousBatch
+from dtl.serve.engine import ContinuousBatch, Join
 
 MAX_N = 16  # choices per request
 MAX_REQUEST_ROWS = 64  # prompts x n per request: one request never makes a giant batch
@@ -96,6 +97,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None) ->
     when `dtl.serve.page` is installed."""
     app = FastAPI(title="DTL", description="OpenAI-compatible API of a DTL model", docs_url=None)
     model.eval()  # no dropout while serving
+    if uses_fast_path(model):  # lay the weights out now, not on the first request (~0.3 s)
+        plan_for(model).head_for(model, rows=2)
     app.state.model, app.state.tokenizer, app.state.model_name = model, tokenizer, model_name
     app.state.cancelled = 0  # streams stopped early because their client went away
     app.state.largest_batch = 0  # the most rows decoded together so far
@@ -411,32 +414,57 @@ class Batcher:
             self.pending.append(ticket)
             self.ready.notify()
 
-    def _next(self, wait: bool) -> Ticket | None:
-        """The first waiting ticket if it can join the batch now (waiting for one if `wait`)."""
+    def _next(self, joining: list[Ticket]) -> Ticket | None:
+        """The first waiting ticket if it can join the batch now, beside those `joining` it
+        already (waiting for one if nothing runs or joins)."""
         with self.ready:
-            while wait and not self.pending:
+            while not self.batch and not joining and not self.pending:
                 self.ready.wait()
             while self.pending and self.pending[0].cancel.is_set():  # never queue behind
                 self.state.cancelled += 1  # a request whose client has left
                 self.pending.popleft().emit(_END)
-            if self.pending:
-                job = self.pending[0].job
-                if self.batch.fits(len(job.prompts), job.longest, job.max_tokens):
-                    return self.pending.popleft()
+            if not self.pending:
+                return None
+            jobs = [t.job for t in joining] + [self.pending[0].job]
+            rows = sum(len(j.prompts) for j in jobs)
+            if joining and self.batch.n_rows + rows > MAX_BATCH_ROWS:
+                return None  # (one request alone may be larger, in an empty batch)
+            longest = max(j.longest for j in jobs)
+            if self.batch.fits(rows, longest, max(j.max_tokens for j in jobs)):
+                return self.pending.popleft()
         return None
+
+    def _admit(self, tickets: list[Ticket]) -> None:
+        """Prefill `tickets` together and add them to the batch; if that fails, each alone,
+        so that a request whose own prefill fails fails alone."""
+        joins = [Join(id(t), t.job.prompts, t.job.max_tokens, t.job.options, t.job.stop)
+                 for t in tickets]  # fmt: skip
+        for t in tickets:
+            t.left = len(t.job.prompts)
+            self.tickets[id(t)] = t  # before it joins: `running` may look it up
+        try:
+            self.batch.add_many(joins)
+            return
+        except Exception as err:
+            if len(tickets) == 1:
+                del self.tickets[id(tickets[0])]
+                tickets[0].fail(err)
+                return
+        for ticket, join in zip(tickets, joins, strict=True):
+            try:
+                self.batch.add_many([join])
+            except Exception as err:  # this request's own failure: only it hears of it
+                del self.tickets[id(ticket)]
+                ticket.fail(err)
 
     def _loop(self) -> None:
         state = self.state
         while True:
-            while (ticket := self._next(wait=not self.batch)) is not None:
-                job = ticket.job
-                ticket.left = len(job.prompts)
-                self.tickets[id(ticket)] = ticket  # before it joins: `running` may look it up
-                try:
-                    self.batch.add(id(ticket), job.prompts, job.max_tokens, job.options, job.stop)
-                except Exception as err:  # this request's own failure: only it hears of it
-                    del self.tickets[id(ticket)]
-                    ticket.fail(err)
+            joining: list[Ticket] = []
+            while (ticket := self._next(joining)) is not None:
+                joining.append(ticket)
+            if joining:
+                self._admit(joining)
             state.largest_batch = max(state.largest_batch, self.batch.n_rows)
             for ticket in self.running:
                 if ticket.cancel.is_set():  # the client left mid-generation

@@ -1,13 +1,14 @@
 """Continuous batching: the server's requests join a running decode batch between two steps
 and leave it when they finish, so a new request waits for one step, not for a whole batch.
 
-Each request ("member": its prompts x n rows) is prefilled on its own (its own padding, its
-own KV cache, exactly as `dtl.generate.stream_requests` would run it alone), then its cache
+Each request ("member": its prompts x n rows) is prefilled with those that arrived with it
+(one padded forward: a burst of clients waits for one prefill, not one each), and its cache
 is merged into the batch's (`KVCache.merge`: rows right-aligned at the longest length, the
 shorter ones left-padded and masked; positions count real tokens, so padding changes
-nothing). Every step samples each member's rows with the member's own options and seeded
-generator, and finished rows keep drawing (and are fed padding) until the whole member is
-done, just as they do alone: what a request gets does not depend on its neighbours.
+nothing but float rounding). Every step samples each member's rows with the member's own
+options and seeded generator, and finished rows keep drawing (and are fed padding) until the
+whole member is done, just as they do alone: what a request gets does not depend on its
+neighbours.
 
 >>> batch = ContinuousBatch(model, tokenizer, max_rows=16)  # doctest: +SKIP
 >>> batch.add("a", ["Once upon a time"], max_new_tokens=20, options=SamplingOptions())
@@ -19,7 +20,7 @@ done, just as they do alone: what a request gets does not depend on its neighbou
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -28,6 +29,17 @@ from dtl import generate as gen
 from dtl.decode import plan_for, uses_fast_path
 from dtl.generate import RowText, SamplingOptions, StreamChunk
 from dtl.model import KVCache
+
+
+@dataclass
+class Join:
+    """A request about to join: its key, rows (prompts x n) and settings."""
+
+    key: Hashable
+    prompts: list[str]
+    max_new_tokens: int
+    options: SamplingOptions
+    stop: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -77,7 +89,6 @@ class ContinuousBatch:
         length = max(longest_prompt, self.cache.length if self.cache is not None else 0)
         return length + self._room_needed(max_new_tokens) <= self.model.config.max_seq_length
 
-    @torch.no_grad()
     def add(
         self,
         key: Hashable,
@@ -88,27 +99,40 @@ class ContinuousBatch:
     ) -> None:
         """Prefill `prompts` alone and merge them into the batch (raises on a bad request,
         leaving the batch as it was)."""
+        self.add_many([Join(key, list(prompts), max_new_tokens, options, list(stop))])
+
+    @torch.no_grad()
+    def add_many(self, joins: Sequence[Join]) -> None:
+        """Prefill several requests as one padded batch (one forward instead of one each:
+        what a burst of clients waits for), then merge them in. Raises if any fails, leaving
+        the batch as it was; the caller may then add them one at a time."""
         model = self.model
         device = next(model.parameters()).device
+        prompts = [p for j in joins for p in j.prompts]
+        longest_new = max(j.max_new_tokens for j in joins)
         ids, mask = gen.encode_prompts(self.tokenizer, prompts, device)
-        ids, mask = gen.fit_context(ids, mask, max_new_tokens, model.config.max_seq_length,
+        ids, mask = gen.fit_context(ids, mask, longest_new, model.config.max_seq_length,
                                     truncate=False)  # fmt: skip
         if self.plan is None or not self.members:  # weights may have changed between batches
             self.plan = plan_for(model) if uses_fast_path(model) else None
         cache = model.allocate_cache(ids.size(0), ids.size(1))
-        logits = gen.last_logits(model, ids, mask, cache, self.plan)  # (n, V)
-        seen = None
-        if options.repetition_penalty != 1.0:
-            seen = gen.context_tokens(ids, mask, model.config.vocab_size)
-        member = Member(
-            key, options, gen.seeded_generator(options.seed, device),
-            [RowText(self.tokenizer, list(stop)) for _ in prompts], max_new_tokens,
-            logits, seen, torch.zeros(len(prompts), dtype=torch.bool, device=device),
-        )  # fmt: skip
+        logits = gen.last_logits(model, ids, mask, cache, self.plan)  # (rows, V)
+        members, row = [], 0
+        for j in joins:
+            rows = slice(row, row + len(j.prompts))
+            row = rows.stop
+            seen = None
+            if j.options.repetition_penalty != 1.0:
+                seen = gen.context_tokens(ids[rows], None if mask is None else mask[rows],
+                                          model.config.vocab_size)  # fmt: skip
+            members.append(Member(
+                j.key, j.options, gen.seeded_generator(j.options.seed, device),
+                [RowText(self.tokenizer, j.stop) for _ in j.prompts], j.max_new_tokens,
+                logits[rows], seen, torch.zeros(len(j.prompts), dtype=torch.bool, device=device),
+            ))  # fmt: skip
         caches = [cache] if self.cache is None else [self.cache, cache]
-        room = self._room_needed(max_new_tokens)
-        self.cache = KVCache.merge(caches, room)
-        self.members.append(member)
+        self.cache = KVCache.merge(caches, self._room_needed(longest_new))
+        self.members += members
 
     def drop(self, key: Hashable) -> None:
         """Take a member out (its client left); the others go on."""
