@@ -188,7 +188,16 @@ def plan_for(model: TransformerLM) -> DecodePlan:
     return plan
 
 
-def forget(model: TransformerLM) -> None:
+def plan_if_fast(model: nn.Module) -> DecodePlan | None:
+    """`plan_for(model)` where the fast path serves it; else None, and any plan it had is
+    dropped (say it moved to a GPU: no CPU copy of its weights is kept)."""
+    if uses_fast_path(model):
+        return plan_for(model)
+    forget(model)
+    return None
+
+
+def forget(model: nn.Module) -> None:
     """Drop the model's decode plan (and its copy of the weights); the next use rebuilds it."""
     _PLANS.pop(model, None)
 

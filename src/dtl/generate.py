@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dtl.decode import DecodePlan, decode_step, forget, plan_for, uses_fast_path
+from dtl.decode import DecodePlan, decode_step, plan_if_fast
 from dtl.errors import DtlError
 
 
@@ -213,9 +213,10 @@ def iter_tokens(
     The prompt must already fit (see `fit_context`). Rows that produced `eos_id`, or that the
     caller marked in `done` (a (B,) bool tensor it may set between steps, e.g. on a stop
     string), keep yielding `eos_id` (or 0) as padding; the loop ends when every row is done.
-    `groups` [(rows, options), ...] lets rows of one batch sample differently (the server
-    batches several requests): each group has its own options and seeded generator, so a
-    group draws what it would draw alone.
+    `groups` [(rows, options), ...] lets rows of one batch sample differently
+    (`stream_requests`): each group has its own options and seeded generator, so a group
+    draws what it would draw alone. (The server, whose rows join and leave mid-run, does the
+    same per request in `dtl.serve.engine`.)
     """
     B, T = input_ids.shape
     device = input_ids.device
@@ -232,9 +233,7 @@ def iter_tokens(
 
     cache = model.allocate_cache(B, T + max_new_tokens) if use_cache else None
     ids, mask = input_ids, attention_mask  # the full context, for the no-cache path
-    plan = plan_for(model) if uses_fast_path(model) else None  # weights fixed from here on
-    if plan is None:
-        forget(model)  # say it moved to a GPU: no CPU copy of its weights is kept
+    plan = plan_if_fast(model)  # once: the weights stay as they are from here on
     logits = last_logits(model, input_ids, attention_mask, cache, plan)  # (B, V)
     for _ in range(max_new_tokens):
         token = _sample_groups(logits, samplers, seen)  # (B,)
@@ -454,10 +453,11 @@ def stream_requests(
     stop_at_eos: bool = True,
     cancelled=None,
 ) -> Iterator[StreamChunk]:
-    """`stream_batch` where each row has its own settings (how the server batches clients).
+    """`stream_batch` where each row has its own settings, all starting together (the
+    server's rows, which join a running batch, go through `dtl.serve.engine` instead).
 
     The rows share one padded batch, so its longest prompt plus its largest max_new_tokens
-    must fit the context (`batch_fits`). `cancelled(i)`, if given, is asked after each step;
+    must fit the context. `cancelled(i)`, if given, is asked after each step;
     a row it says True for is dropped without a final chunk.
     """
     if not requests:
@@ -493,11 +493,6 @@ def stream_requests(
     for i, row in enumerate(rows):  # rows that ran out of new tokens
         if row.finished is None:
             yield StreamChunk(i, row.finish("length"), "length", list(row.ids))
-
-
-def batch_fits(prompt_tokens: Sequence[int], max_new_tokens: Sequence[int], context: int) -> bool:
-    """Whether rows with these prompt lengths and new-token limits fit one padded batch."""
-    return max(prompt_tokens) + max(max_new_tokens) <= context
 
 
 def prompt_lengths(tokenizer, prompts: Sequence[str]) -> list[int]:

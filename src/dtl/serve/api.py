@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dtl import generate as gen
 from dtl.data.qa import QA_STOP, format_qa, qa_prompt
-from dtl.decode import plan_for, uses_fast_path
+from dtl.decode import plan_if_fast
 from dtl.errors import DtlError
 from dtl.generate import StreamChunk
 from dtl.serve.engine import ContinuousBatch, Join
@@ -97,8 +97,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None) ->
     when `dtl.serve.page` is installed."""
     app = FastAPI(title="DTL", description="OpenAI-compatible API of a DTL model", docs_url=None)
     model.eval()  # no dropout while serving
-    if uses_fast_path(model):  # lay the weights out now, not on the first request (~0.3 s)
-        plan_for(model).head_for(model, rows=2)
+    if (plan := plan_if_fast(model)) is not None:  # lay the weights out now, not on the
+        plan.head_for(model, rows=2)  # first request (~0.3 s)
     app.state.model, app.state.tokenizer, app.state.model_name = model, tokenizer, model_name
     app.state.cancelled = 0  # streams stopped early because their client went away
     app.state.largest_batch = 0  # the most rows decoded together so far

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from dtl import generate as gen
-from dtl.decode import plan_for, uses_fast_path
+from dtl.decode import plan_if_fast
 from dtl.generate import RowText, SamplingOptions, StreamChunk
 from dtl.model import KVCache
 
@@ -114,7 +114,7 @@ class ContinuousBatch:
         ids, mask = gen.fit_context(ids, mask, longest_new, model.config.max_seq_length,
                                     truncate=False)  # fmt: skip
         if self.plan is None or not self.members:  # weights may have changed between batches
-            self.plan = plan_for(model) if uses_fast_path(model) else None
+            self.plan = plan_if_fast(model)
         cache = model.allocate_cache(ids.size(0), ids.size(1))
         logits = gen.last_logits(model, ids, mask, cache, self.plan)  # (rows, V)
         members, row = [], 0
