@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -805,6 +806,7 @@ def _line_step(line: str) -> int:
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train (or resume, with `resume=True` and `cfg.out` the run dir); returns a summary."""
+    trainer = None
     try:
         trainer = Trainer(cfg, resume=resume)
         return trainer.run()
@@ -813,4 +815,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             raise DtlError(_oom_advice(cfg, cfg.seq_len or 0)) from None
         raise
     finally:
+        # Free the model (FSDP keeps the process group and its pending gloo work alive) while
+        # the interpreter is whole: one left to its finalisation could abort the process
+        # ("terminate called without an active exception", seen once in ~20 FSDP runs).
+        del trainer
+        gc.collect()
         distributed.teardown()
