@@ -236,14 +236,17 @@ def run_prepare(args: argparse.Namespace) -> int:
 def prepare_summary(s: dict) -> str:
     """The lines `dtl prepare` prints at the end."""
     tr, va = s["train"], s["val"]
+    documents = s.get("documents", tr["documents"] + va["documents"])  # a cut one is in both
     lines = [
-        f"prepared {s['examples']:,} examples from {tr['documents'] + va['documents']:,} documents "
+        f"prepared {_count(s['examples'], 'example')} from {_count(documents, 'document')} "
         f"in {s['seconds']:.1f}s -> {s['data_dir']}",
         f"  tokenizer {s['tokenizer']} (vocab {s['vocab_size']:,}, {s['dtype']}), mode {s['mode']}, "
         f"max_length {s['max_length']}" + (", answer-only loss" if s["answer_only_loss"] else ""),
         f"  train: {tr['documents']:,} documents, {tr['tokens']:,} tokens, {tr['rows']:,} rows",
         f"  val:   {va['documents']:,} documents, {va['tokens']:,} tokens, {va['rows']:,} rows",
     ]
+    if s.get("split") in ("tokens", "examples"):
+        lines.append(_split_line(s, documents))
     if s.get("truncated"):
         lines.append(f"  {s['truncated']:,} examples were longer than max_length + 1 and are cut "
                      f"(longest {s['longest']:,} tokens); raise --max-length to keep them whole")  # fmt: skip
@@ -257,3 +260,16 @@ def prepare_summary(s: dict) -> str:
     if not va["rows"] and s["val_fraction"] > 0:
         lines.append("  warning: the val split has no rows; add data or raise --val-fraction")
     return "\n".join(lines)
+
+
+def _split_line(s: dict, documents: int) -> str:
+    """How a source with too few documents was split within them (see dtl.data.prepare)."""
+    unit = s["split"]  # tokens | examples
+    share = s["val"][unit] / max(s["train"][unit] + s["val"][unit], 1)
+    reason = s.get("split_reason") or "too few to hold out whole documents"
+    return (f"  split: the last {100 * share:.3g}% of each document's {unit} went to val "
+            f"({_count(documents, 'document')}: {reason})")  # fmt: skip
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'s' * (n != 1)}"

@@ -30,6 +30,7 @@ class ShardWriter:
         self, directory: Path, split: str, dtype: np.dtype, with_mask: bool, with_offsets: bool
     ) -> None:
         self.directory, self.split, self.dtype = directory, split, np.dtype(dtype)
+        self.with_mask, self.with_offsets = with_mask, with_offsets
         self.tokens = open(directory / f"{split}.bin", "wb")
         self.mask = open(directory / f"{split}.mask", "wb") if with_mask else None
         self.offsets: list[int] | None = [0] if with_offsets else None
@@ -38,51 +39,27 @@ class ShardWriter:
 
     def append(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
         """One example (or document): its ids and, with masks, 1 where a token is a loss target."""
+        self.extend(ids, mask)
+        self.end_examples([self.n_tokens])
+
+    def extend(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
+        """Tokens (and mask flags) that do not end an example by themselves, e.g. a stretch
+        copied from another shard in chunks; `end_examples` says where examples end."""
         self.tokens.write(np.asarray(ids, dtype=self.dtype).tobytes())
         if self.mask is not None:
             self.mask.write(np.asarray(mask, dtype=np.uint8).tobytes())
         self.n_tokens += len(ids)
-        self.n_examples += 1
+
+    def end_examples(self, ends: list[int]) -> None:
+        """Count examples ending at these token positions of this split (ascending)."""
+        self.n_examples += len(ends)
         if self.offsets is not None:
-            self.offsets.append(self.n_tokens)
+            self.offsets.extend(ends)
 
-    def tell(self) -> tuple[int, int]:
-        """(tokens, examples) written so far, for `truncate`."""
-        return self.n_tokens, self.n_examples
-
-    def read_tail(
-        self, position: tuple[int, int]
-    ) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
-        """Tokens, mask and example lengths written after `position`."""
-        self._flush()
-        start = position[0]
-        ids = np.fromfile(self.directory / f"{self.split}.bin", dtype=self.dtype)[start:]
-        mask = None
-        if self.mask is not None:
-            mask = np.fromfile(self.directory / f"{self.split}.mask", dtype=np.uint8)[start:]
-        lengths = []
-        if self.offsets is not None:
-            tail = self.offsets[position[1] :]
-            lengths = [b - a for a, b in zip(tail[:-1], tail[1:], strict=True)]
-        return ids, mask, lengths
-
-    def truncate(self, position: tuple[int, int]) -> None:
-        """Forget everything written after `position`."""
-        self._flush()
-        tokens, examples = position
-        self.tokens.truncate(tokens * self.dtype.itemsize)
-        self.tokens.seek(0, os.SEEK_END)
-        if self.mask is not None:
-            self.mask.truncate(tokens)
-            self.mask.seek(0, os.SEEK_END)
-        if self.offsets is not None:
-            del self.offsets[examples + 1 :]
-        self.n_tokens, self.n_examples = tokens, examples
-
-    def _flush(self) -> None:
-        self.tokens.flush()
-        if self.mask is not None:
-            self.mask.flush()
+    def paths(self) -> list[Path]:
+        """The files this writer writes."""
+        suffixes = [".bin"] + [".mask"] * self.with_mask + [".idx"] * self.with_offsets
+        return [self.directory / f"{self.split}{suffix}" for suffix in suffixes]
 
     def close(self) -> None:
         self.tokens.close()
