@@ -110,3 +110,14 @@ def test_bad_inputs_give_one_line_and_leave_nothing(cli, tmp_path, enwiki_path, 
         "latin.txt",
         "q.json",
     ]
+
+
+def test_a_file_too_small_for_a_train_and_a_val_row(cli, tmp_path):
+    (tmp_path / "tiny.txt").write_text("Hello there, world.\n")
+    err = _error(cli, "prepare", tmp_path / "tiny.txt", "-o", tmp_path / "d", "--max-length", "8")
+    assert err.startswith("dtl prepare: error: "), err
+    assert (
+        "tiny.txt: 6 tokens, too few for a train row and a val row of max_length + 1 = 9 tokens "
+        "each; add text or re-run `dtl prepare --max-length N` with a smaller N" in err
+    ), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.txt"]
