@@ -130,8 +130,7 @@ def _one_document(wikitext_path, path, size=100_000):
     return text
 
 
-def test_one_text_file_holds_out_its_last_tokens(gpt2_dir, gpt2, wikitext_path, tmp_path,
-                                                 capsys):
+def test_one_text_file_holds_out_its_last_tokens(gpt2_dir, gpt2, wikitext_path, tmp_path, capsys):
     text = _one_document(wikitext_path, tmp_path / "c.txt")
     code, out, err = run_cli(["prepare", tmp_path / "c.txt", "--kind", "text", "--pack",
                               "--max-length", "64", "--val-fraction", "0.1", "-o",
@@ -205,8 +204,11 @@ def test_pad_mode_holds_out_each_documents_last_examples(gpt2_dir, gpt2, tmp_pat
     assert (summary["train"]["documents"], summary["val"]["documents"]) == (2, 2)
     # One example cannot make a train row and a val row.
     (tmp_path / "one.jsonl").write_text(json.dumps({"question": "Q?", "answer": "A"}) + "\n")
-    with pytest.raises(DtlError, match=r"one\.jsonl: 1 example, too few for a train row and a "
-                                       r"val row \(one example each\); add more examples"):
+    with pytest.raises(
+        DtlError,
+        match=r"one\.jsonl: 1 example, too few for a train row and a "
+        r"val row \(one example each\); add more examples",
+    ):
         prepare([tmp_path / "one.jsonl"], tmp_path / "e", val_fraction=0.2, progress=False)
     assert not (tmp_path / "e").exists()
 

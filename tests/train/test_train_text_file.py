@@ -10,15 +10,52 @@ from train_helpers import cli, model_flags
 
 from dtl.checkpoint import latest_checkpoint
 
-SUBJECTS = ("The old miller", "A quiet student", "Her brother", "The harbour pilot", "Nobody",
-            "The committee", "A tired horse", "My neighbour", "The first engineer", "Each sailor")
-VERBS = ("carried", "painted", "forgot", "measured", "sold", "described", "repaired", "followed",
-         "borrowed", "counted")
-OBJECTS = ("the broken lantern", "seven copper coins", "a map of the valley", "the winter wheat",
-           "an unfinished letter", "the north bridge", "two grey geese", "the station clock",
-           "a box of nails", "the long report")
-ENDINGS = ("before dawn.", "without a word.", "in the rain.", "for the third time.",
-           "while the bells rang.", "near the mill.", "as the tide turned.", "after supper.")
+SUBJECTS = (
+    "The old miller",
+    "A quiet student",
+    "Her brother",
+    "The harbour pilot",
+    "Nobody",
+    "The committee",
+    "A tired horse",
+    "My neighbour",
+    "The first engineer",
+    "Each sailor",
+)
+VERBS = (
+    "carried",
+    "painted",
+    "forgot",
+    "measured",
+    "sold",
+    "described",
+    "repaired",
+    "followed",
+    "borrowed",
+    "counted",
+)
+OBJECTS = (
+    "the broken lantern",
+    "seven copper coins",
+    "a map of the valley",
+    "the winter wheat",
+    "an unfinished letter",
+    "the north bridge",
+    "two grey geese",
+    "the station clock",
+    "a box of nails",
+    "the long report",
+)
+ENDINGS = (
+    "before dawn.",
+    "without a word.",
+    "in the rain.",
+    "for the third time.",
+    "while the bells rang.",
+    "near the mill.",
+    "as the tide turned.",
+    "after supper.",
+)
 
 
 def _notes(path, sentences):
