@@ -16,6 +16,7 @@ from dtl.errors import DtlError
 
 # One module per group of verbs, in the order `dtl --help` lists them.
 COMMAND_MODULES = [
+    "dtl.commands.quickstart",
     "dtl.commands.info",
     "dtl.commands.data",
     "dtl.commands.train",

@@ -90,6 +90,30 @@ def test_articles_as_qa(gpt2, enwiki_path, tmp_path):
     )
 
 
+def test_articles_as_both_keeps_an_articles_text_and_pairs_in_one_split(gpt2, tmp_path):
+    path = tmp_path / "articles.jsonl"
+    names = [f"Place{chr(65 + i)}{chr(65 + j)}" for i in range(6) for j in range(5)]  # 30 articles
+    with open(path, "w") as f:
+        for name in names:
+            text = f"{name} is a town in the north.\nHistory\n{name} was founded in 1900."
+            f.write(json.dumps({"title": name, "text": text, "sections": ["History"]}) + "\n")
+    summary = prepare([path], tmp_path / "d", max_length=16, val_fraction=0.3, articles_as="both",
+                      progress=False)  # fmt: skip
+    assert summary["mode"] == "pack" and summary["split"] == "documents"
+    assert summary["examples"] == 3 * len(names) and summary["qa_examples"] == 2 * len(names)
+    text = {s: gpt2.decode(np.fromfile(tmp_path / "d" / f"{s}.bin", np.uint16).tolist())
+            for s in ("train", "val")}  # fmt: skip
+    for name in names:
+        (split,) = [s for s in text if f"{name} is a town" in text[s]]  # the text: in one split
+        assert (
+            f"{name} is a town in the north.\nHistory\n{name} was founded in 1900.<|endoftext|>"
+            f"Question: What is {name}?\nAnswer: {name} is a town in the north.<|endoftext|>"
+            f"Question: What is the history of {name}?\nAnswer: {name} was founded in 1900."
+            "<|endoftext|>"
+        ) in text[split]
+    assert all(text.values())
+
+
 def test_split_is_seeded_and_by_document(gpt2, squad_path, tmp_path):
     a = prepare(
         [squad_path], tmp_path / "a", max_length=64, val_fraction=0.2, seed=1, progress=False

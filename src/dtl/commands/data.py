@@ -104,13 +104,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument(
         "--answer-only-loss", action="store_true", help="Q&A: no loss on the question tokens"
     )
-    prep.add_argument("--articles-as", choices=("text", "qa"), default="text",
-                      help="articles as plain LM text (default) or as Q&A pairs by the documented rule")  # fmt: skip
+    prep.add_argument("--articles-as", choices=("text", "qa", "both"), default="text",
+                      help="articles as plain LM text (default), as Q&A pairs by the documented "
+                           "rule, or both (the text, then its pairs; packed by default)")  # fmt: skip
     prep.add_argument(
         "--template", help="Q&A template with {question} and {answer} (default: the spec's)"
     )
     prep.add_argument(
-        "--val-fraction", type=float, default=0.05, help="share of documents for val (0.05)"
+        "--val-fraction", type=float, default=0.05, help="share held out for val (0.05): whole documents, or the tail of each "
+        "document when there are too few"
     )
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     prep.add_argument("--no-progress", action="store_true", help="no progress bars")

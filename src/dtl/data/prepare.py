@@ -52,6 +52,7 @@ from dtl.errors import DtlError
 from dtl.tokenizer import Tokenizer, load_tokenizer
 
 MODES = ("pack", "pad")
+ARTICLES_AS = ("text", "qa", "both")  # what an article becomes
 BATCH = 512  # examples tokenized per encode_batch call
 MAX_LENGTH_LIMIT = 65_536
 SPLITS = ("train", "val")
@@ -76,21 +77,23 @@ class Example:
 def records_to_examples(
     records: Iterable[dict], articles_as: str = "text", template: str = QA_TEMPLATE
 ) -> Iterator[Example]:
-    """Q&A records -> template text; articles -> plain text, or Q&A pairs by `article_to_qa`."""
-    if articles_as not in ("text", "qa"):
-        raise DtlError(f"unknown articles_as {articles_as!r}; choose text or qa")
+    """Q&A records -> template text; articles -> plain text, Q&A pairs by `article_to_qa`, or
+    ("both") the text followed by its pairs, all keyed to the article so they share a split."""
+    if articles_as not in ARTICLES_AS:
+        raise DtlError(f"unknown articles_as {articles_as!r}; choose {', '.join(ARTICLES_AS)}")
     for i, rec in enumerate(records):
         if "question" in rec:
             prompt, completion = split_qa(str(rec["question"]), str(rec["answer"]), template)
             key = rec.get("context") or rec.get("title") or f"#{i}"
             yield Example(prompt, completion, str(key), True)
-        elif articles_as == "qa":
-            text = _with_heading_marks(rec)
-            for qa in article_to_qa(str(rec.get("title", "")), text):
+            continue
+        key = f"{rec.get('title', '')}#{i}"
+        if articles_as in ("text", "both") and str(rec.get("text", "")).strip():
+            yield Example("", str(rec["text"]), key, False)
+        if articles_as in ("qa", "both"):
+            for qa in article_to_qa(str(rec.get("title", "")), _with_heading_marks(rec)):
                 prompt, completion = split_qa(qa["question"], qa["answer"], template)
-                yield Example(prompt, completion, f"{rec.get('title')}#{i}", True)
-        elif str(rec.get("text", "")).strip():
-            yield Example("", str(rec["text"]), f"{rec.get('title', '')}#{i}", False)
+                yield Example(prompt, completion, key, True)
 
 
 def _with_heading_marks(rec: dict) -> str:

@@ -1,0 +1,145 @@
+"""`dtl quickstart`: the main job in one command, offline, on the corpus inside the package.
+
+>>> result = quickstart("runs/demo")        # doctest: +SKIP
+>>> result["checkpoint"], result["val_ppl"]  # doctest: +SKIP
+('runs/demo/checkpoints/step-600', 301.7)
+
+Every stage is the one a user runs by hand, in the spec's order (see the README's Usage):
+  1. clean    the embedded Wikipedia dump excerpt and SQuAD questions -> records JSONL
+              (RUN/corpus/*.jsonl, the same as `dtl extract`)
+  2. BPE      a byte-level BPE trained on the cleaned text (RUN/tokenizer, `dtl tokenizer train`)
+  3. prepare  articles as text followed by their Q&A pairs, SQuAD as Q&A pairs, packed into
+              rows of 128 tokens, 10% of the documents held out (RUN/data, `dtl prepare`)
+  4. train    the `tiny` preset with the README's tuned CPU recipe (RUN/, `dtl train`)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from dtl.corpus import corpus_files
+from dtl.errors import DtlError
+
+# The tuned CPU recipe for `tiny` (README, docs/benchmarks.md), at lr 2e-3: on this corpus
+# 3e-3 sat on the unigram plateau (loss ~7.3) for 400 of 600 steps at seed 0.
+RECIPE: dict[str, Any] = {
+    "preset": "tiny",
+    "seq_len": 128,
+    "batch_size": 16,
+    "max_steps": 1200,
+    "lr": 2e-3,
+    "warmup_steps": 100,
+    "eval_every": 300,
+    "save_every": 300,
+}
+VOCAB_SIZE = 8192
+VAL_FRACTION = 0.1
+
+
+def check_out_dir(run_dir: Path) -> None:
+    """Refuse a folder that already holds anything: a demo never overwrites a user's files."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DtlError(f"--out {run_dir} is a file, not a directory; choose another --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        hint = (f"continue it with `dtl train --resume {run_dir}`"
+                if (run_dir / "config.yaml").is_file() else "it is not a dtl run dir")  # fmt: skip
+        raise DtlError(
+            f"--out {run_dir} is not empty ({hint}); choose a new --out, e.g. runs/demo2 "
+            "(nothing was changed)"
+        )
+
+
+def clean_corpus(out_dir: Path, progress: bool = False) -> list[Path]:
+    """Stage 1: each embedded source -> `out_dir/<name>.jsonl` of clean records."""
+    from dtl.data.extract import extract
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for source in corpus_files():
+        out = out_dir / (source.name.split(".")[0] + ".jsonl")
+        summary = extract(source, out, progress=progress)
+        print(f"  {source.name}: {summary['records']:,} records ({summary['kind']}) -> {out}",
+              flush=True)  # fmt: skip
+        paths.append(out)
+    return paths
+
+
+def records_text(records_files: list[Path], out: Path) -> Path:
+    """The text a tokenizer learns from: every article text, question and answer, one a line."""
+    with open(out, "w", encoding="utf-8") as f:
+        for path in records_files:
+            with open(path, encoding="utf-8") as lines:
+                for line in lines:
+                    rec = json.loads(line)
+                    for key in ("text", "question", "answer"):
+                        if rec.get(key):
+                            f.write(str(rec[key]) + "\n")
+    return out
+
+
+def quickstart(
+    out: str | os.PathLike = "runs/demo",
+    *,
+    max_steps: int = RECIPE["max_steps"],
+    vocab_size: int = VOCAB_SIZE,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    **train_overrides: Any,
+) -> dict[str, Any]:
+    """Clean, tokenize and train on the embedded corpus into the run dir `out`; the train summary.
+
+    `train_overrides` are `dtl train` settings (e.g. d_model=32 for a smaller model).
+    """
+    from dtl.data.prepare import prepare
+    from dtl.tokenizer import train_tokenizer
+    from dtl.train import TrainConfig, train
+
+    started = time.perf_counter()
+    run_dir = Path(out)
+    check_out_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print("1/4 clean: the embedded Wikipedia excerpt and SQuAD questions (CC BY-SA, "
+          "see dtl/corpus/NOTICE.md)", flush=True)  # fmt: skip
+    records = clean_corpus(run_dir / "corpus", progress=progress)
+
+    print(f"2/4 tokenizer: a {vocab_size:,}-token byte-level BPE on the cleaned text", flush=True)
+    text = records_text(records, run_dir / "corpus" / ".tokenizer-text.txt")
+    try:
+        train_tokenizer([text], vocab_size, run_dir / "tokenizer", show_progress=False)
+    finally:
+        text.unlink(missing_ok=True)
+    print(f"  -> {run_dir / 'tokenizer'}", flush=True)
+
+    print("3/4 prepare: articles as text then Q&A pairs, SQuAD as Q&A pairs, packed", flush=True)
+    summary = prepare(
+        records,
+        run_dir / "data",
+        tokenizer=run_dir / "tokenizer",
+        kind="jsonl",
+        max_length=int(train_overrides.get("seq_len", RECIPE["seq_len"])),
+        mode="pack",
+        val_fraction=VAL_FRACTION,
+        seed=seed,
+        articles_as="both",
+        progress=progress,
+    )
+    tr, va = summary["train"], summary["val"]
+    print(f"  train {tr['tokens']:,} tokens ({tr['rows']:,} rows), val {va['tokens']:,} tokens "
+          f"({va['rows']:,} rows), {summary['qa_examples']:,} Q&A pairs -> {run_dir / 'data'}",
+          flush=True)  # fmt: skip
+
+    print(f"4/4 train: the {RECIPE['preset']} preset, {max_steps} steps", flush=True)
+    settings = {**RECIPE, "max_steps": max_steps, "device": device, "seed": seed,
+                "progress": progress, **train_overrides}  # fmt: skip
+    settings["save_every"] = min(int(settings["save_every"]), max_steps)
+    settings["eval_every"] = min(int(settings["eval_every"]), max_steps)
+    cfg = TrainConfig.from_dict({**settings, "data": str(run_dir / "data"), "out": str(run_dir)})
+    result = train(cfg)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["run_dir"] = str(run_dir)
+    return result

@@ -1,0 +1,73 @@
+"""`dtl quickstart`: the main job on the embedded corpus, offline, from one command."""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import json
+
+import pytest
+from testkit import run_cli
+
+from dtl.corpus import corpus_files
+
+
+def test_the_corpus_ships_with_the_package_and_matches_its_notice():
+    wiki, squad = corpus_files()
+    notice = (wiki.parent / "NOTICE.md").read_text(encoding="utf-8")
+    for path in (wiki, squad):
+        assert path.is_file(), f"{path} is missing from the package"
+        assert (
+            hashlib.sha256(path.read_bytes()).hexdigest() in notice
+        )  # the licence note is current
+    assert "CC BY-SA" in notice
+    # What the NOTICE promises, counted from the raw files (not through DTL's parsers).
+    xml = bz2.decompress(wiki.read_bytes()).decode("utf-8")
+    assert xml.count("<page>") == 106 and "<redirect" not in xml
+    data = json.loads(squad.read_text(encoding="utf-8"))
+    questions = [qa for a in data["data"] for p in a["paragraphs"] for qa in p["qas"]]
+    assert len(questions) == 293 and all(qa["answers"] for qa in questions)
+
+
+@pytest.mark.slow
+def test_quickstart_trains_a_model_that_loads_and_answers(tmp_path, capsys):
+    run = tmp_path / "demo"
+    code, out, err = run_cli(["quickstart", "--out", run, "--max-steps", "3", "--no-progress"],
+                             capsys)  # fmt: skip
+    assert code == 0, err
+    assert "1/4 clean" in out and "4/4 train" in out
+    assert f"dtl ask --model {run}" in out and f"dtl serve --model {run}" in out
+    # The clean stage: every SQuAD question and every article that is not a disambiguation page.
+    squad = [json.loads(line) for line in open(run / "corpus" / "squad-excerpt.jsonl")]
+    assert len(squad) == 293 and {r["title"] for r in squad} == {
+        "Normans", "Computational_complexity_theory"}  # fmt: skip
+    articles = [json.loads(line) for line in open(run / "corpus" / "wikipedia-excerpt.jsonl")]
+    assert 90 <= len(articles) < 106 and all("{{" not in r["text"] for r in articles)
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    assert meta["mode"] == "pack" and meta["vocab_size"] == 8192 and meta["articles_as"] == "both"
+    assert meta["val"]["rows"] > 0 and meta["qa_examples"] > 293  # SQuAD's and the articles' pairs
+    metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert metrics[-1]["step"] == 3 and "val_loss" in metrics[-1]
+
+    from dtl.loading import load_model
+
+    model, tok = load_model(str(run))
+    assert model.config.vocab_size == tok.vocab_size == 8192 and model.config.d_model == 128
+    code, out, err = run_cli(["ask", "--model", run, "What is anarchism?", "--max-new-tokens", "8"],
+                             capsys)  # fmt: skip
+    assert code == 0, err
+    assert out.strip()
+
+
+def test_quickstart_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    run = tmp_path / "notes"
+    run.mkdir()
+    (run / "mine.txt").write_text("keep me")
+    code, out, err = run_cli(["quickstart", "--out", run], capsys)
+    assert code == 2 and "is not empty" in err and "choose a new --out" in err
+    assert err.count("\n") == 1  # one line, no traceback
+    assert sorted(p.name for p in run.iterdir()) == ["mine.txt"]
+    assert (run / "mine.txt").read_text() == "keep me"
+    code, _, err = run_cli(["quickstart", "--out", tmp_path / "new", "--max-steps", "0"], capsys)
+    assert code == 2 and "--max-steps must be a positive integer" in err
+    assert not (tmp_path / "new").exists()
