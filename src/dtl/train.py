@@ -92,7 +92,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         if not self.data:
-            raise DtlError("no training data: give --data DIR (a prepared dir, a file or a dataset name)")
+            raise DtlError("no training data: give --data DIR (a prepared dir, a file or a dataset name), "
+                           "or run `dtl quickstart` to train on the corpus inside DTL")
         positive = ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every",
                     "eval_batches", "save_every")
         for name in positive:
@@ -283,7 +284,8 @@ def resolve_data(cfg: TrainConfig, run_dir: Path, dist: distributed.DistInfo,
         print(f"preparing {cfg.data} into {prepared} (tokenizer {cfg.tokenizer}) ...", flush=True)
         marker = run_dir / DATA_SOURCE_FILE
         marker.unlink(missing_ok=True)
-        prepare([name], prepared, tokenizer=cfg.tokenizer, max_length=max_length, seed=cfg.seed)
+        prepare([name], prepared, tokenizer=cfg.tokenizer, max_length=max_length, seed=cfg.seed,
+                progress=cfg.progress and sys.stderr.isatty())
         if name.startswith("hf:"):  # meta.json records files only: remember the name
             marker.write_text(name + "\n", encoding="utf-8")
     distributed.barrier(dist)  # every rank waits here, whatever rank 0 decided

@@ -163,7 +163,7 @@ def test_long_rows_from_the_command_line(corpus, tokenizer_dir, tmp_path, capsys
 
 
 def test_too_little_text_names_dtl_prepare_max_length(corpus, tokenizer_dir, tmp_path, capsys):
-    raw = _raw(corpus, tmp_path / "small.raw", 0, 3_000)
+    raw = _raw(corpus, tmp_path / "small.raw", 0, 800)
     err = _fails_here(capsys, _train(raw, tmp_path / "run", tokenizer_dir, "--seq-len", "200"),
                       "dtl prepare --max-length N")
     assert "a smaller --max-length" not in err
