@@ -23,14 +23,15 @@ def odd_model(seed: int = 0, d_model: int = 24) -> TransformerLM:
 @pytest.mark.parametrize("by_rows", [False, True])
 @pytest.mark.parametrize("parts", [1, 2, 3, 8])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_split_linear_equals_f_linear(by_rows, parts, batch):
+@pytest.mark.parametrize("outs", [(13, 7), (300, 270)])  # the second: blocks span slabs of rows
+def test_split_linear_equals_f_linear(by_rows, parts, batch, outs):
     torch.manual_seed(parts)
-    weights = [torch.randn(13, 24), torch.randn(7, 24)]  # two fused: out 20, in 24
-    biases = [torch.randn(13), torch.randn(7)]
+    weights = [torch.randn(n, 24) for n in outs]  # two fused along out, in 24
+    biases = [torch.randn(n) for n in outs]
     x = torch.randn(batch, 24)
     want = F.linear(x, torch.cat(weights), torch.cat(biases))  # the oracle: PyTorch's own
     got = SplitLinear.of(weights, biases, parts, by_rows=by_rows)(x)
-    assert got.shape == (batch, 20)
+    assert got.shape == (batch, sum(outs))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
