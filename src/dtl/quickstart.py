@@ -107,7 +107,7 @@ def quickstart(
           "see dtl/corpus/NOTICE.md)", flush=True)  # fmt: skip
     records = clean_corpus(run_dir / "corpus", progress=progress)
 
-    print(f"2/4 tokenizer: a {vocab_size:,}-token byte-level BPE on the cleaned text", flush=True)
+    print(f"2/4 tokenizer: a byte-level BPE of {vocab_size:,} tokens on the cleaned text", flush=True)
     text = records_text(records, run_dir / "corpus" / ".tokenizer-text.txt")
     try:
         train_tokenizer([text], vocab_size, run_dir / "tokenizer", show_progress=False)
