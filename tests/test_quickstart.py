@@ -64,10 +64,24 @@ def test_quickstart_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
     run.mkdir()
     (run / "mine.txt").write_text("keep me")
     code, out, err = run_cli(["quickstart", "--out", run], capsys)
-    assert code == 2 and "is not empty" in err and "choose a new --out" in err
+    assert (
+        code == 2
+        and "is not empty (it is not a dtl run dir)" in err
+        and "choose a new --out" in err
+    )
     assert err.count("\n") == 1  # one line, no traceback
     assert sorted(p.name for p in run.iterdir()) == ["mine.txt"]
     assert (run / "mine.txt").read_text() == "keep me"
     code, _, err = run_cli(["quickstart", "--out", tmp_path / "new", "--max-steps", "0"], capsys)
     assert code == 2 and "--max-steps must be a positive integer" in err
     assert not (tmp_path / "new").exists()
+
+
+def test_quickstart_names_what_an_unfinished_one_left(tmp_path, capsys):
+    run = tmp_path / "demo"
+    (run / "corpus").mkdir(parents=True)  # interrupted during the first stages
+    code, _, err = run_cli(["quickstart", "--out", run], capsys)
+    assert code == 2 and "an unfinished quickstart: delete it" in err
+    (run / "config.yaml").write_text("preset: tiny\n")
+    code, _, err = run_cli(["quickstart", "--out", run], capsys)
+    assert code == 2 and f"dtl train --resume {run}" in err

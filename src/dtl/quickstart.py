@@ -38,6 +38,7 @@ RECIPE: dict[str, Any] = {
 }
 VOCAB_SIZE = 8192
 VAL_FRACTION = 0.1
+STAGE_DIRS = {"corpus", "tokenizer", "data"}  # what stages 1-3 write before the run starts
 
 
 def check_out_dir(run_dir: Path) -> None:
@@ -45,10 +46,15 @@ def check_out_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise DtlError(f"--out {run_dir} is a file, not a directory; choose another --out")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        hint = (f"continue it with `dtl train --resume {run_dir}`"
-                if (run_dir / "config.yaml").is_file() else "it is not a dtl run dir")  # fmt: skip
+        names = {p.name for p in run_dir.iterdir()}
+        if "config.yaml" in names:
+            hint = f"it holds a run: continue it with `dtl train --resume {run_dir}`"
+        elif names <= STAGE_DIRS:
+            hint = f"an unfinished quickstart: delete it (rm -r {run_dir}) to start again"
+        else:
+            hint = "it is not a dtl run dir"
         raise DtlError(
-            f"--out {run_dir} is not empty ({hint}); choose a new --out, e.g. runs/demo2 "
+            f"--out {run_dir} is not empty ({hint}); or choose a new --out, e.g. runs/demo2 "
             "(nothing was changed)"
         )
 
@@ -107,7 +113,9 @@ def quickstart(
           "see dtl/corpus/NOTICE.md)", flush=True)  # fmt: skip
     records = clean_corpus(run_dir / "corpus", progress=progress)
 
-    print(f"2/4 tokenizer: a byte-level BPE of {vocab_size:,} tokens on the cleaned text", flush=True)
+    print(
+        f"2/4 tokenizer: a byte-level BPE of {vocab_size:,} tokens on the cleaned text", flush=True
+    )
     text = records_text(records, run_dir / "corpus" / ".tokenizer-text.txt")
     try:
         train_tokenizer([text], vocab_size, run_dir / "tokenizer", show_progress=False)
