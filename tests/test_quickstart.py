@@ -85,3 +85,16 @@ def test_quickstart_names_what_an_unfinished_one_left(tmp_path, capsys):
     (run / "config.yaml").write_text("preset: tiny\n")
     code, _, err = run_cli(["quickstart", "--out", run], capsys)
     assert code == 2 and f"dtl train --resume {run}" in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--vocab-size", "100"], "--vocab-size 100 must be between 257"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):
+    code, _, err = run_cli(["quickstart", "--out", tmp_path / "new", *flags], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "new").exists()

@@ -102,11 +102,21 @@ def quickstart(
     `train_overrides` are `dtl train` settings (e.g. d_model=32 for a smaller model).
     """
     from dtl.data.prepare import prepare
-    from dtl.tokenizer import train_tokenizer
+    from dtl.precision import resolve_device
+    from dtl.tokenizer import check_vocab_size, train_tokenizer
     from dtl.train import TrainConfig, train
 
     started = time.perf_counter()
     run_dir = Path(out)
+    # Every setting is checked before anything is written.
+    check_vocab_size(vocab_size)
+    resolve_device(device)
+    settings = {**RECIPE, "max_steps": max_steps, "device": device, "seed": seed,
+                "progress": progress, **train_overrides}  # fmt: skip
+    for key in ("save_every", "eval_every"):
+        settings[key] = min(int(settings[key]), max_steps)
+    cfg = TrainConfig.from_dict({**settings, "data": str(run_dir / "data"), "out": str(run_dir)})
+    cfg.validate()
     check_out_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     print("1/4 clean: the embedded Wikipedia excerpt and SQuAD questions (CC BY-SA, "
@@ -129,7 +139,7 @@ def quickstart(
         run_dir / "data",
         tokenizer=run_dir / "tokenizer",
         kind="jsonl",
-        max_length=int(train_overrides.get("seq_len", RECIPE["seq_len"])),
+        max_length=int(settings["seq_len"]),
         mode="pack",
         val_fraction=VAL_FRACTION,
         seed=seed,
@@ -142,11 +152,6 @@ def quickstart(
           flush=True)  # fmt: skip
 
     print(f"4/4 train: the {RECIPE['preset']} preset, {max_steps} steps", flush=True)
-    settings = {**RECIPE, "max_steps": max_steps, "device": device, "seed": seed,
-                "progress": progress, **train_overrides}  # fmt: skip
-    settings["save_every"] = min(int(settings["save_every"]), max_steps)
-    settings["eval_every"] = min(int(settings["eval_every"]), max_steps)
-    cfg = TrainConfig.from_dict({**settings, "data": str(run_dir / "data"), "out": str(run_dir)})
     result = train(cfg)
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["run_dir"] = str(run_dir)

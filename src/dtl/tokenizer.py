@@ -257,6 +257,14 @@ def load_tokenizer(
     return _from_directory(directory, gpt2_dir)
 
 
+def check_vocab_size(vocab_size: int) -> None:
+    """A byte-level BPE's size: the 256 bytes + end-of-text at least, a million at most."""
+    if not 257 <= vocab_size <= 1_000_000:
+        raise DtlError(
+            f"--vocab-size {vocab_size} must be between 257 (256 bytes + end-of-text) and 1,000,000"
+        )
+
+
 def train_tokenizer(
     files: list[str | os.PathLike],
     vocab_size: int,
@@ -271,10 +279,7 @@ def train_tokenizer(
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers, trainers
 
-    if not 257 <= vocab_size <= 1_000_000:
-        raise DtlError(
-            f"--vocab-size {vocab_size} must be between 257 (256 bytes + end-of-text) and 1,000,000"
-        )
+    check_vocab_size(vocab_size)
     paths = [Path(f) for f in files]
     if not paths:
         raise DtlError("no input files given; pass one or more text files")
