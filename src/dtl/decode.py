@@ -107,7 +107,7 @@ def _fill_transposed(dst: Tensor, weights: list[Tensor], start: int) -> int:
             dst[:, i - start : j - start].copy_(w[i - offset : j - offset].t())
         filled = max(filled, hi - start)
         offset += w.size(0)
-    return max(filled, 0)
+    return filled
 
 
 def split_for(

@@ -15,7 +15,6 @@ Every stage is the one a user runs by hand, in the spec's order (see the README'
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -45,8 +44,8 @@ def check_out_dir(run_dir: Path) -> None:
     """Refuse a folder that already holds anything: a demo never overwrites a user's files."""
     if run_dir.exists() and not run_dir.is_dir():
         raise DtlError(f"--out {run_dir} is a file, not a directory; choose another --out")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        names = {p.name for p in run_dir.iterdir()}
+    names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if names:
         if "config.yaml" in names:
             hint = f"it holds a run: continue it with `dtl train --resume {run_dir}`"
         elif names <= STAGE_DIRS:
@@ -76,14 +75,14 @@ def clean_corpus(out_dir: Path, progress: bool = False) -> list[Path]:
 
 def records_text(records_files: list[Path], out: Path) -> Path:
     """The text a tokenizer learns from: every article text, question and answer, one a line."""
+    from dtl.data.sources import iter_records
+
     with open(out, "w", encoding="utf-8") as f:
         for path in records_files:
-            with open(path, encoding="utf-8") as lines:
-                for line in lines:
-                    rec = json.loads(line)
-                    for key in ("text", "question", "answer"):
-                        if rec.get(key):
-                            f.write(str(rec[key]) + "\n")
+            for rec in iter_records(path, "jsonl"):
+                for key in ("text", "question", "answer"):
+                    if rec.get(key):
+                        f.write(str(rec[key]) + "\n")
     return out
 
 

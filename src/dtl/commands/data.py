@@ -111,8 +111,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--template", help="Q&A template with {question} and {answer} (default: the spec's)"
     )
     prep.add_argument(
-        "--val-fraction", type=float, default=0.05, help="share held out for val (0.05): whole documents, or the tail of each "
-        "document when there are too few"
+        "--val-fraction", type=float, default=0.05,
+        help="share held out for val (0.05): whole documents, or each document's tail when "
+        "there are too few",
     )
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     prep.add_argument("--no-progress", action="store_true", help="no progress bars")

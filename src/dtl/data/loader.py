@@ -52,6 +52,13 @@ def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def read_array(path: Path, dtype: Any) -> np.ndarray:
+    """A shard file as a read-only array (memory-mapped; np.memmap refuses an empty file)."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Map-style dataset of one split: item i is a dict of (T,) LongTensors, T = max_length."""
 
@@ -81,9 +88,7 @@ class TokenDataset(torch.utils.data.Dataset):
         path = self.data_dir / f"{self.split}{suffix}"
         if not path.is_file():
             raise DtlError(f"{path} is missing; the data dir is incomplete, re-run dtl prepare")
-        if path.stat().st_size == 0:
-            return np.zeros(0, dtype=dtype)
-        return np.memmap(path, dtype=dtype, mode="r")
+        return read_array(path, dtype)
 
     def __len__(self) -> int:
         return self.n_rows

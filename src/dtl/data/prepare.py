@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dtl.data.loader import META_FILE
+from dtl.data.loader import META_FILE, read_array
 from dtl.data.qa import QA_TEMPLATE, article_to_qa, split_qa
 from dtl.data.shards import ShardWriter, commit_dir, sha256_file, staging_dir, token_dtype
 from dtl.data.sources import check_input, detect_kind, iter_records
@@ -182,7 +182,7 @@ class _Splitter:
             return f"held out whole, they left {' and '.join(empty)} without a row"
         return None
 
-    def resplit(self, tmp: Path, mode: str, max_length: int, inputs: str) -> str:
+    def resplit(self, mode: str, max_length: int, inputs: str) -> str:
         """Split within documents instead: the last share of each document's tokens (pack) or
         examples (pad) go to val, the rest to train, both in document order. Copies the spans
         from the (closed) shards into new ones, which replace them; returns the split kind."""
@@ -263,14 +263,9 @@ class _Shard:
 
 
 def _read_shard(writer: ShardWriter) -> _Shard:
-    def read(path: Path, dtype: Any) -> np.ndarray:
-        if path.stat().st_size == 0:
-            return np.zeros(0, dtype=dtype)
-        return np.memmap(path, dtype=dtype, mode="r")
-
     paths = writer.paths()
-    mask = read(paths[1], np.uint8) if writer.with_mask else None
-    return _Shard(read(paths[0], writer.dtype), mask)
+    mask = read_array(paths[1], np.uint8) if writer.with_mask else None
+    return _Shard(read_array(paths[0], writer.dtype), mask)
 
 
 def _like(writer: ShardWriter, split: str) -> ShardWriter:
@@ -431,7 +426,7 @@ def _write(job: _Job, tmp: Path, tok: Tokenizer) -> dict[str, Any]:
     split, reason = "documents", splitter.resplit_reason(mode, max_length)
     if reason:
         inputs = ", ".join(map(str, job.inputs))
-        split = splitter.resplit(tmp, mode, max_length, inputs)
+        split = splitter.resplit(mode, max_length, inputs)
     writers = splitter.writers
     tok.save(tmp)
     sources = job.sources()
