@@ -1,11 +1,11 @@
-"""Why `dtl.decode` cuts its weights into blocks: one row times each of the small preset's
+"""Why `dtl.generate.decode` cuts its weights into blocks: one row times each of the small preset's
 weight shapes, the weights coming from memory (a 96 MB read before each timing flushes the
 caches, as the 51 MB vocabulary head does in a real decode step), five ways:
 
     F.linear          the nn.Linear layout (out, in), what the model's forward uses
     addmm W^T         a transposed copy (in, out)
-    cols/p            p blocks of whole columns, one `baddbmm`      (dtl.decode, narrowing)
-    rows/p            p blocks of rows + a sum, one `bmm`           (dtl.decode, widening)
+    cols/p            p blocks of whole columns, one `baddbmm`      (dtl.generate.decode, narrowing)
+    rows/p            p blocks of rows + a sum, one `bmm`           (dtl.generate.decode, widening)
 
 Each figure is the best of 15 per product; the ratio is against `F.linear` in the same run.
 
@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dtl.decode import SplitLinear
+from dtl.generate.decode import SplitLinear
 
 SHAPES = {  # name: (in, out) of the small preset (d_model 256, d_ff 1024, vocab 50257)
     "head": (256, 50257),

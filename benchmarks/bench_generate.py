@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from dtl import ModelConfig, TransformerLM
-from dtl.commands.serve import serve_threads
+from dtl.cli.serve import serve_threads
 from dtl.generate import generate_tokens
 
 PROMPT, NEW, TOP_K = 16, 128, 50
@@ -109,7 +109,7 @@ def bench_decode(batch: int, repeats: int, ours, hf, bw: float) -> list[dict]:
 SERVER = """
 import sys, torch, uvicorn
 torch.set_num_threads(int(sys.argv[3]))
-from dtl.loading import load_model
+from dtl.model.store import load_model
 from dtl.serve.api import create_app
 model, tok = load_model(sys.argv[1])
 uvicorn.run(create_app(model, tok, "small"), host="127.0.0.1", port=int(sys.argv[2]),

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from dtl import ModelConfig, TransformerLM
-from dtl.head_loss import linear_cross_entropy
-from dtl.memory import estimate_memory, fit_options, parse_size, recommend
-from dtl.precision import autocast, grad_scaler, resolve_precision
+from dtl.model.head_loss import linear_cross_entropy
+from dtl.train.memory import estimate_memory, fit_options, parse_size, recommend
+from dtl.train.precision import autocast, grad_scaler, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"

@@ -49,7 +49,7 @@ def test_quickstart_trains_a_model_that_loads_and_answers(tmp_path, capsys):
     metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert metrics[-1]["step"] == 3 and "val_loss" in metrics[-1]
 
-    from dtl.loading import load_model
+    from dtl.model.store import load_model
 
     model, tok = load_model(str(run))
     assert model.config.vocab_size == tok.vocab_size == 8192 and model.config.d_model == 128

@@ -230,7 +230,7 @@ def engine_fingerprints(model, tok) -> list:
     try:
         from dtl.serve.engine import ContinuousBatch
     except ImportError:
-        from dtl.serve.scheduler import ContinuousBatch  # the restructured home
+        from dtl.generate.batch import ContinuousBatch  # the restructured home
     from dtl.generate import SamplingOptions
 
     def opts(**kw):

@@ -101,9 +101,9 @@ def quickstart(
     `train_overrides` are `dtl train` settings (e.g. d_model=32 for a smaller model).
     """
     from dtl.data.prepare import prepare
-    from dtl.precision import resolve_device
+    from dtl.device import resolve_device
     from dtl.tokenizer import check_vocab_size, train_tokenizer
-    from dtl.train import TrainConfig, train
+    from dtl.train.loop import TrainConfig, train
 
     started = time.perf_counter()
     run_dir = Path(out)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import uvicorn
 
-import dtl.generate
+import dtl.generate.loop
 from dtl import ModelConfig, TransformerLM
 from dtl.data.qa import QA_STOP, qa_prompt
 from dtl.generate import generate
@@ -94,7 +94,7 @@ def expected(model, tokenizer, prompt, n, stop=()):
 def hold_worker(model, until, timeout: float = 20.0):
     """Inside, each step of the server's worker thread waits until `until()` is true (at most
     `timeout` seconds a step), so a test can pin down what happens between two steps."""
-    original = dtl.generate.last_logits  # every step of the token loop goes through it
+    original = dtl.generate.loop.last_logits  # every step of the token loop goes through it
 
     def gated(*args, **kwargs):
         if threading.current_thread().name == "dtl-generate":
@@ -103,11 +103,11 @@ def hold_worker(model, until, timeout: float = 20.0):
                 time.sleep(0.005)
         return original(*args, **kwargs)
 
-    dtl.generate.last_logits = gated
+    dtl.generate.loop.last_logits = gated
     try:
         yield
     finally:
-        dtl.generate.last_logits = original
+        dtl.generate.loop.last_logits = original
 
 
 @pytest.fixture
@@ -480,7 +480,7 @@ def test_dtl_serve_refuses_a_taken_port_and_a_missing_model(tmp_path, capsys):
 
 def test_dtl_serve_threads_default_to_all_cores_but_one(capsys):
     from dtl.cli import main
-    from dtl.commands.serve import serve_threads
+    from dtl.cli.serve import serve_threads
 
     assert [serve_threads(None, n) for n in (1, 2, 16)] == [1, 1, 15]
     assert serve_threads(3, 2) == 3  # as asked

@@ -11,15 +11,9 @@ import pytest
 import torch
 
 from dtl import ModelConfig, TransformerLM
-from dtl.checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
-    load_training_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 from dtl.errors import DtlError
+from dtl.run_dir import latest_checkpoint, list_checkpoints
+from dtl.train.checkpoint import load_training_state, rng_state, save_checkpoint, set_rng_state
 
 
 def _model():

@@ -14,9 +14,9 @@ import torch
 from train_helpers import cli, model_flags, tiny_config
 
 from dtl import TransformerLM
-from dtl.checkpoint import latest_checkpoint
 from dtl.errors import DtlError
 from dtl.model import IGNORE_INDEX
+from dtl.run_dir import latest_checkpoint
 from dtl.train import Trainer, build_model_config
 
 

@@ -14,7 +14,8 @@ import torch
 from train_helpers import DTL, PROJECT_ROOT, SUBPROCESS_ENV, model_flags, run_dtl
 
 from dtl import TransformerLM
-from dtl.checkpoint import latest_checkpoint, load_training_state
+from dtl.run_dir import latest_checkpoint
+from dtl.train.checkpoint import load_training_state
 
 
 def _args(data, out, batch, steps=4):

@@ -1,6 +1,6 @@
 """The loop's fp16 path (autocast to float16, a GradScaler, fp32 master weights), run for real
 on the CPU: PyTorch has fp16 autocast and `GradScaler("cpu")` there, and `Trainer` asks
-`dtl.precision.resolve_precision` for its precision, so these tests patch that one function
+`dtl.train.precision.resolve_precision` for its precision, so these tests patch that one function
 to answer fp16-with-a-scaler on CPU. Users still get "--precision fp16 needs a GPU".
 
 What the loop does with non-finite numbers under fp16 (and what these tests hold it to):
@@ -24,11 +24,11 @@ import pytest
 import torch
 from train_helpers import tiny_config
 
-from dtl import precision
-from dtl.checkpoint import latest_checkpoint, load_training_state
 from dtl.errors import DtlError
-from dtl.precision import Precision
-from dtl.train import MIN_LOSS_SCALE, Trainer
+from dtl.run_dir import latest_checkpoint
+from dtl.train import MIN_LOSS_SCALE, Trainer, precision
+from dtl.train.checkpoint import load_training_state
+from dtl.train.precision import Precision
 
 FP16 = Precision("fp16", torch.float16, use_scaler=True)
 INIT_SCALE = 2.0**16  # GradScaler's default
@@ -336,7 +336,7 @@ def test_resume_may_switch_between_fp16_and_a_precision_without_scaler(fp16_on_c
 FSDP_SCRIPT = '''
 import dataclasses, json, math, sys
 import torch
-from dtl import distributed, precision
+from dtl.train import distributed, precision
 from dtl.train import Trainer, TrainConfig
 
 FP16 = precision.Precision("fp16", torch.float16, use_scaler=True)

@@ -9,8 +9,8 @@ import resource
 import pytest
 from train_helpers import cli, model_flags, run_dtl, tiny_config
 
-from dtl.checkpoint import latest_checkpoint
 from dtl.errors import DtlError
+from dtl.run_dir import latest_checkpoint
 from dtl.train import train
 
 

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from train_helpers import tiny_config
 
 from dtl import TransformerLM
-from dtl.checkpoint import latest_checkpoint, list_checkpoints, load_training_state
 from dtl.data.loader import BatchLoader
+from dtl.run_dir import latest_checkpoint, list_checkpoints
 from dtl.tokenizer import load_tokenizer
 from dtl.train import Trainer, seed_everything, train
+from dtl.train.checkpoint import load_training_state
 
 
 def _metrics(run_dir):

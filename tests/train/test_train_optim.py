@@ -10,7 +10,7 @@ import torch
 
 from dtl import ModelConfig, TransformerLM
 from dtl.errors import DtlError
-from dtl.optim import build_optimizer, lr_at, param_groups
+from dtl.train.optim import build_optimizer, lr_at, param_groups
 
 
 def _model():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dtl.device import resolve_device
 from dtl.errors import DtlError
-from dtl.precision import autocast, grad_scaler, resolve_device, resolve_precision
+from dtl.train.precision import autocast, grad_scaler, resolve_precision
 
 CPU = torch.device("cpu")
 

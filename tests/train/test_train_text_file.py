@@ -8,7 +8,7 @@ import random
 
 from train_helpers import cli, model_flags
 
-from dtl.checkpoint import latest_checkpoint
+from dtl.run_dir import latest_checkpoint
 
 SUBJECTS = (
     "The old miller",

@@ -14,7 +14,7 @@ error shape `{"error": {"message", "type", "param", "code"}}`; every request is 
 (and one that does fails alone, see `Batcher`).
 
 One model is shared by every request, so generation runs on a single worker thread that
-batches continuously (`dtl.serve.engine`): a request joins the running batch between two
+batches continuously (`dtl.generate.batch`): a request joins the running batch between two
 decode steps (so it waits one step, not a whole batch) and leaves it when it is done. Each
 keeps its own settings and seeded generator (what a request gets does not depend on its
 neighbours), and a request whose client goes away (streamed or not) is dropped from the
@@ -41,12 +41,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dtl import generate as gen
 from dtl.data.qa import QA_STOP, format_qa, qa_prompt
-from dtl.decode import plan_if_fast
 from dtl.errors import DtlError
-from dtl.generate import StreamChunk
-from dtl.serve.engine import ContinuousBatch, Join
+from dtl.generate import loop as gen
+from dtl.generate.batch import ContinuousBatch, Join
+from dtl.generate.decode import plan_if_fast
+from dtl.generate.loop import StreamChunk
 
 MAX_N = 16  # choices per request
 MAX_REQUEST_ROWS = 64  # prompts x n per request: one request never makes a giant batch
@@ -388,7 +388,7 @@ class Ticket:
 
 class Batcher:
     """The one thread that generates for every request, by continuous batching
-    (`dtl.serve.engine`): between two decode steps, waiting requests join the running batch
+    (`dtl.generate.batch`): between two decode steps, waiting requests join the running batch
     (up to MAX_BATCH_ROWS rows that fit the context, first come first served) and finished
     or abandoned ones leave it. Each request keeps its own settings and seeded generator, so
     it gets what it would get alone, and none ever sees another's KV cache rows. A request

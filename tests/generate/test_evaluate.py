@@ -11,7 +11,7 @@ import torch
 from testkit import shared_path
 
 from dtl import ModelConfig, TransformerLM
-from dtl.evaluate import evaluate_lm, exact_match, f1_score, normalize_answer, squad_scores
+from dtl.generate.evaluate import evaluate_lm, exact_match, f1_score, normalize_answer, squad_scores
 
 
 # ---------------------------------------------------------------------- the SQuAD scorer

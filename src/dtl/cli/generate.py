@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from dtl.device import resolve_device
 from dtl.errors import DtlError
 
 
@@ -129,36 +130,16 @@ def _sampling_args(p: argparse.ArgumentParser, max_new: int, temperature: float)
                    help="stop when this text appears (repeatable)")  # fmt: skip
 
 
-def _device(name: str):
-    """`--device` as a torch.device, checked by `dtl.precision.resolve_device` (unknown names,
-    and cuda or mps where this machine has none, are clear errors), plus the CUDA index."""
-    import torch
-
-    from dtl.precision import resolve_device
-
-    try:
-        device = resolve_device(name)
-    except RuntimeError:  # torch.device refuses the name, e.g. cuda:x
-        raise DtlError(f"--device {name}: not a device name; use cpu, cuda, cuda:N or mps"
-                       ) from None  # fmt: skip
-    if device.type == "cuda" and device.index is not None:
-        count = torch.cuda.device_count()
-        if device.index >= count:
-            raise DtlError(f"--device {name}: this machine has {count} CUDA GPU(s), "
-                           f"cuda:0 to cuda:{count - 1}")  # fmt: skip
-    return device
-
-
 def _load(args, device=None):
-    from dtl.loading import load_model
+    from dtl.model.store import load_model
 
     if device is None:
-        device = _device(args.device)
+        device = resolve_device(args.device)
     return load_model(args.model, device=device, tokenizer=args.tokenizer)
 
 
 def _options(args, **extra) -> dict:
-    from dtl.generate import SamplingOptions
+    from dtl.generate.loop import SamplingOptions
 
     if args.top_k is not None and args.top_k < 0:
         raise DtlError(f"--top-k {args.top_k}: must be 0 (off) or a positive number of tokens")
@@ -203,7 +184,7 @@ def _print_stream(pieces, strip_leading: bool = False) -> str:
 
 # ---------------------------------------------------------------------- generate / ask
 def cmd_generate(args) -> int:
-    from dtl.generate import stream
+    from dtl.generate.loop import stream
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     opts = _options(args, use_cache=not args.no_kv_cache)  # check before the slow load
@@ -217,7 +198,7 @@ def cmd_generate(args) -> int:
 
 def cmd_ask(args) -> int:
     from dtl.data.qa import QA_STOP, qa_prompt
-    from dtl.generate import stream
+    from dtl.generate.loop import stream
 
     if not args.question.strip():
         raise DtlError("the question is empty; ask something, e.g. dtl ask --model M 'Who?'")
@@ -257,7 +238,7 @@ _CHAT_SETTINGS = {  # command -> (option, parse)
 
 def chat_command(line: str, opts: dict, history: list) -> str | None:
     """Apply one slash command to the chat state; returns what to print (None = quit)."""
-    from dtl.generate import SamplingOptions
+    from dtl.generate.loop import SamplingOptions
 
     name, _, value = line.strip().partition(" ")
     value = value.strip()
@@ -288,7 +269,7 @@ def chat_command(line: str, opts: dict, history: list) -> str | None:
 
 def cmd_chat(args) -> int:
     from dtl.data.qa import QA_STOP, format_qa, qa_prompt
-    from dtl.generate import stream
+    from dtl.generate.loop import stream
 
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -332,7 +313,7 @@ def cmd_chat(args) -> int:
 # ---------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
     from dtl.data.sources import detect_kind, iter_records
-    from dtl.evaluate import evaluate_lm, evaluate_squad
+    from dtl.generate.evaluate import evaluate_lm, evaluate_squad
 
     if args.predictions and not Path(args.predictions).resolve().parent.is_dir():
         raise DtlError(f"--predictions {args.predictions}: its folder does not exist")

@@ -1,4 +1,4 @@
-"""`dtl train` and `dtl plot`: thin verbs over `dtl.train` and `dtl.plot`."""
+"""`dtl train` and `dtl plot`: thin verbs over `dtl.train` and `dtl.train.plot`."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from dtl.train import TrainConfig
+    from dtl.train.loop import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -134,7 +134,7 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 def build_config(args: argparse.Namespace):
     """TrainConfig from defaults < (saved run config on --resume) < --config file < flags."""
-    from dtl.train import RESUME_LOCKED, TrainConfig
+    from dtl.train.loop import RESUME_LOCKED, TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names}
@@ -166,7 +166,7 @@ def _same_setting(key: str, given: Any, saved: Any) -> bool:
     if given == saved:
         return True
     if key == "data" and given and saved:
-        from dtl.train import absolute_data
+        from dtl.train.loop import absolute_data
 
         return absolute_data(str(given)) == absolute_data(str(saved))
     return False
@@ -182,7 +182,7 @@ def _saved_config(run_dir: str) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dtl.train import train
+    from dtl.train.loop import train
 
     cfg = build_config(args)
     summary = train(cfg, resume=bool(args.resume))
@@ -194,7 +194,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from dtl.plot import plot_run
+    from dtl.train.plot import plot_run
 
     try:
         path = plot_run(args.run_dir, args.output)

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dtl import generate as gen
-from dtl.decode import plan_if_fast
-from dtl.generate import RowText, SamplingOptions, StreamChunk
-from dtl.model import KVCache
+from dtl.generate import loop as gen
+from dtl.generate.decode import plan_if_fast
+from dtl.generate.loop import RowText, SamplingOptions, StreamChunk
+from dtl.model.transformer import KVCache
 
 
 @dataclass

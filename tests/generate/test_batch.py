@@ -1,4 +1,4 @@
-"""dtl.serve.engine: requests that join and leave a running batch get what they get alone."""
+"""dtl.generate.batch: requests that join and leave a running batch get what they get alone."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 from dtl import ModelConfig, TransformerLM
 from dtl.generate import SamplingOptions, generate
-from dtl.serve.engine import ContinuousBatch, Join
+from dtl.generate.batch import ContinuousBatch, Join
 
 
 def peaky_model(context: int = 96) -> TransformerLM:

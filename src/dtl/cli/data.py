@@ -202,10 +202,10 @@ def _extract_line(s: dict) -> str:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from dtl.config import ModelConfig
     from dtl.data.prepare import prepare
     from dtl.data.qa import QA_TEMPLATE
     from dtl.data.sources import detect_kind
+    from dtl.model.config import ModelConfig
 
     model_limit = None
     if args.preset:

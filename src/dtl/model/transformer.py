@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dtl.config import ModelConfig
 from dtl.errors import DtlError
 from dtl.fileio import atomic_write, atomic_write_text
-from dtl.head_loss import IGNORE_INDEX, linear_cross_entropy
+from dtl.model.config import ModelConfig
+from dtl.model.head_loss import IGNORE_INDEX, linear_cross_entropy
 
 __all__ = ["IGNORE_INDEX", "KVCache", "TransformerLM"]  # IGNORE_INDEX = -100: not scored
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtl.errors import DtlError
-from dtl.model import KVCache, TransformerLM
+from dtl.model.transformer import KVCache, TransformerLM
 
 
 @dataclass

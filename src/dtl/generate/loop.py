@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dtl.decode import DecodePlan, decode_step, plan_if_fast
 from dtl.errors import DtlError
+from dtl.generate.decode import DecodePlan, decode_step, plan_if_fast
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def last_logits(
 ) -> Tensor:
     """The next-token logits (B, V) after `input_ids`: only the last position goes through
     the vocabulary head (equal to `model(..., last_only=True)[:, -1]`). With a `DecodePlan`
-    (CPU models, `dtl.decode`) the head, and each one-token step through the cache, run on
+    (CPU models, `dtl.generate.decode`) the head, and each one-token step through the cache, run on
     weights laid out for memory speed; the loop gets the plan once, not every step."""
     if plan is None:
         return model(input_ids, attention_mask, cache=cache, last_only=True)[:, -1]
@@ -216,7 +216,7 @@ def iter_tokens(
     `groups` [(rows, options), ...] lets rows of one batch sample differently
     (`stream_requests`): each group has its own options and seeded generator, so a group
     draws what it would draw alone. (The server, whose rows join and leave mid-run, does the
-    same per request in `dtl.serve.engine`.)
+    same per request in `dtl.generate.batch`.)
     """
     B, T = input_ids.shape
     device = input_ids.device
@@ -454,7 +454,7 @@ def stream_requests(
     cancelled=None,
 ) -> Iterator[StreamChunk]:
     """`stream_batch` where each row has its own settings, all starting together (the
-    server's rows, which join a running batch, go through `dtl.serve.engine` instead).
+    server's rows, which join a running batch, go through `dtl.generate.batch` instead).
 
     The rows share one padded batch, so its longest prompt plus its largest max_new_tokens
     must fit the context. `cancelled(i)`, if given, is asked after each step;

@@ -1,6 +1,6 @@
 """Measure the peak memory of real training steps, in a fresh process (run by test_memory).
 
-    python tests/memory_probe.py PRESET VOCAB BATCH SEQ CHECKPOINTING GRAD_ACCUM
+    python tests/train/memory_probe.py PRESET VOCAB BATCH SEQ CHECKPOINTING GRAD_ACCUM
 
 Prints {"measured": bytes}: the process's peak RSS during two optimizer steps minus its RSS
 just before the model was built. A warm-up step on a throwaway model first faults in the code
@@ -17,8 +17,8 @@ import sys
 import torch
 
 from dtl import ModelConfig, TransformerLM
-from dtl.memory import peak_rss_bytes
 from dtl.train import enable_activation_checkpointing
+from dtl.train.memory import peak_rss_bytes
 
 
 def current_rss() -> int:

@@ -32,12 +32,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dtl import checkpoint as ckpt
-from dtl import distributed, optim, precision
-from dtl.config import ModelConfig
+from dtl import run_dir as run_dir_layout
 from dtl.errors import DtlError
 from dtl.fileio import atomic_write_text
-from dtl.model import IGNORE_INDEX, TransformerLM
+from dtl.model.config import ModelConfig
+from dtl.model.transformer import IGNORE_INDEX, TransformerLM
+from dtl.train import checkpoint as ckpt
+from dtl.train import distributed, optim, precision
 
 MODEL_FIELDS = ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "dropout")
 # Settings a resumed run must share with the saved one: they fix the model or the data order.
@@ -182,7 +183,7 @@ def peak_mem_mb(device: torch.device) -> float:
     """Peak memory so far: CUDA max_memory_allocated, else the process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    from dtl.memory import peak_rss_bytes
+    from dtl.train.memory import peak_rss_bytes
 
     return peak_rss_bytes() / 2**20
 
@@ -241,7 +242,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     run_dir = Path(cfg.out)
     if run_dir.exists() and not run_dir.is_dir():
         raise DtlError(f"--out {run_dir} is a file, not a directory; choose another --out")
-    if not resume and ckpt.list_checkpoints(run_dir):
+    if not resume and run_dir_layout.list_checkpoints(run_dir):
         raise DtlError(
             f"{run_dir} already holds a run with checkpoints; continue it with "
             f"`dtl train --resume {run_dir}` or pick a new --out (nothing was changed)"
@@ -365,7 +366,7 @@ def build_model_config(cfg: TrainConfig, meta: dict[str, Any], data_len: int) ->
 def _resumed_context(run_dir: Path, model_config: ModelConfig, seq_len: int) -> ModelConfig:
     """Runs made before the context rule have max_seq_length = the data's max_length: a
     resumed run keeps its saved context (it fixes no weight) when the rows still fit it."""
-    path = ckpt.latest_checkpoint(run_dir)
+    path = run_dir_layout.latest_checkpoint(run_dir)
     if path is None or not (path / "config.json").is_file():
         return model_config
     saved = ModelConfig.from_json(path / "config.json")
@@ -474,7 +475,7 @@ class Trainer:
         atomic_write_text(self.run_dir / "config.yaml", text)
 
     def _load_latest(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir)
+        path = run_dir_layout.latest_checkpoint(self.run_dir)
         if path is None:
             raise DtlError(f"{self.run_dir}: no checkpoint to resume from (checkpoints/step-N)")
         saved = TransformerLM.from_pretrained(path).config
@@ -611,7 +612,7 @@ class Trainer:
             self._print(f"step {step}: non-finite loss {loss} / grad norm {grad_norm}{note}; skipped "
                         f"({self.state.skipped_nonfinite} of --skip-nonfinite {self.cfg.skip_nonfinite})")
             return
-        last = ckpt.latest_checkpoint(self.run_dir)
+        last = run_dir_layout.latest_checkpoint(self.run_dir)
         raise DtlError(
             f"loss is {loss} (grad norm {grad_norm}{note}) at step {step}: stopped instead of training "
             f"on garbage; last good checkpoint: {last if last else 'none saved yet'}. Lower --lr, "
@@ -795,7 +796,7 @@ class Trainer:
             "val_ppl": last["val_ppl"] if last else None,
             "best_val_loss": self.state.best_val_loss,
             "best_step": self.state.best_step,
-            "checkpoint": str(ckpt.latest_checkpoint(self.run_dir)) if self.dist.is_main else None,
+            "checkpoint": str(run_dir_layout.latest_checkpoint(self.run_dir)) if self.dist.is_main else None,
         }
 
 

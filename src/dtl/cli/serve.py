@@ -12,7 +12,7 @@ from dtl.errors import DtlError
 
 def register(subparsers) -> None:
     from dtl.cli import add_common
-    from dtl.commands.generate import _model_args
+    from dtl.cli.generate import _model_args
 
     p = subparsers.add_parser(
         "serve",
@@ -49,13 +49,14 @@ def register(subparsers) -> None:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from dtl.commands.generate import _device, _load
-    from dtl.loading import model_name
+    from dtl.cli.generate import _load
+    from dtl.device import resolve_device
+    from dtl.model.store import model_name
     from dtl.serve.api import create_app
 
     if not 0 < args.port < 65536:
         raise DtlError(f"--port {args.port}: must be between 1 and 65535")
-    device = _device(args.device)  # dtl.precision.resolve_device, before the slow load
+    device = resolve_device(args.device)  # before the slow load
     threads = serve_threads(args.threads, os.cpu_count() or 1)
     _check_port_free(args.host, args.port)
     import torch

@@ -1,4 +1,4 @@
-"""Devices and mixed precision for `dtl train`.
+"""Mixed precision for `dtl train` (the device comes from `dtl.device`).
 
 `auto` picks bf16 autocast on CUDA devices that support it, else fp16 autocast with a
 GradScaler (weights, gradients and optimizer state stay fp32: the spec's "float16 for forward
@@ -20,7 +20,6 @@ import torch
 from dtl.errors import DtlError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -28,26 +27,6 @@ class Precision:
     name: str  # fp32 | bf16 | fp16
     dtype: torch.dtype | None  # the autocast dtype, None for plain fp32
     use_scaler: bool  # fp16 needs loss scaling so small gradients do not flush to zero
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda if available, else mps, else cpu; an explicit name must be usable."""
-    if name not in DEVICES and not name.startswith("cuda:"):
-        raise DtlError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DtlError(
-            "--device cuda asked for, but PyTorch sees no CUDA GPU (a CPU-only build, or no "
-            "driver); use --device cpu or install a CUDA build of PyTorch"
-        )
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise DtlError("--device mps asked for, but MPS is not available here; use --device cpu")
-    return torch.device(name)
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from dtl.checkpoint import latest_model_dir
 from dtl.errors import DtlError
-from dtl.model import TransformerLM
+from dtl.model.transformer import TransformerLM
+from dtl.run_dir import latest_model_dir
 
 
 def resolve_model_dir(spec: str | os.PathLike) -> Path:

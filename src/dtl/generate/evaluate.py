@@ -107,7 +107,7 @@ def evaluate_squad(
     Returns the `squad_scores` dict plus "predictions": [{"id", "question", "prediction"}].
     """
     from dtl.data.qa import QA_STOP, qa_prompt
-    from dtl.generate import generate
+    from dtl.generate.loop import generate
 
     records = list(records)[:limit] if limit is not None else list(records)
     if not records:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dtl import ModelConfig
-from dtl.memory import estimate_memory, parse_size
+from dtl.train.memory import estimate_memory, parse_size
 
 PROBE = Path(__file__).with_name("memory_probe.py")
 
@@ -51,7 +51,7 @@ def test_activation_estimate_equals_the_tensors_autograd_saves(precision, dropou
     import torch
 
     from dtl import TransformerLM
-    from dtl.memory import _activation_bytes
+    from dtl.train.memory import _activation_bytes
 
     cfg = ModelConfig.preset("tiny", vocab_size=500, dropout=dropout, n_layers=3)
     model = TransformerLM(cfg).train()

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from dtl.config import PRESETS, SPEC_CLAIMED_PARAMS, ModelConfig
 from dtl.errors import DtlError
+from dtl.model.config import PRESETS, SPEC_CLAIMED_PARAMS, ModelConfig
 
 EXAMPLES = """examples:
   dtl info --preset small
@@ -57,7 +57,7 @@ def load_config(args) -> tuple[str, ModelConfig]:
 
 
 def run(args) -> int:
-    from dtl import memory
+    from dtl.train import memory
 
     name, config = load_config(args)
     seq_len = args.seq_len or config.max_seq_length

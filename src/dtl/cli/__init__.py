@@ -1,6 +1,6 @@
 """The `dtl` command line: a thin layer over the library.
 
-Each verb lives in `dtl/commands/<group>.py`, which adds its sub-parser in `register()` and
+Each verb lives in `dtl/cli/<group>.py`, which adds its sub-parser in `register()` and
 calls library functions; nothing here knows how a model trains or a page is served.
 User mistakes raise `DtlError` and come out as one line on stderr with exit code 2
 (`--debug` shows the traceback instead).
@@ -16,12 +16,12 @@ from dtl.errors import DtlError
 
 # One module per group of verbs, in the order `dtl --help` lists them.
 COMMAND_MODULES = [
-    "dtl.commands.quickstart",
-    "dtl.commands.info",
-    "dtl.commands.data",
-    "dtl.commands.train",
-    "dtl.commands.generate",
-    "dtl.commands.serve",
+    "dtl.cli.quickstart",
+    "dtl.cli.info",
+    "dtl.cli.data",
+    "dtl.cli.train",
+    "dtl.cli.generate",
+    "dtl.cli.serve",
 ]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dtl import DtlError, ModelConfig, TransformerLM
-from dtl.loading import load_model, resolve_model_dir
+from dtl.model.store import load_model, resolve_model_dir
 
 
 def small_model(seed: int) -> TransformerLM:
@@ -90,7 +90,8 @@ def test_bad_specs_are_clear_errors(tmp_path):
 
 
 def test_run_dir_lookup_is_dtl_checkpoint_latest_model_dir(tmp_path, gpt2):
-    from dtl.checkpoint import latest_checkpoint, latest_model_dir, save_checkpoint
+    from dtl.run_dir import latest_checkpoint, latest_model_dir
+    from dtl.train.checkpoint import save_checkpoint
 
     run = tmp_path / "run"
     ckpts = run / "checkpoints"

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtl import DtlError, ModelConfig, TransformerLM
-from dtl.head_loss import linear_cross_entropy
-from dtl.memory import parameter_breakdown
 from dtl.model import TransformerBlock
+from dtl.model.head_loss import linear_cross_entropy
+from dtl.train.memory import parameter_breakdown
 
 TINY = dict(vocab_size=97, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_seq_length=40)
 

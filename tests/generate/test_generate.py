@@ -292,8 +292,8 @@ def test_top_k_top_p_sampling_draws_from_the_filtered_distribution():
 
 
 def test_decode_head_equals_the_models_own_head():
-    from dtl.decode import plan_for
     from dtl.generate import last_logits
+    from dtl.generate.decode import plan_for
 
     model = tiny_model()
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
@@ -347,7 +347,7 @@ def model_dir(tmp_path, gpt2):
 
 def test_dtl_generate_and_ask_print_the_library_result(dtl, model_dir, gpt2):
     from dtl.data.qa import QA_STOP, qa_prompt
-    from dtl.loading import load_model
+    from dtl.model.store import load_model
 
     model, _ = load_model(model_dir)
     want = generate(model, gpt2, "The Normans", 10, temperature=0)[0].text

@@ -45,7 +45,7 @@ class DistInfo:
 
 def setup(device_name: str) -> DistInfo:
     """Join the process group when launched by torchrun, and pick this rank's device."""
-    from dtl.precision import resolve_device
+    from dtl.device import resolve_device
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
@@ -88,7 +88,7 @@ def wrap(module: nn.Module, dist: DistInfo, fsdp: bool = False) -> nn.Module:
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
 
-        from dtl.model import TransformerBlock
+        from dtl.model.transformer import TransformerBlock
 
         fully_shard, _ = _fsdp2()
         mesh = init_device_mesh(dist.device.type, (dist.world_size,))

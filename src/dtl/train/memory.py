@@ -9,7 +9,7 @@ counts what training really keeps alive, tensor by tensor, for DTL's own impleme
   values), the attention's log-sum-exp (n_heads), LayerNorm statistics (4), and the dropout
   masks (fp32 on CPU, bytes on CUDA); in mixed precision the matmul outputs are 16-bit;
   with activation checkpointing only each block's input, plus one block being recomputed;
-- the fused head + loss (`dtl.head_loss`): one chunk of logits at a time instead of all
+- the fused head + loss (`dtl.model.head_loss`): one chunk of logits at a time instead of all
   (B x T x vocab) of them, plus the head's gradient held from the forward pass.
 
 >>> parameter_breakdown(ModelConfig.preset("small"))["total"]
@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dtl.config import ModelConfig
-from dtl.head_loss import CHUNK_ELEMENTS
+from dtl.model.config import ModelConfig
+from dtl.model.head_loss import CHUNK_ELEMENTS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 GIB = 1024**3

@@ -1,4 +1,4 @@
-"""dtl.decode: the CPU one-token step must be the model's own maths, whatever the layout."""
+"""dtl.generate.decode: the CPU one-token step must be the model's own maths, whatever the layout."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from dtl import ModelConfig, TransformerLM
-from dtl.decode import SplitLinear, decode_step, plan_for, split_for, uses_fast_path
 from dtl.errors import DtlError
+from dtl.generate.decode import SplitLinear, decode_step, plan_for, split_for, uses_fast_path
 
 
 def odd_model(seed: int = 0, d_model: int = 24) -> TransformerLM:
@@ -89,7 +89,7 @@ def test_the_plan_follows_weight_changes():
 
 def test_the_plan_follows_training_with_dtls_fused_adamw():
     """The CPU fused AdamW step updates parameters without bumping their version counters."""
-    from dtl.optim import build_optimizer
+    from dtl.train.optim import build_optimizer
 
     model = odd_model()
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
