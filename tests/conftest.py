@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from testkit import run_cli, shared_path
+
+from dtl.tokenizer import load_tokenizer
 
 
 @pytest.fixture
@@ -17,8 +20,6 @@ def gpt2_dir() -> Path:
 @pytest.fixture
 def gpt2(gpt2_dir, monkeypatch):
     """GPT-2's tokenizer from the shared files, with DTL_GPT2_DIR set for code that loads it."""
-    from dtl.tokenizer import load_tokenizer
-
     monkeypatch.setenv("DTL_GPT2_DIR", str(gpt2_dir))
     return load_tokenizer("gpt2", gpt2_dir=gpt2_dir)
 
@@ -34,8 +35,6 @@ def dtl(capsys, gpt2_dir, monkeypatch):
 def _seed_and_one_thread():
     """Tests use tiny models, which gain nothing from a thread pool; on a busy 2-core box its
     hand-offs make each small op up to 100x slower. Restored afterwards."""
-    import torch
-
     torch.manual_seed(0)
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -32,15 +32,18 @@ def test_the_corpus_ships_with_the_package_and_matches_its_notice():
 @pytest.mark.slow
 def test_quickstart_trains_a_model_that_loads_and_answers(tmp_path, capsys):
     run = tmp_path / "demo"
-    code, out, err = run_cli(["quickstart", "--out", run, "--max-steps", "3", "--no-progress"],
-                             capsys)  # fmt: skip
+    code, out, err = run_cli(
+        ["quickstart", "--out", run, "--max-steps", "3", "--no-progress"], capsys
+    )
     assert code == 0, err
     assert "1/4 clean" in out and "4/4 train" in out
     assert f"dtl ask --model {run}" in out and f"dtl serve --model {run}" in out
     # The clean stage: every SQuAD question and every article that is not a disambiguation page.
     squad = [json.loads(line) for line in open(run / "corpus" / "squad-excerpt.jsonl")]
     assert len(squad) == 293 and {r["title"] for r in squad} == {
-        "Normans", "Computational_complexity_theory"}  # fmt: skip
+        "Normans",
+        "Computational_complexity_theory",
+    }
     articles = [json.loads(line) for line in open(run / "corpus" / "wikipedia-excerpt.jsonl")]
     assert 90 <= len(articles) < 106 and all("{{" not in r["text"] for r in articles)
     meta = json.loads((run / "data" / "meta.json").read_text())
@@ -53,8 +56,9 @@ def test_quickstart_trains_a_model_that_loads_and_answers(tmp_path, capsys):
 
     model, tok = load_model(str(run))
     assert model.config.vocab_size == tok.vocab_size == 8192 and model.config.d_model == 128
-    code, out, err = run_cli(["ask", "--model", run, "What is anarchism?", "--max-new-tokens", "8"],
-                             capsys)  # fmt: skip
+    code, out, err = run_cli(
+        ["ask", "--model", run, "What is anarchism?", "--max-new-tokens", "8"], capsys
+    )
     assert code == 0, err
     assert out.strip()
 

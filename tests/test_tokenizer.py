@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import regex
+import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from testkit import WIKITEXT, gpt2_oracle, run_cli, shared_path
 
 from dtl.errors import DtlError
 from dtl.tokenizer import EOT_TEXT, load_tokenizer, train_tokenizer
-
-sys.path.insert(0, str(Path(__file__).parent / "data"))
-from data_helpers import WIKITEXT, run_cli, shared_path  # noqa: E402
 
 PRETOKENIZE = regex.compile(
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -82,13 +80,7 @@ def trained(tmp_path_factory, wiki_text) -> Path:
 
 
 def test_gpt2_matches_tokenizers_bpe_on_the_whole_wikitext_test_split(gpt2_dir, wiki_text):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    oracle = Tokenizer(
-        models.BPE.from_file(str(gpt2_dir / "encoder.json"), str(gpt2_dir / "vocab.bpe"))
-    )
-    oracle.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    expected = oracle.encode(wiki_text).ids
+    expected = gpt2_oracle(gpt2_dir).encode(wiki_text).ids
     ours = load_tokenizer("gpt2", gpt2_dir=gpt2_dir).encode(wiki_text)
     assert len(expected) == 283_287  # the count the issue gives for tiktoken and tokenizers
     assert ours == expected
@@ -173,8 +165,6 @@ def test_missing_gpt2_files_say_how_to_supply_them(tmp_path, monkeypatch):
     ):
         load_tokenizer("gpt2")
     # No directory anywhere and tiktoken cannot download (offline): the same advice.
-    import tiktoken
-
     monkeypatch.delenv("DTL_GPT2_DIR")
 
     def offline(name):

@@ -7,9 +7,16 @@ import os
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from dtl.cli import main
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+# The shared files the data and tokenizer tests read: `shared_path(*WIKITEXT)`.
+ENWIKI = ("enwiki-sample", "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+WIKITEXT = ("wikitext-2-raw", "wiki.test.raw")
+SQUAD = ("squad", "squad-v2-dev-small.json")
 
 
 def shared_path(*parts: str) -> Path:
@@ -26,9 +33,15 @@ def shared_path(*parts: str) -> Path:
 
 def run_cli(argv: list, capsys) -> tuple[int, str, str]:
     """`dtl ARGV` in this process, as the console script runs it: (exit code, stdout, stderr)."""
-    from dtl.cli import main
-
     capsys.readouterr()
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def gpt2_oracle(gpt2_dir: Path) -> Tokenizer:
+    """GPT-2 from the tokenizers library (not DTL's tokenizer), to check ours against."""
+    files = (str(gpt2_dir / "encoder.json"), str(gpt2_dir / "vocab.bpe"))
+    hf = Tokenizer(models.BPE.from_file(*files))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return hf

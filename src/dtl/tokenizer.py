@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tiktoken
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
 from dtl.errors import DtlError
-from dtl.fileio import atomic_copy, atomic_write_text
+from dtl.fileio import atomic_copy, atomic_write_text, read_lines
 
 EOT_TEXT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50_257
@@ -122,7 +126,6 @@ class Tokenizer:
         return self._bytes_table[i]
 
 
-
 def _find_pair(directory: Path) -> tuple[Path, Path] | None:
     for vocab, merges in GPT2_FILE_PAIRS:
         if (directory / vocab).is_file() and (directory / merges).is_file():
@@ -142,8 +145,6 @@ def _read_vocab(path: Path) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=4)
 def _gpt2_from_files(vocab_path: str, merges_path: str) -> Tokenizer:
-    import tiktoken
-
     vocab = _read_vocab(Path(vocab_path))
     if len(vocab) != GPT2_VOCAB_SIZE or vocab.get(EOT_TEXT) != GPT2_VOCAB_SIZE - 1:
         raise DtlError(
@@ -158,13 +159,10 @@ def _gpt2_from_files(vocab_path: str, merges_path: str) -> Tokenizer:
         mergeable_ranks=ranks,
         special_tokens={EOT_TEXT: GPT2_VOCAB_SIZE - 1},
     )
-    files = {"vocab.json": Path(vocab_path), "merges.txt": Path(merges_path)}
-    return Tokenizer("gpt2", GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE - 1, files, _tiktoken=encoding)
+    return _gpt2_tokenizer(encoding, _files(vocab_path, merges_path))
 
 
 def _gpt2_from_tiktoken_cache() -> Tokenizer:
-    import tiktoken
-
     try:
         encoding = tiktoken.get_encoding("gpt2")
     except Exception as err:  # tiktoken raises requests/OSError/ValueError variants when offline
@@ -173,7 +171,23 @@ def _gpt2_from_tiktoken_cache() -> Tokenizer:
             f"({type(err).__name__}); {GPT2_HELP}"
         ) from None
     # No files to copy: `save` then writes only the config, and loading it needs tiktoken again.
-    return Tokenizer("gpt2", GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE - 1, {}, _tiktoken=encoding)
+    return _gpt2_tokenizer(encoding, {})
+
+
+def _gpt2_tokenizer(encoding: tiktoken.Encoding, files: dict[str, Path]) -> Tokenizer:
+    return Tokenizer("gpt2", GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE - 1, files, _tiktoken=encoding)
+
+
+def _files(vocab_path: str, merges_path: str) -> dict[str, Path]:
+    """The pair of files `save` copies, under Hugging Face's names."""
+    return {"vocab.json": Path(vocab_path), "merges.txt": Path(merges_path)}
+
+
+def _byte_level(bpe: models.BPE) -> HFTokenizer:
+    """A tokenizers BPE behind GPT-2's byte-level pre-tokenizer (no space added in front)."""
+    hf = HFTokenizer(bpe)
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return hf
 
 
 def _gpt2(gpt2_dir: str | os.PathLike | None) -> Tokenizer:
@@ -196,9 +210,6 @@ def _bpe_from_files(vocab_path: str, merges_path: str) -> Tokenizer:
 
 @functools.lru_cache(maxsize=4)
 def _bpe_cached(vocab_path: str, merges_path: str, stamp: tuple[int, int]) -> Tokenizer:
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
     vocab = _read_vocab(Path(vocab_path))
     if EOT_TEXT not in vocab:
         raise DtlError(
@@ -208,11 +219,9 @@ def _bpe_cached(vocab_path: str, merges_path: str, stamp: tuple[int, int]) -> To
         bpe = models.BPE.from_file(vocab_path, merges_path)
     except Exception as err:
         raise DtlError(f"{merges_path}: not a readable BPE merges file ({err})") from None
-    hf = HFTokenizer(bpe)
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf = _byte_level(bpe)
     hf.decoder = decoders.ByteLevel()
-    files = {"vocab.json": Path(vocab_path), "merges.txt": Path(merges_path)}
-    return Tokenizer("bpe", len(vocab), vocab[EOT_TEXT], files, _hf=hf)
+    return Tokenizer("bpe", len(vocab), vocab[EOT_TEXT], _files(vocab_path, merges_path), _hf=hf)
 
 
 def _from_directory(directory: Path, gpt2_dir: str | os.PathLike | None) -> Tokenizer:
@@ -276,9 +285,6 @@ def train_tokenizer(
 
     >>> tok = train_tokenizer(["corpus.txt"], 8192, "tok-8k")  # doctest: +SKIP
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers, trainers
-
     check_vocab_size(vocab_size)
     paths = [Path(f) for f in files]
     if not paths:
@@ -289,8 +295,7 @@ def train_tokenizer(
         if path.stat().st_size == 0:
             raise DtlError(f"{path}: the file is empty; give text to learn merges from")
         _check_utf8(path)
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf = _byte_level(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - 1,  # the end-of-text entry is added after training
         min_frequency=min_frequency,
@@ -307,8 +312,6 @@ def train_tokenizer(
 
 
 def _check_utf8(path: Path) -> None:
-    from dtl.data.sources import read_lines
-
     for _ in read_lines(path):  # raises a DtlError naming the line with a bad byte
         pass
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from data_helpers import ENWIKI, SQUAD, WIKITEXT, shared_path
+from testkit import ENWIKI, SQUAD, WIKITEXT, shared_path
+
+from dtl.data.wikipedia import iter_wikipedia
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +26,6 @@ def squad_path():
 @pytest.fixture(scope="session")
 def enwiki(enwiki_path):
     """(records, stats) of the shared enwiki excerpt, cleaned with two processes."""
-    from dtl.data.wikipedia import iter_wikipedia
-
     stats: dict = {}
     records = list(iter_wikipedia(enwiki_path, processes=2, stats=stats))
     return records, stats

@@ -112,22 +112,37 @@ def test_val_in_fixed_order_and_small_splits_repeat(packed):
     assert loader.batches_per_epoch == 1
 
 
-def test_uint32_shards_with_a_loss_mask(tmp_path):
-    """A vocabulary over 65,535 stores uint32 ids; the mask hides non-target tokens."""
-    ids = np.array([70_000, 5, 65_536, 99_999, 1, 2, 3], dtype=np.uint32)
-    ids.tofile(tmp_path / "train.bin")
-    np.array([1, 0, 0, 1, 1, 1, 1], dtype=np.uint8).tofile(tmp_path / "train.mask")
-    np.array([0, 4, 7], dtype=np.uint64).tofile(tmp_path / "train.idx")
+def _pad_split(path, ids, offsets, max_length, dtype="uint16", mask=None, **meta):
+    """A hand-made pad-mode train split: the examples are ids[offsets[i]:offsets[i + 1]]."""
+    np.array(ids, dtype=dtype).tofile(path / "train.bin")
+    np.array(offsets, dtype=np.uint64).tofile(path / "train.idx")
+    if mask is not None:
+        np.array(mask, dtype=np.uint8).tofile(path / "train.mask")
     meta = {
         "tokenizer": "x",
-        "vocab_size": 100_000,
+        "vocab_size": max(ids) + 1,
         "mode": "pad",
-        "max_length": 4,
-        "dtype": "uint32",
-        "loss_mask": True,
-        "eos_id": 99_999,
+        "max_length": max_length,
+        "dtype": dtype,
+        "loss_mask": mask is not None,
+        **meta,
     }
-    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def test_uint32_shards_with_a_loss_mask(tmp_path):
+    """A vocabulary over 65,535 stores uint32 ids; the mask hides non-target tokens."""
+    ids = [70_000, 5, 65_536, 99_999, 1, 2, 3]
+    _pad_split(
+        tmp_path,
+        ids,
+        [0, 4, 7],
+        max_length=4,
+        dtype="uint32",
+        mask=[1, 0, 0, 1, 1, 1, 1],
+        eos_id=99_999,
+    )
     ds = TokenDataset(tmp_path, "train")
     first, second = ds[0], ds[1]
     assert first["input_ids"].tolist() == [70_000, 5, 65_536, 99_999]
@@ -156,3 +171,39 @@ def test_not_a_data_dir(tmp_path):
         BatchLoader(tmp_path, "train", 2)
     with pytest.raises(DtlError, match="unknown split 'test'"):
         TokenDataset(tmp_path, "test")
+
+
+def test_seq_len_reads_the_first_tokens_of_the_same_rows(packed):
+    """A shorter seq_len cuts each row of max_length 32: same rows, same order, same resume."""
+    tokens = np.fromfile(packed / "train.bin", dtype=np.uint16).astype(np.int64)
+    ds = TokenDataset(packed, "train", seq_len=20)
+    assert len(ds) == (len(tokens) - 1) // 32  # rows still start every 32 tokens
+    for i in (0, 5, len(ds) - 1):
+        row = ds[i]
+        assert row["input_ids"].tolist() == tokens[i * 32 : i * 32 + 20].tolist()
+        assert row["targets"].tolist() == tokens[i * 32 + 1 : i * 32 + 21].tolist()
+    full = BatchLoader(packed, "train", 4, seed=2)
+    cut = BatchLoader(packed, "train", 4, seed=2, seq_len=20)
+    for _ in range(3):
+        whole, short = full.next_batch(), cut.next_batch()
+        assert {k: tuple(v.shape) for k, v in short.items()} == dict.fromkeys(short, (4, 20))
+        for key in whole:
+            assert torch.equal(short[key], whole[key][:, :20])
+    assert cut.state_dict() == full.state_dict()  # what a checkpoint holds does not change
+
+
+def test_seq_len_cuts_padded_rows_and_their_masks(tmp_path):
+    # Two examples, [10, 11, 12, 13, 14] and [20, 21], in rows of 4.
+    data = _pad_split(tmp_path, [10, 11, 12, 13, 14, 20, 21], [0, 5, 7], max_length=4, eos_id=0)
+    first, second = TokenDataset(data, "train", seq_len=3)[0], TokenDataset(data, "train", 3)[1]
+    # Example 1 is cut to 3 + 1 tokens: inputs 10 11 12, targets 11 12 13.
+    assert first["input_ids"].tolist() == [10, 11, 12]
+    assert first["targets"].tolist() == [11, 12, 13]
+    assert first["attention_mask"].tolist() == [1, 1, 1]
+    # Example 2 is shorter than the row: padded with eos (0), targets ignored.
+    assert second["input_ids"].tolist() == [20, 0, 0]
+    assert second["targets"].tolist() == [21, IGNORE_INDEX, IGNORE_INDEX]
+    assert second["attention_mask"].tolist() == [1, 0, 0]
+    for seq_len in (0, 5):
+        with pytest.raises(DtlError, match=rf"seq_len {seq_len} must be in 1\.\.4"):
+            TokenDataset(data, "train", seq_len=seq_len)

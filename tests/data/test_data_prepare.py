@@ -1,31 +1,21 @@
-"""dtl.data.prepare: shards, masks, the split, meta.json, atomic writes, bad inputs."""
+"""dtl.data.prepare: shards, masks, meta.json, atomic writes, bad inputs (the split: test_data_split)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 
 import numpy as np
 import pytest
-from data_helpers import run_cli
+from testkit import gpt2_oracle
 
 from dtl.data.loader import IGNORE_INDEX, TokenDataset, read_meta
-from dtl.data.prepare import is_val, prepare
+from dtl.data.prepare import prepare
 from dtl.data.shards import token_dtype
 from dtl.data.sources import iter_records
+from dtl.data.split import is_val
 from dtl.errors import DtlError
 from dtl.tokenizer import load_tokenizer
-
-
-def _oracle(gpt2_dir):
-    """GPT-2 from the tokenizers library (not DTL's tokenizer)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    files = (str(gpt2_dir / "encoder.json"), str(gpt2_dir / "vocab.bpe"))
-    hf = Tokenizer(models.BPE.from_file(*files))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return hf
 
 
 def test_pack_wikitext_shards_hold_every_document_once(gpt2, gpt2_dir, wikitext_path, tmp_path):
@@ -33,7 +23,7 @@ def test_pack_wikitext_shards_hold_every_document_once(gpt2, gpt2_dir, wikitext_
         [wikitext_path], tmp_path / "d", max_length=128, val_fraction=0.1, progress=False
     )
     records = list(iter_records(wikitext_path, "wikitext"))
-    oracle = _oracle(gpt2_dir)
+    oracle = gpt2_oracle(gpt2_dir)
     meta = read_meta(tmp_path / "d")
     assert meta["mode"] == "pack" and meta["dtype"] == "uint16" and meta["tokenizer"] == "gpt2"
     assert meta["split"] == "documents" and meta["documents"] == len(records) == 62
@@ -97,12 +87,13 @@ def test_articles_as_both_keeps_an_articles_text_and_pairs_in_one_split(gpt2, tm
         for name in names:
             text = f"{name} is a town in the north.\nHistory\n{name} was founded in 1900."
             f.write(json.dumps({"title": name, "text": text, "sections": ["History"]}) + "\n")
-    summary = prepare([path], tmp_path / "d", max_length=16, val_fraction=0.3, articles_as="both",
-                      progress=False)  # fmt: skip
+    summary = prepare(
+        [path], tmp_path / "d", max_length=16, val_fraction=0.3, articles_as="both", progress=False
+    )
     assert summary["mode"] == "pack" and summary["split"] == "documents"
     assert summary["examples"] == 3 * len(names) and summary["qa_examples"] == 2 * len(names)
-    text = {s: gpt2.decode(np.fromfile(tmp_path / "d" / f"{s}.bin", np.uint16).tolist())
-            for s in ("train", "val")}  # fmt: skip
+    tokens = {s: np.fromfile(tmp_path / "d" / f"{s}.bin", np.uint16) for s in ("train", "val")}
+    text = {s: gpt2.decode(ids.tolist()) for s, ids in tokens.items()}
     for name in names:
         (split,) = [s for s in text if f"{name} is a town" in text[s]]  # the text: in one split
         assert (
@@ -112,138 +103,6 @@ def test_articles_as_both_keeps_an_articles_text_and_pairs_in_one_split(gpt2, tm
             "<|endoftext|>"
         ) in text[split]
     assert all(text.values())
-
-
-def test_split_is_seeded_and_by_document(gpt2, squad_path, tmp_path):
-    a = prepare(
-        [squad_path], tmp_path / "a", max_length=64, val_fraction=0.2, seed=1, progress=False
-    )
-    b = prepare(
-        [squad_path], tmp_path / "b", max_length=64, val_fraction=0.2, seed=1, progress=False
-    )
-    c = prepare(
-        [squad_path], tmp_path / "c", max_length=64, val_fraction=0.2, seed=2, progress=False
-    )
-    for name in ("train.bin", "val.bin", "train.idx", "val.idx"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
-    assert a["val"] == b["val"] and a["val"] != c["val"]
-    # No SQuAD paragraph (the document here) has questions in both splits.
-    tok = load_tokenizer(tmp_path / "a")
-    records = list(iter_records(squad_path, "squad"))
-    split_of = {}
-    for split in ("train", "val"):
-        ds = TokenDataset(tmp_path / "a", split)
-        for i in range(len(ds)):
-            ids, _ = ds.row(i)
-            question = tok.decode(ids.tolist()).removeprefix("Question: ").split("\nAnswer:")[0]
-            context = next(r["context"] for r in records if r["question"] == question)
-            assert split_of.setdefault(context, split) == split
-
-
-def _one_document(wikitext_path, path, size=100_000):
-    """A plain-prose file with no blank lines or headings: real WikiText paragraphs joined."""
-    lines = []
-    for line in wikitext_path.read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.strip().startswith("="):
-            lines.append(line.strip())
-        if sum(map(len, lines)) > size:
-            break
-    text = "\n".join(lines)
-    path.write_text(text + "\n", encoding="utf-8")
-    return text
-
-
-def test_one_text_file_holds_out_its_last_tokens(gpt2_dir, gpt2, wikitext_path, tmp_path, capsys):
-    text = _one_document(wikitext_path, tmp_path / "c.txt")
-    code, out, err = run_cli(["prepare", tmp_path / "c.txt", "--kind", "text", "--pack",
-                              "--max-length", "64", "--val-fraction", "0.1", "-o",
-                              tmp_path / "d", "--no-progress"], capsys)  # fmt: skip
-    assert code == 0, err
-    assert ("  split: the last 10% of each document's tokens went to val (1 document: too few "
-            "to hold out whole documents)") in out.splitlines()  # fmt: skip
-    assert out.startswith("prepared 1 example from 1 document in")
-    expected = [*_oracle(gpt2_dir).encode(text).ids, 50256]
-    train = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16).tolist()
-    val = np.fromfile(tmp_path / "d" / "val.bin", dtype=np.uint16).tolist()
-    # Every token in exactly one split: train the head, val the tail, both in order.
-    assert len(train) + len(val) == len(expected) > 20_000
-    assert train + val == expected
-    assert len(val) == math.ceil(0.1 * len(expected))
-    meta = read_meta(tmp_path / "d")
-    assert (meta["split"], meta["documents"]) == ("tokens", 1)
-    assert meta["train"]["documents"] == meta["val"]["documents"] == 1  # cut in two
-    assert meta["val"]["rows"] == (len(val) - 1) // 64 > 0
-    assert len(TokenDataset(tmp_path / "d", "val")) == meta["val"]["rows"]
-
-
-def test_few_documents_split_within_each_and_val_gets_a_row(gpt2, tmp_path):
-    path = tmp_path / "two.jsonl"
-    path.write_text(
-        '{"title": "a", "text": "First document."}\n{"title": "b", "text": "Second one."}\n'
-    )
-    first, second = gpt2.encode("First document.") + [50256], gpt2.encode("Second one.") + [50256]
-    summary = prepare([path], tmp_path / "d", max_length=2, val_fraction=0.01, progress=False)
-    # 8 tokens; val needs one row (3 tokens): 2 from the first document's tail, 1 from the
-    # second's (in proportion to their sizes, 4 and 4, rounded cumulatively).
-    train = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16).tolist()
-    val = np.fromfile(tmp_path / "d" / "val.bin", dtype=np.uint16).tolist()
-    assert train == first[:2] + second[:3] and val == first[2:] + second[3:]
-    assert summary["split"] == "tokens" and summary["documents"] == 2
-    assert (summary["train"]["documents"], summary["val"]["documents"]) == (2, 2)
-    assert (summary["train"]["rows"], summary["val"]["rows"]) == (2, 1)
-    # Too small for a train row and a val row: a clear error, nothing written.
-    with pytest.raises(DtlError, match=r"two\.jsonl: 8 tokens, too few for a train row and a "
-                       r"val row of max_length \+ 1 = 5 tokens each; add text or re-run "
-                       r"`dtl prepare --max-length N` with a smaller N"):  # fmt: skip
-        prepare([path], tmp_path / "e", max_length=4, val_fraction=0.01, progress=False)
-    assert not (tmp_path / "e").exists()
-    # val_fraction 0: no re-split and no error.
-    summary = prepare([path], tmp_path / "z", max_length=4, val_fraction=0.0, progress=False)
-    assert summary["split"] == "documents" and summary["val"]["tokens"] == 0
-
-
-def test_pad_mode_holds_out_each_documents_last_examples(gpt2_dir, gpt2, tmp_path):
-    # Two SQuAD-style paragraphs (the documents), 7 and 5 questions: held out whole, val
-    # would get 0%, 58%, 42% or 100% of the examples, all far from 20%.
-    pairs = [("A", f"What is a{i}?", f"alpha {i}") for i in range(7)]
-    pairs += [("B", f"Who is b{i}?", f"beta {i}") for i in range(5)]
-    path = tmp_path / "qa.jsonl"
-    path.write_text("".join(json.dumps({"question": q, "answer": a, "context": c}) + "\n"
-                            for c, q, a in pairs))  # fmt: skip
-    summary = prepare([path], tmp_path / "d", max_length=32, val_fraction=0.2,
-                      answer_only_loss=True, progress=False)  # fmt: skip
-    assert summary["mode"] == "pad" and summary["split"] == "examples"
-    # 3 val examples (ceil(0.2 * 12)), spread 7:5 -> 2 and 1: each paragraph's last ones.
-    want = {"train": pairs[0:5] + pairs[7:11], "val": pairs[5:7] + pairs[11:12]}
-    oracle = _oracle(gpt2_dir)
-    for split, rows in want.items():
-        ds = TokenDataset(tmp_path / "d", split)
-        assert len(ds) == summary[split]["examples"] == summary[split]["rows"] == len(rows)
-        for i, (_, q, a) in enumerate(rows):
-            ids, flags = ds.row(i)
-            prompt = oracle.encode(f"Question: {q}\nAnswer:").ids
-            assert ids.tolist() == [*prompt, *oracle.encode(f" {a}").ids, 50256]
-            assert flags.tolist() == [False] * len(prompt) + [True] * (len(ids) - len(prompt))
-    assert (summary["train"]["documents"], summary["val"]["documents"]) == (2, 2)
-    # One example cannot make a train row and a val row.
-    (tmp_path / "one.jsonl").write_text(json.dumps({"question": "Q?", "answer": "A"}) + "\n")
-    with pytest.raises(
-        DtlError,
-        match=r"one\.jsonl: 1 example, too few for a train row and a "
-        r"val row \(one example each\); add more examples",
-    ):
-        prepare([tmp_path / "one.jsonl"], tmp_path / "e", val_fraction=0.2, progress=False)
-    assert not (tmp_path / "e").exists()
-
-
-def test_dozens_of_documents_keep_whole_documents(gpt2, squad_path, tmp_path):
-    # 87 SQuAD paragraphs at 5%: one paragraph (1.4% of the examples) lands in val. Far from
-    # 5%, but a corpus of dozens of documents keeps the document split while val has a row.
-    summary = prepare([squad_path], tmp_path / "d", max_length=64, progress=False)
-    assert summary["split"] == "documents" and summary["split_reason"] is None
-    assert summary["documents"] == summary["train"]["documents"] + summary["val"]["documents"]
-    assert summary["documents"] >= 20 and 0 < summary["val"]["rows"]
 
 
 def test_token_dtype_boundary():

@@ -192,7 +192,7 @@ def test_hugging_face_rows_become_records(monkeypatch):
             {"text": " Senjō is a game . \n"},
             {"text": " = = Plot = = \n"},
             {"text": " It is war . \n"},
-        ],  # fmt: skip
+        ],
         ("squad_v2", None): [
             {
                 "id": "a",
@@ -208,7 +208,7 @@ def test_hugging_face_rows_become_records(monkeypatch):
                 "question": "Who?",
                 "answers": {"text": [], "answer_start": []},
             },
-        ],  # fmt: skip
+        ],
     }
     fake = types.ModuleType("datasets")
     fake.load_dataset = lambda repo, config, split: rows[(repo, config)]

@@ -1,14 +1,16 @@
-"""The Wikipedia cleaner on the shared enwiki excerpt, and on broken dumps."""
+"""dtl.data.wikipedia: the shared enwiki excerpt read and cleaned, and broken dumps."""
 
 from __future__ import annotations
 
 import bz2
 import re
+import tracemalloc
 
 import pytest
 from data_helpers import REMNANTS
 
-from dtl.data.wikipedia import clean_wikitext, iter_pages, iter_wikipedia
+from dtl.data import wikipedia
+from dtl.data.wikipedia import iter_pages, iter_wikipedia
 from dtl.errors import DtlError
 
 KNOWN_SENTENCES = {
@@ -91,21 +93,6 @@ def test_one_process_equals_two(enwiki, enwiki_path):
     assert first == enwiki[0][:12]
 
 
-def test_cleaning_by_hand():
-    wikitext = (
-        "{{Infobox thing|name={{nowrap|X}}|size=3}}'''Foo''' ({{lang|fr|le Foo}}) is a [[bar (baz)|bar]]"
-        "<ref name=a>{{cite web|url=http://x}}</ref> in [[Qux]] &ndash; tall.<!-- hidden -->\n\n\n"
-        "[[File:Foo.jpg|thumb|A [[bar]] at dusk]]\n"
-        "{| class=wikitable\n|-\n| a || b\n|}\n"
-        "== History ==\nIt was ''first'' seen in 1900.<ref>x</ref>\n"
-        "== References ==\n{{reflist}}\n* Some book\n"
-        "[[Category:Things]]\n[[de:Foo]]"
-    )
-    text, sections = clean_wikitext(wikitext)
-    assert text == "Foo (le Foo) is a bar in Qux – tall.\nHistory\nIt was first seen in 1900."
-    assert sections == ["History"]
-
-
 def test_special_export_without_siteinfo_or_ns(tmp_path):
     path = tmp_path / "export.xml"
     path.write_text(
@@ -146,8 +133,6 @@ def test_invalid_xml(tmp_path):
 
 
 def test_a_page_that_fails_is_counted_and_skipped(tmp_path, monkeypatch, capsys):
-    import dtl.data.wikipedia as wikipedia
-
     real = wikipedia.clean_wikitext
 
     def fragile(text):
@@ -170,8 +155,6 @@ def test_a_page_that_fails_is_counted_and_skipped(tmp_path, monkeypatch, capsys)
 
 
 def test_memory_stays_flat_however_large_the_dump(tmp_path):
-    import tracemalloc
-
     body = "Lorem ipsum [[dolor]] sit amet, {{cite|x}} consectetur. " * 40
     path = tmp_path / "big.xml"
     with open(path, "w", encoding="utf-8") as f:

@@ -1,6 +1,6 @@
 """Real prepared data dirs for the training tests: a 512-token BPE trained on the start of the
-shared WikiText-2 test split, packed into 32-token rows (split by article), and SQuAD Q&A
-rows padded to 48 tokens (unequal numbers of scored tokens per row)."""
+shared WikiText-2 test split, packed into 32-token rows (and 64-token ones; split by
+article), and SQuAD Q&A rows padded to 48 tokens (unequal numbers of scored tokens per row)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 from train_helpers import shared_path
+
+from dtl.data.prepare import prepare
+from dtl.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -20,29 +23,41 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(corpus, tmp_path_factory) -> Path:
-    from dtl.tokenizer import train_tokenizer
-
     out = tmp_path_factory.mktemp("tok")
     train_tokenizer([corpus], 512, out, show_progress=False)
     return out
 
 
+def _prepared(source: Path, kind: str, max_length: int, tokenizer_dir: Path, out: Path) -> Path:
+    """`source` prepared with the test BPE, 20% of it held out for val."""
+    prepare(
+        [source],
+        out,
+        tokenizer=str(tokenizer_dir),
+        kind=kind,
+        max_length=max_length,
+        val_fraction=0.2,
+        seed=0,
+        progress=False,
+    )
+    return out
+
+
 @pytest.fixture(scope="session")
 def packed_data(corpus, tokenizer_dir, tmp_path_factory) -> Path:
-    from dtl.data.prepare import prepare
-
     out = tmp_path_factory.mktemp("data") / "wiki"
-    prepare([corpus], out, tokenizer=str(tokenizer_dir), kind="wikitext", max_length=32,
-            val_fraction=0.2, seed=0, progress=False)
-    return out
+    return _prepared(corpus, "wikitext", 32, tokenizer_dir, out)
+
+
+@pytest.fixture(scope="session")
+def rows_of_64(corpus, tokenizer_dir, tmp_path_factory) -> Path:
+    """The same text as packed_data, in rows of max_length 64."""
+    out = tmp_path_factory.mktemp("data") / "wiki64"
+    return _prepared(corpus, "wikitext", 64, tokenizer_dir, out)
 
 
 @pytest.fixture(scope="session")
 def padded_data(tokenizer_dir, tmp_path_factory) -> Path:
-    from dtl.data.prepare import prepare
-
     squad = shared_path("squad", "squad-v2-dev-small.json")
     out = tmp_path_factory.mktemp("data") / "squad"
-    prepare([squad], out, tokenizer=str(tokenizer_dir), kind="squad", max_length=48,
-            val_fraction=0.2, seed=0, progress=False)
-    return out
+    return _prepared(squad, "squad", 48, tokenizer_dir, out)

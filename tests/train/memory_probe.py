@@ -26,8 +26,6 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-
-
 def main() -> None:
     preset, vocab, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     checkpointing, accum = sys.argv[5] == "1", int(sys.argv[6])

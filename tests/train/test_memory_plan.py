@@ -23,8 +23,21 @@ pytestmark = pytest.mark.skipif(
 def measure(preset: str, vocab: int, batch: int, seq: int, ckpt: bool, accum: int) -> int:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
     out = subprocess.run(
-        [sys.executable, str(PROBE), preset, str(vocab), str(batch), str(seq), str(int(ckpt)), str(accum)],
-        capture_output=True, text=True, env=env, timeout=300, check=True,
+        [
+            sys.executable,
+            str(PROBE),
+            preset,
+            str(vocab),
+            str(batch),
+            str(seq),
+            str(int(ckpt)),
+            str(accum),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["measured"]
 
@@ -37,7 +50,9 @@ def measure(preset: str, vocab: int, batch: int, seq: int, ckpt: bool, accum: in
         ("small", 50257, 2, 128, False, 1),
     ],
 )
-def test_training_memory_estimate_within_25_percent_of_measured(preset, vocab, batch, seq, ckpt, accum):
+def test_training_memory_estimate_within_25_percent_of_measured(
+    preset, vocab, batch, seq, ckpt, accum
+):
     cfg = ModelConfig.preset(preset, vocab_size=vocab)
     estimate = estimate_memory(cfg, batch, seq, "fp32", ckpt, "cpu", accum)["train_total"]
     measured = measure(preset, vocab, batch, seq, ckpt, accum)
@@ -70,14 +85,20 @@ def test_activation_estimate_equals_the_tensors_autograd_saves(precision, dropou
     kept, _ = _activation_bytes(cfg, 4 * 64, precision, False, "cpu")
     weight_casts = 0
     if precision == "bf16":  # autocast's 16-bit copies of the block weights, counted apart
-        weight_casts = 2 * sum(p.numel() for n, p in model.named_parameters()
-                               if n.endswith("weight") and "norm" not in n and "transformer_blocks" in n)
+        weight_casts = 2 * sum(
+            p.numel()
+            for n, p in model.named_parameters()
+            if n.endswith("weight") and "norm" not in n and "transformer_blocks" in n
+        )
     assert saved - weight_casts == kept
 
 
 def dtl_info(*args: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "dtl", "info", *args, "--json"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "dtl", "info", *args, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout)
 
@@ -85,8 +106,20 @@ def dtl_info(*args: str) -> dict:
 def test_fit_answer_holds_in_measured_runs():
     """Each setting `--fit` offers really fits the budget, and twice its micro-batch doesn't."""
     budget = "140MB"
-    info = dtl_info("--preset", "tiny", "--vocab-size", "8192", "--seq-len", "128",
-                    "--fit", budget, "--device", "cpu", "--target-batch", "32")
+    info = dtl_info(
+        "--preset",
+        "tiny",
+        "--vocab-size",
+        "8192",
+        "--seq-len",
+        "128",
+        "--fit",
+        budget,
+        "--device",
+        "cpu",
+        "--target-batch",
+        "32",
+    )
     options = {o["activation_checkpointing"]: o for o in info["fit"]["options"]}
     assert set(options) == {False, True}
     plain, ckpt = options[False], options[True]
@@ -103,16 +136,36 @@ def test_fit_answer_holds_in_measured_runs():
 def test_info_json_reports_exact_total_and_rejects_bad_input():
     assert dtl_info("--preset", "small")["parameters"]["total"] == 30_520_913
     assert dtl_info("--preset", "tiny", "--vocab-size", "8192")["parameters"]["total"] == 2_898_688
-    bad = subprocess.run([sys.executable, "-m", "dtl", "info", "--fit", "eight gigs"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "dtl", "info", "--fit", "eight gigs"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "cannot read memory size" in bad.stderr
     assert "Traceback" not in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "dtl", "info", "--preset", "small", "--seq-len", "9999"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "dtl", "info", "--preset", "small", "--seq-len", "9999"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "longer than max_seq_length" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "dtl", "info", "--preset", "tiny", "--fit", "1MB",
-                          "--device", "cpu"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "does not fit in 1MB" in bad.stderr and "seq_len 256" in bad.stderr
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtl",
+            "info",
+            "--preset",
+            "tiny",
+            "--fit",
+            "1MB",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        bad.returncode == 2 and "does not fit in 1MB" in bad.stderr and "seq_len 256" in bad.stderr
+    )
 
 
 def test_parse_size():

@@ -17,8 +17,11 @@ from dtl.train.checkpoint import load_training_state, rng_state, save_checkpoint
 
 
 def _model():
-    return TransformerLM(ModelConfig.preset("tiny", vocab_size=32, d_model=8, n_heads=2,
-                                            n_layers=1, d_ff=16, max_seq_length=8))
+    return TransformerLM(
+        ModelConfig.preset(
+            "tiny", vocab_size=32, d_model=8, n_heads=2, n_layers=1, d_ff=16, max_seq_length=8
+        )
+    )
 
 
 class _BrokenTokenizer:
@@ -37,7 +40,10 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_latest(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-1"
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "latest", "latest.txt", "step-1"]  # no half-written step-2, no temporary left
+        "latest",
+        "latest.txt",
+        "step-1",
+    ]  # no half-written step-2, no temporary left
     assert load_training_state(latest_checkpoint(tmp_path)) == {"step": 1}
 
 

@@ -5,13 +5,10 @@ only rank 0 logs and saves, the checkpoint loads, and --resume continues exactly
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from train_helpers import DTL, PROJECT_ROOT, SUBPROCESS_ENV, model_flags, run_dtl
+from train_helpers import DTL, run_dtl, torchrun, train_argv
 
 from dtl import TransformerLM
 from dtl.run_dir import latest_checkpoint
@@ -22,20 +19,20 @@ def _args(data, out, batch, steps=4):
     # A constant lr after warmup: the schedule does not depend on --max-steps, so a run of 4
     # steps resumed to 6 can be compared with a run of 6. No dropout: each rank draws masks for
     # its own rows from the same RNG, so masks differ from one process's for all 4 rows.
-    return ["train", "--data", str(data), "--out", str(out), *model_flags(),
-            "--max-steps", str(steps), "--batch-size", str(batch), "--log-every", "1",
-            "--eval-every", "2", "--eval-batches", "2", "--save-every", "4", "--lr", "3e-3",
-            "--warmup-steps", "2", "--schedule", "constant", "--dropout", "0",
-            "--device", "cpu", "--no-progress"]
-
-
-def _torchrun(*args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *DTL[1:], *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=PROJECT_ROOT,
-                          env={**os.environ, **SUBPROCESS_ENV})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    return train_argv(
+        data,
+        out,
+        max_steps=steps,
+        batch_size=batch,
+        log_every=1,
+        eval_every=2,
+        eval_batches=2,
+        save_every=4,
+        lr=3e-3,
+        warmup_steps=2,
+        schedule="constant",
+        dropout=0,
+    )
 
 
 def _records(run_dir):
@@ -61,7 +58,7 @@ def single_run(padded_data, tmp_path_factory):
 def _train_and_resume(padded_data, single_run, run_dir, *extra):
     """2 ranks x batch 2 to step 4 (`extra` flags), then --resume to 6, checked against the
     one-process run at each step; returns the step-4 checkpoint's path."""
-    _torchrun(*_args(padded_data, run_dir, 2), *extra)
+    torchrun(*DTL[1:], *_args(padded_data, run_dir, 2), *extra)
     one, two = _records(single_run), _records(run_dir)
     assert [r["step"] for r in two] == [r["step"] for r in one if r["step"] <= 4]  # rank 0 only
     _same_records(one, two)
@@ -77,15 +74,16 @@ def _train_and_resume(padded_data, single_run, run_dir, *extra):
 
     # Resume the 2-process run to step 6: it continues as the 1-process run did (optimizer,
     # data position, step; the RNG round trip is the SIGKILL test's, with dropout on).
-    _torchrun("train", "--resume", str(run_dir), "--max-steps", "6", "--no-progress")
+    torchrun(*DTL[1:], "train", "--resume", str(run_dir), "--max-steps", "6", "--no-progress")
     resumed = _records(run_dir)
     assert [r["step"] for r in resumed] == [r["step"] for r in one]
     _same_records(one, resumed)
     return step4
 
 
-def test_two_ranks_equal_one_process_with_twice_the_batch_and_resume(padded_data, single_run,
-                                                                     tmp_path):
+def test_two_ranks_equal_one_process_with_twice_the_batch_and_resume(
+    padded_data, single_run, tmp_path
+):
     _train_and_resume(padded_data, single_run, tmp_path / "two")
 
 
@@ -99,7 +97,8 @@ def test_fsdp_on_cpu_trains_saves_and_resumes_like_one_process(padded_data, sing
     fsdp_dir, ref_dir = run_dir / "checkpoints" / "step-4", single_run / "checkpoints" / "step-4"
     fsdp, ref = TransformerLM.from_pretrained(fsdp_dir), TransformerLM.from_pretrained(ref_dir)
     assert json.loads((fsdp_dir / "config.json").read_text()) == json.loads(
-        (ref_dir / "config.json").read_text())
+        (ref_dir / "config.json").read_text()
+    )
     ref_weights = ref.state_dict()
     for name, tensor in fsdp.state_dict().items():
         torch.testing.assert_close(tensor, ref_weights[name], atol=1e-5, rtol=1e-4)
@@ -112,9 +111,11 @@ def test_fsdp_on_cpu_trains_saves_and_resumes_like_one_process(padded_data, sing
     want = load_training_state(ref_dir)["optimizer"]
     # The same weight-decay groups (decayed matrices, then the rest), in the same order.
     assert [(g["weight_decay"], g["params"]) for g in got["param_groups"]] == [
-        (g["weight_decay"], g["params"]) for g in want["param_groups"]]
+        (g["weight_decay"], g["params"]) for g in want["param_groups"]
+    ]
     assert sorted(got["state"]) == sorted(want["state"])
     for i, state in want["state"].items():
         for key, value in state.items():
-            torch.testing.assert_close(got["state"][i][key].cpu(), value.cpu(), atol=1e-5,
-                                       rtol=1e-4)
+            torch.testing.assert_close(
+                got["state"][i][key].cpu(), value.cpu(), atol=1e-5, rtol=1e-4
+            )

@@ -22,7 +22,7 @@ import math
 
 import pytest
 import torch
-from train_helpers import tiny_config
+from train_helpers import tiny_config, torchrun
 
 from dtl.errors import DtlError
 from dtl.run_dir import latest_checkpoint
@@ -67,8 +67,9 @@ def _capture_grads(trainer):
     grads = []
 
     def record(opt, args, kwargs):
-        grads.append(torch.cat([p.grad.flatten().clone() for g in opt.param_groups
-                                for p in g["params"]]))
+        grads.append(
+            torch.cat([p.grad.flatten().clone() for g in opt.param_groups for p in g["params"]])
+        )
 
     trainer.optimizer.register_step_pre_hook(record)
     return grads
@@ -95,17 +96,22 @@ def _steps(trainer, n):
 
 
 # ---------------------------------------------------------------------- it trains
-def test_fp16_with_a_grad_scaler_trains_with_fp32_master_weights(fp16_on_cpu, packed_data,
-                                                                 tmp_path):
+def test_fp16_with_a_grad_scaler_trains_with_fp32_master_weights(
+    fp16_on_cpu, packed_data, tmp_path
+):
     run = tmp_path / "run"
     trainer = Trainer(tiny_config(packed_data, run, max_steps=20, precision="fp16"))
     assert trainer.prec == FP16 and trainer.scaler.is_enabled()
-    assert trainer.resolved_config()["precision_resolved"] == "fp16"
+    assert trainer.setup.resolved_config()["precision_resolved"] == "fp16"
     linear_out, grad_dtypes = set(), set()
     trainer.model.transformer_blocks[0].feed_forward.linear1.register_forward_hook(
-        lambda mod, args, out: linear_out.add(out.dtype))
-    trainer.optimizer.register_step_pre_hook(lambda opt, a, k: grad_dtypes.update(
-        p.grad.dtype for g in opt.param_groups for p in g["params"]))
+        lambda mod, args, out: linear_out.add(out.dtype)
+    )
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, a, k: grad_dtypes.update(
+            p.grad.dtype for g in opt.param_groups for p in g["params"]
+        )
+    )
     summary = trainer.run()
 
     assert linear_out == {torch.float16}  # the matmuls really ran in fp16
@@ -149,8 +155,9 @@ def test_fp16_grad_accumulation_equals_one_big_batch(fp16_on_cpu, padded_data, t
     # Padded Q&A rows score unequal numbers of tokens: only exact token weighting of the scaled
     # micro-batch losses agrees with the big batch.
     big = Trainer(tiny_config(padded_data, tmp_path / "big", precision="fp16", batch_size=8))
-    acc = Trainer(tiny_config(padded_data, tmp_path / "acc", precision="fp16", batch_size=4,
-                              grad_accum=2))
+    acc = Trainer(
+        tiny_config(padded_data, tmp_path / "acc", precision="fp16", batch_size=4, grad_accum=2)
+    )
     ref = Trainer(tiny_config(padded_data, tmp_path / "ref", precision="fp32", batch_size=8))
     grads = {name: _capture_grads(t) for name, t in (("big", big), ("acc", acc), ("ref", ref))}
     steps = {name: _steps(t, 3) for name, t in (("big", big), ("acc", acc), ("ref", ref))}
@@ -221,8 +228,9 @@ def test_a_nonfinite_fp16_loss_is_the_guards_business(fp16_on_cpu, packed_data, 
 
     # --skip-nonfinite 1: that step is skipped (no update), training goes on.
     run = tmp_path / "skip"
-    trainer = Trainer(tiny_config(packed_data, run, precision="fp16", max_steps=6,
-                                  skip_nonfinite=1))
+    trainer = Trainer(
+        tiny_config(packed_data, run, precision="fp16", max_steps=6, skip_nonfinite=1)
+    )
     _infinite_loss_when(trainer, lambda: trainer.state.step == 2)
     before = {}
     step = trainer.train_step
@@ -252,8 +260,9 @@ def test_gradients_that_overflow_at_every_scale_stop_the_run(fp16_on_cpu, packed
     first_bad = int(math.log2(INIT_SCALE)) + 1  # scales 2^16 .. 2^1 skip; at 2^0 it counts
     for allowed in (0, 2):
         run = tmp_path / f"run{allowed}"
-        trainer = Trainer(tiny_config(packed_data, run, precision="fp16", max_steps=40,
-                                      skip_nonfinite=allowed))
+        trainer = Trainer(
+            tiny_config(packed_data, run, precision="fp16", max_steps=40, skip_nonfinite=allowed)
+        )
         _overflow_when(trainer, lambda: True)
         with pytest.raises(DtlError, match=rf"at step {first_bad + allowed}: stopped") as err:
             trainer.run()
@@ -283,11 +292,19 @@ def _losses(run_dir):
     return out
 
 
-def test_fp16_resume_restores_the_scaler_and_continues_exactly(fp16_on_cpu, packed_data,
-                                                               tmp_path):
+def test_fp16_resume_restores_the_scaler_and_continues_exactly(fp16_on_cpu, packed_data, tmp_path):
     def config(out):
-        return tiny_config(packed_data, out, precision="fp16", max_steps=12, save_every=4,
-                           eval_every=4, eval_batches=2, warmup_steps=3, dropout=0.1)
+        return tiny_config(
+            packed_data,
+            out,
+            precision="fp16",
+            max_steps=12,
+            save_every=4,
+            eval_every=4,
+            eval_batches=2,
+            warmup_steps=3,
+            dropout=0.1,
+        )
 
     def trainer_for(out, resume=False):
         trainer = Trainer(config(out), resume=resume)
@@ -315,8 +332,9 @@ def test_fp16_resume_restores_the_scaler_and_continues_exactly(fp16_on_cpu, pack
     assert _losses(run) == ref_losses  # every train and val loss, bit for bit
 
 
-def test_resume_may_switch_between_fp16_and_a_precision_without_scaler(fp16_on_cpu, packed_data,
-                                                                       tmp_path):
+def test_resume_may_switch_between_fp16_and_a_precision_without_scaler(
+    fp16_on_cpu, packed_data, tmp_path
+):
     # An fp32/bf16 checkpoint holds an empty scaler state (a disabled GradScaler's): an fp16
     # resume of it (say on another machine, with --precision auto) starts a fresh scaler.
     run = tmp_path / "run"
@@ -333,7 +351,7 @@ def test_resume_may_switch_between_fp16_and_a_precision_without_scaler(fp16_on_c
 
 
 # ---------------------------------------------------------------------- FSDP
-FSDP_SCRIPT = '''
+FSDP_SCRIPT = """
 import dataclasses, json, math, sys
 import torch
 from dtl.train import distributed, precision
@@ -384,28 +402,18 @@ for _ in range(3):
                 "shard_finite": shard_finite[-1]})
 open(f"{results}.{rank}", "w").write(json.dumps(out))
 distributed.teardown()
-'''
+"""
 
 
 def test_fsdp_ranks_skip_an_overflow_together(fp16_on_cpu, packed_data, tmp_path):
     """Under FSDP each rank unscales only its shard of the gradients: an overflow that lands
     in one rank's shard must still skip the step (and halve the scale) on every rank."""
     import dataclasses
-    import os
-    import subprocess
-    import sys
-
-    from train_helpers import PROJECT_ROOT, SUBPROCESS_ENV
 
     cfg = tiny_config(packed_data, tmp_path / "run", precision="fp16", fsdp=True, batch_size=2)
     (tmp_path / "cfg.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     (tmp_path / "fsdp_fp16.py").write_text(FSDP_SCRIPT)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(tmp_path / "fsdp_fp16.py"), str(tmp_path / "cfg.json"), str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=180, cwd=PROJECT_ROOT,
-        env={**os.environ, **SUBPROCESS_ENV})
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(str(tmp_path / "fsdp_fp16.py"), str(tmp_path / "cfg.json"), str(tmp_path / "out"))
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
     n_params = len(list(Trainer(tiny_config(packed_data, tmp_path / "x")).model.parameters()))
     # Step 2: the inf sits in rank 0's shard only; rank 1's own shard is finite.

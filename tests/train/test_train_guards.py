@@ -7,16 +7,11 @@ import hashlib
 import resource
 
 import pytest
-from train_helpers import cli, model_flags, run_dtl, tiny_config
+from train_helpers import cli, fails_here, run_dtl, tiny_config, train_argv
 
 from dtl.errors import DtlError
 from dtl.run_dir import latest_checkpoint
 from dtl.train import train
-
-
-def _base(data, out, *extra):
-    return ["train", "--data", str(data), "--out", str(out), *model_flags(), "--max-steps", "2",
-            "--batch-size", "2", "--device", "cpu", "--no-progress", *extra]
 
 
 def _fails(result, *needles):
@@ -26,16 +21,6 @@ def _fails(result, *needles):
     assert lines and lines[-1].startswith("dtl train: error: ")
     for needle in needles:
         assert needle in result.stderr, result.stderr
-
-
-def _fails_here(capsys, argv, *needles):
-    """`dtl ARGV` in-process: exit code 2 and one error line naming the problem."""
-    code, _, err = cli(argv, capsys)
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("dtl train: error: "), err
-    for needle in needles:
-        assert needle in err, err
 
 
 def _digest(run_dir):
@@ -48,73 +33,65 @@ def _digest(run_dir):
 
 def test_not_a_prepared_dir(tmp_path):
     (tmp_path / "plain").mkdir()
-    _fails(run_dtl(*_base(tmp_path / "plain", tmp_path / "run")), "not a prepared data dir",
-           "dtl prepare")
-
+    _fails(
+        run_dtl(*train_argv(tmp_path / "plain", tmp_path / "run")),
+        "not a prepared data dir",
+        "dtl prepare",
+    )
 
 
 def test_missing_data_path(tmp_path, capsys):
-    _fails_here(capsys, _base(tmp_path / "missing" / "data.txt", tmp_path / "run"),
-                "no such file or directory")
+    fails_here(
+        capsys,
+        train_argv(tmp_path / "missing" / "data.txt", tmp_path / "run"),
+        "no such file or directory",
+    )
 
 
 def test_vocab_mismatch(packed_data, tmp_path, capsys):
-    _fails_here(capsys, _base(packed_data, tmp_path / "run", "--vocab-size", "100"),
-                "vocab mismatch", "512")
+    fails_here(
+        capsys,
+        train_argv(packed_data, tmp_path / "run", "--vocab-size", "100"),
+        "vocab mismatch",
+        "512",
+    )
 
 
 def test_unwritable_run_dir(packed_data, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    _fails_here(capsys, _base(packed_data, blocker / "run"), "cannot write to run dir")
-    _fails_here(capsys, _base(packed_data, blocker), "is a file")
-
-
-def test_bad_settings(packed_data, tmp_path, capsys):
-    (tmp_path / "c.yaml").write_text("max_steps: 2\nlearning_rate: 1e-3\n")
-    _fails_here(capsys, [*_base(packed_data, tmp_path / "r"), "--config", str(tmp_path / "c.yaml")],
-                "unknown setting(s) ['learning_rate']")
-    (tmp_path / "d.yaml").write_text("warmup_steps: lots\n")
-    _fails_here(capsys, [*_base(packed_data, tmp_path / "r"), "--config", str(tmp_path / "d.yaml")],
-                "warmup_steps must be int")
-    (tmp_path / "e.yaml").write_text("- a list\n")
-    _fails_here(capsys, [*_base(packed_data, tmp_path / "r"), "--config", str(tmp_path / "e.yaml")],
-                "expected a mapping")
-    _fails_here(capsys, _base(packed_data, tmp_path / "r", "--precision", "fp16"), "fp16 needs a GPU")
-    _fails_here(capsys, _base(packed_data, tmp_path / "r", "--batch-size", "0"), "--batch-size")
-    assert not (tmp_path / "r" / "checkpoints").exists()
+    fails_here(capsys, train_argv(packed_data, blocker / "run"), "cannot write to run dir")
+    fails_here(capsys, train_argv(packed_data, blocker), "is a file")
 
 
 def test_fsdp_without_torchrun(packed_data, tmp_path, capsys):
-    _fails_here(capsys, _base(packed_data, tmp_path / "run", "--fsdp"),
-                "--fsdp needs several processes", "torchrun --nproc_per_node")
+    fails_here(
+        capsys,
+        train_argv(packed_data, tmp_path / "run", "--fsdp"),
+        "--fsdp needs several processes",
+        "torchrun --nproc_per_node",
+    )
     assert not (tmp_path / "run").exists()
 
 
-def test_config_file_then_flags_resolved_and_saved(packed_data, tmp_path, capsys):
-    import yaml
-
-    (tmp_path / "c.yaml").write_text("lr: 2e-3\nbatch-size: 3\nmax_steps: 2\nschedule: linear\n")
+def test_existing_run_and_incompatible_resume_leave_checkpoints_alone(
+    packed_data, tmp_path, capsys
+):
     run = tmp_path / "run"
-    code, out, err = cli([*_base(packed_data, run), "--config", str(tmp_path / "c.yaml"),
-                          "--lr", "1e-3"], capsys)
-    assert code == 0, err
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["lr"] == 1e-3  # the flag wins over the file
-    assert saved["batch_size"] == 2  # _base's flag wins too
-    assert saved["schedule"] == "linear" and saved["model"]["d_model"] == 32
-    assert "done: step 2" in out and "val perplexity" in out
-
-
-def test_existing_run_and_incompatible_resume_leave_checkpoints_alone(packed_data, tmp_path,
-                                                                      capsys):
-    run = tmp_path / "run"
-    assert cli(_base(packed_data, run), capsys)[0] == 0
+    assert cli(train_argv(packed_data, run), capsys)[0] == 0
     before = _digest(run)
-    _fails_here(capsys, _base(packed_data, run), "already holds a run", "--resume")
-    _fails_here(capsys, ["train", "--resume", str(run), "--d-model", "64"], "cannot resume",
-                "d_model")
-    _fails_here(capsys, ["train", "--resume", str(tmp_path / "nothing")], "no config.yaml")
+    fails_here(capsys, train_argv(packed_data, run), "already holds a run", "--resume")
+    fails_here(
+        capsys, ["train", "--resume", str(run), "--d-model", "64"], "cannot resume", "d_model"
+    )
+    fails_here(
+        capsys,
+        ["train", "--resume", str(run), "--batch-size", "3"],
+        "cannot resume",
+        "different batch_size (batch_size: 2 -> 3)",
+        "start a new --out",
+    )
+    fails_here(capsys, ["train", "--resume", str(tmp_path / "nothing")], "no config.yaml")
     assert _digest(run) == before
 
 
@@ -150,10 +127,16 @@ def test_out_of_memory_is_caught_with_advice(packed_data, tmp_path):
     def limit_memory():  # a real allocation failure: cap the address space at 3 GiB
         resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
 
-    args = _base(packed_data, tmp_path / "run")
+    args = train_argv(packed_data, tmp_path / "run")
     args[args.index("--batch-size") + 1] = "2000"  # 1 GiB per activation: fails at once
     args[args.index("--d-model") + 1] = "4096"
     args[args.index("--n-layers") + 1] = "1"
     result = run_dtl(*args, preexec_fn=limit_memory)
-    _fails(result, "out of memory", "lower --batch-size", "--grad-accum")
+    # The advice names the rows as resolved: the data's max_length, 32 (no --seq-len given).
+    _fails(
+        result,
+        "out of memory with --batch-size 2000 x --seq-len 32",
+        "lower --batch-size",
+        "--grad-accum",
+    )
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -27,8 +27,18 @@ def _metrics(run_dir):
 
 def test_trains_logs_evaluates_and_saves(packed_data, tmp_path):
     run = tmp_path / "run"
-    summary = train(tiny_config(packed_data, run, max_steps=40, eval_every=20, save_every=20,
-                                log_every=5, lr=1e-2, warmup_steps=4))
+    summary = train(
+        tiny_config(
+            packed_data,
+            run,
+            max_steps=40,
+            eval_every=20,
+            save_every=20,
+            log_every=5,
+            lr=1e-2,
+            warmup_steps=4,
+        )
+    )
     steps, evals = _metrics(run)
     assert [r["step"] for r in steps] == list(range(5, 41, 5))
     assert {"step", "loss", "lr", "tokens_per_s", "peak_mem_mb"} <= set(steps[0])
@@ -40,7 +50,9 @@ def test_trains_logs_evaluates_and_saves(packed_data, tmp_path):
 
     # The layout other tools load: latest -> step-40, a model dir with the tokenizer.
     latest = latest_checkpoint(run)
-    assert latest.name == "step-40" and (run / "checkpoints" / "latest").resolve() == latest.resolve()
+    assert (
+        latest.name == "step-40" and (run / "checkpoints" / "latest").resolve() == latest.resolve()
+    )
     assert (run / "checkpoints" / "latest.txt").read_text().strip() == "step-40"
     model = TransformerLM.from_pretrained(latest)
     tok = load_tokenizer(str(latest))
@@ -54,8 +66,9 @@ def test_trains_logs_evaluates_and_saves(packed_data, tmp_path):
     for _, batch in zip(range(4), BatchLoader(packed_data, "val", 4, shuffle=False), strict=False):
         with torch.no_grad():
             logits = model(batch["input_ids"])
-        total += F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(),
-                                 ignore_index=-100, reduction="sum").item()
+        total += F.cross_entropy(
+            logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100, reduction="sum"
+        ).item()
         count += int((batch["targets"] != -100).sum())
     assert evals[-1]["val_loss"] == pytest.approx(total / count, rel=1e-5)
 
@@ -105,8 +118,12 @@ def test_grad_accumulation_equals_one_big_batch_with_padding(padded_data, tmp_pa
     seed_everything(0)
     model = TransformerLM(big[2].config).eval()  # the same initial weights (seed 0)
     with torch.no_grad():
-        ce = F.cross_entropy(model(batch["input_ids"]).flatten(0, 1), batch["targets"].flatten(),
-                             ignore_index=-100, reduction="none").view(8, -1)
+        ce = F.cross_entropy(
+            model(batch["input_ids"]).flatten(0, 1),
+            batch["targets"].flatten(),
+            ignore_index=-100,
+            reduction="none",
+        ).view(8, -1)
     token_mean = float(ce.sum() / counts.sum())
     naive = float((ce[:4].sum() / counts[:4].sum() + ce[4:].sum() / counts[4:].sum()) / 2)
     assert big[0][0] == pytest.approx(token_mean, abs=1e-5)
@@ -123,8 +140,20 @@ def test_activation_checkpointing_same_numbers_same_names(packed_data, tmp_path)
 def test_keeps_last_k_plus_best(packed_data, tmp_path):
     run = tmp_path / "run"
     # lr 0 after warmup: val loss stops improving, so the best stays an early step.
-    train(tiny_config(packed_data, run, max_steps=12, save_every=2, eval_every=3, keep_last=2,
-                      lr=1e-2, warmup_steps=3, schedule="linear", min_lr=0.0))
+    train(
+        tiny_config(
+            packed_data,
+            run,
+            max_steps=12,
+            save_every=2,
+            eval_every=3,
+            keep_last=2,
+            lr=1e-2,
+            warmup_steps=3,
+            schedule="linear",
+            min_lr=0.0,
+        )
+    )
     _, evals = _metrics(run)
     best = min(evals, key=lambda r: r["val_loss"])["step"]
     kept = [step for step, _ in list_checkpoints(run)]

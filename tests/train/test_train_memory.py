@@ -14,9 +14,24 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 def train_peak_mb(data, out, batch: int) -> float:
     # Freed tensors go straight back to the OS, so RSS follows the live tensors.
     result = run_dtl(
-        "train", "--data", str(data), "--out", str(out), "--preset", "tiny",
-        "--batch-size", str(batch), "--max-steps", "3", "--log-every", "1",
-        "--eval-every", "1000", "--save-every", "1000", "--no-progress",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--batch-size",
+        str(batch),
+        "--max-steps",
+        "3",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "1000",
+        "--save-every",
+        "1000",
+        "--no-progress",
         env={"MALLOC_MMAP_THRESHOLD_": "65536"},
     )
     assert result.returncode == 0, result.stderr
@@ -25,8 +40,16 @@ def train_peak_mb(data, out, batch: int) -> float:
 
 
 def info_estimate_mb(config_json, batch: int, seq: int) -> float:
-    result = run_dtl("info", "--config", str(config_json), "--batch-size", str(batch),
-                     "--seq-len", str(seq), "--json")
+    result = run_dtl(
+        "info",
+        "--config",
+        str(config_json),
+        "--batch-size",
+        str(batch),
+        "--seq-len",
+        str(seq),
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)["memory"]["train_fp32"]["train_total"] / 2**20
 

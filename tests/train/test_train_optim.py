@@ -14,8 +14,11 @@ from dtl.train.optim import build_optimizer, lr_at, param_groups
 
 
 def _model():
-    return TransformerLM(ModelConfig.preset("tiny", vocab_size=64, d_model=16, n_heads=2,
-                                            n_layers=2, d_ff=32, max_seq_length=8))
+    return TransformerLM(
+        ModelConfig.preset(
+            "tiny", vocab_size=64, d_model=16, n_heads=2, n_layers=2, d_ff=32, max_seq_length=8
+        )
+    )
 
 
 def test_weight_decay_only_on_linear_weight_matrices():
@@ -24,12 +27,14 @@ def test_weight_decay_only_on_linear_weight_matrices():
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     # Every nn.Linear weight, and nothing else, by walking the modules independently.
-    linear_weights = {f"{m}.weight" for m, mod in model.named_modules()
-                      if isinstance(mod, torch.nn.Linear)}
+    linear_weights = {
+        f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+    }
     assert decayed == linear_weights
     assert "head.weight" in decayed and "transformer_blocks.0.attention.w_q.weight" in decayed
-    assert {"embedding.weight", "ln_f.weight", "transformer_blocks.1.norm2.bias",
-            "head.bias"} <= {names[id(p)] for p in no_decay["params"]}
+    assert {"embedding.weight", "ln_f.weight", "transformer_blocks.1.norm2.bias", "head.bias"} <= {
+        names[id(p)] for p in no_decay["params"]
+    }
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
@@ -78,7 +83,9 @@ def test_cosine_matches_torch_cosine_annealing():
 def test_linear_and_constant():
     kw = {"lr": 1.0, "min_lr": 0.0, "warmup_steps": 0, "max_steps": 4}
     assert [lr_at(s, schedule="linear", **kw) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
-    assert {lr_at(s, schedule="constant", **{**kw, "warmup_steps": 2}) for s in range(2, 9)} == {1.0}
+    assert {lr_at(s, schedule="constant", **{**kw, "warmup_steps": 2}) for s in range(2, 9)} == {
+        1.0
+    }
     assert math.isclose(lr_at(0, schedule="constant", **{**kw, "warmup_steps": 2}), 0.5)
 
 

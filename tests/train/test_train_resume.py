@@ -9,14 +9,23 @@ import signal
 import subprocess
 import time
 
-from train_helpers import DTL, PROJECT_ROOT, SUBPROCESS_ENV, model_flags, run_dtl
+from train_helpers import DTL, PROJECT_ROOT, SUBPROCESS_ENV, run_dtl, train_argv
 
 
 def _flags(data, out, steps=60):
-    return ["train", "--data", str(data), "--out", str(out), *model_flags(),
-            "--max-steps", str(steps), "--batch-size", "4", "--log-every", "1",
-            "--eval-every", "20", "--eval-batches", "3", "--save-every", "10", "--lr", "3e-3",
-            "--warmup-steps", "5", "--dropout", "0.1", "--device", "cpu", "--no-progress"]
+    return train_argv(
+        data,
+        out,
+        max_steps=steps,
+        batch_size=4,
+        log_every=1,
+        eval_every=20,
+        eval_batches=3,
+        save_every=10,
+        lr=3e-3,
+        warmup_steps=5,
+        dropout=0.1,
+    )
 
 
 def _losses(run_dir):
@@ -29,9 +38,14 @@ def _losses(run_dir):
 
 
 def _start(args):
-    return subprocess.Popen([*DTL, *args], cwd=PROJECT_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **SUBPROCESS_ENV})
+    return subprocess.Popen(
+        [*DTL, *args],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **SUBPROCESS_ENV},
+    )
 
 
 def _wait_for(predicate, proc, timeout=90.0):
@@ -81,8 +95,13 @@ def test_sigkill_then_resume_gives_identical_losses(packed_data, tmp_path):
 def test_ctrl_c_saves_the_current_step_and_says_how_to_resume(packed_data, tmp_path):
     run = tmp_path / "run"
     proc = _start(_flags(packed_data, run, steps=100000))
-    _wait_for(lambda: (run / "metrics.jsonl").is_file()
-              and len((run / "metrics.jsonl").read_text().splitlines()) >= 15, proc)
+    _wait_for(
+        lambda: (
+            (run / "metrics.jsonl").is_file()
+            and len((run / "metrics.jsonl").read_text().splitlines()) >= 15
+        ),
+        proc,
+    )
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 
-from train_helpers import cli, model_flags
+from train_helpers import cli, train_argv
 
 from dtl.run_dir import latest_checkpoint
 
@@ -63,23 +63,29 @@ def _notes(path, sentences):
     rng = random.Random(0)
     lines = []
     for _ in range(sentences // 5):
-        lines.append(" ".join(f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} "
-                              f"{rng.choice(ENDINGS)}" for _ in range(5)))  # fmt: skip
+        lines.append(
+            " ".join(
+                f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} "
+                f"{rng.choice(ENDINGS)}"
+                for _ in range(5)
+            )
+        )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
 def _train(data, tok, run, *extra):
-    return ["train", "--data", str(data), "--tokenizer", str(tok), "--out", str(run),
-            *model_flags(), "--seq-len", "32", "--max-steps", "3", "--batch-size", "2",
-            "--eval-every", "2", "--eval-batches", "1", "--device", "cpu", "--no-progress",
-            *extra]  # fmt: skip
+    return train_argv(
+        data, run, *extra, tokenizer=tok, seq_len=32, max_steps=3, eval_every=2, eval_batches=1
+    )
 
 
 def test_one_text_file_trains_with_its_tail_as_val(tmp_path, capsys):
     notes = _notes(tmp_path / "notes.txt", 600)  # ~30 kB
-    code, _, err = cli(["tokenizer", "train", str(notes), "--vocab-size", "400", "-o",
-                        str(tmp_path / "tok")], capsys)  # fmt: skip
+    code, _, err = cli(
+        ["tokenizer", "train", str(notes), "--vocab-size", "400", "-o", str(tmp_path / "tok")],
+        capsys,
+    )
     assert code == 0, err
     run = tmp_path / "run"
     code, out, err = cli(_train(notes, tmp_path / "tok", run), capsys)
@@ -96,8 +102,10 @@ def test_one_text_file_trains_with_its_tail_as_val(tmp_path, capsys):
 
 def test_a_text_file_too_small_for_two_rows_says_what_to_do(tmp_path, capsys):
     notes = _notes(tmp_path / "notes.txt", 600)
-    code, _, err = cli(["tokenizer", "train", str(notes), "--vocab-size", "400", "-o",
-                        str(tmp_path / "tok")], capsys)  # fmt: skip
+    code, _, err = cli(
+        ["tokenizer", "train", str(notes), "--vocab-size", "400", "-o", str(tmp_path / "tok")],
+        capsys,
+    )
     assert code == 0, err
     small = tmp_path / "small.txt"
     small.write_text("The old miller sold the broken lantern.\n")  # ~10 tokens; 2 rows need 66

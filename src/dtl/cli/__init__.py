@@ -39,6 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_verb(
+    subparsers: argparse._SubParsersAction, name: str, *, help: str, description: str, examples: str
+) -> argparse.ArgumentParser:
+    """A verb's parser: `help` in `dtl --help`, `description` and then `examples`, printed
+    as written, in `dtl VERB --help`.
+
+    >>> p = add_verb(sub, "info", help="...", description="...", examples=EXAMPLES)  # doctest: +SKIP
+    """
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
     """Options every verb accepts (so `dtl VERB --debug` works as well as `dtl --debug VERB`)."""
     parser.add_argument(

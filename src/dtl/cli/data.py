@@ -6,7 +6,14 @@ import argparse
 import sys
 import time
 
+from dtl.cli import add_common, add_verb
+from dtl.data.extract import extract
+from dtl.data.prepare import prepare
+from dtl.data.qa import QA_TEMPLATE
+from dtl.data.sources import detect_kind
 from dtl.errors import DtlError
+from dtl.model.config import ModelConfig
+from dtl.tokenizer import train_tokenizer
 
 KINDS_HELP = "wikipedia, wikitext, squad, jsonl, text (default: from the file name)"
 
@@ -31,19 +38,43 @@ PREPARE_EXAMPLES = """examples:
   dtl prepare records.jsonl -o data/mine --tokenizer tok-8k --preset tiny
 """
 
+# Help texts too long for their add_argument line.
+MODE_HELP = {
+    "pack": "join documents with end-of-text, cut into rows (default for plain text)",
+    "pad": "one example per row, right-padded (default for Q&A)",
+}
+ARTICLES_AS_HELP = (
+    "articles as plain LM text (default), as Q&A pairs by the documented rule, or both (the "
+    "text, then its pairs; packed by default)"
+)
+VAL_FRACTION_HELP = (
+    "share held out for val (0.05): whole documents, or each document's tail when there are too few"
+)
+SOURCE_HELP = {
+    "unanswerable": "SQuAD: keep unanswerable questions with this answer (default: skip them)",
+    "field": "JSONL: read our field from theirs, e.g. --field question=q (repeatable)",
+    "split": "text: one document per file (default) or per blank-line-separated block",
+    "detokenize": "wikitext: undo ' @-@ ' and spaces before punctuation (default: .tokens "
+    "files only)",
+}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dtl.cli import add_common
+    _register_tokenizer(subparsers)
+    _register_extract(subparsers)
+    _register_prepare(subparsers)
 
+
+def _register_tokenizer(subparsers: argparse._SubParsersAction) -> None:
     tok = subparsers.add_parser("tokenizer", help="train a byte-level BPE on your files")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION")
-    train = tok_sub.add_parser(
+    train = add_verb(
+        tok_sub,
         "train",
         help="train a byte-level BPE (GPT-2's algorithm) on text files",
         description="Learn a byte-level BPE vocabulary from your files with the tokenizers "
         "library, so a small model can use e.g. 8k tokens instead of GPT-2's 50,257.",
-        epilog=TOKENIZER_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=TOKENIZER_EXAMPLES,
     )
     train.add_argument("files", nargs="+", help="UTF-8 text files")
     train.add_argument(
@@ -58,13 +89,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_common(tok)
     tok.set_defaults(func=lambda args: _missing_action(tok))
 
-    ext = subparsers.add_parser(
+
+def _register_extract(subparsers: argparse._SubParsersAction) -> None:
+    ext = add_verb(
+        subparsers,
         "extract",
         help="a source (Wikipedia dump, WikiText, SQuAD, JSONL, text) -> clean records JSONL",
         description="Stream a source into one JSON record a line: {title, text} for articles, "
         "{question, answer, context?, title?} for Q&A pairs.",
-        epilog=EXTRACT_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXTRACT_EXAMPLES,
     )
     ext.add_argument(
         "input", help="the source file, or hf:NAME (wikitext-2, wikitext-103, squad, squad_v2)"
@@ -74,13 +107,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_common(ext)
     ext.set_defaults(func=run_extract)
 
-    prep = subparsers.add_parser(
+
+def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
+    prep = add_verb(
+        subparsers,
         "prepare",
         help="sources or records -> tokenized train/val shards + meta.json",
         description="Clean (if raw), format, tokenize and split the inputs into a data dir for "
         "dtl train: train.bin / val.bin token shards, meta.json and the tokenizer's files.",
-        epilog=PREPARE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=PREPARE_EXAMPLES,
     )
     prep.add_argument("inputs", nargs="+", help="source files or records.jsonl")
     prep.add_argument("-o", "--out", required=True, help="the data dir to write")
@@ -97,24 +132,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--preset", help="check --max-length against this model preset's max_seq_length"
     )
     mode = prep.add_mutually_exclusive_group()
-    mode.add_argument("--pack", dest="mode", action="store_const", const="pack",
-                      help="join documents with end-of-text, cut into rows (default for plain text)")  # fmt: skip
-    mode.add_argument("--pad", dest="mode", action="store_const", const="pad",
-                      help="one example per row, right-padded (default for Q&A)")  # fmt: skip
+    for name, text in MODE_HELP.items():
+        mode.add_argument(f"--{name}", dest="mode", action="store_const", const=name, help=text)
     prep.add_argument(
         "--answer-only-loss", action="store_true", help="Q&A: no loss on the question tokens"
     )
-    prep.add_argument("--articles-as", choices=("text", "qa", "both"), default="text",
-                      help="articles as plain LM text (default), as Q&A pairs by the documented "
-                           "rule, or both (the text, then its pairs; packed by default)")  # fmt: skip
+    prep.add_argument(
+        "--articles-as", choices=("text", "qa", "both"), default="text", help=ARTICLES_AS_HELP
+    )
     prep.add_argument(
         "--template", help="Q&A template with {question} and {answer} (default: the spec's)"
     )
-    prep.add_argument(
-        "--val-fraction", type=float, default=0.05,
-        help="share held out for val (0.05): whole documents, or each document's tail when "
-        "there are too few",
-    )
+    prep.add_argument("--val-fraction", type=float, default=0.05, help=VAL_FRACTION_HELP)
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     prep.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_source_flags(prep)
@@ -128,15 +157,16 @@ def _missing_action(parser: argparse.ArgumentParser) -> int:
 
 
 def _add_source_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that say how to read a source, shared by extract and prepare."""
     p.add_argument("--kind", help=KINDS_HELP)
-    p.add_argument("--unanswerable", metavar="TEXT",
-                   help="SQuAD: keep unanswerable questions with this answer (default: skip them)")  # fmt: skip
-    p.add_argument("--field", action="append", default=[], metavar="OURS=THEIRS",
-                   help="JSONL: read our field from theirs, e.g. --field question=q (repeatable)")  # fmt: skip
-    p.add_argument("--split", choices=("file", "blank"), default=None,
-                   help="text: one document per file (default) or per blank-line-separated block")  # fmt: skip
-    p.add_argument("--detokenize", action="store_true", default=None,
-                   help="wikitext: undo ' @-@ ' and spaces before punctuation (default: .tokens files only)")  # fmt: skip
+    p.add_argument("--unanswerable", metavar="TEXT", help=SOURCE_HELP["unanswerable"])
+    p.add_argument(
+        "--field", action="append", default=[], metavar="OURS=THEIRS", help=SOURCE_HELP["field"]
+    )
+    p.add_argument("--split", choices=("file", "blank"), default=None, help=SOURCE_HELP["split"])
+    p.add_argument(
+        "--detokenize", action="store_true", default=None, help=SOURCE_HELP["detokenize"]
+    )
     p.add_argument(
         "--processes", type=int, help="wikipedia: cleaning processes (default: all cores)"
     )
@@ -173,40 +203,38 @@ def _source_options(args: argparse.Namespace, kind: str) -> dict:
 
 
 def run_tokenizer_train(args: argparse.Namespace) -> int:
-    from dtl.tokenizer import train_tokenizer
-
     started = time.perf_counter()
-    tok = train_tokenizer(args.files, args.vocab_size, args.out, min_frequency=args.min_frequency,
-                          show_progress=sys.stderr.isatty())  # fmt: skip
-    print(f"trained a {tok.vocab_size:,}-token byte-level BPE (end-of-text = {tok.eos_id}) in "
-          f"{time.perf_counter() - started:.1f}s -> {args.out}")  # fmt: skip
+    tok = train_tokenizer(
+        args.files,
+        args.vocab_size,
+        args.out,
+        min_frequency=args.min_frequency,
+        show_progress=sys.stderr.isatty(),
+    )
+    seconds = time.perf_counter() - started
+    print(
+        f"trained a {tok.vocab_size:,}-token byte-level BPE (end-of-text = {tok.eos_id}) in "
+        f"{seconds:.1f}s -> {args.out}"
+    )
     return 0
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from dtl.data.extract import extract
-    from dtl.data.sources import detect_kind
-
     kind = args.kind or detect_kind(args.input)
-    summary = extract(args.input, args.out, kind, progress=sys.stderr.isatty(),
-                      **_source_options(args, kind))  # fmt: skip
+    options = _source_options(args, kind)
+    summary = extract(args.input, args.out, kind, progress=sys.stderr.isatty(), **options)
     out = sys.stderr if args.out == "-" else sys.stdout
     print(_extract_line(summary), file=out)
     return 0
 
 
 def _extract_line(s: dict) -> str:
-    skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in s.get("skipped", {}).items() if v)
-    return (f"{s['records']:,} records ({s['kind']}) in {s['seconds']:.1f}s -> {s['out']}"
-            + (f"; skipped {skipped}" if skipped else ""))  # fmt: skip
+    skipped = _skipped(s.get("skipped", {}))
+    line = f"{s['records']:,} records ({s['kind']}) in {s['seconds']:.1f}s -> {s['out']}"
+    return line + (f"; skipped {skipped}" if skipped else "")
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from dtl.data.prepare import prepare
-    from dtl.data.qa import QA_TEMPLATE
-    from dtl.data.sources import detect_kind
-    from dtl.model.config import ModelConfig
-
     model_limit = None
     if args.preset:
         model_limit = ModelConfig.preset(args.preset).max_seq_length
@@ -251,27 +279,33 @@ def prepare_summary(s: dict) -> str:
     if s.get("split") in ("tokens", "examples"):
         lines.append(_split_line(s, documents))
     if s.get("truncated"):
-        lines.append(f"  {s['truncated']:,} examples were longer than max_length + 1 and are cut "
-                     f"(longest {s['longest']:,} tokens); raise --max-length to keep them whole")  # fmt: skip
-    extract = s.get("extract") or {}
-    skipped = {k: v for k, v in extract.items() if k not in ("pages", "articles") and v}
-    if skipped:
         lines.append(
-            "  skipped pages: "
-            + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items())
+            f"  {s['truncated']:,} examples were longer than max_length + 1 and are cut "
+            f"(longest {s['longest']:,} tokens); raise --max-length to keep them whole"
         )
+    skipped = _skipped(s.get("extract") or {})
+    if skipped:
+        lines.append(f"  skipped pages: {skipped}")
     if not va["rows"] and s["val_fraction"] > 0:
         lines.append("  warning: the val split has no rows; add data or raise --val-fraction")
     return "\n".join(lines)
 
 
+def _skipped(counts: dict) -> str:
+    """What a Wikipedia dump's counts say was passed over: "100 redirects, 8 disambiguation"."""
+    skipped = [(k, v) for k, v in counts.items() if k not in ("pages", "articles") and v]
+    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped)
+
+
 def _split_line(s: dict, documents: int) -> str:
-    """How a source with too few documents was split within them (see dtl.data.prepare)."""
+    """How a source with too few documents was split within them (see dtl.data.split)."""
     unit = s["split"]  # tokens | examples
     share = s["val"][unit] / max(s["train"][unit] + s["val"][unit], 1)
     reason = s.get("split_reason") or "too few to hold out whole documents"
-    return (f"  split: the last {100 * share:.3g}% of each document's {unit} went to val "
-            f"({_count(documents, 'document')}: {reason})")  # fmt: skip
+    return (
+        f"  split: the last {100 * share:.3g}% of each document's {unit} went to val "
+        f"({_count(documents, 'document')}: {reason})"
+    )
 
 
 def _count(n: int, noun: str) -> str:

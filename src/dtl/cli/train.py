@@ -1,14 +1,25 @@
-"""`dtl train` and `dtl plot`: thin verbs over `dtl.train` and `dtl.train.plot`."""
+"""`dtl train` and `dtl plot`: thin verbs over `dtl.train` and `dtl.train.plot`.
+
+The flags are TrainConfig's fields; `dtl.train.config.build_config` resolves them with the
+saved run (--resume) and a --config file; `dtl.train.train` runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
 from dtl.errors import DtlError
+from dtl.train import train
+from dtl.train.config import (
+    RAW_DATA_MAX_LENGTH,
+    TrainConfig,
+    build_config,
+    flag_name,
+    setting_kinds,
+)
+from dtl.train.plot import plot_run
 
 HELP = {
     "data": "a prepared data dir (dtl prepare), a raw source file (prepared into RUN_DIR/data), "
@@ -24,7 +35,8 @@ HELP = {
     "seed": "seed of the weights, dropout and data order",
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
-    "seq_len": "tokens per row (default: the data's max_length)",
+    "seq_len": "tokens per row trained on (default: the data's max_length); a raw --data file "
+    f"is prepared into rows of this many (default {RAW_DATA_MAX_LENGTH})",
     "tokenizer": "tokenizer for a raw --data file: gpt2 or a dir from dtl tokenizer train",
     "max_steps": "optimizer steps to train",
     "batch_size": "rows per micro-batch (per process)",
@@ -74,7 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML or JSON file of settings (keys as the flags, _ or -)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint"
+    )
     _add_config_flags(p)
     add_common(p)
     p.set_defaults(func=run_train)
@@ -93,109 +107,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from dtl.train.loop import TrainConfig
-
+    """One flag per TrainConfig setting, typed as its field; unset flags stay out of args."""
+    kinds = setting_kinds()
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _field_type(f)
+        kind = {"int": int, "float": float, "bool": bool, "str": str}[kinds[f.name]]
         extra: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         text = HELP.get(f.name, f.name.replace("_", " "))
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text, **extra)
+            action = argparse.BooleanOptionalAction
+            p.add_argument(flag_name(f.name), action=action, help=text, **extra)
         else:
             if "default" not in text and f.default not in (None, ""):
                 text = f"{text} (default {f.default})"
-            p.add_argument(flag, type=kind, help=text, **extra)
-
-
-def _field_type(f: dataclasses.Field) -> type:
-    name = str(f.type).replace(" | None", "")
-    return {"int": int, "float": float, "bool": bool, "str": str}[name]
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """A YAML or JSON mapping of settings."""
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise DtlError(f"--config {path}: no such file")
-    text = file.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise DtlError(f"--config {path}: not valid {file.suffix.lstrip('.') or 'YAML'} ({err})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise DtlError(f"--config {path}: expected a mapping of settings (key: value)")
-    return data
-
-
-def build_config(args: argparse.Namespace):
-    """TrainConfig from defaults < (saved run config on --resume) < --config file < flags."""
-    from dtl.train.loop import RESUME_LOCKED, TrainConfig
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    flags = {k: v for k, v in vars(args).items() if k in names}
-    settings: dict[str, Any] = {}
-    saved: dict[str, Any] = {}
-    if args.resume:
-        saved = _saved_config(args.resume)
-        settings.update({k: v for k, v in saved.items() if k in names})
-    if args.config:
-        settings.update({k.replace("-", "_"): v for k, v in load_config_file(args.config).items()})
-    settings.update(flags)
-    if args.resume:
-        settings["out"] = args.resume
-        changed = [k for k in RESUME_LOCKED if k in saved and not _same_setting(k, settings.get(k), saved[k])]
-        if changed:
-            diffs = ", ".join(f"{k}: {saved[k]!r} -> {settings.get(k)!r}" for k in changed)
-            raise DtlError(
-                f"cannot resume {args.resume} with a different {', '.join(changed)} ({diffs}); "
-                "these fix the model or the data order. Drop those flags, or start a new --out"
-            )
-    try:
-        return TrainConfig.from_dict(settings, source=args.config or "settings")
-    except TypeError as err:
-        raise DtlError(f"bad settings: {err}") from None
-
-
-def _same_setting(key: str, given: Any, saved: Any) -> bool:
-    """Equal settings; `data` paths compare resolved (config.yaml stores it absolute)."""
-    if given == saved:
-        return True
-    if key == "data" and given and saved:
-        from dtl.train.loop import absolute_data
-
-        return absolute_data(str(given)) == absolute_data(str(saved))
-    return False
-
-
-def _saved_config(run_dir: str) -> dict[str, Any]:
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise DtlError(f"--resume {run_dir}: no config.yaml there; is it a dtl train run dir?")
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            p.add_argument(flag_name(f.name), type=kind, help=text, **extra)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dtl.train.loop import train
-
-    cfg = build_config(args)
+    names = setting_kinds()  # the flags given (unset ones are not in args)
+    flags = {name: value for name, value in vars(args).items() if name in names}
+    cfg = build_config(flags, config_file=args.config, resume=args.resume)
     summary = train(cfg, resume=bool(args.resume))
     if summary.get("checkpoint"):
         ppl = summary.get("val_ppl")
-        shown = f"val_loss {summary['val_loss']:.4f}, val perplexity {ppl:.2f}" if ppl else "no eval"
+        shown = (
+            f"val_loss {summary['val_loss']:.4f}, val perplexity {ppl:.2f}" if ppl else "no eval"
+        )
         print(f"done: step {summary['step']}, {shown}; checkpoint {summary['checkpoint']}")
     return 130 if summary.get("interrupted") else 0
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from dtl.train.plot import plot_run
-
     try:
         path = plot_run(args.run_dir, args.output)
     except OSError as err:

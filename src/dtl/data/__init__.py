@@ -1,8 +1,11 @@
 """The data pipeline, one module per stage of the spec's "Training Data Flow".
 
-sources.py / wikipedia.py   raw files -> clean records (`dtl extract`)
+sources.py                  raw files -> clean records (`dtl extract`, with extract.py)
+wikipedia.py                a Wikipedia XML dump -> article pages, cleaned on all cores
+wikimarkup.py               one page's wikitext -> plain text and section headings
 qa.py                       the Q&A template; articles -> Q&A pairs
 prepare.py / shards.py      records -> tokenized train/val shards + meta.json (`dtl prepare`)
+split.py                    the train/val split: by document, or within too few documents
 loader.py                   shards -> batches (`TokenDataset`, `BatchLoader`)
 
 >>> from dtl.data import BatchLoader, prepare                          # doctest: +SKIP
@@ -15,16 +18,10 @@ from dtl.data.prepare import prepare
 from dtl.data.qa import QA_STOP, QA_TEMPLATE, format_qa, qa_prompt
 from dtl.data.sources import iter_records
 
-# The names the issue uses for the torch-style pair.
-Dataset = TokenDataset
-DataLoader = BatchLoader
-
 __all__ = [
     "QA_STOP",
     "QA_TEMPLATE",
     "BatchLoader",
-    "DataLoader",
-    "Dataset",
     "TokenDataset",
     "format_qa",
     "iter_records",

@@ -11,12 +11,13 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from dtl.data.sources import check_input, detect_kind, iter_records
+from dtl.data.sources import check_inputs, detect_kind, iter_records_counting
 from dtl.errors import DtlError
 
 
@@ -30,36 +31,20 @@ def extract(
     """Write the records of `source` to `out` (a temp name renamed at the end; '-' = stdout)."""
     started = time.perf_counter()
     kind = kind or detect_kind(source)
-    if not str(source).startswith("hf:"):
-        check_input(source)
+    check_inputs([source])
     stats: dict[str, Any] = {}
-    if kind == "wikipedia":
-        options.setdefault("stats", stats)
-    records = iter_records(source, kind, **options)
+    records = iter_records_counting(source, kind, stats, **options)
     bar = tqdm(
         desc="extract", unit=" rec", disable=not progress, file=sys.stderr, dynamic_ncols=True
     )
-    count = 0
     if str(out) == "-":
-        for rec in records:
-            sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            count += 1
-            bar.update()
+        count = _write_jsonl(records, sys.stdout, bar)
     else:
-        path = Path(out)
-        if path.is_dir():
-            raise DtlError(
-                f"-o {path} is a directory; give a file name such as {path / 'records.jsonl'}"
-            )
-        if not path.resolve().parent.is_dir():
-            raise DtlError(f"-o {path}: the folder {path.parent} does not exist")
+        path = _check_out(Path(out))
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         try:
             with open(tmp, "w", encoding="utf-8") as f:
-                for rec in records:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    count += 1
-                    bar.update()
+                count = _write_jsonl(records, f, bar)
             if count == 0:
                 raise DtlError(f"{source}: no records came out of this {kind} source; check --kind")
             os.replace(tmp, path)
@@ -76,3 +61,24 @@ def extract(
         "failed_titles": stats.get("failed_titles", []),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _check_out(path: Path) -> Path:
+    """`-o`, when it can be a records file: not a folder, in a folder that exists."""
+    if path.is_dir():
+        raise DtlError(
+            f"-o {path} is a directory; give a file name such as {path / 'records.jsonl'}"
+        )
+    if not path.resolve().parent.is_dir():
+        raise DtlError(f"-o {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def _write_jsonl(records: Iterable[dict], f: TextIO, bar: tqdm) -> int:
+    """One JSON object a line, non-ASCII kept as is; returns how many were written."""
+    count = 0
+    for rec in records:
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        count += 1
+        bar.update()
+    return count

@@ -4,6 +4,9 @@
 >>> batch = next(iter(loader))                                          # doctest: +SKIP
 >>> batch["input_ids"].shape, batch["targets"].shape                    # doctest: +SKIP
 (torch.Size([8, 512]), torch.Size([8, 512]))
+>>> short = BatchLoader("data/wiki", "train", batch_size=8, seq_len=128)  # doctest: +SKIP
+>>> next(iter(short))["input_ids"].shape  # the first 128 tokens of the same rows  # doctest: +SKIP
+torch.Size([8, 128])
 >>> state = loader.state_dict()        # save with the checkpoint      # doctest: +SKIP
 >>> loader.load_state_dict(state)      # the next batch is the one an unbroken run sees
 
@@ -14,6 +17,8 @@ Layout of a data dir (written by `dtl.data.prepare`):
   {split}.mask       when meta["loss_mask"]: uint8 per token, 1 = the token is a loss target
 A pack-mode row i is tokens[i*L : i*L + L + 1] (L = max_length): input = the first L,
 target = the last L. A pad-mode row is one example, cut to L + 1 tokens, then right-padded.
+Read with seq_len T < L, each row is cut to its first T + 1 tokens (T inputs, T targets):
+the rows, their number and their order stay those of L.
 """
 
 from __future__ import annotations
@@ -60,14 +65,23 @@ def read_array(path: Path, dtype: Any) -> np.ndarray:
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    """Map-style dataset of one split: item i is a dict of (T,) LongTensors, T = max_length."""
+    """Map-style dataset of one split: item i is a dict of (T,) LongTensors, T = seq_len
+    (default: the data's max_length; at most that)."""
 
-    def __init__(self, data_dir: str | os.PathLike, split: str = "train") -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike, split: str = "train", seq_len: int | None = None
+    ) -> None:
         if split not in SPLITS:
             raise DtlError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         self.data_dir, self.split = Path(data_dir), split
         self.meta = read_meta(data_dir)
-        self.max_length = int(self.meta["max_length"])
+        self.max_length = int(self.meta["max_length"])  # L: where rows start
+        self.seq_len = self.max_length if seq_len is None else seq_len  # T: what is read of them
+        if not 1 <= self.seq_len <= self.max_length:
+            raise DtlError(
+                f"seq_len {self.seq_len} must be in 1..{self.max_length}, the length of the "
+                f"rows of {self.data_dir}"
+            )
         self.mode = self.meta["mode"]
         self.eos_id = int(self.meta.get("eos_id", 0))
         self.tokens = self._open(".bin", self.meta["dtype"])
@@ -94,14 +108,14 @@ class TokenDataset(torch.utils.data.Dataset):
         return self.n_rows
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens, loss-target flags) of row i, up to L + 1 long."""
-        L = self.max_length
+        """(tokens, loss-target flags) of row i, up to T + 1 long (T = seq_len)."""
+        L, T = self.max_length, self.seq_len
         if self.mode == "pack":
-            start, end = i * L, i * L + L + 1
+            start, end = i * L, i * L + T + 1
         else:
             start, end = (
                 int(self.offsets[i]),
-                min(int(self.offsets[i + 1]), int(self.offsets[i]) + L + 1),
+                min(int(self.offsets[i + 1]), int(self.offsets[i]) + T + 1),
             )
         ids = np.asarray(self.tokens[start:end], dtype=np.int64)
         flags = (
@@ -114,12 +128,12 @@ class TokenDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.n_rows:
             raise IndexError(f"row {i} out of range for {self.n_rows} rows")
-        L = self.max_length
+        T = self.seq_len
         ids, flags = self.row(i)
         n = len(ids) - 1  # real input positions
-        input_ids = torch.full((L,), self.eos_id, dtype=torch.long)
-        targets = torch.full((L,), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros(L, dtype=torch.long)
+        input_ids = torch.full((T,), self.eos_id, dtype=torch.long)
+        targets = torch.full((T,), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros(T, dtype=torch.long)
         input_ids[:n] = torch.from_numpy(ids[:-1])
         target = torch.from_numpy(ids[1:])
         targets[:n] = torch.where(torch.from_numpy(flags[1:]), target, IGNORE_INDEX)
@@ -128,7 +142,9 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 class BatchLoader:
-    """Endless batches of one split, `{"input_ids", "targets", "attention_mask"}`, each (B, T).
+    """Endless batches of one split, `{"input_ids", "targets", "attention_mask"}`, each (B, T),
+    T = seq_len (default: the data's max_length; a shorter one reads the first T tokens of
+    each row, so the rows and their order do not depend on it).
 
     Epoch e visits the rows in a permutation seeded by (seed, e) (or in order when
     shuffle=False), cut into global batches of batch_size * world_size rows; rank r takes rows
@@ -146,12 +162,13 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        seq_len: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise DtlError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise DtlError(f"rank {rank} is not in 0..{world_size - 1}")
-        self.dataset = TokenDataset(data_dir, split)
+        self.dataset = TokenDataset(data_dir, split, seq_len=seq_len)
         if len(self.dataset) == 0:
             raise DtlError(self._empty_message(data_dir, split))
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size

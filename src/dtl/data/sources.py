@@ -20,7 +20,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dtl.data.wikipedia import iter_wikipedia
 from dtl.errors import DtlError
+from dtl.fileio import read_lines
 
 KINDS = ("wikipedia", "wikitext", "squad", "jsonl", "text")
 HF_DATASETS = {
@@ -34,7 +36,7 @@ HF_DATASETS = {
 def detect_kind(path: str | os.PathLike) -> str:
     """Guess a source's kind from its name (and, for .json, nothing else is needed)."""
     name = Path(path).name.lower()
-    if str(path).startswith("hf:"):
+    if is_hub_name(path):
         return "hf"
     if re.search(r"\.xml(\.bz2)?$", name) or name.endswith(".bz2"):
         return "wikipedia"
@@ -45,6 +47,19 @@ def detect_kind(path: str | os.PathLike) -> str:
     if name.endswith(".json"):
         return "squad"
     return "text"
+
+
+def is_hub_name(path: str | os.PathLike) -> bool:
+    """Whether a source is a Hugging Face dataset name (`hf:squad`) rather than a file."""
+    return str(path).startswith("hf:")
+
+
+def check_inputs(paths: Iterable[str | os.PathLike]) -> None:
+    """Fail early, before any work, on a missing, folder or empty file; hf:NAME is checked
+    when it is read."""
+    for path in paths:
+        if not is_hub_name(path):
+            check_input(path)
 
 
 def check_input(path: str | os.PathLike) -> Path:
@@ -71,40 +86,30 @@ def iter_records(
     text: `split` ("file": one document per file, or "blank": split on blank lines).
     """
     kind = kind or detect_kind(path)
-    if kind == "hf" or str(path).startswith("hf:"):
+    if kind == "hf" or is_hub_name(path):
         yield from iter_hf(str(path).removeprefix("hf:"), **options)
         return
     if kind not in KINDS:
         raise DtlError(f"unknown --kind {kind!r}; choose one of {', '.join(KINDS)}")
-    path = check_input(path)
+    yield from _READERS[kind](check_input(path), **options)
+
+
+def iter_records_counting(
+    path: str | os.PathLike, kind: str | None, stats: dict, **options: Any
+) -> Iterator[dict]:
+    """`iter_records`, with a Wikipedia dump's page counts (pages, redirects, disambiguation,
+    failed, ...) filled into `stats` unless `options` bring their own; other kinds leave it be.
+
+    >>> from dtl.corpus import corpus_files
+    >>> stats = {}
+    >>> records = list(iter_records_counting(corpus_files()[0], None, stats))  # doctest: +SKIP
+    >>> len(records), stats["disambiguation"]                                 # doctest: +SKIP
+    (98, 8)
+    """
+    kind = kind or detect_kind(path)
     if kind == "wikipedia":
-        from dtl.data.wikipedia import iter_wikipedia
-
-        yield from iter_wikipedia(path, **options)
-    elif kind == "wikitext":
-        yield from iter_wikitext(path, **options)
-    elif kind == "squad":
-        yield from iter_squad(path, **options)
-    elif kind == "jsonl":
-        yield from iter_jsonl(path, **options)
-    else:
-        yield from iter_text(path, **options)
-
-
-def read_lines(path: Path) -> Iterator[str]:
-    """Lines of a UTF-8 file without their LF / CRLF, streamed; bad bytes name the line."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DtlError(
-                    f"{path}: line {number} is not UTF-8 (byte 0x{raw[err.start]:02x} at column "
-                    f"{err.start + 1}); convert the file, e.g. iconv -f latin1 -t utf-8"
-                ) from None
-            if number == 1:
-                line = line.removeprefix("\ufeff")
-            yield line.rstrip("\r\n")
+        options.setdefault("stats", stats)
+    return iter_records(path, kind, **options)
 
 
 # --- WikiText -------------------------------------------------------------------------------
@@ -252,6 +257,16 @@ def iter_text(path: Path, split: str = "file") -> Iterator[dict]:
     text = "\n".join(block).strip()
     if text:
         yield {"title": path.stem if split == "file" else f"{path.stem} #{count + 1}", "text": text}
+
+
+# The reader of each local kind (KINDS); hf:NAME goes to `iter_hf`.
+_READERS = {
+    "wikipedia": iter_wikipedia,
+    "wikitext": iter_wikitext,
+    "squad": iter_squad,
+    "jsonl": iter_jsonl,
+    "text": iter_text,
+}
 
 
 # --- Hugging Face datasets --------------------------------------------------------------------

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from dtl.errors import DtlError
-from dtl.run_dir import STATE_FILE, write_step
+from dtl.model.config import ModelConfig
+from dtl.model.transformer import TransformerLM
+from dtl.run_dir import STATE_FILE, latest_checkpoint, write_step
 
 
 def save_checkpoint(
@@ -52,10 +54,42 @@ def load_training_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise DtlError(f"{path}: unreadable training state ({err}); resume from another checkpoint") from None
+        raise DtlError(
+            f"{path}: unreadable training state ({err}); resume from another checkpoint"
+        ) from None
+
+
+def load_latest(
+    run_dir: str | os.PathLike, model_config: ModelConfig, world_size: int
+) -> tuple[Path, dict[str, Any]]:
+    """(the newest checkpoint, its training state) of a run to resume, which must hold
+    the model these settings give and have run on as many processes (the data order)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise DtlError(f"{run_dir}: no checkpoint to resume from (checkpoints/step-N)")
+    saved = TransformerLM.from_pretrained(path).config
+    if saved != model_config:
+        raise DtlError(
+            f"cannot resume {run_dir}: its model is {saved} but these settings give "
+            f"{model_config}; drop the changed model flags"
+        )
+    state = load_training_state(path)
+    if state.get("world_size", 1) != world_size:
+        raise DtlError(
+            f"cannot resume {run_dir}: it ran on {state.get('world_size', 1)} process(es), "
+            f"this launch has {world_size}; the data order would differ"
+        )
+    return path, state
 
 
 # ---------------------------------------------------------------------- RNG states
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's RNGs (the weights, dropout, anything random)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG the loop touches, as plain data (lists, ints, tensors) that weights_only loads."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()

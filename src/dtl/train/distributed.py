@@ -23,8 +23,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from dtl.device import resolve_device
 from dtl.errors import DtlError
+from dtl.model.transformer import TransformerBlock
+
+# The FSDP-only modules (torch.distributed.device_mesh, .checkpoint.state_dict and
+# fully_shard, whose home moved between torch versions) are imported where they are used:
+# they take ~0.4 s to import, which runs without --fsdp need not pay.
 
 
 @dataclass(frozen=True)
@@ -45,8 +52,6 @@ class DistInfo:
 
 def setup(device_name: str) -> DistInfo:
     """Join the process group when launched by torchrun, and pick this rank's device."""
-    from dtl.device import resolve_device
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
     if world_size <= 1:
@@ -88,18 +93,14 @@ def wrap(module: nn.Module, dist: DistInfo, fsdp: bool = False) -> nn.Module:
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
 
-        from dtl.model.transformer import TransformerBlock
-
         fully_shard, _ = _fsdp2()
         mesh = init_device_mesh(dist.device.type, (dist.world_size,))
         for block in [m for m in module.modules() if isinstance(m, TransformerBlock)]:
             fully_shard(block, mesh=mesh)
         fully_shard(module, mesh=mesh)
         return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return DDP(module, device_ids=ids)
+    return DistributedDataParallel(module, device_ids=ids)
 
 
 def check_fsdp(dist: DistInfo) -> None:
@@ -117,8 +118,10 @@ def _fsdp2():
         try:  # torch 2.4, 2.5
             from torch.distributed._composable.fsdp import FSDPModule, fully_shard
         except ImportError:
-            raise DtlError(f"--fsdp needs PyTorch's fully_shard (FSDP2, torch >= 2.4); this is "
-                           f"torch {torch.__version__}. Drop --fsdp to train with DDP") from None
+            raise DtlError(
+                f"--fsdp needs PyTorch's fully_shard (FSDP2, torch >= 2.4); this is "
+                f"torch {torch.__version__}. Drop --fsdp to train with DDP"
+            ) from None
     return fully_shard, FSDPModule
 
 
@@ -171,13 +174,15 @@ def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) ->
     index = {name: i for i, name in enumerate(names)}
     return {
         "state": {index[name]: value for name, value in state["state"].items()},
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
-                         for g in state["param_groups"]],
+        "param_groups": [
+            {**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]
+        ],
     }
 
 
-def load_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer,
-                              state: dict) -> None:
+def load_full_optimizer_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
     """Load an unsharded `optimizer.state_dict()` (every rank holds all of it) into the
     optimizer of a sharded `module`."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -219,4 +224,3 @@ def gather_objects(obj, dist: DistInfo) -> list:
     out = [None] * dist.world_size
     td.all_gather_object(out, obj)
     return out
-

@@ -12,6 +12,8 @@ counts what training really keeps alive, tensor by tensor, for DTL's own impleme
 - the fused head + loss (`dtl.model.head_loss`): one chunk of logits at a time instead of all
   (B x T x vocab) of them, plus the head's gradient held from the forward pass.
 
+When a run does run out of memory, `is_oom` recognises it and `oom_advice` says what to lower.
+
 >>> parameter_breakdown(ModelConfig.preset("small"))["total"]
 30520913
 """
@@ -19,7 +21,10 @@ counts what training really keeps alive, tensor by tensor, for DTL's own impleme
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
+
+import torch
 
 from dtl.model.config import ModelConfig
 from dtl.model.head_loss import CHUNK_ELEMENTS
@@ -106,7 +111,9 @@ def estimate_memory(
     gradients = params * 4
     optimizer = params * 8  # AdamW exp_avg and exp_avg_sq
     # Autocast keeps a 16-bit copy of each matmul weight during the step.
-    weight_casts = (params - parameter_breakdown(config)["embedding"]) * 2 if precision != "fp32" else 0
+    weight_casts = (
+        (params - parameter_breakdown(config)["embedding"]) * 2 if precision != "fp32" else 0
+    )
     activations, recomputed = _activation_bytes(
         config, tokens, precision, activation_checkpointing, device
     )
@@ -189,12 +196,32 @@ def recommend(options: list[FitOption]) -> FitOption | None:
     return min(options, key=lambda o: (o.grad_accum, o.activation_checkpointing))
 
 
+def is_oom(err: BaseException) -> bool:
+    """Whether `err` is an out-of-memory error (CUDA's, or a CPU allocation's)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+    )
+
+
+def oom_advice(batch_size: int, grad_accum: int, seq_len: int | None, preset: str) -> str:
+    """What to change after running out of memory (`seq_len`: the resolved one, if known)."""
+    rows = f"--batch-size {batch_size}" + (f" x --seq-len {seq_len}" if seq_len else "")
+    return (
+        f"out of memory with {rows} (preset {preset}): lower "
+        f"--batch-size (and raise --grad-accum to keep the effective batch "
+        f"{batch_size * grad_accum}), lower --seq-len, add --activation-checkpointing, "
+        "or on a GPU use --precision bf16/fp16; `dtl info --fit` suggests settings that fit"
+    )
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory. On Linux VmHWM from /proc/self/status: unlike
     ru_maxrss, which Linux carries over from the parent across fork + exec (so a child of a
     large process would report the parent's peak), it belongs to this process image."""
-    import resource
-    import sys
+    import resource  # Unix only: imported where it is the fallback
 
     try:
         with open("/proc/self/status") as f:
@@ -211,7 +238,14 @@ def parse_size(text: str) -> int:
     """'8GB', '8GiB', '7.5G', '300MB', '1024' (bytes) -> bytes. GB here means GiB, as GPU
     makers' 8 GB cards hold 8 GiB."""
     s = text.strip().upper().replace(" ", "")
-    for suffix, mult in (("GIB", GIB), ("GB", GIB), ("G", GIB), ("MIB", MIB), ("MB", MIB), ("M", MIB)):
+    for suffix, mult in (
+        ("GIB", GIB),
+        ("GB", GIB),
+        ("G", GIB),
+        ("MIB", MIB),
+        ("MB", MIB),
+        ("M", MIB),
+    ):
         if s.endswith(suffix):
             try:
                 value = float(s[: -len(suffix)])

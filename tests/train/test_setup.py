@@ -1,7 +1,9 @@
-"""Which data `dtl train` trains on: RUN_DIR/data is reused only when it was prepared from
-the same source, tokenizer and max_length (or on --resume); the model keeps its preset's
-context; a run resumes from any directory; a micro-batch with nothing scored still runs
-the (DDP-wrapped) forward."""
+"""A run's setup (`dtl.train.setup`): which data `dtl train` trains on, and on rows of what
+length. RUN_DIR/data is reused only when it was prepared from the same source, tokenizer and
+max_length (or on --resume); seq_len is --seq-len, else the data's max_length (a raw file is
+prepared at --seq-len, else 256), and the loader yields rows of exactly that; the model keeps
+its preset's context; a run resumes from any directory; a micro-batch with nothing scored
+still runs the (DDP-wrapped) forward."""
 
 from __future__ import annotations
 
@@ -11,49 +13,42 @@ import shutil
 
 import pytest
 import torch
-from train_helpers import cli, model_flags, tiny_config
+import yaml
+from train_helpers import cli, fails_here, tiny_config, train_argv
 
 from dtl import TransformerLM
+from dtl.data.loader import BatchLoader
 from dtl.errors import DtlError
 from dtl.model import IGNORE_INDEX
 from dtl.run_dir import latest_checkpoint
-from dtl.train import Trainer, build_model_config
+from dtl.train import Trainer, build_model_config, train
 
 
 def _raw(corpus, path, start, size):
-    path.write_bytes(corpus.read_bytes()[start:start + size])
+    path.write_bytes(corpus.read_bytes()[start : start + size])
     return path
 
 
 def _train(data, out, tokenizer, *extra):
-    return ["train", "--data", str(data), "--out", str(out), *model_flags(), "--max-steps", "1",
-            "--batch-size", "2", "--eval-batches", "1", "--device", "cpu", "--no-progress",
-            "--tokenizer", str(tokenizer), *extra]
+    return train_argv(data, out, *extra, max_steps=1, eval_batches=1, tokenizer=tokenizer)
 
 
 def _meta(run):
     return json.loads((run / "data" / "meta.json").read_text())
 
 
-def _fails_here(capsys, argv, *needles):
-    code, _, err = cli(argv, capsys)
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("dtl train: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-    return err
-
-
 def test_run_data_is_prepared_again_for_another_source_tokenizer_or_length(
-        corpus, tokenizer_dir, tmp_path, capsys):
+    corpus, tokenizer_dir, tmp_path, capsys
+):
     first = _raw(corpus, tmp_path / "first.raw", 0, 60_000)
     second = _raw(corpus, tmp_path / "second.raw", 60_000, 60_000)
     run = tmp_path / "run"
     # A failed first attempt (after its data was prepared) ...
-    _fails_here(capsys, [*_train(first, run, tokenizer_dir, "--seq-len", "32"), "--vocab-size",
-                         "100"], "vocab mismatch")
+    fails_here(
+        capsys,
+        [*_train(first, run, tokenizer_dir, "--seq-len", "32"), "--vocab-size", "100"],
+        "vocab mismatch",
+    )
     assert _meta(run)["sources"][0]["path"] == str(first)
     # ... does not pin the run to that file: another --data is prepared again.
     code, out, err = cli(_train(second, run, tokenizer_dir, "--seq-len", "32"), capsys)
@@ -92,8 +87,9 @@ def test_run_data_is_prepared_again_for_another_source_tokenizer_or_length(
     # --resume keeps the run's prepared data, whatever the source file holds now.
     before = (run / "data" / "meta.json").read_bytes()
     _raw(corpus, second, 0, 60_000)
-    code, out, err = cli(["train", "--resume", str(run), "--max-steps", "2", "--no-progress"],
-                         capsys)
+    code, out, err = cli(
+        ["train", "--resume", str(run), "--max-steps", "2", "--no-progress"], capsys
+    )
     assert code == 0, err
     assert "preparing" not in out
     assert (run / "data" / "meta.json").read_bytes() == before
@@ -106,33 +102,36 @@ def test_resume_from_another_directory(packed_data, tmp_path, capsys, monkeypatc
     shutil.copytree(packed_data, work / "wiki")
     elsewhere.mkdir()
     monkeypatch.chdir(work)
-    base = ["train", "--data", "wiki", "--out", "run", *model_flags(), "--max-steps", "2",
-            "--batch-size", "2", "--eval-batches", "1", "--device", "cpu", "--no-progress"]
+    base = train_argv("wiki", "run", eval_batches=1)
     code, _, err = cli(base, capsys)
     assert code == 0, err
     saved = yaml.safe_load((work / "run" / "config.yaml").read_text())
     assert saved["data"] == str((work / "wiki").resolve())
 
     # The same data typed relative to the run's directory is not "a different data".
-    code, _, err = cli(["train", "--resume", "run", "--data", "wiki", "--max-steps", "3",
-                        "--no-progress"], capsys)
+    code, _, err = cli(
+        ["train", "--resume", "run", "--data", "wiki", "--max-steps", "3", "--no-progress"], capsys
+    )
     assert code == 0, err
 
     monkeypatch.chdir(elsewhere)
-    code, out, err = cli(["train", "--resume", str(work / "run"), "--max-steps", "4",
-                          "--no-progress"], capsys)
+    code, out, err = cli(
+        ["train", "--resume", str(work / "run"), "--max-steps", "4", "--no-progress"], capsys
+    )
     assert code == 0, err
     assert "done: step 4" in out
     # Another data dir is still refused.
     other = tmp_path / "other"
     shutil.copytree(packed_data, other)
-    _fails_here(capsys, ["train", "--resume", str(work / "run"), "--data", str(other)],
-                "cannot resume", "data")
+    fails_here(
+        capsys,
+        ["train", "--resume", str(work / "run"), "--data", str(other)],
+        "cannot resume",
+        "data",
+    )
 
 
 def test_the_model_keeps_its_presets_context(packed_data, tmp_path):
-    from dtl.train import train
-
     summary = train(tiny_config(packed_data, tmp_path / "run", max_steps=2))
     model = TransformerLM.from_pretrained(summary["checkpoint"])
     assert model.config.max_seq_length == 256  # the tiny preset's, not the data's 32
@@ -157,15 +156,24 @@ def test_rows_longer_than_the_context_name_both_numbers():
 def test_long_rows_from_the_command_line(corpus, tokenizer_dir, tmp_path, capsys):
     raw = _raw(corpus, tmp_path / "long.raw", 0, 60_000)
     run = tmp_path / "run"
-    _fails_here(capsys, _train(raw, run, tokenizer_dir, "--seq-len", "300"), "300", "256",
-                "dtl prepare --max-length N", "qa")
+    fails_here(
+        capsys,
+        _train(raw, run, tokenizer_dir, "--seq-len", "300"),
+        "300",
+        "256",
+        "dtl prepare --max-length N",
+        "qa",
+    )
     assert not (run / "checkpoints").exists()
 
 
 def test_too_little_text_names_dtl_prepare_max_length(corpus, tokenizer_dir, tmp_path, capsys):
     raw = _raw(corpus, tmp_path / "small.raw", 0, 800)
-    err = _fails_here(capsys, _train(raw, tmp_path / "run", tokenizer_dir, "--seq-len", "200"),
-                      "dtl prepare --max-length N")
+    err = fails_here(
+        capsys,
+        _train(raw, tmp_path / "run", tokenizer_dir, "--seq-len", "200"),
+        "dtl prepare --max-length N",
+    )
     assert "a smaller --max-length" not in err
 
 
@@ -191,8 +199,6 @@ def test_a_micro_batch_with_nothing_scored_still_runs_the_forward(packed_data, t
 
 def test_a_run_saved_with_the_datas_context_still_resumes(packed_data, tmp_path):
     """Runs from before the context rule saved max_seq_length = the data's max_length."""
-    from dtl.train import train
-
     run = tmp_path / "run"
     train(tiny_config(packed_data, run, max_steps=2))
     config = latest_checkpoint(run) / "config.json"
@@ -201,3 +207,54 @@ def test_a_run_saved_with_the_datas_context_still_resumes(packed_data, tmp_path)
     resumed = train(tiny_config(packed_data, run, max_steps=3), resume=True)
     assert resumed["step"] == 3
     assert TransformerLM.from_pretrained(resumed["checkpoint"]).config.max_seq_length == 32
+
+
+# ---------------------------------------------------------------------- seq_len, resolved once
+def _first_log(run):
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_without_seq_len_a_run_trains_on_the_datas_rows(rows_of_64, tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(rows_of_64, run, batch_size=3, max_steps=1))
+    assert trainer.seq_len == trainer.setup.seq_len == 64
+    batch = next(trainer.train_loader)
+    assert {k: tuple(v.shape) for k, v in batch.items()} == dict.fromkeys(batch, (3, 64))
+    trainer.run()
+    assert _first_log(run)["tokens"] == 1 * 3 * 64  # step 1, 3 rows of 64
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["seq_len"] is None and saved["tokens_per_step"] == 192
+
+
+def test_seq_len_32_trains_on_the_first_32_tokens_of_each_row(rows_of_64, tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(rows_of_64, run, batch_size=3, max_steps=1, seq_len=32))
+    assert trainer.seq_len == 32
+    batch = next(trainer.train_loader)
+    assert {k: tuple(v.shape) for k, v in batch.items()} == dict.fromkeys(batch, (3, 32))
+    whole = BatchLoader(rows_of_64, "train", 3, seed=0).next_batch()  # the same rows, all 64
+    for key in batch:
+        assert torch.equal(batch[key], whole[key][:, :32])
+    trainer.train_loader = BatchLoader(rows_of_64, "train", 3, seed=0, seq_len=32)
+    trainer.run()
+    assert _first_log(run)["tokens"] == 1 * 3 * 32
+
+
+def test_a_raw_file_without_seq_len_is_prepared_into_rows_of_256(
+    corpus, tokenizer_dir, tmp_path, capsys
+):
+    raw = _raw(corpus, tmp_path / "notes.raw", 0, 60_000)
+    run = tmp_path / "run"
+    code, out, err = cli(_train(raw, run, tokenizer_dir), capsys)  # no --seq-len
+    assert code == 0, err
+    assert "preparing" in out and _meta(run)["max_length"] == 256
+    assert _first_log(run)["tokens"] == 1 * 2 * 256  # step 1, --batch-size 2, rows of 256
+
+
+def test_seq_len_longer_than_the_datas_rows_is_one_clear_error(packed_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = train_argv(packed_data, run, "--seq-len", "48")
+    fails_here(
+        capsys, argv, "--seq-len 48 is longer than the data's rows (32 tokens)", "--max-length 48"
+    )
+    assert not (run / "checkpoints").exists()

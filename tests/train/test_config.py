@@ -1,0 +1,157 @@
+"""Settings (`dtl.train.config`): TrainConfig from a dict, defaults < the saved run config
+(--resume) < a --config file < flags, the settings a resume may not change, and the defaults
+resolved once from the data: seq_len (and the 256 a raw file is prepared at), min_lr."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+from train_helpers import cli, fails_here, train_argv
+
+from dtl.errors import DtlError
+from dtl.model.config import ModelConfig
+from dtl.train.config import (
+    MODEL_FIELDS,
+    RESUME_LOCKED,
+    ResolvedSettings,
+    TrainConfig,
+    build_config,
+    prepare_length,
+    resolve_settings,
+)
+
+
+def test_the_model_fields_are_model_configs_own():
+    sizes = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "max_seq_length"]
+    assert (
+        list(MODEL_FIELDS)
+        == sizes
+        == ["vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "dropout"]
+    )
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert all(defaults[name] is None for name in MODEL_FIELDS)  # None: the preset's
+    assert set(MODEL_FIELDS) <= set(RESUME_LOCKED)
+
+
+def test_from_dict_takes_dashes_and_strings():
+    cfg = TrainConfig.from_dict(
+        {
+            "data": "d",
+            "batch-size": "3",
+            "decay_all": "yes",
+            "lr": "3e-4",
+            "max_steps": 2.0,
+            "min-lr": None,
+        }
+    )
+    assert (cfg.batch_size, cfg.decay_all, cfg.lr, cfg.max_steps, cfg.min_lr) == (
+        3,
+        True,
+        3e-4,
+        2,
+        None,
+    )
+    with pytest.raises(DtlError, match=r"c\.yaml: batch_size must be int, got '2\.5'"):
+        TrainConfig.from_dict({"batch_size": "2.5"}, source="c.yaml")
+    with pytest.raises(DtlError, match=r"c\.yaml: unknown setting\(s\) \['learning_rate'\]"):
+        TrainConfig.from_dict({"learning-rate": 1e-3}, source="c.yaml")
+
+
+def _saved_run(tmp_path, **settings):
+    """A run dir whose config.yaml holds `settings` (plus what the run resolved)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {
+        **dataclasses.asdict(TrainConfig(**settings)),
+        "model": {"d_model": 32},
+        "precision_resolved": "fp32",
+        "tokens_per_step": 64,
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    return run
+
+
+def test_defaults_then_saved_run_then_config_file_then_flags(tmp_path):
+    run = _saved_run(
+        tmp_path, data="/data/wiki", out="elsewhere", lr=1e-3, max_steps=100, warmup_steps=7
+    )
+    (tmp_path / "c.yaml").write_text("max-steps: 300\nwarmup_steps: 9\n")
+    cfg = build_config({"warmup_steps": 11}, config_file=str(tmp_path / "c.yaml"), resume=str(run))
+    assert cfg.eval_every == 200  # TrainConfig's default
+    assert cfg.lr == 1e-3  # the saved run's
+    assert cfg.max_steps == 300  # the file's, over the saved run's
+    assert cfg.warmup_steps == 11  # the flag's, over the file's
+    assert cfg.out == str(run)  # a resumed run stays in its run dir
+    assert build_config({"lr": 2e-3}).lr == 2e-3 and build_config({}).lr == 6e-4
+
+
+def test_a_resume_may_not_change_what_fixes_the_model_or_the_data_order(tmp_path, monkeypatch):
+    data = tmp_path / "wiki"
+    data.mkdir()
+    run = _saved_run(tmp_path, data=str(data), batch_size=8)
+    with pytest.raises(DtlError, match=r"different batch_size \(batch_size: 8 -> 4\)"):
+        build_config({"batch_size": 4}, resume=str(run))
+    monkeypatch.chdir(tmp_path)
+    assert build_config({"data": "wiki"}, resume=str(run)).data == "wiki"  # the same dir
+    assert build_config({"max_steps": 5, "lr": 1.0}, resume=str(run)).max_steps == 5  # free
+
+
+def test_seq_len_and_min_lr_are_resolved_once():
+    cfg = TrainConfig(data="d", lr=1e-3)
+    assert resolve_settings(cfg, data_max_length=64) == ResolvedSettings(seq_len=64, min_lr=1e-4)
+    short = TrainConfig(data="d", seq_len=32, min_lr=0.0)
+    assert resolve_settings(short, data_max_length=64) == ResolvedSettings(32, 0.0)
+    assert resolve_settings(TrainConfig(data="d", seq_len=64), 64).seq_len == 64
+    with pytest.raises(DtlError, match=r"--seq-len 65 is longer than the data's rows \(64 tokens"):
+        resolve_settings(TrainConfig(data="d", seq_len=65), data_max_length=64)
+    # A raw --data file is prepared at --seq-len, else into rows of 256.
+    assert prepare_length(TrainConfig(data="notes.txt")) == 256
+    assert prepare_length(TrainConfig(data="notes.txt", seq_len=32)) == 32
+    with pytest.raises(DtlError, match="--seq-len must be a positive integer, got 0"):
+        TrainConfig(data="d", seq_len=0).validate()
+
+
+def test_bad_settings(packed_data, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("max_steps: 2\nlearning_rate: 1e-3\n")
+    fails_here(
+        capsys,
+        [*train_argv(packed_data, tmp_path / "r"), "--config", str(tmp_path / "c.yaml")],
+        "unknown setting(s) ['learning_rate']",
+    )
+    (tmp_path / "d.yaml").write_text("warmup_steps: lots\n")
+    fails_here(
+        capsys,
+        [*train_argv(packed_data, tmp_path / "r"), "--config", str(tmp_path / "d.yaml")],
+        "warmup_steps must be int",
+    )
+    (tmp_path / "e.yaml").write_text("- a list\n")
+    fails_here(
+        capsys,
+        [*train_argv(packed_data, tmp_path / "r"), "--config", str(tmp_path / "e.yaml")],
+        "expected a mapping",
+    )
+    fails_here(
+        capsys, train_argv(packed_data, tmp_path / "r", "--precision", "fp16"), "fp16 needs a GPU"
+    )
+    fails_here(capsys, train_argv(packed_data, tmp_path / "r", "--batch-size", "0"), "--batch-size")
+    fails_here(
+        capsys, train_argv(packed_data, tmp_path / "r", "--seq-len", "0"), "--seq-len must be"
+    )
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_config_file_then_flags_resolved_and_saved(packed_data, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("lr: 2e-3\nbatch-size: 3\nmax_steps: 2\nschedule: linear\n")
+    run = tmp_path / "run"
+    code, out, err = cli(
+        [*train_argv(packed_data, run), "--config", str(tmp_path / "c.yaml"), "--lr", "1e-3"],
+        capsys,
+    )
+    assert code == 0, err
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["lr"] == 1e-3  # the flag wins over the file
+    assert saved["batch_size"] == 2  # train_argv's flag wins too
+    assert saved["schedule"] == "linear" and saved["model"]["d_model"] == 32
+    assert "done: step 2" in out and "val perplexity" in out
