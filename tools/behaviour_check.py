@@ -227,29 +227,43 @@ def api_fingerprints(model, tok) -> list:
 
 def engine_fingerprints(model, tok) -> list:
     """Requests joining a running batch at different steps (the server's continuous batching)."""
-    try:
-        from dtl.serve.engine import ContinuousBatch
-    except ImportError:
-        from dtl.generate.batch import ContinuousBatch  # the restructured home
     from dtl.generate import SamplingOptions
 
-    def opts(**kw):
-        return SamplingOptions(**kw)
+    try:  # before the restructuring: dtl.serve.engine, requests named by a key
+        from dtl.serve.engine import ContinuousBatch
+
+        def add(batch, key, prompts, n, stop=(), **kw):
+            batch.add(key, prompts, n, SamplingOptions(**kw), list(stop))
+
+        def name(key):
+            return key
+    except ImportError:  # after: dtl.generate.batch, one Request record each
+        from dtl.generate import ContinuousBatch, Request
+
+        names = {}
+
+        def add(batch, key, prompts, n, stop=(), **kw):
+            request = Request(prompts, SamplingOptions(**kw, max_new_tokens=n, stop=stop))
+            names[id(request)] = key
+            batch.add([request])
+
+        def name(request):
+            return names[id(request)]
 
     batch = ContinuousBatch(model, tok, max_rows=8)
     log = []
-    batch.add("a", ["The river", "A"], 12, opts(temperature=0.8, seed=1), ["\n"])
+    add(batch, "a", ["The river", "A"], 12, ["\n"], temperature=0.8, seed=1)
     for step in range(30):
         if step == 3:
-            batch.add("b", ["Question: Who?\nAnswer:"], 10, opts(temperature=0.0,
-                                                                 repetition_penalty=1.3))
+            add(batch, "b", ["Question: Who?\nAnswer:"], 10, temperature=0.0,
+                repetition_penalty=1.3)
         if step == 5:
-            batch.add("c", ["x y z"], 6, opts(temperature=1.0, top_k=5, seed=9))
+            add(batch, "c", ["x y z"], 6, temperature=1.0, top_k=5, seed=9)
         if not batch:
             break
         for key, item in batch.step():
-            log.append([step, key, getattr(item, "index", None), getattr(item, "text", repr(item)),
-                        getattr(item, "finish_reason", None)])  # fmt: skip
+            log.append([step, name(key), getattr(item, "index", None),
+                        getattr(item, "text", repr(item)), getattr(item, "finish_reason", None)])
     return log
 
 

@@ -1,4 +1,5 @@
-"""dtl.generate.decode: the CPU one-token step must be the model's own maths, whatever the layout."""
+"""dtl.generate.decode: a one-token step on the CPU plan must be the model's own maths, whatever
+the layout."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import torch.nn.functional as F
 
 from dtl import ModelConfig, TransformerLM
 from dtl.errors import DtlError
-from dtl.generate.decode import SplitLinear, decode_step, plan_for, split_for, uses_fast_path
+from dtl.generate.decode import SplitLinear, plan_for, split_for, uses_fast_path
+
+
+def decode_step(model: TransformerLM, tokens: torch.Tensor, cache) -> torch.Tensor:
+    """One token per row through the cache, on the model's own forward with the CPU plan."""
+    return model(tokens, cache=cache, last_only=True, layout=plan_for(model))[:, -1]
 
 
 def odd_model(seed: int = 0, d_model: int = 24) -> TransformerLM:

@@ -11,7 +11,6 @@ from dtl import DtlError, ModelConfig, TransformerLM
 from dtl.generate import (
     SamplingOptions,
     apply_repetition_penalty,
-    filter_top_k,
     filter_top_p,
     generate,
     generate_tokens,
@@ -55,7 +54,7 @@ class ScriptedLM(nn.Module):
     def allocate_cache(self, batch_size, max_len=None):
         return {"length": 0}
 
-    def forward(self, input_ids, attention_mask=None, cache=None, last_only=False):
+    def forward(self, input_ids, attention_mask=None, cache=None, last_only=False, layout=None):
         if cache is not None:
             if cache["length"] == 0:
                 self.prompt_len = input_ids.size(1)
@@ -179,10 +178,13 @@ def test_top_k_top_p_and_repetition_penalty_match_hugging_face():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 500, generator=g) * 3
     context = torch.randint(0, 500, (4, 12), generator=g)
-    for k in (1, 7, 50):
-        ours = filter_top_k(logits, k)
-        theirs = TopKLogitsWarper(top_k=k)(context, logits.clone())
-        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    for k in (1, 7, 50):  # every token sample_next draws is in HF's top-k set
+        allowed = torch.isfinite(TopKLogitsWarper(top_k=k)(context, logits.clone()))
+        options = SamplingOptions(temperature=1.0, top_k=k)
+        drawn = torch.stack([sample_next(logits, options, None, g) for _ in range(200)], 1)
+        assert bool(allowed.gather(1, drawn).all()), k
+        if k == 1:
+            assert torch.equal(drawn, logits.argmax(-1, keepdim=True).expand_as(drawn))
     for p in (0.1, 0.5, 0.9):
         ours = filter_top_p(logits, p)
         theirs = TopPLogitsWarper(top_p=p)(context, logits.clone())
@@ -313,9 +315,11 @@ def test_rows_with_their_own_settings_equal_their_solo_runs(gpt2):
                          max_seq_length=64)  # fmt: skip
     model = TransformerLM(config).eval()
     requests = [
-        Request("The Normans", 5, SamplingOptions(temperature=1.0, top_k=20, seed=3), group=0),
-        Request("A much longer prompt about Rollo", 12, SamplingOptions(temperature=0), group=1),
-        Request("Hi", 9, SamplingOptions(temperature=0.8, top_p=0.9, seed=11), group=2),
+        Request(["The Normans"], SamplingOptions(temperature=1.0, top_k=20, seed=3,
+                                                 max_new_tokens=5)),
+        Request(["A much longer prompt about Rollo"], SamplingOptions(temperature=0,
+                                                                      max_new_tokens=12)),
+        Request(["Hi"], SamplingOptions(temperature=0.8, top_p=0.9, seed=11, max_new_tokens=9)),
     ]
     texts, finish, ids = ["", "", ""], [None, None, None], [[], [], []]
     for chunk in stream_requests(model, gpt2, requests):
@@ -324,10 +328,10 @@ def test_rows_with_their_own_settings_equal_their_solo_runs(gpt2):
             finish[chunk.index], ids[chunk.index] = chunk.finish_reason, chunk.token_ids
     for r, text, row_ids in zip(requests, texts, ids, strict=True):
         o = r.options
-        alone = generate(model, gpt2, r.prompt, r.max_new_tokens, o.temperature, o.top_k, o.top_p,
-                         seed=o.seed)[0]  # fmt: skip
+        alone = generate(model, gpt2, r.prompts[0], o.max_new_tokens, o.temperature, o.top_k,
+                         o.top_p, seed=o.seed)[0]
         assert text == alone.text and row_ids == alone.token_ids
-        assert len(row_ids) == r.max_new_tokens  # each row stops at its own limit
+        assert len(row_ids) == o.max_new_tokens  # each row stops at its own limit
     assert finish == ["length", "length", "length"]
 
 

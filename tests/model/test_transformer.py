@@ -357,7 +357,7 @@ def test_bad_inputs_give_clear_errors():
         model(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4))
     cache = model.allocate_cache(batch_size=1, max_len=4)
     model(torch.ones(1, 4, dtype=torch.long), cache=cache)
-    with pytest.raises(DtlError, match="longer than"):
+    with pytest.raises(DtlError, match="KV cache is full"):
         model(torch.ones(1, 1, dtype=torch.long), cache=cache)
 
 

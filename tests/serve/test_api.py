@@ -21,8 +21,11 @@ import dtl.generate.loop
 from dtl import ModelConfig, TransformerLM
 from dtl.data.qa import QA_STOP, qa_prompt
 from dtl.generate import generate
-from dtl.serve import api
+from dtl.generate import loop as token_loop
+from dtl.generate.loop import TokenLoop
 from dtl.serve.api import chat_prompt, create_app
+from dtl.serve.scheduler import END, Batcher
+from dtl.serve.wire import parse_request
 
 NAME = "tiny-test"
 
@@ -123,8 +126,8 @@ def gated_server(tokenizer):
     batcher = app.state.batcher
 
     def free():
-        return not any(t.job.max_tokens > 50 and t.emitted and not t.cancel.is_set()
-                       for t in batcher.running)  # fmt: skip
+        return not any(r.options.max_new_tokens > 50 and r.steps and not r.cancelled
+                       for r in batcher.running)
 
     with hold_worker(model, free), LiveServer(app) as live:
         yield live
@@ -364,29 +367,31 @@ def _worker_run(model, tokenizer, prompts, max_tokens=5, worker=None):
     max_tokens: one for all, or {prompt: max_tokens}."""
     if worker is None:
         state = SimpleNamespace(model=model, tokenizer=tokenizer, cancelled=0, largest_batch=0)
-        worker = api.Batcher(state)
+        worker = Batcher(state)
     got: dict[str, list] = {p: [] for p in prompts}
     with worker.ready:  # all wait before the worker wakes
         for prompt in prompts:
             n = max_tokens[prompt] if isinstance(max_tokens, dict) else max_tokens
-            job = api._job({"temperature": 0, "max_tokens": n}, [prompt], tokenizer, 128, 16)
-            worker.submit(api.Ticket(job, got[prompt].append, threading.Event()))
-    wait_for(lambda: all(items and items[-1] is api._END for items in got.values()),
-             "the worker did not finish every request")  # fmt: skip
+            request, _ = parse_request({"temperature": 0, "max_tokens": n}, [prompt], tokenizer,
+                                       128, 16)
+            request.send = got[prompt].append
+            worker.submit(request)
+    wait_for(lambda: all(items and items[-1] is END for items in got.values()),
+             "the worker did not finish every request")
     return got, worker
 
 
 def test_a_request_that_fails_alone_does_not_fail_its_batch_neighbours(
     model, tokenizer, monkeypatch
 ):
-    real = api.gen.encode_prompts
+    real = TokenLoop.add
 
-    def fails_on_boom(tokenizer, prompts, *args, **kwargs):
-        if "boom" in prompts:
+    def fails_on_boom(self, input_ids, attention_mask, requests):
+        if any("boom" in r.prompts for r in requests):
             raise RuntimeError("boom broke")
-        return real(tokenizer, prompts, *args, **kwargs)
+        return real(self, input_ids, attention_mask, requests)
 
-    monkeypatch.setattr(api.gen, "encode_prompts", fails_on_boom)  # the request's prefill
+    monkeypatch.setattr(TokenLoop, "add", fails_on_boom)  # the request's prefill
     got, worker = _worker_run(model, tokenizer, ["fine", "boom", "also fine"])
     assert [type(x) for x in got["boom"]] == [RuntimeError, object]
     assert worker.state.largest_batch == 2  # the two good ones were decoded together
@@ -399,7 +404,7 @@ def test_a_request_that_fails_alone_does_not_fail_its_batch_neighbours(
 def test_a_failed_forward_fails_the_batch_not_those_done_and_the_worker_goes_on(
     model, tokenizer, monkeypatch
 ):
-    real, steps = api.gen.last_logits, []
+    real, steps = token_loop.last_logits, []
 
     def second_step_fails(model, input_ids, *args, **kwargs):
         if input_ids.size(1) == 1:  # a decode step (the prompts are longer)
@@ -408,36 +413,37 @@ def test_a_failed_forward_fails_the_batch_not_those_done_and_the_worker_goes_on(
                 raise RuntimeError("out of memory")
         return real(model, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(api.gen, "last_logits", second_step_fails)
+    monkeypatch.setattr(token_loop, "last_logits", second_step_fails)
     short, long = "the short one", "the long one"
     got, worker = _worker_run(model, tokenizer, [short, long], {short: 2, long: 5})
     assert steps == [2, 1]  # both decoded together, then "long" alone
     assert not any(isinstance(x, Exception) for x in got[short])  # it finished: not failed
-    assert got[short][-2].finish_reason == "length" and got[short][-1] is api._END
+    assert got[short][-2].finish_reason == "length" and got[short][-1] is END
     assert isinstance(got[long][-2], RuntimeError) and "out of memory" in str(got[long][-2])
-    monkeypatch.setattr(api.gen, "last_logits", real)
+    monkeypatch.setattr(token_loop, "last_logits", real)
     later, _ = _worker_run(model, tokenizer, ["three"], worker=worker)  # the same worker
     assert "".join(c.text for c in later["three"][:-1]) == expected(model, tokenizer, "three", 5).text
 
 
 def test_a_request_whose_draw_fails_fails_alone(model, tokenizer, monkeypatch):
-    real = api.gen.sample_next
+    real = token_loop.sample_next
 
     def nan_for_seed_13(logits, opts, *args):
         if opts.seed == 13:  # as if its logits were NaN
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return real(logits, opts, *args)
 
-    monkeypatch.setattr(api.gen, "sample_next", nan_for_seed_13)
+    monkeypatch.setattr(token_loop, "sample_next", nan_for_seed_13)
     state = SimpleNamespace(model=model, tokenizer=tokenizer, cancelled=0, largest_batch=0)
-    worker = api.Batcher(state)
+    worker = Batcher(state)
     got: dict[str, list] = {"good": [], "bad": []}
     with worker.ready:
         for prompt, seed in (("good", 1), ("bad", 13)):
-            job = api._job({"max_tokens": 6, "seed": seed}, [prompt], tokenizer, 128, 16)
-            worker.submit(api.Ticket(job, got[prompt].append, threading.Event()))
-    wait_for(lambda: all(items and items[-1] is api._END for items in got.values()),
-             "the worker did not finish both requests")  # fmt: skip
+            request, _ = parse_request({"max_tokens": 6, "seed": seed}, [prompt], tokenizer, 128, 16)
+            request.send = got[prompt].append
+            worker.submit(request)
+    wait_for(lambda: all(items and items[-1] is END for items in got.values()),
+             "the worker did not finish both requests")
     assert [type(x) for x in got["bad"]] == [RuntimeError, object]
     good = got["good"][:-1]
     assert good and not any(isinstance(x, Exception) for x in good)
@@ -447,21 +453,21 @@ def test_a_request_whose_draw_fails_fails_alone(model, tokenizer, monkeypatch):
 
 def test_a_cancelled_request_at_the_head_of_the_queue_blocks_nobody(model, tokenizer):
     state = SimpleNamespace(model=model, tokenizer=tokenizer, cancelled=0, largest_batch=0)
-    worker = api.Batcher(state)
+    worker = Batcher(state)
     log: list[tuple[str, object]] = []  # what each request received, in order
     long_prompt = "word " * 40  # "gone": 40 + 80 tokens fit alone, not beside "running"
     sizes = {"running": 100, "gone": 80, "small": 3}
     with worker.ready:
         for prompt, n in sizes.items():
             text = long_prompt if prompt == "gone" else prompt
-            job = api._job({"temperature": 0, "max_tokens": n}, [text], tokenizer, 128, 16)
-            cancel = threading.Event()
-            if prompt == "gone":
-                cancel.set()  # its client left while it waited
-            worker.submit(api.Ticket(job, lambda item, p=prompt: log.append((p, item)), cancel))
-    wait_for(lambda: ("running", api._END) in log, "the requests did not finish")
-    assert [item for p, item in log if p == "gone"] == [api._END] and state.cancelled == 1
-    small_done = log.index(("small", api._END))
+            request, _ = parse_request({"temperature": 0, "max_tokens": n}, [text], tokenizer, 128,
+                                       16)
+            request.cancelled = prompt == "gone"  # its client left while it waited
+            request.send = lambda item, p=prompt: log.append((p, item))
+            worker.submit(request)
+    wait_for(lambda: ("running", END) in log, "the requests did not finish")
+    assert [item for p, item in log if p == "gone"] == [END] and state.cancelled == 1
+    small_done = log.index(("small", END))
     assert sum(p == "running" for p, _ in log[:small_done]) <= 3  # beside it, not after it
 
 

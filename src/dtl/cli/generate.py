@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from dtl.cli import add_common
+from dtl.data.qa import QA_STOP, format_qa, qa_prompt
+from dtl.data.sources import detect_kind, iter_records
 from dtl.device import resolve_device
 from dtl.errors import DtlError
+from dtl.fileio import atomic_write_text
+from dtl.generate.evaluate import evaluate_lm, evaluate_squad
+from dtl.generate.sampling import SamplingOptions
+from dtl.generate.text import stream
+from dtl.model.store import load_model
 
 
 def register(subparsers) -> None:
-    from dtl.cli import add_common
-
     formatter = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser(
         "generate",
@@ -131,30 +138,24 @@ def _sampling_args(p: argparse.ArgumentParser, max_new: int, temperature: float)
 
 
 def _load(args, device=None):
-    from dtl.model.store import load_model
-
     if device is None:
         device = resolve_device(args.device)
     return load_model(args.model, device=device, tokenizer=args.tokenizer)
 
 
-def _options(args, **extra) -> dict:
-    from dtl.generate.loop import SamplingOptions
-
+def sampling_options(args) -> SamplingOptions:
+    """The one `SamplingOptions` of a verb's flags (checked here, before the slow load)."""
     if args.top_k is not None and args.top_k < 0:
         raise DtlError(f"--top-k {args.top_k}: must be 0 (off) or a positive number of tokens")
-    top_k = args.top_k or None
-    SamplingOptions(args.temperature, top_k, args.top_p, args.repetition_penalty, args.seed)
-    return {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": top_k,
-        "top_p": args.top_p,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-        "stop": list(args.stop),
-        **extra,
-    }
+    return SamplingOptions(
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        stop=tuple(args.stop),
+    )
 
 
 def _note_truncation(tokenizer, prompt: str, max_new: int, context: int) -> None:
@@ -184,30 +185,25 @@ def _print_stream(pieces, strip_leading: bool = False) -> str:
 
 # ---------------------------------------------------------------------- generate / ask
 def cmd_generate(args) -> int:
-    from dtl.generate.loop import stream
-
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    opts = _options(args, use_cache=not args.no_kv_cache)  # check before the slow load
+    opts = sampling_options(args)
     model, tokenizer = _load(args)
-    _note_truncation(tokenizer, prompt, opts["max_new_tokens"], model.config.max_seq_length)
+    _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.max_seq_length)
     if args.echo:
         sys.stdout.write(prompt)
-    _print_stream(stream(model, tokenizer, prompt, **opts))
+    _print_stream(stream(model, tokenizer, prompt, opts, use_cache=not args.no_kv_cache))
     return 0
 
 
 def cmd_ask(args) -> int:
-    from dtl.data.qa import QA_STOP, qa_prompt
-    from dtl.generate.loop import stream
-
     if not args.question.strip():
         raise DtlError("the question is empty; ask something, e.g. dtl ask --model M 'Who?'")
-    opts = _options(args)
-    opts["stop"] = [QA_STOP, *opts["stop"]]
+    opts = sampling_options(args)
+    opts = dataclasses.replace(opts, stop=(QA_STOP, *opts.stop))
     model, tokenizer = _load(args)
     prompt = qa_prompt(args.question)
-    _note_truncation(tokenizer, prompt, opts["max_new_tokens"], model.config.max_seq_length)
-    _print_stream(stream(model, tokenizer, prompt, **opts), strip_leading=True)
+    _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.max_seq_length)
+    _print_stream(stream(model, tokenizer, prompt, opts), strip_leading=True)
     return 0
 
 
@@ -236,50 +232,40 @@ _CHAT_SETTINGS = {  # command -> (option, parse)
 }
 
 
-def chat_command(line: str, opts: dict, history: list) -> str | None:
-    """Apply one slash command to the chat state; returns what to print (None = quit)."""
-    from dtl.generate.loop import SamplingOptions
-
+def chat_command(line: str, opts: SamplingOptions, history: list) -> tuple[str | None, SamplingOptions]:
+    """Apply one slash command to the chat state: (what to print, None = quit; the options)."""
     name, _, value = line.strip().partition(" ")
     value = value.strip()
     if name in ("/quit", "/exit"):
-        return None
+        return None, opts
     if name == "/help":
-        return CHAT_HELP
+        return CHAT_HELP, opts
     if name == "/reset":
         history.clear()
-        return "(conversation cleared)"
+        return "(conversation cleared)", opts
     if name == "/settings":
-        return ", ".join(f"{k}={opts[k]}" for k in sorted(opts) if k != "stop")
+        shown = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+        return ", ".join(f"{k}={shown[k]}" for k in sorted(shown) if k != "stop"), opts
     if name not in _CHAT_SETTINGS:
-        return f"unknown command {name}; /help lists them"
+        return f"unknown command {name}; /help lists them", opts
     key, parse = _CHAT_SETTINGS[name]
     try:
         new = parse(value)
-        trial = {**opts, key: new}
-        SamplingOptions(trial["temperature"], trial["top_k"], trial["top_p"],
-                        trial["repetition_penalty"], trial["seed"])  # fmt: skip
-        if key == "max_new_tokens" and new < 1:
-            raise DtlError("max must be at least 1")
-    except (ValueError, DtlError) as err:
-        return f"{name} {value!r}: {err}"
-    opts[key] = new
-    return f"{key} = {new}"
+        changed = dataclasses.replace(opts, **{key: new})  # checked as the flags are
+    except (ValueError, TypeError, DtlError) as err:
+        return f"{name} {value!r}: {err}", opts
+    return f"{key} = {new}", changed
 
 
 def cmd_chat(args) -> int:
-    from dtl.data.qa import QA_STOP, format_qa, qa_prompt
-    from dtl.generate.loop import stream
-
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        import readline  # noqa: F401  (line editing and history for input(); not on Windows)
     except ImportError:
         pass
-    opts = _options(args)
-    opts["stop"] = [QA_STOP, *opts["stop"]]
+    opts = sampling_options(args)
     model, tokenizer = _load(args)
     limit = model.config.max_seq_length
-    opts["max_new_tokens"] = min(opts["max_new_tokens"], limit - 1)
+    opts = dataclasses.replace(opts, stop=(QA_STOP, *opts.stop))
     history: list[str] = []
     print(f"dtl chat: {args.model} ({model.num_parameters():,} parameters). /help for commands.")
     while True:
@@ -294,16 +280,16 @@ def cmd_chat(args) -> int:
         if not line.strip():
             continue
         if line.startswith("/"):
-            reply = chat_command(line, opts, history)
+            reply, opts = chat_command(line, opts, history)
             if reply is None:
                 return 0
             print(reply)
             continue
         prompt = "\n".join([*history, qa_prompt(line)])
-        opts["max_new_tokens"] = min(opts["max_new_tokens"], limit - 1)
+        asked = dataclasses.replace(opts, max_new_tokens=min(opts.max_new_tokens, limit - 1))
         sys.stdout.write("dtl> ")
         try:
-            answer = _print_stream(stream(model, tokenizer, prompt, **opts), strip_leading=True)
+            answer = _print_stream(stream(model, tokenizer, prompt, asked), strip_leading=True)
         except KeyboardInterrupt:
             print("\n(stopped)")
             continue
@@ -312,9 +298,6 @@ def cmd_chat(args) -> int:
 
 # ---------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    from dtl.data.sources import detect_kind, iter_records
-    from dtl.generate.evaluate import evaluate_lm, evaluate_squad
-
     if args.predictions and not Path(args.predictions).resolve().parent.is_dir():
         raise DtlError(f"--predictions {args.predictions}: its folder does not exist")
     kind = args.kind or detect_kind(args.data)
@@ -363,6 +346,4 @@ def cmd_eval(args) -> int:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write rows via a temporary file, then rename: never a half-written file."""
-    from dtl.fileio import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

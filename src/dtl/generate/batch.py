@@ -1,206 +1,220 @@
-"""Continuous batching: the server's requests join a running decode batch between two steps
-and leave it when they finish, so a new request waits for one step, not for a whole batch.
+"""Continuous batching at the text level: requests join a running `TokenLoop` between two
+steps and leave it when they finish, each row's tokens turned into text as they come. The
+server runs one (a new request waits for one step, not a whole batch); `generate` and
+`stream` run one with every request added at the start.
 
-Each request ("member": its prompts x n rows) is prefilled with those that arrived with it
-(one padded forward: a burst of clients waits for one prefill, not one each), and its cache
-is merged into the batch's (`KVCache.merge`: rows right-aligned at the longest length, the
-shorter ones left-padded and masked; positions count real tokens, so padding changes
-nothing but float rounding). Every step samples each member's rows with the member's own
-options and seeded generator, and finished rows keep drawing (and are fed padding) until the
-whole member is done, just as they do alone: what a request gets does not depend on its
-neighbours.
+Each request's prompts are prefilled together with those that arrived with it (one padded
+forward: a burst of clients waits for one prefill, not one each), and its cache is merged
+into the batch's. Every step samples each request's rows with its own options and seeded
+generator, and finished rows keep drawing (and are fed padding) until the whole request is
+done, just as they do alone: what a request gets does not depend on its neighbours.
 
 >>> batch = ContinuousBatch(model, tokenizer, max_rows=16)  # doctest: +SKIP
->>> batch.add("a", ["Once upon a time"], max_new_tokens=20, options=SamplingOptions())
+>>> batch.add([Request(["Once upon a time"], SamplingOptions(max_new_tokens=20))])
 >>> while batch:
-...     for key, item in batch.step():  # a StreamChunk, or the Exception a member failed with
-...         print(key, item.text)
+...     for request, item in batch.step():  # a StreamChunk, or the Exception it failed with
+...         print(item.text)
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import codecs
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from dtl.generate import loop as gen
-from dtl.generate.decode import plan_if_fast
-from dtl.generate.loop import RowText, SamplingOptions, StreamChunk
-from dtl.model.transformer import KVCache
+from dtl.generate.loop import Request, TokenLoop, encode_rows, fit_context
 
 
 @dataclass
-class Join:
-    """A request about to join: its key, rows (prompts x n) and settings."""
+class StreamChunk:
+    """A piece of row `index`'s text; `finish_reason` is set on the row's last chunk."""
 
-    key: Hashable
-    prompts: list[str]
-    max_new_tokens: int
-    options: SamplingOptions
-    stop: list[str] = field(default_factory=list)
+    index: int
+    text: str
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
-@dataclass
-class Member:
-    """One request's rows in the batch, in order."""
+class RowText:
+    """Turns one row's tokens into text pieces: UTF-8 safe, and holding back any tail that
+    could be the start of a stop string until it is known not to be one."""
 
-    key: Hashable
-    options: SamplingOptions
-    generator: torch.Generator | None
-    rows: list[RowText]
-    max_new_tokens: int
-    logits: Tensor  # (n, V): the next-token logits of its rows
-    seen: Tensor | None  # (n, V) bool, for the repetition penalty
-    done: Tensor  # (n,) bool
-    steps: int = 0  # tokens drawn so far
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""  # all text decoded so far
+        self.sent = 0  # characters of self.text already handed out
+        self.ids: list[int] = []
+        self.finished: str | None = None
 
-    @property
-    def finished(self) -> bool:
-        return all(r.finished is not None for r in self.rows)
+    def push(self, token: int, eos_id: int | None) -> str:
+        """Add a token; return the text now safe to show (maybe '')."""
+        if token == eos_id:
+            return self.finish("stop")
+        self.ids.append(token)
+        self.text += self.decoder.decode(self.tokenizer.decode_bytes([token]))
+        for s in self.stop:  # a stop string may only have appeared near the new end
+            at = self.text.find(s, max(0, self.sent - len(s)))
+            if at != -1:
+                self.text = self.text[:at]
+                return self.finish("stop")
+        keep = self._held_back()
+        piece = self.text[self.sent : len(self.text) - keep]
+        self.sent += len(piece)
+        return piece
+
+    def advance(
+        self, index: int, token: int, eos_id: int | None, max_new_tokens: int
+    ) -> StreamChunk | None:
+        """Push row `index`'s next token; the chunk to send, if any (the row's last one, with
+        its finish_reason, at end-of-text, a stop string or max_new_tokens)."""
+        piece = self.push(token, eos_id)
+        if self.finished is None and len(self.ids) >= max_new_tokens:
+            piece += self.finish("length")
+        if self.finished is not None:
+            return StreamChunk(index, piece, self.finished, list(self.ids))
+        return StreamChunk(index, piece) if piece else None
+
+    def finish(self, reason: str) -> str:
+        """End the row; return whatever was held back."""
+        if self.finished is None:
+            self.finished = reason
+            if reason != "stop":  # a cut at a stop string drops the undecoded tail with it
+                self.text += self.decoder.decode(b"", final=True)
+        piece = self.text[self.sent :]
+        self.sent = len(self.text)
+        return piece
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), best, -1):
+                if s.startswith(self.text[-n:]):
+                    best = n
+                    break
+        return best
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt's token ids (an empty prompt is one end-of-text token, as GPT-2 starts)."""
+    return [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
+
+
+def prompt_lengths(tokenizer, prompts: Sequence[str]) -> list[int]:
+    """Prompt token counts as the model sees them (an empty prompt is one end-of-text)."""
+    return [len(ids) for ids in encode_prompts(tokenizer, prompts)]
 
 
 class ContinuousBatch:
-    """Rows decoded together one token per step, joining and leaving between steps."""
+    """Rows decoded together one token per step, requests joining and leaving between steps.
 
-    def __init__(self, model: torch.nn.Module, tokenizer, max_rows: int = 16) -> None:
-        self.model, self.tokenizer, self.max_rows = model, tokenizer, max_rows
-        self.members: list[Member] = []
-        self.cache: KVCache | None = None
-        self.eos_id = tokenizer.eos_id
-        self.plan = None
+    `max_rows` bounds the rows decoded together (a request alone may be larger); `truncate`
+    left-truncates prompts that do not fit the context with their max_new_tokens (else that
+    is an error); `stop_at_eos=False` lets rows run past end-of-text."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        max_rows: int = 16,
+        *,
+        truncate: bool = False,
+        stop_at_eos: bool = True,
+        use_cache: bool = True,
+    ) -> None:
+        self.model, self.tokenizer, self.max_rows, self.truncate = model, tokenizer, max_rows, truncate
+        self.eos_id = tokenizer.eos_id if stop_at_eos else None
+        self.loop = TokenLoop(model, self.eos_id, use_cache)
 
     def __len__(self) -> int:
-        return len(self.members)
+        return len(self.loop)
+
+    @property
+    def requests(self) -> list[Request]:
+        return self.loop.requests
 
     @property
     def n_rows(self) -> int:
-        return sum(len(m.rows) for m in self.members)
-
-    def _room_needed(self, extra: int = 0) -> int:
-        """Free slots the batch must keep: the most tokens any member may still draw."""
-        return max([extra] + [m.max_new_tokens - m.steps for m in self.members])
+        return self.loop.n_rows
 
     def fits(self, n_rows: int, longest_prompt: int, max_new_tokens: int) -> bool:
         """Whether a request of these sizes can join now (rows and context both)."""
-        if self.n_rows + n_rows > self.max_rows and self.members:
+        if self.n_rows + n_rows > self.max_rows and self.loop.requests:
             return False
-        length = max(longest_prompt, self.cache.length if self.cache is not None else 0)
-        return length + self._room_needed(max_new_tokens) <= self.model.config.max_seq_length
-
-    def add(
-        self,
-        key: Hashable,
-        prompts: Sequence[str],
-        max_new_tokens: int,
-        options: SamplingOptions,
-        stop: Sequence[str] = (),
-    ) -> None:
-        """Prefill `prompts` alone and merge them into the batch (raises on a bad request,
-        leaving the batch as it was)."""
-        self.add_many([Join(key, list(prompts), max_new_tokens, options, list(stop))])
+        cache = self.loop.cache
+        length = max(longest_prompt, cache.length if cache is not None else 0)
+        return length + self.loop.room_needed(max_new_tokens) <= self.model.config.max_seq_length
 
     @torch.no_grad()
-    def add_many(self, joins: Sequence[Join]) -> None:
-        """Prefill several requests as one padded batch (one forward instead of one each:
-        what a burst of clients waits for), then merge them in. Raises if any fails, leaving
-        the batch as it was; the caller may then add them one at a time."""
-        model = self.model
-        device = next(model.parameters()).device
-        prompts = [p for j in joins for p in j.prompts]
-        longest_new = max(j.max_new_tokens for j in joins)
-        ids, mask = gen.encode_prompts(self.tokenizer, prompts, device)
-        ids, mask = gen.fit_context(ids, mask, longest_new, model.config.max_seq_length,
-                                    truncate=False)  # fmt: skip
-        if self.plan is None or not self.members:  # weights may have changed between batches
-            self.plan = plan_if_fast(model)
-        cache = model.allocate_cache(ids.size(0), ids.size(1))
-        logits = gen.last_logits(model, ids, mask, cache, self.plan)  # (rows, V)
-        members, row = [], 0
-        for j in joins:
-            rows = slice(row, row + len(j.prompts))
-            row = rows.stop
-            seen = None
-            if j.options.repetition_penalty != 1.0:
-                seen = gen.context_tokens(ids[rows], None if mask is None else mask[rows],
-                                          model.config.vocab_size)  # fmt: skip
-            members.append(Member(
-                j.key, j.options, gen.seeded_generator(j.options.seed, device),
-                [RowText(self.tokenizer, j.stop) for _ in j.prompts], j.max_new_tokens,
-                logits[rows], seen, torch.zeros(len(j.prompts), dtype=torch.bool, device=device),
-            ))  # fmt: skip
-        caches = [cache] if self.cache is None else [self.cache, cache]
-        self.cache = KVCache.merge(caches, self._room_needed(longest_new))
-        self.members += members
+    def add(self, requests: Sequence[Request]) -> None:
+        """Prefill the requests' prompts as one padded batch and let them join (raises if any
+        fails, leaving the batch as it was: the caller may then add them one at a time).
+        Prompts are encoded here unless the request holds their `prompt_ids` already."""
+        for r in requests:
+            if r.prompt_ids is None:
+                r.prompt_ids = encode_prompts(self.tokenizer, r.prompts)
+        prompt_ids = [ids for r in requests for ids in r.prompt_ids]
+        device = next(self.model.parameters()).device
+        ids, mask = encode_rows(prompt_ids, self.tokenizer.eos_id, device)
+        longest_new = max(r.options.max_new_tokens for r in requests)
+        context = self.model.config.max_seq_length
+        ids, mask = fit_context(ids, mask, longest_new, context, self.truncate)
+        self.loop.add(ids, mask, list(requests))
+        for r in requests:
+            r.rows = [RowText(self.tokenizer, r.options.stop) for _ in r.prompts]
 
-    def drop(self, key: Hashable) -> None:
-        """Take a member out (its client left); the others go on."""
-        self._keep([m for m in self.members if m.key != key])
+    def drop(self, request: Request) -> None:
+        """Take a request out (its client left); the others go on."""
+        self.loop.keep([r for r in self.loop.requests if r is not request])
 
     def clear(self) -> None:
-        self.members, self.cache = [], None
+        self.loop.clear()
 
     @torch.no_grad()
-    def step(self) -> list[tuple[Hashable, StreamChunk | Exception]]:
-        """Draw one token for every row; return what each member gets, with its key: text
-        pieces (a row's last piece has its finish_reason), or the Exception it failed with.
+    def step(self) -> list[tuple[Request, StreamChunk | Exception]]:
+        """Draw one token for every row; return what each request gets: text pieces (a row's
+        last piece has its finish_reason), or the Exception it failed with.
 
-        Never raises: a member whose draw fails (say, NaN logits) fails alone, and should
-        the batch's forward fail, every member still in it gets the error, after the pieces
-        already drawn. Finished and failed members leave the batch."""
-        out: list[tuple[Hashable, StreamChunk | Exception]] = []
-        pad = self.eos_id if self.eos_id is not None else 0
-        tokens: dict[int, Tensor] = {}  # id(member) -> its rows' tokens, for those that go on
-        for m in self.members:
+        Never raises: a request whose draw fails (say, NaN logits) fails alone, and should
+        the batch's forward fail, every request still in it gets the error, after the pieces
+        already drawn. Finished and failed requests leave the batch."""
+        out: list[tuple[Request, StreamChunk | Exception]] = []
+        tokens: dict[int, Tensor] = {}  # id(request) -> its rows' tokens, for those that go on
+        for r in self.loop.requests:
             try:
-                token = gen.sample_next(m.logits, m.options, m.seen, m.generator)  # (n,)
+                token = self.loop.draw(r)  # (n,)
             except Exception as err:
-                out.append((m.key, err))
+                out.append((r, err))
                 continue
-            token = torch.where(m.done, torch.full_like(token, pad), token)
-            if m.seen is not None:
-                m.seen[torch.arange(token.size(0)), token] = True
-            m.steps += 1
-            for i, t in enumerate(token.tolist()):
-                row = m.rows[i]
-                if row.finished is not None:
-                    continue
-                chunk = row.advance(i, t, self.eos_id, m.max_new_tokens)
-                if row.finished is not None:
-                    m.done[i] = True
-                if chunk is not None:
-                    out.append((m.key, chunk))
-            if not m.finished:
-                tokens[id(m)] = token
-        self._keep([m for m in self.members if id(m) in tokens])
-        if not self.members:
+            out += [(r, chunk) for chunk in self._advance(r, token)]
+            if not r.finished:
+                tokens[id(r)] = token
+        self.loop.keep([r for r in self.loop.requests if id(r) in tokens])
+        if not self.loop.requests:
             return out
-        step = torch.cat([tokens[id(m)] for m in self.members])[:, None]  # (B, 1)
         try:
-            logits = gen.last_logits(self.model, step, None, self.cache, self.plan)  # (B, V)
+            self.loop.feed(torch.cat([tokens[id(r)] for r in self.loop.requests]))
         except Exception as err:
-            out += [(m.key, err) for m in self.members]
+            out += [(r, err) for r in self.loop.requests]
             self.clear()
-            return out
-        row = 0
-        for m in self.members:
-            m.logits = logits[row : row + len(m.rows)]
-            row += len(m.rows)
         return out
 
-    def _keep(self, members: list[Member]) -> None:
-        if len(members) == len(self.members):
-            return
-        if not members:
-            self.clear()
-            return
-        kept = {id(m) for m in members}
-        rows, row = [], 0
-        for m in self.members:
-            if id(m) in kept:
-                rows.extend(range(row, row + len(m.rows)))
-            row += len(m.rows)
-        assert self.cache is not None
-        self.cache = self.cache.select(torch.tensor(rows, device=self.cache.key_mask.device))
-        self.members = members
+    def _advance(self, request: Request, token: Tensor) -> list[StreamChunk]:
+        """Each row's new text; a row that ends (end-of-text, a stop string, its
+        max_new_tokens) is marked done, so it is fed padding from now on."""
+        chunks = []
+        for i, t in enumerate(token.tolist()):
+            row = request.rows[i]
+            if row.finished is not None:
+                continue
+            chunk = row.advance(i, t, self.eos_id, request.options.max_new_tokens)
+            if row.finished is not None:
+                request.done[i] = True
+            if chunk is not None:
+                chunks.append(chunk)
+        return chunks

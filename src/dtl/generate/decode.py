@@ -1,5 +1,5 @@
-"""The one-token decode step on the CPU: `TransformerLM`'s cached forward for T == 1, with
-every weight matrix laid out for a matrix-vector product.
+"""The CPU decode plan: every weight matrix of a `TransformerLM` laid out for the
+matrix-vector products of a one-token step, which the model's own forward then uses.
 
 Decoding one token multiplies a single row (B = 1) by every weight of the blocks and the
 vocabulary head, so it is bound by how fast those weights stream from memory. On the CPU,
@@ -12,17 +12,19 @@ streams the blocks on every core. `benchmarks/bench_decode_layouts.py` measures 
 row blocks; the down-projection 111 -> 62 us in 8 column blocks.
 
 So a `DecodePlan` keeps, per model, a copy of every linear weight cut that way (`split_for`;
-Q, K and V fused into one product), rebuilt when any parameter changes. The maths is the
-model's own, operation for operation; only the summation kernels differ (results agree with
-`model(...)` to float32 rounding, tested). The copy takes as much memory as those weights.
+Q, K and V fused into one product), rebuilt when any parameter changes. The model takes it as
+its forward's `layout`: a one-token step through the cache runs the model's own blocks with
+these products in place of its nn.Linear layers, and the last position's head uses the plan's
+(results agree with the plain forward to float32 rounding, tested). The copy takes as much
+memory as those weights.
 
 >>> import torch
 >>> from dtl import ModelConfig, TransformerLM
 >>> model = TransformerLM(ModelConfig.preset("tiny", vocab_size=100)).eval()
->>> cache = model.allocate_cache(1, 8)
->>> logits = model(torch.tensor([[1, 2, 3]]), cache=cache, last_only=True)  # the prompt
->>> decode_step(model, torch.tensor([[4]]), cache).shape  # then one token at a time
-torch.Size([1, 100])
+>>> plan, cache = plan_for(model), model.allocate_cache(1, 8)
+>>> logits = model(torch.tensor([[1, 2, 3]]), cache=cache, last_only=True, layout=plan)
+>>> model(torch.tensor([[4]]), cache=cache, last_only=True, layout=plan).shape  # one token
+torch.Size([1, 1, 100])
 """
 
 from __future__ import annotations
@@ -31,11 +33,9 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dtl.errors import DtlError
-from dtl.model.transformer import KVCache, TransformerLM
+from dtl.model.transformer import TransformerLM
 
 
 @dataclass
@@ -126,32 +126,38 @@ def split_for(
 
 @dataclass
 class BlockPlan:
+    """One block's linear layers, laid out (`MultiHeadAttention` / `FeedForward` take it)."""
+
     qkv: SplitLinear  # d -> 3d: [q | k | v]
     w_o: SplitLinear
     linear1: SplitLinear
     linear2: SplitLinear
-    norm1: nn.LayerNorm
-    norm2: nn.LayerNorm
 
 
 @dataclass
 class DecodePlan:
     key: tuple  # (data_ptr, _version, dtype) of every parameter when it was built
     blocks: list[BlockPlan]
-    head: SplitLinear  # for one row: a column block per thread
+    head_weight: Tensor  # the model's head, for the layout of several rows
+    head_bias: Tensor
+    one_row_head: SplitLinear  # for one row: a column block per thread
     samples: list[Tensor] = field(default_factory=list)  # see `plan_for`
     batch_head: SplitLinear | None = None  # for several rows, made on first use
 
-    def head_for(self, model: TransformerLM, rows: int) -> SplitLinear:
+    def head(self, hidden: Tensor) -> Tensor:
+        """The vocabulary head: hidden (B, d) -> logits (B, V)."""
+        return self.head_for(hidden.size(0))(hidden)
+
+    def head_for(self, rows: int) -> SplitLinear:
         """The head's layout for `rows` rows. With several, the product is no longer a
         matrix-vector one, and 8 column blocks per thread ran a batch-8 step 5-13% faster
         than the one-row layout (median, best of 6 A/B runs), which is 8% faster at batch 1:
         generating or serving batches keeps a second copy of the head (51 MB for `small`)."""
         if rows == 1:
-            return self.head
+            return self.one_row_head
         if self.batch_head is None:
             parts = 8 * max(2, torch.get_num_threads())
-            self.batch_head = SplitLinear.of([model.head.weight], [_bias(model.head)], parts,
+            self.batch_head = SplitLinear.of([self.head_weight], [self.head_bias], parts,
                                              by_rows=False)  # fmt: skip
         return self.batch_head
 
@@ -164,12 +170,12 @@ class DecodePlan:
         for block in model.transformer_blocks:
             a, ff = block.attention, block.feed_forward
             blocks.append(BlockPlan(
-                split(a.w_q, a.w_k, a.w_v), split(a.w_o), split(ff.linear1), split(ff.linear2),
-                block.norm1, block.norm2,
+                split(a.w_q, a.w_k, a.w_v), split(a.w_o), split(ff.linear1), split(ff.linear2)
             ))  # fmt: skip
         # the head (vocab x d) for one row: whole columns per core measured fastest here
-        head = SplitLinear.of([model.head.weight], [_bias(model.head)], threads, by_rows=False)
-        return cls(key, blocks, head)
+        weight, bias = model.head.weight, _bias(model.head)
+        head = SplitLinear.of([weight], [bias], threads, by_rows=False)
+        return cls(key, blocks, weight, bias, head)
 
 
 def _bias(linear: nn.Linear) -> Tensor:
@@ -227,43 +233,3 @@ def plan_if_fast(model: nn.Module) -> DecodePlan | None:
 def forget(model: nn.Module) -> None:
     """Drop the model's decode plan (and its copy of the weights); the next use rebuilds it."""
     _PLANS.pop(model, None)
-
-
-@torch.no_grad()
-def decode_step(
-    model: TransformerLM, tokens: Tensor, cache: KVCache, plan: DecodePlan | None = None
-) -> Tensor:
-    """Logits (B, vocab) of the next token after `tokens` (B, 1), appended to `cache`.
-
-    Equal to `model(tokens, cache=cache, last_only=True)[:, -1]` to float32 rounding.
-    `plan`: `plan_for(model)`, which a loop should fetch once (it checks every parameter).
-    """
-    B, T = tokens.shape
-    start = cache.length
-    if T != 1 or B != cache.batch_size:
-        raise DtlError(f"decode_step takes (batch={cache.batch_size}, 1) tokens, got {(B, T)}")
-    if start + 1 > cache.max_len:
-        raise DtlError(
-            f"the KV cache is full ({cache.max_len} positions); the model's max_seq_length is "
-            f"{model.config.max_seq_length}"
-        )
-    plan = plan_for(model) if plan is None else plan
-    cfg = model.config
-    H, d_k = cfg.n_heads, cfg.d_k
-    attn_mask, position_ids = model._mask_and_positions(tokens, None, cache)  # None unpadded
-    x = F.embedding(tokens[:, 0], model.embedding.weight) * model.embed_scale  # (B, d)
-    pe = model.pos_encoding.pe
-    x = x + (pe[start] if position_ids is None else pe[position_ids[:, 0]])
-    end = start + 1
-    for i, block in enumerate(plan.blocks):
-        q, k, v = block.qkv(x).reshape(B, 3, H, 1, d_k).unbind(1)  # each (B, H, 1, d_k)
-        keys, values = cache.keys[i], cache.values[i]  # (B, H, max_len, d_k)
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
-        out = F.scaled_dot_product_attention(
-            q, keys[:, :, :end], values[:, :, :end], attn_mask=attn_mask
-        )  # (B, H, 1, d_k); one query sees every cached key (the mask drops padding)
-        x = block.norm1(x + block.w_o(out.reshape(B, cfg.d_model)))
-        x = block.norm2(x + block.linear2(block.linear1(x).relu_()))
-    cache.length = end
-    return plan.head_for(model, B)(model.ln_f(x))  # (B, vocab)

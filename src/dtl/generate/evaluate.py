@@ -27,7 +27,9 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from dtl.data.qa import QA_STOP, qa_prompt
 from dtl.errors import DtlError
+from dtl.generate.text import generate
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = set(string.punctuation)
@@ -106,9 +108,6 @@ def evaluate_squad(
     records: dicts with "question" and "answers" (all gold strings; [] when unanswerable).
     Returns the `squad_scores` dict plus "predictions": [{"id", "question", "prediction"}].
     """
-    from dtl.data.qa import QA_STOP, qa_prompt
-    from dtl.generate.loop import generate
-
     records = list(records)[:limit] if limit is not None else list(records)
     if not records:
         raise DtlError("no SQuAD questions to evaluate (the file held none)")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +31,8 @@ from dtl.errors import DtlError
 from dtl.fileio import atomic_write, atomic_write_text
 from dtl.model.config import ModelConfig
 from dtl.model.head_loss import IGNORE_INDEX, linear_cross_entropy
+from dtl.model.kv_cache import KVCache
+from dtl.model.legacy import read_legacy_checkpoint
 
 __all__ = ["IGNORE_INDEX", "KVCache", "TransformerLM"]  # IGNORE_INDEX = -100: not scored
 
@@ -78,12 +79,19 @@ class MultiHeadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         kv_buffers: tuple[Tensor, Tensor] | None = None,
         start: int = 0,
+        layout=None,
     ) -> Tensor:
         # x: (B, T, d); attn_mask: (B, 1, T, S) bool, True = may attend, or None = causal
+        # layout: this block's weights laid out for one-token steps (`dtl.generate.decode`):
+        # the same products, Q, K and V fused into one, or None for the nn.Linear layers
         B, T, D = x.shape
-        q = self.w_q(x).view(B, T, self.n_heads, self.d_k).transpose(1, 2)  # (B, H, T, d_k)
-        k = self.w_k(x).view(B, T, self.n_heads, self.d_k).transpose(1, 2)
-        v = self.w_v(x).view(B, T, self.n_heads, self.d_k).transpose(1, 2)
+        if layout is None:
+            q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)  # each (B, T, d)
+        else:
+            q, k, v = layout.qkv(x.reshape(B * T, D)).view(B, T, 3 * D).split(D, dim=-1)
+        q = q.view(B, T, self.n_heads, self.d_k).transpose(1, 2)  # (B, H, T, d_k)
+        k = k.view(B, T, self.n_heads, self.d_k).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, self.d_k).transpose(1, 2)
         if kv_buffers is not None:  # incremental decoding: append to the cache, attend to all
             k_buf, v_buf = kv_buffers  # (B, H, max_len, d_k)
             k_buf[:, :, start : start + T] = k
@@ -93,7 +101,10 @@ class MultiHeadAttention(nn.Module):
         # path). With a cache and no mask, T == 1 and the one query may see every key.
         is_causal = attn_mask is None and kv_buffers is None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.w_o(out.transpose(1, 2).reshape(B, T, D))  # concatenate heads -> W_O
+        out = out.transpose(1, 2).reshape(B, T, D)  # concatenate heads
+        if layout is None:
+            return self.w_o(out)
+        return layout.w_o(out.view(B * T, D)).view(B, T, D)
 
 
 class FeedForward(nn.Module):
@@ -104,8 +115,11 @@ class FeedForward(nn.Module):
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear2(F.relu(self.linear1(x)))
+    def forward(self, x: Tensor, layout=None) -> Tensor:
+        if layout is None:
+            return self.linear2(F.relu(self.linear1(x)))
+        B, T, D = x.shape  # the block's weights laid out for one-token steps, as above
+        return layout.linear2(layout.linear1(x.view(B * T, D)).relu_()).view(B, T, D)
 
 
 class TransformerBlock(nn.Module):
@@ -125,93 +139,10 @@ class TransformerBlock(nn.Module):
         attn_mask: Tensor | None = None,
         kv_buffers: tuple[Tensor, Tensor] | None = None,
         start: int = 0,
+        layout=None,
     ) -> Tensor:
-        x = self.norm1(x + self.dropout(self.attention(x, attn_mask, kv_buffers, start)))
-        return self.norm2(x + self.dropout(self.feed_forward(x)))
-
-
-@dataclass
-class KVCache:
-    """Keys and values of the tokens seen so far, per layer, for incremental decoding.
-
-    `keys[i]` / `values[i]`: (B, n_heads, max_len, d_k), filled up to `length`.
-    `key_mask`: (B, max_len) bool, False where a cached position is padding.
-
-    >>> cache = KVCache.allocate(ModelConfig.preset("tiny", vocab_size=100), batch_size=1)
-    """
-
-    keys: list[Tensor]
-    values: list[Tensor]
-    key_mask: Tensor
-    length: int = 0
-    has_padding: bool = False
-
-    @classmethod
-    def allocate(
-        cls,
-        config: ModelConfig,
-        batch_size: int,
-        max_len: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> KVCache:
-        max_len = config.max_seq_length if max_len is None else min(max_len, config.max_seq_length)
-        shape = (batch_size, config.n_heads, max_len, config.d_k)
-        return cls(
-            keys=[torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
-            values=[torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
-            key_mask=torch.ones(batch_size, max_len, device=device, dtype=torch.bool),
-        )
-
-    @property
-    def batch_size(self) -> int:
-        return self.key_mask.size(0)
-
-    @property
-    def max_len(self) -> int:
-        return self.key_mask.size(1)
-
-    # Continuous batching (the server): rows leave a running batch, and batches merge.
-    def select(self, rows: Tensor) -> KVCache:
-        """The cache of `rows` (a LongTensor of row indices) only, less the leading slots
-        that none of them uses (so a long-gone row's length is not carried on)."""
-        used = self.key_mask[rows, : self.length]  # (b, length)
-        first = int(used.any(0).long().argmax()) if bool(used.any()) else self.length
-        return KVCache(
-            keys=[k[rows, :, first:] for k in self.keys],
-            values=[v[rows, :, first:] for v in self.values],
-            key_mask=self.key_mask[rows, first:],
-            length=self.length - first,
-            has_padding=bool((~used[:, first:]).any()),
-        )
-
-    @classmethod
-    def merge(cls, caches: list[KVCache], room: int) -> KVCache:
-        """One cache holding the rows of `caches` in order, each right-aligned at the longest
-        length (shorter ones left-padded with masked slots), with `room` free slots after."""
-        length = max(c.length for c in caches)
-        first = caches[0]
-        B = sum(c.batch_size for c in caches)
-        H, d_k = first.keys[0].size(1), first.keys[0].size(3)
-        like = first.keys[0]
-        shape = (B, H, length + room, d_k)
-        merged = cls(
-            keys=[like.new_zeros(shape) for _ in first.keys],
-            values=[like.new_zeros(shape) for _ in first.keys],
-            key_mask=torch.zeros(B, length + room, dtype=torch.bool, device=like.device),
-            length=length,
-        )
-        row = 0
-        for c in caches:
-            rows, pad = slice(row, row + c.batch_size), length - c.length
-            for i in range(len(first.keys)):
-                merged.keys[i][rows, :, pad:length] = c.keys[i][:, :, : c.length]
-                merged.values[i][rows, :, pad:length] = c.values[i][:, :, : c.length]
-            merged.key_mask[rows, pad:length] = c.key_mask[:, : c.length]
-            row += c.batch_size
-        merged.key_mask[:, length:] = True  # slots to come are written as they are filled
-        merged.has_padding = bool((~merged.key_mask[:, :length]).any())
-        return merged
+        x = self.norm1(x + self.dropout(self.attention(x, attn_mask, kv_buffers, start, layout)))
+        return self.norm2(x + self.dropout(self.feed_forward(x, layout)))
 
 
 class TransformerLM(nn.Module):
@@ -239,6 +170,7 @@ class TransformerLM(nn.Module):
         *,
         cache: KVCache | None = None,
         last_only: bool = False,
+        layout=None,
     ) -> Tensor:
         """Logits (B, T, vocab_size), or (B, 1, vocab_size) for the last position only.
 
@@ -246,8 +178,16 @@ class TransformerLM(nn.Module):
         to, and real tokens are numbered from 0 after any left padding, so a padded row gives
         the same logits for its real tokens as the row alone.
         cache: a `KVCache`; the new tokens are appended to it and attend to all it holds.
+        layout: the weights laid out for matrix-vector products (`dtl.generate.decode`, CPU
+        generation): they stand in for the blocks' linear layers in a one-token step through
+        the cache, and for the head of the last position. The maths is the same.
         """
-        return self._logits(self.hidden_states(input_ids, attention_mask, cache=cache), last_only)
+        step = cache is not None and input_ids.size(1) == 1 and attention_mask is None
+        hidden = self.hidden_states(input_ids, attention_mask, cache=cache,
+                                    layout=layout if step else None)
+        if last_only and layout is not None:
+            return layout.head(hidden[:, -1]).unsqueeze(1)  # (B, 1, V)
+        return self.head(hidden[:, -1:] if last_only else hidden)
 
     def hidden_states(
         self,
@@ -255,6 +195,7 @@ class TransformerLM(nn.Module):
         attention_mask: Tensor | None = None,
         *,
         cache: KVCache | None = None,
+        layout=None,
     ) -> Tensor:
         """The final-LayerNorm output (B, T, d_model): everything but the vocabulary head."""
         self._check_inputs(input_ids, attention_mask, cache)
@@ -265,13 +206,10 @@ class TransformerLM(nn.Module):
         x = self.dropout(self.pos_encoding(x, position_ids, start))
         for i, block in enumerate(self.transformer_blocks):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x = block(x, attn_mask, kv, start)
+            x = block(x, attn_mask, kv, start, None if layout is None else layout.blocks[i])
         if cache is not None:
             cache.length += input_ids.size(1)
         return self.ln_f(x)
-
-    def _logits(self, hidden: Tensor, last_only: bool) -> Tensor:
-        return self.head(hidden[:, -1:] if last_only else hidden)
 
     def loss(
         self, input_ids: Tensor, targets: Tensor, attention_mask: Tensor | None = None
@@ -338,6 +276,11 @@ class TransformerLM(nn.Module):
             raise DtlError(f"empty batch: input_ids has shape {(B, T)}; give at least one token")
         past = 0 if cache is None else cache.length
         limit = self.config.max_seq_length if cache is None else cache.max_len
+        if cache is not None and past + T > limit:
+            raise DtlError(
+                f"the KV cache is full: {past} + {T} tokens exceed its {limit} positions (the "
+                f"model's max_seq_length is {self.config.max_seq_length})"
+            )
         if past + T > limit:
             raise DtlError(
                 f"sequence of {past + T} tokens is longer than the model's max_seq_length "
@@ -435,43 +378,9 @@ class TransformerLM(nn.Module):
         max_seq_length: int | None = None,
         device: str | torch.device = "cpu",
     ) -> TransformerLM:
-        """Load a `.pt` checkpoint written by the original DTL training scripts.
-
-        Those are `torch.save`d dicts with `model_state_dict` (or a bare state dict). The
-        shapes give every size but n_heads (12 when d_model is 768, else 8, unless given) and
-        max_seq_length (the saved positional table's length, unless given). Loading never runs
-        code from the file (`weights_only=True`).
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise DtlError(f"{path}: no such checkpoint file")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle errors come in many types
-            raise DtlError(f"{path}: not a loadable PyTorch checkpoint ({err})") from None
-        state = blob.get("model_state_dict", blob) if isinstance(blob, dict) else None
-        if not isinstance(state, dict) or "embedding.weight" not in _strip_prefixes(state):
-            raise DtlError(
-                f"{path}: not a DTL checkpoint (expected a state dict with 'embedding.weight', "
-                "or a dict holding one under 'model_state_dict')"
-            )
-        state = _strip_prefixes(state)
-        pe = state.pop("pos_encoding.pe", None)  # (max_len, 1, d_model): recomputed, not loaded
-        vocab_size, d_model = state["embedding.weight"].shape
-        n_layers = len({k.split(".")[1] for k in state if k.startswith("transformer_blocks.")})
-        d_ff = state["transformer_blocks.0.feed_forward.linear1.weight"].shape[0]
-        if n_heads is None:
-            n_heads = 12 if d_model == 768 else 8
-        if max_seq_length is None:
-            max_seq_length = int(pe.shape[0]) if pe is not None else 512
-        config = ModelConfig(
-            vocab_size=int(vocab_size),
-            d_model=int(d_model),
-            n_heads=n_heads,
-            n_layers=n_layers,
-            d_ff=int(d_ff),
-            max_seq_length=max_seq_length,
-        )
+        """Load a `.pt` checkpoint written by the original DTL training scripts (see
+        `dtl.model.legacy`: the sizes come from the tensors' shapes; no code from the file runs)."""
+        config, state = read_legacy_checkpoint(path, n_heads, max_seq_length)
         model = cls(config)
         model.load_weights(state, source=str(path))
         return model.to(device)
@@ -483,13 +392,3 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
-
-
-def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes some saves carry."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        out[key] = value
-    return out

@@ -1,0 +1,138 @@
+"""The sampler of the spec's "Generation Process": each next token from the last position's
+logits -> repetition penalty (CTRL) -> temperature -> top-k -> top-p -> a multinomial draw
+(temperature 0 = greedy argmax).
+
+`SamplingOptions` is the one object that says how a request generates: it is built once from
+`dtl generate`'s flags or an HTTP request's JSON body and travels whole to `sample_next`.
+
+>>> import torch
+>>> sample_next(torch.tensor([[0.0, 3.0, 1.0]]), SamplingOptions(temperature=0), None, None)
+tensor([1])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dtl.errors import DtlError
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How a request generates: how each next token is chosen (`temperature=0` is greedy),
+    and when a row ends (after `max_new_tokens`, at a `stop` string; end-of-text always ends
+    it). Rows of one request draw from one generator seeded with `seed`.
+
+    >>> SamplingOptions(temperature=0.8, top_k=50, max_new_tokens=20, stop=["\n"]).stop
+    ('\n',)
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", tuple(s for s in stop if s))  # frozen: set once here
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or (
+            self.max_new_tokens < 1
+        ):
+            raise DtlError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise DtlError(f"temperature must be in [0, 100] (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise DtlError(f"top_k must be a positive integer (or None for all), got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise DtlError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0.0:
+            raise DtlError(
+                f"repetition_penalty must be > 0 (1 = off, 1.2 is typical), "
+                f"got {self.repetition_penalty}"
+            )
+
+
+# ---------------------------------------------------------------------- sampling one step
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL (Keskar et al. 2019): a seen token's logit is divided by `penalty` when positive,
+    multiplied by it when negative, so its probability always drops for penalty > 1.
+
+    logits: (B, V) float; seen: (B, V) bool, True where the token is in the row's context.
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_p(logits: Tensor, p: float | None) -> Tensor:
+    """Nucleus filtering (Holtzman et al. 2019): keep the smallest set of most likely tokens
+    whose probabilities sum to at least p; the most likely token is always kept."""
+    if p is None or p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each
+    drop_sorted = mass_before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: Tensor, opts: SamplingOptions, seen: Tensor | None, generator: torch.Generator | None
+) -> Tensor:
+    """logits (B, V) -> next token ids (B,).
+
+    With top-k the draw is made among the k candidates only (`torch.topk` returns them
+    sorted, which top-p needs): the same distribution as masking the full vocabulary, but a
+    softmax and multinomial over 50 values instead of 50,257 (that was a third of the time
+    of a small model's decode step).
+    """
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, opts.repetition_penalty)
+    if opts.temperature == 0.0:
+        return logits.argmax(-1)
+    # Scaled as (logits - max) / T: the same distribution as logits / T, but a tiny T cannot
+    # overflow to inf (and inf - inf = NaN): the best token gets 0, the rest -> -inf at worst.
+    if opts.top_k is not None and opts.top_k < logits.size(-1):
+        values, index = torch.topk(logits, opts.top_k, dim=-1)  # (B, k), sorted descending
+        values = _top_p_sorted((values - values[:, :1]) / opts.temperature, opts.top_p)
+        pick = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)
+        return index.gather(-1, pick).squeeze(-1)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / opts.temperature
+    probs = torch.softmax(filter_top_p(logits, opts.top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _top_p_sorted(values: Tensor, p: float | None) -> Tensor:
+    """`filter_top_p` for logits already sorted in descending order."""
+    if p is None or p >= 1.0:
+        return values
+    probs = torch.softmax(values, dim=-1)
+    return values.masked_fill(probs.cumsum(-1) - probs >= p, float("-inf"))
+
+
+def seeded_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """The generator a row group draws from: seeded, or None for torch's global one."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def context_tokens(input_ids: Tensor, attention_mask: Tensor | None, vocab_size: int) -> Tensor:
+    """(B, V) bool: True where a token occurs in the row's (unpadded) prompt, which the
+    repetition penalty then keeps up to date with each new token."""
+    B, T = input_ids.shape
+    seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=input_ids.device)
+    if attention_mask is None:
+        valid = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        valid = attention_mask.bool()
+    rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)  # (B, T) row index
+    seen[rows[valid], input_ids[valid]] = True
+    return seen
