@@ -352,7 +352,7 @@ def test_resume_may_switch_between_fp16_and_a_precision_without_scaler(
 
 # ---------------------------------------------------------------------- FSDP
 FSDP_SCRIPT = """
-import dataclasses, json, math, sys
+import dataclasses, json, math, os, sys
 import torch
 from dtl.train import distributed, precision
 from dtl.train import Trainer, TrainConfig
@@ -400,8 +400,13 @@ for _ in range(3):
     out.append({"loss": loss, "finite": math.isfinite(norm), "scale": tr.scaler.get_scale(),
                 "changed": sum(not torch.equal(a, b) for a, b in zip(before, local())),
                 "shard_finite": shard_finite[-1]})
-open(f"{results}.{rank}", "w").write(json.dumps(out))
+with open(f"{results}.{rank}", "w") as f:
+    f.write(json.dumps(out))
 distributed.teardown()
+# About 1 run in 5 here, torch aborts in its C++ teardown at interpreter exit ("terminate called
+# without an active exception", no Python frame), after both ranks wrote their results. That is
+# torch's exit path, not the behaviour under test, so leave without running it.
+os._exit(0)
 """
 
 
