@@ -121,3 +121,17 @@ def test_a_file_too_small_for_a_train_and_a_val_row(cli, tmp_path):
         "each; add text or re-run `dtl prepare --max-length N` with a smaller N" in err
     ), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.txt"]
+
+
+def test_prepare_a_dump_and_squad_together(cli, tmp_path):
+    """Each input gets its own kind's options: the dump's --processes and
+    --keep-disambiguation must not reach the SQuAD reader (that was a TypeError)."""
+    from dtl.corpus import corpus_files
+
+    dump, squad = corpus_files()
+    code, out, err = cli(
+        "prepare", dump, squad, "-o", tmp_path / "d", "--max-length", "64", "--processes", "1"
+    )
+    assert code == 0, err
+    meta = read_meta(tmp_path / "d")
+    assert sorted(s["kind"] for s in meta["sources"]) == ["squad", "wikipedia"]

@@ -240,9 +240,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         model_limit = ModelConfig.preset(args.preset).max_seq_length
     max_length = args.max_length or model_limit or 512
     kinds = {args.kind or detect_kind(p) for p in args.inputs}
-    options: dict = {}
-    for kind in kinds:
-        options.update(_source_options(args, kind))
+    options = {kind: _source_options(args, kind) for kind in kinds}
     summary = prepare(
         args.inputs,
         args.out,

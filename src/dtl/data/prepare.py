@@ -140,10 +140,15 @@ def prepare(
     template: str = QA_TEMPLATE,
     gpt2_dir: str | os.PathLike | None = None,
     model_max_length: int | None = None,
-    source_options: dict[str, Any] | None = None,
+    source_options: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Tokenize sources (raw files or records.jsonl) into `out_dir`; returns the summary."""
+    """Tokenize sources (raw files or records.jsonl) into `out_dir`; returns the summary.
+
+    `source_options` are each source kind's reader options, by kind (see `iter_records`),
+    e.g. `{"wikipedia": {"processes": 2}, "squad": {"unanswerable": ""}}`: an input gets
+    only its own kind's.
+    """
     started = time.perf_counter()
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not inputs:
@@ -193,7 +198,7 @@ class _Job:
     answer_only_loss: bool
     articles_as: str
     template: str
-    source_options: dict[str, Any]
+    source_options: dict[str, dict[str, Any]]
     progress: bool
 
     @property
@@ -204,7 +209,8 @@ class _Job:
     def records(self, extract_stats: dict[str, Any]) -> Iterator[dict]:
         for path in self.inputs:
             kind = self.kind or detect_kind(path)
-            yield from iter_records_counting(path, kind, extract_stats, **self.source_options)
+            options = self.source_options.get(kind, {})
+            yield from iter_records_counting(path, kind, extract_stats, **options)
 
     def sources(self) -> list[dict[str, Any]]:
         """What meta.json records of each input file (hf: datasets have no file)."""
