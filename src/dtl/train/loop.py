@@ -103,9 +103,11 @@ class Trainer:
         if self.dist.rank > 0:  # its own dropout masks per rank
             ckpt.seed_everything(cfg.seed + 7919 * self.dist.rank)
         self.net, self.forward = parallelize(self.model, cfg, self.dist)
-        self.optimizer = optim.build_optimizer(
+        self.optimizer = optim.make_optimizer(
             self.model,
-            lr=cfg.lr,
+            cfg.optimizer,
+            lr=self.setup.settings.lr,
+            muon_lr=cfg.muon_lr,
             weight_decay=cfg.weight_decay,
             betas=(cfg.beta1, cfg.beta2),
             decay_all=cfg.decay_all,
@@ -242,18 +244,21 @@ class Trainer:
         batches = iter(self.train_loader)
         window = _Window()
         last_save_step, stop = None, False
+        settings = self.setup.settings
         if st.step == 0:
+            muon = f", muon lr {cfg.muon_lr:g}" if cfg.optimizer == "muon" else ""
             self.metrics.print(
                 f"training {self.model.num_parameters():,} parameters on "
                 f"{self.device} ({self.prec.name}), {self.setup.tokens_per_step:,} "
-                "tokens per step"
+                f"tokens per step; adamw lr {settings.lr:.3g}{muon}, warmup "
+                f"{settings.warmup_steps} steps, {cfg.schedule} to {settings.min_lr:.3g}"
             )
         while st.step < cfg.max_steps and not stop:
             lr = optim.lr_at(
                 st.step,
-                lr=cfg.lr,
+                lr=settings.lr,
                 min_lr=self.min_lr,
-                warmup_steps=cfg.warmup_steps,
+                warmup_steps=settings.warmup_steps,
                 max_steps=cfg.max_steps,
                 schedule=cfg.schedule,
             )
