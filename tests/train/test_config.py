@@ -4,9 +4,8 @@ resolved once from the data: seq_len (and the 256 a raw file is prepared at), mi
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 
 import pytest
 import yaml

@@ -8,7 +8,8 @@ import math
 
 import pytest
 import torch
-from train_helpers import tiny_config
+import yaml
+from train_helpers import fails_here, tiny_config, train_argv
 
 from dtl import ModelConfig, TransformerLM
 from dtl.run_dir import latest_checkpoint
@@ -121,3 +122,24 @@ def test_muon_run_resumed_is_bit_identical_to_one_run(packed_data, tmp_path):
     assert all(torch.equal(one[k], two[k]) for k in one)
     # It trained: Muon moved the block matrices.
     assert _losses(tmp_path / "one")[-1] < _losses(tmp_path / "one")[0]
+
+
+def test_the_resolved_lr_and_warmup_are_shown_saved_and_used(packed_data, tmp_path, capsys):
+    """d_model 32, 6 steps, no --lr/--warmup-steps: lr 6e-4 * sqrt(768 / 32) = 2.939e-3 and
+    warmup max(1, round(0.3)) = 1 step, so step 1 already runs at the peak."""
+    cfg = tiny_config(packed_data, tmp_path / "run", lr=None, warmup_steps=None)
+    train(cfg)
+    first = next(line for line in capsys.readouterr().out.splitlines() if "training" in line)
+    assert "adamw lr 0.00294, warmup 1 steps, cosine to 0.000294" in first, first
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["lr"] is None and saved["warmup_steps"] is None  # as given: the rule
+    assert saved["lr_resolved"] == pytest.approx(2.9394e-3, rel=1e-4)
+    assert saved["warmup_steps_resolved"] == 1
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 1 and records[0]["lr"] == pytest.approx(2.9394e-3, rel=1e-4)
+
+
+def test_an_unknown_optimizer_is_one_clear_line(packed_data, tmp_path, capsys):
+    argv = train_argv(packed_data, tmp_path / "run", optimizer="sgd")
+    fails_here(capsys, argv, "unknown --optimizer 'sgd'; choose adamw, muon")
+    assert not (tmp_path / "run").exists()
