@@ -31,6 +31,8 @@ import math
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -169,6 +171,21 @@ def prepare_data(tmp: Path, args) -> tuple[Path, torch.Tensor]:
     return tmp / "data", torch.tensor(ids[: int(0.9 * len(ids))], dtype=torch.long)
 
 
+def run_one(job: tuple) -> tuple[str, int, float]:
+    """One recipe with one seed: (recipe, seed, val bits per byte)."""
+    recipe, seed, data, train_ids, tmp, args = job
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    if recipe == "nanogpt":
+        model, tok = run_nanogpt(data, train_ids, args, seed)
+    else:
+        model, tok = run_dtl(recipe, data, tmp / f"{recipe}-{seed}", args, seed)
+    bpb = val_bits_per_byte(model, data, tok, args.batch_size, args.seq_len)
+    took = time.perf_counter() - started
+    print(f"{recipe:12s} seed {seed}: {bpb:.4f} bits/byte ({took:.0f} s)", flush=True)
+    return recipe, seed, bpb
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1562)
@@ -181,6 +198,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     # One thread: a tiny model gains little from two, and a shared machine stalls them.
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (processes)")
     parser.add_argument("--work", help="folder for the temporary data and runs (default: /tmp)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -188,17 +206,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         tmp = Path(tmp)
         data, train_ids = prepare_data(tmp, args)
-        for recipe in args.recipes:
-            for seed in args.seeds:
-                started = time.perf_counter()
-                if recipe == "nanogpt":
-                    model, tok = run_nanogpt(data, train_ids, args, seed)
-                else:
-                    model, tok = run_dtl(recipe, data, tmp / f"{recipe}-{seed}", args, seed)
-                bpb = val_bits_per_byte(model, data, tok, args.batch_size, args.seq_len)
+        jobs = [(r, seed, data, train_ids, tmp, args) for r in args.recipes for seed in args.seeds]
+        # Runs are independent (own seed, own run dir): --jobs N runs N at once, in processes.
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("fork")) as pool:
+            for recipe, _seed, bpb in pool.map(run_one, jobs):
                 results.setdefault(recipe, []).append(bpb)
-                took = time.perf_counter() - started
-                print(f"{recipe:12s} seed {seed}: {bpb:.4f} bits/byte ({took:.0f} s)", flush=True)
     print("\nrecipe        " + "  ".join(f"seed {s}" for s in args.seeds) + "    mean")
     for recipe, values in results.items():
         cells = "  ".join(f"{v:.4f}" for v in values)
