@@ -161,20 +161,20 @@ def test_config_file_then_flags_resolved_and_saved(packed_data, tmp_path, capsys
 
 
 def test_lr_and_warmup_defaults_follow_the_width_and_the_run_length():
-    """lr = 6e-4 * sqrt(768 / d_model); warmup = 5% of max_steps, 1 to 500 (hand-computed)."""
+    """lr = 1e-3 * sqrt(128 / d_model); warmup = 5% of max_steps, 1 to 500 (hand-computed)."""
     narrow = TrainConfig(data="d", d_model=128, max_steps=1562)
     got = resolve_settings(narrow, data_max_length=64)
-    assert got.lr == pytest.approx(1.4697e-3, rel=1e-4)  # 6e-4 * sqrt(6)
-    assert got.min_lr == pytest.approx(1.4697e-4, rel=1e-4) and got.warmup_steps == 78
+    assert got.lr == pytest.approx(1e-3)
+    assert got.min_lr == pytest.approx(1e-4) and got.warmup_steps == 78
     wide = resolve_settings(TrainConfig(data="d", d_model=768, max_steps=40), 64)
-    assert wide.lr == pytest.approx(6e-4) and wide.warmup_steps == 2
+    assert wide.lr == pytest.approx(4.0825e-4, rel=1e-4) and wide.warmup_steps == 2  # /sqrt(6)
     assert resolve_settings(TrainConfig(data="d", max_steps=1), 64).warmup_steps == 1
     assert resolve_settings(TrainConfig(data="d", max_steps=10**6), 64).warmup_steps == 500
     # The preset's own width when --d-model is not given: small is 256 wide.
     small = resolve_settings(TrainConfig(data="d", preset="small"), 64)
-    assert small.lr == pytest.approx(6e-4 * math.sqrt(3))
+    assert small.lr == pytest.approx(1e-3 / math.sqrt(2))
     # A min-lr above the resolved peak is refused, naming both.
-    with pytest.raises(DtlError, match=r"--min-lr 0.01 is above the peak lr 0.00147"):
+    with pytest.raises(DtlError, match=r"--min-lr 0.01 is above the peak lr 0.001"):
         resolve_settings(TrainConfig(data="d", d_model=128, min_lr=0.01), 64)
     with pytest.raises(DtlError, match="unknown --optimizer 'sgd'; choose adamw, muon"):
         TrainConfig(data="d", optimizer="sgd").validate()

@@ -125,18 +125,18 @@ def test_muon_run_resumed_is_bit_identical_to_one_run(packed_data, tmp_path):
 
 
 def test_the_resolved_lr_and_warmup_are_shown_saved_and_used(packed_data, tmp_path, capsys):
-    """d_model 32, 6 steps, no --lr/--warmup-steps: lr 6e-4 * sqrt(768 / 32) = 2.939e-3 and
+    """d_model 32, 6 steps, no --lr/--warmup-steps: lr 1e-3 * sqrt(128 / 32) = 2e-3 and
     warmup max(1, round(0.3)) = 1 step, so step 1 already runs at the peak."""
     cfg = tiny_config(packed_data, tmp_path / "run", lr=None, warmup_steps=None)
     train(cfg)
     first = next(line for line in capsys.readouterr().out.splitlines() if "training" in line)
-    assert "adamw lr 0.00294, warmup 1 steps, cosine to 0.000294" in first, first
+    assert "adamw lr 0.002, warmup 1 steps, cosine to 0.0002" in first, first
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["lr"] is None and saved["warmup_steps"] is None  # as given: the rule
-    assert saved["lr_resolved"] == pytest.approx(2.9394e-3, rel=1e-4)
+    assert saved["lr_resolved"] == pytest.approx(2e-3)
     assert saved["warmup_steps_resolved"] == 1
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["step"] == 1 and records[0]["lr"] == pytest.approx(2.9394e-3, rel=1e-4)
+    assert records[0]["step"] == 1 and records[0]["lr"] == pytest.approx(2e-3)
 
 
 def test_an_unknown_optimizer_is_one_clear_line(packed_data, tmp_path, capsys):

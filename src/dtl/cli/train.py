@@ -45,7 +45,7 @@ HELP = {
     "grad_accum": "micro-batches accumulated per optimizer step",
     "optimizer": "adamw, or muon: Muon (orthogonalised momentum) for the blocks' Q/K/V/out and "
     "FFN matrices, AdamW for embeddings, head, biases, LayerNorms (default adamw)",
-    "lr": f"peak AdamW learning rate (default {LR_RULE}: 1.5e-3 at d_model 128, 6e-4 at 768)",
+    "lr": f"peak AdamW learning rate (default {LR_RULE}: 1e-3 at d_model 128, 4.1e-4 at 768)",
     "muon_lr": "peak Muon learning rate with --optimizer muon, same schedule (default 0.02)",
     "min_lr": "learning-rate floor of the decay (default lr/10)",
     "warmup_steps": f"linear warmup steps (default {WARMUP_RULE.replace('%', '%%')}: 2 at --max-steps 40, "

@@ -7,8 +7,9 @@ resolved here too, once: `prepare_length` (the rows a raw --data file is prepare
 `resolve_settings` (seq_len, lr, warmup_steps and min_lr, once the data's max_length is known).
 
 The defaults that fit the run (`LR_RULE`, `WARMUP_RULE`, shown in `dtl train --help`):
-lr = 6e-4 * sqrt(768 / d_model) (GPT-2 small's 6e-4 at width 768, higher for narrower
-models), warmup = 5% of max_steps, at least 1 and at most 500 steps.
+lr = 1e-3 * sqrt(128 / d_model) (1e-3 for the `tiny` preset, measured best of 1e-3 and
+1.5e-3 there; 4.1e-4 at GPT-2 small's width 768), warmup = 5% of max_steps, at least 1 and at
+most 500 steps.
 
 >>> cfg = TrainConfig.from_dict({"data": "data/wiki", "max-steps": "200", "lr": "1e-3"})
 >>> cfg.max_steps, cfg.lr
@@ -41,7 +42,7 @@ RESUME_LOCKED = ("data", "preset", *MODEL_FIELDS, "seq_len", "batch_size", "grad
 RAW_DATA_MAX_LENGTH = 256
 # The learning-rate and warmup defaults (see the module docstring): lr from the model's width,
 # warmup a fraction of the run, capped. Chosen with benchmarks/bench_quality.py.
-LR_REF, LR_REF_WIDTH = 6e-4, 768
+LR_REF, LR_REF_WIDTH = 1e-3, 128
 WARMUP_FRACTION, WARMUP_CAP = 0.05, 500
 LR_RULE = f"{LR_REF:g} * sqrt({LR_REF_WIDTH} / d_model)"
 WARMUP_RULE = f"{WARMUP_FRACTION:.0%} of max_steps, 1 to {WARMUP_CAP} steps"
@@ -308,8 +309,8 @@ def model_width(cfg: TrainConfig) -> int:
 def default_lr(d_model: int) -> float:
     """LR_RULE: the default peak lr of a model `d_model` wide.
 
-    >>> default_lr(768), round(default_lr(128), 6)
-    (0.0006, 0.00147)
+    >>> default_lr(128), round(default_lr(768), 6)
+    (0.001, 0.000408)
     """
     return LR_REF * math.sqrt(LR_REF_WIDTH / d_model)
 
