@@ -210,7 +210,11 @@ class Trainer:
         position, progress and every RNG, so the run goes on as if never stopped."""
         path, state = ckpt.load_latest(self.run_dir, self.model_config, self.dist.world_size)
         load_full_model(self.net, self.model, path, self.device, fsdp=self.cfg.fsdp)
+        ratios = [g.get("lr_ratio") for g in self.optimizer.param_groups]
         load_optimizer_state_dict(self.net, self.optimizer, state["optimizer"], fsdp=self.cfg.fsdp)
+        for group, ratio in zip(self.optimizer.param_groups, ratios, strict=True):
+            if ratio is not None:  # this launch's --muon-lr / --lr, not the saved run's
+                group["lr_ratio"] = ratio
         if state["scaler"]:  # empty when saved without a scaler (fp32/bf16): start a fresh one
             self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["loader"])
