@@ -143,3 +143,14 @@ def test_an_unknown_optimizer_is_one_clear_line(packed_data, tmp_path, capsys):
     argv = train_argv(packed_data, tmp_path / "run", optimizer="sgd")
     fails_here(capsys, argv, "unknown --optimizer 'sgd'; choose adamw, muon")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_new_muon_lr_at_resume_is_the_one_used(packed_data, tmp_path):
+    from dtl.train import Trainer
+
+    train(tiny_config(packed_data, tmp_path / "run", optimizer="muon", save_every=6))
+    cfg = build_config({"max_steps": 8, "muon_lr": 0.01}, resume=str(tmp_path / "run"))
+    trainer = Trainer(cfg, resume=True)
+    assert trainer.state.step == 6  # the saved state was loaded
+    muon_group = trainer.optimizer.param_groups[0]
+    assert muon_group["use_muon"] and muon_group["lr_ratio"] == pytest.approx(0.01 / 3e-3)
