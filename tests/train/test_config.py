@@ -178,3 +178,5 @@ def test_lr_and_warmup_defaults_follow_the_width_and_the_run_length():
         resolve_settings(TrainConfig(data="d", d_model=128, min_lr=0.01), 64)
     with pytest.raises(DtlError, match="unknown --optimizer 'sgd'; choose adamw, muon"):
         TrainConfig(data="d", optimizer="sgd").validate()
+    with pytest.raises(DtlError, match="--decay-all is AdamW's plain recipe"):
+        TrainConfig(data="d", optimizer="muon", decay_all=True).validate()

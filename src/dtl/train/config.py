@@ -126,6 +126,11 @@ class TrainConfig:
             raise DtlError(
                 f"unknown --optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}"
             )
+        if self.optimizer == "muon" and self.decay_all:
+            raise DtlError(
+                "--decay-all is AdamW's plain recipe; --optimizer muon decays only the head's "
+                "matrix: drop one of the two"
+            )
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise DtlError("--grad-clip and --weight-decay must be >= 0")
         if self.schedule not in optim.SCHEDULES:
