@@ -69,7 +69,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     flush = torch.ones(96 * 2**20 // 4)
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, one row (B = 1), us per product")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, fp32, one row (B = 1), us per product"
+    )
     for name, (n_in, out) in SHAPES.items():
         times = time_shape(n_in, out, flush)
         base = times["F.linear"]

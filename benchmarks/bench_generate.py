@@ -198,8 +198,11 @@ def main() -> None:
     parser.add_argument("--no-server", action="store_true", help="skip the server figures")
     parser.add_argument("--no-decode", action="store_true", help="only the server figures")
     parser.add_argument("--server-streams", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--server-threads", type=int,
-                        help="the server's threads (default: dtl serve's, all cores but one)")
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        help="the server's threads (default: dtl serve's, all cores but one)",
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

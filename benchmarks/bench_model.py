@@ -107,8 +107,12 @@ def main() -> None:
     tokens = B * T
     ours_tps = tokens / statistics.median(ours_t)
     peer_tps = tokens / statistics.median(peer_t)
-    print(f"dtl TransformerLM   : {ours_tps:9.0f} tokens/s  (median step {statistics.median(ours_t):.3f}s)")
-    print(f"hf GPT2LMHeadModel  : {peer_tps:9.0f} tokens/s  (median step {statistics.median(peer_t):.3f}s)")
+    print(
+        f"dtl TransformerLM   : {ours_tps:9.0f} tokens/s  (median step {statistics.median(ours_t):.3f}s)"
+    )
+    print(
+        f"hf GPT2LMHeadModel  : {peer_tps:9.0f} tokens/s  (median step {statistics.median(peer_t):.3f}s)"
+    )
     print(f"ratio dtl / hf      : {ours_tps / peer_tps:.2f}x")
 
 

@@ -61,31 +61,49 @@ def time_interleaved(steps: dict, batches, n: int) -> dict[str, float]:
 def dtl_trainer(data_dir: Path, out: Path):
     from dtl.train import TrainConfig, Trainer
 
-    cfg = TrainConfig(data=str(data_dir), out=str(out), preset="small", seq_len=256,
-                      batch_size=8, lr=6e-4, warmup_steps=0, device="cpu", precision="fp32",
-                      progress=False, max_steps=1000)
+    cfg = TrainConfig(
+        data=str(data_dir),
+        out=str(out),
+        preset="small",
+        seq_len=256,
+        batch_size=8,
+        lr=6e-4,
+        warmup_steps=0,
+        device="cpu",
+        precision="fp32",
+        progress=False,
+        max_steps=1000,
+    )
     return Trainer(cfg)
 
 
 def hf_step_fn(config, lr: float = 6e-4):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.max_seq_length, n_embd=config.d_model,
-        n_layer=config.n_layers, n_head=config.n_heads, n_inner=config.d_ff,
-        resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-    ))
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=config.vocab_size,
+            n_positions=config.max_seq_length,
+            n_embd=config.d_model,
+            n_layer=config.n_layers,
+            n_head=config.n_heads,
+            n_inner=config.d_ff,
+            resid_pdrop=config.dropout,
+            embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout,
+        )
+    )
     hf.config._attn_implementation = "sdpa"
     hf.train()
     # The same fused AdamW dtl uses, so the optimizer is no part of the difference.
-    opt = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=True)
+    opt = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step(batch):
         ids, targets = batch["input_ids"], batch["targets"]
         logits = hf(input_ids=ids).logits  # (B, T, V); HF's own shift is bypassed: targets
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                                 ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=-100
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
@@ -107,8 +125,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        prepare([WIKITEXT], data, tokenizer="gpt2", kind="wikitext", max_length=256,
-                val_fraction=0.1, progress=False)
+        prepare(
+            [WIKITEXT],
+            data,
+            tokenizer="gpt2",
+            kind="wikitext",
+            max_length=256,
+            val_fraction=0.1,
+            progress=False,
+        )
         trainer = dtl_trainer(data, Path(tmp) / "run")
         it = iter(trainer.train_loader)
         batches = [next(it) for _ in range(2 + args.steps)]
@@ -117,22 +142,29 @@ def main() -> None:
 
         hf, hf_step = hf_step_fn(cfg)
         peak = matmul_peak()
-        best = time_interleaved({"dtl": lambda b: trainer.train_step([b]), "hf": hf_step},
-                                batches, args.steps)
+        best = time_interleaved(
+            {"dtl": lambda b: trainer.train_step([b]), "hf": hf_step}, batches, args.steps
+        )
         dtl_s, hf_s = best["dtl"], best["hf"]
         peak = max(peak, matmul_peak())  # the better of before and after (noisy machine)
 
     fpt = flops_per_token(cfg.d_model, cfg.n_layers, cfg.d_ff, cfg.vocab_size, 256)
     dtl_tps, hf_tps = tokens / dtl_s, tokens / hf_s
-    print(f"torch {torch.__version__}, {args.threads} threads, small preset, B=8 T=256 "
-          f"vocab {cfg.vocab_size}, fp32 CPU")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, small preset, B=8 T=256 "
+        f"vocab {cfg.vocab_size}, fp32 CPU"
+    )
     print(f"matmul peak (2048^3 fp32): {peak / 1e9:.1f} GFLOP/s")
     print(f"model FLOPs per token: {fpt / 1e6:.1f} M")
-    print(f"dtl train step:      {dtl_s * 1e3:8.1f} ms  {dtl_tps:8,.0f} tokens/s  "
-          f"MFU {dtl_tps * fpt / peak:5.1%}  ({trainer.model.num_parameters():,} params)")
-    print(f"HF GPT2LMHeadModel:  {hf_s * 1e3:8.1f} ms  {hf_tps:8,.0f} tokens/s  "
-          f"MFU {hf_tps * fpt / peak:5.1%}  ({sum(p.numel() for p in hf.parameters()):,} params, "
-          "tied embeddings)")
+    print(
+        f"dtl train step:      {dtl_s * 1e3:8.1f} ms  {dtl_tps:8,.0f} tokens/s  "
+        f"MFU {dtl_tps * fpt / peak:5.1%}  ({trainer.model.num_parameters():,} params)"
+    )
+    print(
+        f"HF GPT2LMHeadModel:  {hf_s * 1e3:8.1f} ms  {hf_tps:8,.0f} tokens/s  "
+        f"MFU {hf_tps * fpt / peak:5.1%}  ({sum(p.numel() for p in hf.parameters()):,} params, "
+        "tied embeddings)"
+    )
     print(f"ratio dtl / HF tokens/s: {dtl_tps / hf_tps:.2f}x")
 
 

@@ -49,13 +49,25 @@ def check_head_loss(device: torch.device, precision: str) -> None:
     with autocast(p, device):
         loss = linear_cross_entropy(h, w, b, t)
     loss.backward()
-    errs = [((x.grad - g).abs().max() / g.abs().max()).item() for x, g in zip((h, w, b), ref_grads, strict=True)]
-    print(f"  head+loss {precision}: loss {loss.item():.5f} vs fp32 {ref.item():.5f}; "
-          f"max rel grad err h/W/b {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e}")
+    errs = [
+        ((x.grad - g).abs().max() / g.abs().max()).item()
+        for x, g in zip((h, w, b), ref_grads, strict=True)
+    ]
+    print(
+        f"  head+loss {precision}: loss {loss.item():.5f} vs fp32 {ref.item():.5f}; "
+        f"max rel grad err h/W/b {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e}"
+    )
 
 
-def measure_step(device, precision: str, preset: str, batch: int, seq: int, accum: int = 1,
-                 checkpointing: bool = False) -> None:
+def measure_step(
+    device,
+    precision: str,
+    preset: str,
+    batch: int,
+    seq: int,
+    accum: int = 1,
+    checkpointing: bool = False,
+) -> None:
     from dtl.train import enable_activation_checkpointing
 
     cfg = ModelConfig.preset(preset)
@@ -89,10 +101,12 @@ def measure_step(device, precision: str, preset: str, batch: int, seq: int, accu
     else:
         peak = float("nan")
     dt = (time.perf_counter() - t0) / 3
-    print(f"  {preset} {p.name} B={batch} T={seq} accum={accum} ckpt={checkpointing}: "
-          f"peak {peak / 2**20:,.0f} MiB, estimate {est / 2**20:,.0f} MiB "
-          f"(ratio {est / peak:.2f}), {batch * seq * accum / dt:,.0f} tokens/s, losses "
-          + " ".join(f"{v:.3f}" for v in losses))
+    print(
+        f"  {preset} {p.name} B={batch} T={seq} accum={accum} ckpt={checkpointing}: "
+        f"peak {peak / 2**20:,.0f} MiB, estimate {est / 2**20:,.0f} MiB "
+        f"(ratio {est / peak:.2f}), {batch * seq * accum / dt:,.0f} tokens/s, losses "
+        + " ".join(f"{v:.3f}" for v in losses)
+    )
     del model, opt
 
 
@@ -107,18 +121,51 @@ def dtl_train_end_to_end(device: str, precision: str, work: Path, preset: str, s
     env = {**os.environ, **env_gpt2}
     data = work / "data"
     if not data.exists():
-        subprocess.run([*dtl, "prepare", str(WIKITEXT), "-o", str(data), "--max-length", "128"],
-                       check=True, env=env, capture_output=True)
+        subprocess.run(
+            [*dtl, "prepare", str(WIKITEXT), "-o", str(data), "--max-length", "128"],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
     out = work / f"run-{precision}"
-    r = subprocess.run([*dtl, "train", "--data", str(data), "--out", str(out), "--preset", preset,
-                        "--max-steps", str(steps), "--log-every", "5", "--eval-every", str(steps),
-                        "--eval-batches", "2",
-                        "--precision", precision, "--device", device, "--no-progress"],
-                       env=env, capture_output=True, text=True)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if r.returncode == 0 else []
-    print(f"  dtl train {preset} {precision}: exit {r.returncode}; "
-          + ", ".join(f"step {x['step']} loss {x.get('loss', x.get('val_loss')):.4f}" for x in rows)
-          + ("" if r.returncode == 0 else f"; stderr: {r.stderr.strip()[-300:]}"))
+    r = subprocess.run(
+        [
+            *dtl,
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--preset",
+            preset,
+            "--max-steps",
+            str(steps),
+            "--log-every",
+            "5",
+            "--eval-every",
+            str(steps),
+            "--eval-batches",
+            "2",
+            "--precision",
+            precision,
+            "--device",
+            device,
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    rows = (
+        [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        if r.returncode == 0
+        else []
+    )
+    print(
+        f"  dtl train {preset} {precision}: exit {r.returncode}; "
+        + ", ".join(f"step {x['step']} loss {x.get('loss', x.get('val_loss')):.4f}" for x in rows)
+        + ("" if r.returncode == 0 else f"; stderr: {r.stderr.strip()[-300:]}")
+    )
 
 
 def main() -> None:
@@ -127,12 +174,16 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
-        print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
-              f"bf16 supported: {torch.cuda.is_bf16_supported()}")
+        print(
+            f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+            f"bf16 supported: {torch.cuda.is_bf16_supported()}"
+        )
         precisions = ["fp32", "bf16", "fp16"]
     else:  # a smoke test of this script: tiny sizes (CPU bf16 matmuls are ~60x slower)
         precisions = ["bf16"]
-    preset, batch, seq, steps = ("small", 8, 256, 20) if device.type == "cuda" else ("tiny", 2, 64, 5)
+    preset, batch, seq, steps = (
+        ("small", 8, 256, 20) if device.type == "cuda" else ("tiny", 2, 64, 5)
+    )
     print("1. fused head + loss vs plain cross-entropy")
     for p in precisions:
         check_head_loss(device, p)
@@ -143,8 +194,15 @@ def main() -> None:
     best = recommend(fit_options(ModelConfig.preset("qa"), budget, 1024, 32, device=device.type))
     if best is not None and device.type == "cuda":
         print(f"  dtl info --preset qa --fit 8GB says: {best}")
-        measure_step(device, best.precision, "qa", best.micro_batch, 1024, best.grad_accum,
-                     best.activation_checkpointing)
+        measure_step(
+            device,
+            best.precision,
+            "qa",
+            best.micro_batch,
+            1024,
+            best.grad_accum,
+            best.activation_checkpointing,
+        )
     print("3. dtl train end to end")
     with tempfile.TemporaryDirectory() as tmp:
         for p in precisions:

@@ -34,7 +34,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:  # torch refuses the name, e.g. cuda:x
-        raise DtlError(f"--device {name}: not a device name; use cpu, cuda, cuda:N or mps") from None
+        raise DtlError(
+            f"--device {name}: not a device name; use cpu, cuda, cuda:N or mps"
+        ) from None
     if device.type == "cuda" and device.index is not None:
         count = torch.cuda.device_count()
         if device.index >= count:

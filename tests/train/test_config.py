@@ -5,6 +5,7 @@ resolved once from the data: seq_len (and the 256 a raw file is prepared at), mi
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import yaml
@@ -84,7 +85,7 @@ def test_defaults_then_saved_run_then_config_file_then_flags(tmp_path):
     assert cfg.max_steps == 300  # the file's, over the saved run's
     assert cfg.warmup_steps == 11  # the flag's, over the file's
     assert cfg.out == str(run)  # a resumed run stays in its run dir
-    assert build_config({"lr": 2e-3}).lr == 2e-3 and build_config({}).lr == 6e-4
+    assert build_config({"lr": 2e-3}).lr == 2e-3 and build_config({}).lr is None  # the rule
 
 
 def test_a_resume_may_not_change_what_fixes_the_model_or_the_data_order(tmp_path, monkeypatch):
@@ -99,10 +100,12 @@ def test_a_resume_may_not_change_what_fixes_the_model_or_the_data_order(tmp_path
 
 
 def test_seq_len_and_min_lr_are_resolved_once():
-    cfg = TrainConfig(data="d", lr=1e-3)
-    assert resolve_settings(cfg, data_max_length=64) == ResolvedSettings(seq_len=64, min_lr=1e-4)
-    short = TrainConfig(data="d", seq_len=32, min_lr=0.0)
-    assert resolve_settings(short, data_max_length=64) == ResolvedSettings(32, 0.0)
+    cfg = TrainConfig(data="d", lr=1e-3, warmup_steps=7)
+    assert resolve_settings(cfg, data_max_length=64) == ResolvedSettings(
+        seq_len=64, min_lr=1e-4, lr=1e-3, warmup_steps=7
+    )
+    short = TrainConfig(data="d", seq_len=32, min_lr=0.0, lr=1e-3, warmup_steps=0)
+    assert resolve_settings(short, data_max_length=64) == ResolvedSettings(32, 0.0, 1e-3, 0)
     assert resolve_settings(TrainConfig(data="d", seq_len=64), 64).seq_len == 64
     with pytest.raises(DtlError, match=r"--seq-len 65 is longer than the data's rows \(64 tokens"):
         resolve_settings(TrainConfig(data="d", seq_len=65), data_max_length=64)
@@ -155,3 +158,25 @@ def test_config_file_then_flags_resolved_and_saved(packed_data, tmp_path, capsys
     assert saved["batch_size"] == 2  # train_argv's flag wins too
     assert saved["schedule"] == "linear" and saved["model"]["d_model"] == 32
     assert "done: step 2" in out and "val perplexity" in out
+
+
+def test_lr_and_warmup_defaults_follow_the_width_and_the_run_length():
+    """lr = 1e-3 * sqrt(128 / d_model); warmup = 5% of max_steps, 1 to 500 (hand-computed)."""
+    narrow = TrainConfig(data="d", d_model=128, max_steps=1562)
+    got = resolve_settings(narrow, data_max_length=64)
+    assert got.lr == pytest.approx(1e-3)
+    assert got.min_lr == pytest.approx(1e-4) and got.warmup_steps == 78
+    wide = resolve_settings(TrainConfig(data="d", d_model=768, max_steps=40), 64)
+    assert wide.lr == pytest.approx(4.0825e-4, rel=1e-4) and wide.warmup_steps == 2  # /sqrt(6)
+    assert resolve_settings(TrainConfig(data="d", max_steps=1), 64).warmup_steps == 1
+    assert resolve_settings(TrainConfig(data="d", max_steps=10**6), 64).warmup_steps == 500
+    # The preset's own width when --d-model is not given: small is 256 wide.
+    small = resolve_settings(TrainConfig(data="d", preset="small"), 64)
+    assert small.lr == pytest.approx(1e-3 / math.sqrt(2))
+    # A min-lr above the resolved peak is refused, naming both.
+    with pytest.raises(DtlError, match=r"--min-lr 0.01 is above the peak lr 0.001"):
+        resolve_settings(TrainConfig(data="d", d_model=128, min_lr=0.01), 64)
+    with pytest.raises(DtlError, match="unknown --optimizer 'sgd'; choose adamw, muon"):
+        TrainConfig(data="d", optimizer="sgd").validate()
+    with pytest.raises(DtlError, match="--decay-all is AdamW's plain recipe"):
+        TrainConfig(data="d", optimizer="muon", decay_all=True).validate()

@@ -119,3 +119,33 @@ def test_fsdp_on_cpu_trains_saves_and_resumes_like_one_process(padded_data, sing
             torch.testing.assert_close(
                 got["state"][i][key].cpu(), value.cpu(), atol=1e-5, rtol=1e-4
             )
+
+
+@pytest.fixture(scope="module")
+def single_muon_run(padded_data, tmp_path_factory):
+    """single_run with --optimizer muon."""
+    out = tmp_path_factory.mktemp("dist") / "one-muon"
+    done = run_dtl(*_args(padded_data, out, 4, steps=6), "--optimizer", "muon")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_muon_on_two_ranks_equals_one_process_and_resumes(
+    padded_data, single_muon_run, tmp_path, mode
+):
+    """Muon under DDP (gradients averaged, every rank orthogonalises the same matrix) and
+    FSDP (each rank's shard of the momentum, the update gathered whole, orthogonalised, cut
+    back to the shard): 2 ranks x 2 rows follow 1 process x 4 rows, and --resume continues."""
+    extra = ("--fsdp",) if mode == "fsdp" else ()
+    step4 = _train_and_resume(
+        padded_data, single_muon_run, tmp_path / mode, "--optimizer", "muon", *extra
+    )
+    got = load_training_state(step4)["optimizer"]
+    want = load_training_state(single_muon_run / "checkpoints" / "step-4")["optimizer"]
+    assert [g["use_muon"] for g in got["param_groups"]] == [True, False, False]
+    for i, state in want["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(
+                got["state"][i][key].cpu(), value.cpu(), atol=1e-5, rtol=1e-4
+            )

@@ -128,7 +128,9 @@ def _sampling_args(p: argparse.ArgumentParser, max_new: int, temperature: float)
                    help=f"at most this many new tokens (default {max_new})")  # fmt: skip
     p.add_argument("--temperature", type=float, default=temperature,
                    help=f"0 = greedy, higher = more random (default {temperature})")  # fmt: skip
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest (50; 0 = all)")
+    p.add_argument(
+        "--top-k", type=int, default=50, help="sample from the k likeliest (50; 0 = all)"
+    )
     p.add_argument("--top-p", type=float, help="nucleus sampling: keep this probability mass")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="CTRL penalty for tokens already present (1 = off, 1.2 typical)")  # fmt: skip
@@ -232,7 +234,9 @@ _CHAT_SETTINGS = {  # command -> (option, parse)
 }
 
 
-def chat_command(line: str, opts: SamplingOptions, history: list) -> tuple[str | None, SamplingOptions]:
+def chat_command(
+    line: str, opts: SamplingOptions, history: list
+) -> tuple[str | None, SamplingOptions]:
     """Apply one slash command to the chat state: (what to print, None = quit; the options)."""
     name, _, value = line.strip().partition(" ")
     value = value.strip()

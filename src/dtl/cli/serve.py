@@ -25,7 +25,7 @@ def register(subparsers) -> None:
         "  dtl serve --model runs/qa\n"
         "  dtl serve --model runs/qa --host 0.0.0.0 --port 8080 --api-key s3cret\n"
         "  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\\n"
-        "       -d '{\"prompt\": \"The history of\", \"max_tokens\": 20}'",
+        '       -d \'{"prompt": "The history of", "max_tokens": 20}\'',
     )
     _model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

@@ -13,7 +13,9 @@ from typing import Any
 from dtl.errors import DtlError
 from dtl.train import train
 from dtl.train.config import (
+    LR_RULE,
     RAW_DATA_MAX_LENGTH,
+    WARMUP_RULE,
     TrainConfig,
     build_config,
     flag_name,
@@ -41,9 +43,13 @@ HELP = {
     "max_steps": "optimizer steps to train",
     "batch_size": "rows per micro-batch (per process)",
     "grad_accum": "micro-batches accumulated per optimizer step",
-    "lr": "peak learning rate",
+    "optimizer": "adamw, or muon: Muon (orthogonalised momentum) for the blocks' Q/K/V/out and "
+    "FFN matrices, AdamW for embeddings, head, biases, LayerNorms (default adamw)",
+    "lr": f"peak AdamW learning rate (default {LR_RULE}: 1e-3 at d_model 128, 4.1e-4 at 768)",
+    "muon_lr": "peak Muon learning rate with --optimizer muon, same schedule (default 0.02)",
     "min_lr": "learning-rate floor of the decay (default lr/10)",
-    "warmup_steps": "linear warmup steps",
+    "warmup_steps": f"linear warmup steps (default {WARMUP_RULE.replace('%', '%%')}: 2 at --max-steps 40, "
+    "50 at 1000)",
     "schedule": "lr schedule after warmup: cosine, linear, constant",
     "weight_decay": "AdamW weight decay (weight matrices only)",
     "decay_all": "decay every parameter (the spec's plain recipe; worse)",
@@ -68,6 +74,7 @@ EXAMPLES = """examples:
   dtl prepare corpus.txt -o data/corpus --tokenizer gpt2
   dtl train --data data/corpus --out runs/tiny --preset tiny --max-steps 300
   dtl train --data my-notes.txt --out runs/notes          # prepares the file first
+  dtl train --data data/corpus --out runs/muon --optimizer muon
   dtl train --config train.yaml --lr 3e-4                  # flags override the file
   dtl train --resume runs/tiny --max-steps 600             # continue exactly
   torchrun --nproc_per_node 2 -m dtl train --data data/corpus --out runs/ddp

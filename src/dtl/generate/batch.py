@@ -127,7 +127,12 @@ class ContinuousBatch:
         stop_at_eos: bool = True,
         use_cache: bool = True,
     ) -> None:
-        self.model, self.tokenizer, self.max_rows, self.truncate = model, tokenizer, max_rows, truncate
+        self.model, self.tokenizer, self.max_rows, self.truncate = (
+            model,
+            tokenizer,
+            max_rows,
+            truncate,
+        )
         self.eos_id = tokenizer.eos_id if stop_at_eos else None
         self.loop = TokenLoop(model, self.eos_id, use_cache)
 

@@ -133,7 +133,9 @@ class TokenLoop:
         return max([extra] + [r.options.max_new_tokens - r.steps for r in self.requests])
 
     @torch.no_grad()
-    def add(self, input_ids: Tensor, attention_mask: Tensor | None, requests: list[Request]) -> None:
+    def add(
+        self, input_ids: Tensor, attention_mask: Tensor | None, requests: list[Request]
+    ) -> None:
         """Prefill the (B, T) left-padded rows of `requests` (in order, `len(r.prompts)` rows
         each) and let them join. Raises on a bad input, leaving the loop as it was."""
         model, device = self.model, input_ids.device

@@ -41,8 +41,10 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", tuple(s for s in stop if s))  # frozen: set once here
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or (
-            self.max_new_tokens < 1
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or (self.max_new_tokens < 1)
         ):
             raise DtlError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0.0 <= self.temperature <= 100.0:

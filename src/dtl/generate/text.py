@@ -28,7 +28,6 @@ class Completion:
     finish_reason: str  # "stop" (end-of-text or a stop string) or "length"
 
 
-
 def stream_requests(
     model: torch.nn.Module,
     tokenizer,
@@ -47,8 +46,14 @@ def stream_requests(
     """
     if not requests or not any(r.prompts for r in requests):
         raise DtlError("no prompts given: pass at least one prompt")
-    batch = ContinuousBatch(model, tokenizer, max_rows=sum(len(r.prompts) for r in requests),
-                            truncate=truncate, stop_at_eos=stop_at_eos, use_cache=use_cache)
+    batch = ContinuousBatch(
+        model,
+        tokenizer,
+        max_rows=sum(len(r.prompts) for r in requests),
+        truncate=truncate,
+        stop_at_eos=stop_at_eos,
+        use_cache=use_cache,
+    )
     batch.add(requests)
     first, row = {}, 0
     for r in requests:

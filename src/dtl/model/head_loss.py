@@ -64,7 +64,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w_grad = weight if weight.dtype == grad_dtype else weight.to(grad_dtype)  # once
         grad_hidden = None
         if need_grad:
-            grad_hidden = torch.empty_like(hidden, dtype=torch.promote_types(hidden.dtype, grad_dtype))
+            grad_hidden = torch.empty_like(
+                hidden, dtype=torch.promote_types(hidden.dtype, grad_dtype)
+            )
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         grad_bias = (
             torch.zeros(weight.size(0), dtype=torch.float32, device=weight.device)
@@ -85,7 +87,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     torch.addmm(bias, h, weight.t(), out=logits)
             else:
-                logits = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float()
+                logits = (
+                    h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+                ).float()
             # logits: (C, V) fp32
             t_safe = t.clamp(min=0).unsqueeze(1)
             picked = logits.gather(1, t_safe).squeeze(1)  # (C,) the target's logit

@@ -183,8 +183,9 @@ class TransformerLM(nn.Module):
         the cache, and for the head of the last position. The maths is the same.
         """
         step = cache is not None and input_ids.size(1) == 1 and attention_mask is None
-        hidden = self.hidden_states(input_ids, attention_mask, cache=cache,
-                                    layout=layout if step else None)
+        hidden = self.hidden_states(
+            input_ids, attention_mask, cache=cache, layout=layout if step else None
+        )
         if last_only and layout is not None:
             return layout.head(hidden[:, -1]).unsqueeze(1)  # (B, 1, V)
         return self.head(hidden[:, -1:] if last_only else hidden)
@@ -223,7 +224,10 @@ class TransformerLM(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, d)
         # The head and the loss together, a chunk of tokens at a time: no (B*T, vocab) logits.
         return linear_cross_entropy(
-            hidden.reshape(-1, hidden.size(-1)), self.head.weight, self.head.bias, targets.reshape(-1)
+            hidden.reshape(-1, hidden.size(-1)),
+            self.head.weight,
+            self.head.bias,
+            targets.reshape(-1),
         )
 
     # ------------------------------------------------------------------ masks and checks
@@ -245,7 +249,7 @@ class TransformerLM(nn.Module):
                 return None, None
             key_valid = None  # a multi-token step through a cache without padding
         else:
-            key_valid = (new_mask if cache is None else cache.key_mask[:, : start + T])  # (B, S)
+            key_valid = new_mask if cache is None else cache.key_mask[:, : start + T]  # (B, S)
 
         device = input_ids.device
         q_pos = torch.arange(start, start + T, device=device)  # absolute slots of the queries

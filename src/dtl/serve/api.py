@@ -75,7 +75,8 @@ def _add_auth_and_errors(app: FastAPI, api_key: str | None) -> None:
             if not secrets.compare_digest(given.encode(), api_key.encode()):
                 return ApiError(
                     "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                    code="invalid_api_key", status=401,
+                    code="invalid_api_key",
+                    status=401,
                 ).response()
         return await call_next(request)
 
@@ -94,8 +95,9 @@ def _add_auth_and_errors(app: FastAPI, api_key: str | None) -> None:
 
 
 def _add_model_routes(app: FastAPI, model, model_name: str) -> None:
-    card = _model_card(model_name, int(time.time()), model.num_parameters(),
-                       model.config.max_seq_length)
+    card = _model_card(
+        model_name, int(time.time()), model.num_parameters(), model.config.max_seq_length
+    )
 
     @app.get("/health")
     async def health():
@@ -108,8 +110,12 @@ def _add_model_routes(app: FastAPI, model, model_name: str) -> None:
     @app.get("/v1/models/{name}")
     async def model_card(name: str):
         if name != model_name:
-            raise ApiError(f"model {name!r} not found; this server has {model_name!r}",
-                           "model", "model_not_found", status=404)
+            raise ApiError(
+                f"model {name!r} not found; this server has {model_name!r}",
+                "model",
+                "model_not_found",
+                status=404,
+            )
         return card
 
 
@@ -121,8 +127,9 @@ def _add_generation_routes(app: FastAPI, model_name: str) -> None:
     async def completions(http: HttpRequest):
         body = await json_body(http)
         check_model(body, model_name)
-        request, used = parse_request(body, completion_prompts(body), state.tokenizer, context,
-                                      default_max_tokens=16)
+        request, used = parse_request(
+            body, completion_prompts(body), state.tokenizer, context, default_max_tokens=16
+        )
         return await _respond(http, state, body, request, used, "text_completion", "cmpl")
 
     @app.post("/v1/chat/completions")
@@ -130,22 +137,28 @@ def _add_generation_routes(app: FastAPI, model_name: str) -> None:
         body = await json_body(http)
         check_model(body, model_name)
         prompt = chat_prompt(body.get("messages"))
-        request, used = parse_request(body, [prompt], state.tokenizer, context,
-                                      default_max_tokens=None, stop_first=(QA_STOP,))
+        request, used = parse_request(
+            body, [prompt], state.tokenizer, context, default_max_tokens=None, stop_first=(QA_STOP,)
+        )
         return await _respond(http, state, body, request, used, "chat.completion", "chatcmpl")
 
 
-async def _respond(http, state, body: dict, request: Request, prompt_tokens: int, kind: str,
-                   prefix: str):
+async def _respond(
+    http, state, body: dict, request: Request, prompt_tokens: int, kind: str, prefix: str
+):
     """The response to a parsed request: streamed as server-sent events, or whole."""
-    meta = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-            "model": state.model_name}
+    meta = {
+        "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
+        "created": int(time.time()),
+        "model": state.model_name,
+    }
     tidy: Callable[[str], str] = str.lstrip if kind == "chat.completion" else _same
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         events = _sse(state.batcher, request, prompt_tokens, meta, kind, tidy, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
     chunks = []
     async with aclosing(_submit(state.batcher, request, http)) as items:
         async for item in items:  # closed on the way out: its disconnect watch ends too
@@ -153,8 +166,9 @@ async def _respond(http, state, body: dict, request: Request, prompt_tokens: int
                 raise item
             chunks.append(item)
     if request.cancelled:  # the client went away; nobody reads this
-        return ApiError("the client closed the request", code="client_closed",
-                        status=499).response()
+        return ApiError(
+            "the client closed the request", code="client_closed", status=499
+        ).response()
     return _full_response(request, prompt_tokens, chunks, meta, kind, tidy)
 
 
@@ -212,12 +226,16 @@ async def _disconnected(request: HttpRequest) -> None:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def _full_response(request: Request, prompt_tokens: int, chunks: list[StreamChunk], meta: dict,
-                   kind: str, tidy) -> dict:
+def _full_response(
+    request: Request, prompt_tokens: int, chunks: list[StreamChunk], meta: dict, kind: str, tidy
+) -> dict:
     texts = [""] * len(request.prompts)
     finish: list[str | None] = [None] * len(request.prompts)
     used = 0
@@ -237,8 +255,9 @@ def _full_response(request: Request, prompt_tokens: int, chunks: list[StreamChun
     return {**meta, "object": kind, "choices": choices, "usage": _usage(prompt_tokens, used)}
 
 
-async def _sse(batcher: Batcher, request: Request, prompt_tokens: int, meta, kind, tidy,
-               include_usage):
+async def _sse(
+    batcher: Batcher, request: Request, prompt_tokens: int, meta, kind, tidy, include_usage
+):
     """Server-sent events: OpenAI's chunk objects, then `data: [DONE]`."""
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -273,7 +292,9 @@ async def _sse(batcher: Batcher, request: Request, prompt_tokens: int, meta, kin
                           "finish_reason": item.finish_reason}  # fmt: skip
             yield _event({**meta, "object": obj, "choices": [choice]})
         if include_usage:
-            yield _event({**meta, "object": obj, "choices": [], "usage": _usage(prompt_tokens, used)})
+            yield _event(
+                {**meta, "object": obj, "choices": [], "usage": _usage(prompt_tokens, used)}
+            )
         yield "data: [DONE]\n\n"
     finally:  # the client went away (or we are done): the worker drops its rows next step
         request.cancelled = True
@@ -281,4 +302,3 @@ async def _sse(batcher: Batcher, request: Request, prompt_tokens: int, meta, kin
 
 def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-

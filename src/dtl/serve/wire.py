@@ -136,7 +136,11 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
 
 
 def parse_request(
-    body: dict, prompts: list[str], tokenizer, context: int, default_max_tokens: int | None,
+    body: dict,
+    prompts: list[str],
+    tokenizer,
+    context: int,
+    default_max_tokens: int | None,
     stop_first: tuple[str, ...] = (),
 ) -> tuple[Request, int]:
     """The `Request` a body asks for (its prompts, each `n` times, and its options, with the
@@ -146,7 +150,8 @@ def parse_request(
         raise ApiError(
             f"{len(prompts)} prompts x n={n} is {len(prompts) * n} completions; a request may "
             f"ask for at most {MAX_REQUEST_ROWS} (prompts times n); split it into several",
-            "prompt" if len(prompts) > 1 else "n", "too_many_completions",
+            "prompt" if len(prompts) > 1 else "n",
+            "too_many_completions",
         )
     sampling = _sampling(body)
     stop = _stop_strings(body)
@@ -154,12 +159,14 @@ def parse_request(
     longest = max(len(ids) for ids in prompt_ids)
     max_tokens = _max_tokens(body, longest, context, default_max_tokens)
     try:  # built here, so a bad combination is a 400 and never fails in the worker
-        options = SamplingOptions(**sampling, max_new_tokens=max_tokens,
-                                  stop=(*stop_first, *stop))
+        options = SamplingOptions(**sampling, max_new_tokens=max_tokens, stop=(*stop_first, *stop))
     except DtlError as err:
         raise ApiError(str(err), code="invalid_value") from None
-    request = Request([p for p in prompts for _ in range(n)], options,
-                      prompt_ids=[ids for ids in prompt_ids for _ in range(n)])
+    request = Request(
+        [p for p in prompts for _ in range(n)],
+        options,
+        prompt_ids=[ids for ids in prompt_ids for _ in range(n)],
+    )
     return request, sum(len(ids) for ids in prompt_ids)
 
 
@@ -196,17 +203,22 @@ def _max_tokens(body: dict, longest: int, context: int, default: int | None) -> 
     if longest >= context:
         raise ApiError(
             f"the prompt is {longest} tokens but the model's context is {context}; "
-            "shorten the prompt", "prompt", "context_length_exceeded",
+            "shorten the prompt",
+            "prompt",
+            "context_length_exceeded",
         )
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     if max_tokens is None and default is None:
         max_tokens = min(CHAT_DEFAULT_MAX_TOKENS, context - longest)
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default, 1, context - 1,
-                         integer=True)
+    max_tokens = _number(
+        {"max_tokens": max_tokens}, "max_tokens", default, 1, context - 1, integer=True
+    )
     if longest + max_tokens > context:
         raise ApiError(
             f"this model's context is {context} tokens, but the prompt ({longest} tokens) plus "
             f"max_tokens ({max_tokens}) is {longest + max_tokens}; lower max_tokens or shorten "
-            "the prompt", "max_tokens", "context_length_exceeded",
+            "the prompt",
+            "max_tokens",
+            "context_length_exceeded",
         )
     return max_tokens

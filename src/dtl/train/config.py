@@ -4,19 +4,25 @@ Settings come from four places, each overriding the one before:
 TrainConfig's defaults < the saved RUN_DIR/config.yaml (on --resume) < a --config YAML/JSON
 file < flags (`build_config`). The defaults that depend on the data or on other settings are
 resolved here too, once: `prepare_length` (the rows a raw --data file is prepared into) and
-`resolve_settings` (seq_len and min_lr, once the data's max_length is known).
+`resolve_settings` (seq_len, lr, warmup_steps and min_lr, once the data's max_length is known).
+
+The defaults that fit the run (`LR_RULE`, `WARMUP_RULE`, shown in `dtl train --help`):
+lr = 1e-3 * sqrt(128 / d_model) (1e-3 for the `tiny` preset, measured best of 1e-3 and
+1.5e-3 there; 4.1e-4 at GPT-2 small's width 768), warmup = 5% of max_steps, at least 1 and at
+most 500 steps.
 
 >>> cfg = TrainConfig.from_dict({"data": "data/wiki", "max-steps": "200", "lr": "1e-3"})
 >>> cfg.max_steps, cfg.lr
 (200, 0.001)
 >>> resolve_settings(cfg, data_max_length=128)
-ResolvedSettings(seq_len=128, min_lr=0.0001)
+ResolvedSettings(seq_len=128, min_lr=0.0001, lr=0.001, warmup_steps=10)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,13 @@ MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name !
 RESUME_LOCKED = ("data", "preset", *MODEL_FIELDS, "seq_len", "batch_size", "grad_accum", "seed")
 # The max_length a raw --data file is prepared at when no --seq-len is given.
 RAW_DATA_MAX_LENGTH = 256
+# The learning-rate and warmup defaults (see the module docstring): lr from the model's width,
+# warmup a fraction of the run, capped. Chosen with benchmarks/bench_quality.py.
+LR_REF, LR_REF_WIDTH = 1e-3, 128
+WARMUP_FRACTION, WARMUP_CAP = 0.05, 500
+LR_RULE = f"{LR_REF:g} * sqrt({LR_REF_WIDTH} / d_model)"
+WARMUP_RULE = f"{WARMUP_FRACTION:.0%} of max_steps, 1 to {WARMUP_CAP} steps"
+OPTIMIZERS = ("adamw", "muon")
 POSITIVE = (
     "max_steps",
     "batch_size",
@@ -63,9 +76,11 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 6e-4
+    optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW the rest)
+    lr: float | None = None  # None: LR_RULE (from the model's width)
+    muon_lr: float = 0.02  # Muon's peak lr (--optimizer muon), on the same schedule
     min_lr: float | None = None  # None: lr / 10
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: WARMUP_RULE
     schedule: str = "cosine"
     weight_decay: float = 0.1
     decay_all: bool = False  # the spec's plain recipe: decay every parameter
@@ -100,11 +115,21 @@ class TrainConfig:
         if self.seq_len is not None and self.seq_len < 1:
             raise DtlError(f"--seq-len must be a positive integer, got {self.seq_len!r}")
         for name in ("warmup_steps", "keep_last", "skip_nonfinite"):
-            if getattr(self, name) < 0:
-                raise DtlError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0 or (self.min_lr is not None and not 0 <= self.min_lr <= self.lr):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise DtlError(f"{flag_name(name)} must be >= 0, got {value}")
+        if self.lr is not None and not self.lr > 0 or not self.muon_lr > 0:
+            raise DtlError(f"--lr and --muon-lr must be > 0, got {self.lr} and {self.muon_lr}")
+        if self.min_lr is not None and self.min_lr < 0:
+            raise DtlError(f"--min-lr must be >= 0, got {self.min_lr}")
+        if self.optimizer not in OPTIMIZERS:
             raise DtlError(
-                f"need lr > 0 and 0 <= min-lr <= lr, got lr={self.lr}, min-lr={self.min_lr}"
+                f"unknown --optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}"
+            )
+        if self.optimizer == "muon" and self.decay_all:
+            raise DtlError(
+                "--decay-all is AdamW's plain recipe; --optimizer muon decays only the head's "
+                "matrix: drop one of the two"
             )
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise DtlError("--grad-clip and --weight-decay must be >= 0")
@@ -251,6 +276,8 @@ class ResolvedSettings:
 
     seq_len: int  # tokens per row trained on (input_ids and targets are (B, seq_len))
     min_lr: float  # the floor the learning rate decays to
+    lr: float  # AdamW's peak learning rate
+    warmup_steps: int
 
 
 def prepare_length(cfg: TrainConfig) -> int:
@@ -259,7 +286,8 @@ def prepare_length(cfg: TrainConfig) -> int:
 
 
 def resolve_settings(cfg: TrainConfig, data_max_length: int) -> ResolvedSettings:
-    """seq_len (--seq-len, else the data's max_length) and min_lr (--min-lr, else lr / 10).
+    """seq_len (--seq-len, else the data's max_length), lr (--lr, else LR_RULE), warmup_steps
+    (--warmup-steps, else WARMUP_RULE) and min_lr (--min-lr, else lr / 10).
 
     Rows are read from the data's rows of `data_max_length` tokens, so a longer --seq-len is
     an error, not a silent cut.
@@ -270,5 +298,32 @@ def resolve_settings(cfg: TrainConfig, data_max_length: int) -> ResolvedSettings
             f"--seq-len {seq_len} is longer than the data's rows ({data_max_length} tokens); "
             f"re-run dtl prepare with --max-length {seq_len} or lower --seq-len"
         )
-    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
-    return ResolvedSettings(seq_len=seq_len, min_lr=min_lr)
+    lr = default_lr(model_width(cfg)) if cfg.lr is None else cfg.lr
+    min_lr = lr / 10 if cfg.min_lr is None else cfg.min_lr
+    if min_lr > lr:
+        raise DtlError(f"--min-lr {min_lr:g} is above the peak lr {lr:.3g}; lower --min-lr")
+    warmup = default_warmup(cfg.max_steps) if cfg.warmup_steps is None else cfg.warmup_steps
+    return ResolvedSettings(seq_len=seq_len, min_lr=min_lr, lr=lr, warmup_steps=warmup)
+
+
+def model_width(cfg: TrainConfig) -> int:
+    """d_model of the run's model: --d-model, else its preset's."""
+    return ModelConfig.preset(cfg.preset, d_model=cfg.d_model).d_model
+
+
+def default_lr(d_model: int) -> float:
+    """LR_RULE: the default peak lr of a model `d_model` wide.
+
+    >>> default_lr(128), round(default_lr(768), 6)
+    (0.001, 0.000408)
+    """
+    return LR_REF * math.sqrt(LR_REF_WIDTH / d_model)
+
+
+def default_warmup(max_steps: int) -> int:
+    """WARMUP_RULE: warmup steps of a run of `max_steps`.
+
+    >>> default_warmup(40), default_warmup(1562), default_warmup(100_000)
+    (2, 78, 500)
+    """
+    return min(WARMUP_CAP, max(1, round(WARMUP_FRACTION * max_steps)))

@@ -103,9 +103,11 @@ class Trainer:
         if self.dist.rank > 0:  # its own dropout masks per rank
             ckpt.seed_everything(cfg.seed + 7919 * self.dist.rank)
         self.net, self.forward = parallelize(self.model, cfg, self.dist)
-        self.optimizer = optim.build_optimizer(
+        self.optimizer = optim.make_optimizer(
             self.model,
-            lr=cfg.lr,
+            cfg.optimizer,
+            lr=self.setup.settings.lr,
+            muon_lr=cfg.muon_lr,
             weight_decay=cfg.weight_decay,
             betas=(cfg.beta1, cfg.beta2),
             decay_all=cfg.decay_all,
@@ -208,7 +210,11 @@ class Trainer:
         position, progress and every RNG, so the run goes on as if never stopped."""
         path, state = ckpt.load_latest(self.run_dir, self.model_config, self.dist.world_size)
         load_full_model(self.net, self.model, path, self.device, fsdp=self.cfg.fsdp)
+        ratios = [g.get("lr_ratio") for g in self.optimizer.param_groups]
         load_optimizer_state_dict(self.net, self.optimizer, state["optimizer"], fsdp=self.cfg.fsdp)
+        for group, ratio in zip(self.optimizer.param_groups, ratios, strict=True):
+            if ratio is not None:  # this launch's --muon-lr / --lr, not the saved run's
+                group["lr_ratio"] = ratio
         if state["scaler"]:  # empty when saved without a scaler (fp32/bf16): start a fresh one
             self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["loader"])
@@ -242,18 +248,21 @@ class Trainer:
         batches = iter(self.train_loader)
         window = _Window()
         last_save_step, stop = None, False
+        settings = self.setup.settings
         if st.step == 0:
+            muon = f", muon lr {cfg.muon_lr:g}" if cfg.optimizer == "muon" else ""
             self.metrics.print(
                 f"training {self.model.num_parameters():,} parameters on "
                 f"{self.device} ({self.prec.name}), {self.setup.tokens_per_step:,} "
-                "tokens per step"
+                f"tokens per step; adamw lr {settings.lr:.3g}{muon}, warmup "
+                f"{settings.warmup_steps} steps, {cfg.schedule} to {settings.min_lr:.3g}"
             )
         while st.step < cfg.max_steps and not stop:
             lr = optim.lr_at(
                 st.step,
-                lr=cfg.lr,
+                lr=settings.lr,
                 min_lr=self.min_lr,
-                warmup_steps=cfg.warmup_steps,
+                warmup_steps=settings.warmup_steps,
                 max_steps=cfg.max_steps,
                 schedule=cfg.schedule,
             )

@@ -90,5 +90,32 @@ def lr_at(
 
 
 def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """Every group's lr for this step: `value` (the schedule's) times the group's `lr_ratio`
+    (Muon's groups peak at --muon-lr, not --lr; AdamW groups have none: 1)."""
     for group in optimizer.param_groups:
-        group["lr"] = value
+        group["lr"] = value * group.get("lr_ratio", 1.0)
+
+
+def make_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    muon_lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    decay_all: bool = False,
+) -> torch.optim.Optimizer:
+    """The optimizer `--optimizer` names: `adamw` (build_optimizer) or `muon` (muon.build_muon).
+
+    >>> from dtl import ModelConfig, TransformerLM
+    >>> model = TransformerLM(ModelConfig.preset("tiny", vocab_size=100))
+    >>> type(make_optimizer(model, "muon", 1e-3, 0.02, 0.1, (0.9, 0.95))).__name__
+    'Muon'
+    """
+    if name == "muon":
+        from dtl.train.muon import build_muon
+
+        return build_muon(model, lr, muon_lr=muon_lr, weight_decay=weight_decay, betas=betas)
+    if name != "adamw":
+        raise DtlError(f"unknown optimizer {name!r}; choose adamw or muon")
+    return build_optimizer(model, lr, weight_decay, betas, decay_all=decay_all)

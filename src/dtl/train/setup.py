@@ -80,6 +80,9 @@ class RunSetup:
             "device_resolved": str(self.device),
             "world_size": self.dist.world_size,
             "tokens_per_step": self.tokens_per_step,
+            "lr_resolved": self.settings.lr,
+            "warmup_steps_resolved": self.settings.warmup_steps,
+            "min_lr_resolved": self.settings.min_lr,
         }
 
     def save_config(self) -> None:

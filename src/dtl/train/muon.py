@@ -1,0 +1,177 @@
+"""Muon for the blocks' weight matrices, AdamW for everything else: one optimizer (`Muon`).
+
+Muon (Keller Jordan 2024; as nanochat and modded-nanogpt train): Nesterov momentum on the
+gradient, then the update is orthogonalised, its singular values pushed towards 1 by a few
+Newton–Schulz iterations, so every direction of the matrix moves by about the same amount
+however lopsided the gradient is. It suits the 2-D hidden matrices (Q/K/V/out, the FFN);
+the embedding, the LM head, biases and LayerNorms stay on AdamW, written out here too so that
+one optimizer holds every state (one state_dict: exact resume, FSDP's gathered state).
+
+Each group has `lr` (set every step by the schedule) and `lr_ratio` (its peak over the
+schedule's peak: `optim.set_lr` multiplies), so Muon's lr (~0.02) and AdamW's (~1e-3) follow
+one schedule.
+
+Under FSDP a parameter and its gradient are DTensors sharded on dim 0: the momentum stays a
+local shard, the update is gathered whole (every rank gets the same full matrix),
+orthogonalised, and each rank keeps its own rows, so the result equals one process's.
+
+>>> import torch
+>>> from dtl import ModelConfig, TransformerLM
+>>> model = TransformerLM(ModelConfig.preset("tiny", vocab_size=100))
+>>> opt = build_muon(model, lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+>>> [g["use_muon"] for g in opt.param_groups]
+[True, False, False]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# The quintic iteration's coefficients (Keller Jordan's): chosen to raise small singular
+# values fast; the result's singular values land in about [0.7, 1.2], not exactly 1, which
+# trains as well as exact orthogonalisation at a fraction of the cost.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """About U @ V.T of `g` = U S V.T (a 2-D tensor): its singular values moved near 1.
+
+    Computed in `g`'s dtype (fp32 for fp32 parameters).
+    """
+    a, b, c = NS_COEFFS
+    x = g / (g.norm() + eps)  # singular values <= 1, where the iteration converges
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the wide form: X @ X.T is then the smaller Gram matrix
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T  # (rows, rows)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def is_muon_param(name: str, p: nn.Parameter) -> bool:
+    """A block's weight matrix (attention Q/K/V/out, FFN): Muon's. Everything else: AdamW's."""
+    return p.dim() == 2 and name.startswith("transformer_blocks.")
+
+
+def build_muon(
+    model: nn.Module,
+    lr: float,
+    muon_lr: float = 0.02,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    momentum: float = 0.95,
+) -> Muon:
+    """Muon over the blocks' matrices; AdamW (decay on the head's matrix only) for the rest."""
+    muon, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if is_muon_param(name, p):
+            muon.append(p)
+        elif p.dim() >= 2 and "embedding" not in name:
+            decay.append(p)  # the LM head
+        else:
+            no_decay.append(p)
+    groups = [
+        {"params": muon, "use_muon": True, "lr_ratio": muon_lr / lr, "weight_decay": 0.0},
+        {"params": decay, "use_muon": False, "lr_ratio": 1.0, "weight_decay": weight_decay},
+        {"params": no_decay, "use_muon": False, "lr_ratio": 1.0, "weight_decay": 0.0},
+    ]
+    return Muon([g for g in groups if g["params"]], lr=lr, betas=betas, momentum=momentum)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for groups with `use_muon=True`, AdamW (decoupled decay) for the others.
+
+    Muon step for a matrix W (out, in) with gradient G:
+        B <- momentum * B + G;  U = G + momentum * B   (Nesterov)
+        W <- W * (1 - lr * wd) - lr * sqrt(max(1, out / in)) * newton_schulz(U)
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            ns_steps=ns_steps,
+            use_muon=False,
+            lr_ratio=1.0,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["use_muon"]:
+                    self._muon_step(p, group)
+                else:
+                    self._adamw_step(p, group)
+        return loss
+
+    def _muon_step(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf, mu = state["momentum_buffer"], group["momentum"]
+        buf.mul_(mu).add_(p.grad)
+        update = p.grad.add(buf, alpha=mu)
+        full = _full(update)  # (out, in), whole on every rank under FSDP
+        ortho = newton_schulz(full, group["ns_steps"])
+        ortho = _like(ortho, p)  # this rank's rows under FSDP
+        scale = max(1.0, full.size(0) / full.size(1)) ** 0.5
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(ortho, alpha=-group["lr"] * scale)
+
+    def _adamw_step(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        step = state["step"].item()
+        beta1, beta2 = group["betas"]
+        lr, grad = group["lr"], p.grad
+        p.mul_(1 - lr * group["weight_decay"])
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+        denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor (FSDP) gathered from every rank, a plain tensor as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `p`: under FSDP, replicated then cut to p's placements (a local
+    slice, no communication, since every rank holds the same `full`)."""
+    if not hasattr(p, "device_mesh"):
+        return full
+    from torch.distributed.tensor import DTensor, Replicate
+
+    replicated = DTensor.from_local(full, p.device_mesh, [Replicate()] * p.device_mesh.ndim)
+    return replicated.redistribute(p.device_mesh, p.placements)

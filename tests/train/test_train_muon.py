@@ -1,0 +1,156 @@
+"""Muon (--optimizer muon): Newton–Schulz against torch.linalg.svd, one step against the
+definition worked by hand, the AdamW half against torch's AdamW, exact resume on the CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from train_helpers import fails_here, tiny_config, train_argv
+
+from dtl import ModelConfig, TransformerLM
+from dtl.run_dir import latest_checkpoint
+from dtl.train import train
+from dtl.train.config import build_config
+from dtl.train.muon import Muon, build_muon, newton_schulz
+from dtl.train.optim import set_lr
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (64, 16), (16, 48)])
+def test_newton_schulz_pushes_singular_values_near_one_keeping_the_directions(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    g[:, 0] *= 30  # one direction far stronger than the rest: plain SGD would follow it alone
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    x = newton_schulz(g)
+    assert x.shape == g.shape and x.dtype == torch.float32
+    sx = torch.linalg.svdvals(x)
+    # The quintic's published behaviour: every singular value lands in about [0.7, 1.2].
+    assert sx.min() > 0.6 and sx.max() < 1.25, sx
+    assert s.max() / s.min() > 30  # the input was far from orthogonal
+    # Same singular vectors as g: U.T @ X @ V is diagonal (off-diagonal mass ~0).
+    core = u.T @ x @ vh.T
+    off = core - torch.diag(torch.diagonal(core))
+    assert off.norm() / core.norm() < 1e-3
+    cosine = (x * (u @ vh)).sum() / (x.norm() * (u @ vh).norm())
+    assert cosine > 0.97
+
+
+def _model():
+    cfg = ModelConfig.preset(
+        "tiny", vocab_size=50, d_model=16, n_heads=2, n_layers=2, d_ff=48, max_seq_length=8
+    )
+    return TransformerLM(cfg)
+
+
+def test_muon_takes_the_blocks_matrices_adamw_the_rest():
+    model = _model()
+    opt = build_muon(model, lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_group, head_group, rest = opt.param_groups
+    assert muon_group["use_muon"] and not head_group["use_muon"] and not rest["use_muon"]
+    muon_names = {names[id(p)] for p in muon_group["params"]}
+    want = {
+        f"transformer_blocks.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attention.w_q", "attention.w_k", "attention.w_v", "attention.w_o")
+        + ("feed_forward.linear1", "feed_forward.linear2")
+    }
+    assert muon_names == want
+    assert {names[id(p)] for p in head_group["params"]} == {"head.weight"}
+    assert head_group["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    assert {"embedding.weight", "ln_f.weight", "transformer_blocks.0.norm1.bias"} <= {
+        names[id(p)] for p in rest["params"]
+    }
+    # The schedule's value times lr_ratio: Muon's group peaks at muon_lr.
+    set_lr(opt, 1e-3)
+    assert muon_group["lr"] == pytest.approx(0.02) and head_group["lr"] == pytest.approx(1e-3)
+
+
+def test_two_muon_steps_match_the_definition_by_hand():
+    """Nesterov momentum, orthogonalise, scale by sqrt(max(1, out/in)), decoupled decay."""
+    gen = torch.Generator().manual_seed(1)
+    w0 = torch.randn(12, 4, generator=gen)  # tall: out/in = 3, scale sqrt(3)
+    g1, g2 = torch.randn(12, 4, generator=gen), torch.randn(12, 4, generator=gen)
+    p = torch.nn.Parameter(w0.clone())
+    lr, mu, wd = 0.05, 0.9, 0.1
+    opt = Muon([{"params": [p], "use_muon": True}], lr=lr, momentum=mu, weight_decay=wd)
+    for g in (g1, g2):
+        p.grad = g.clone()
+        opt.step()
+    # By hand: B1 = g1, U1 = g1 + mu*B1; B2 = mu*B1 + g2, U2 = g2 + mu*B2.
+    b1 = g1
+    w1 = w0 * (1 - lr * wd) - lr * math.sqrt(3) * newton_schulz(g1 + mu * b1)
+    b2 = mu * b1 + g2
+    w2 = w1 * (1 - lr * wd) - lr * math.sqrt(3) * newton_schulz(g2 + mu * b2)
+    torch.testing.assert_close(p.detach(), w2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], b2)
+
+
+def test_the_adamw_groups_match_torch_adamw():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(5, 3, generator=gen)
+    ours, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt = Muon([{"params": [ours], "weight_decay": 0.1}], lr=0.01, betas=(0.9, 0.95))
+    torch_opt = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)
+    for _ in range(5):
+        g = torch.randn(5, 3, generator=gen)
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        torch_opt.step()
+    torch.testing.assert_close(ours.detach(), ref.detach(), atol=1e-6, rtol=1e-5)
+
+
+def _losses(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in lines if "loss" in json.loads(x)]
+
+
+def test_muon_run_resumed_is_bit_identical_to_one_run(packed_data, tmp_path):
+    """8 steps in one go == 4 steps, --resume, 4 more: every loss and weight to the bit."""
+    common = {"optimizer": "muon", "schedule": "constant", "dropout": 0.1, "max_steps": 8}
+    train(tiny_config(packed_data, tmp_path / "one", save_every=8, **common))
+    train(tiny_config(packed_data, tmp_path / "two", save_every=4, **{**common, "max_steps": 4}))
+    resumed = build_config({"max_steps": 8}, resume=str(tmp_path / "two"))
+    train(resumed, resume=True)
+    assert _losses(tmp_path / "one") == _losses(tmp_path / "two")
+    assert len(_losses(tmp_path / "one")) == 8
+    one = TransformerLM.from_pretrained(latest_checkpoint(tmp_path / "one")).state_dict()
+    two = TransformerLM.from_pretrained(latest_checkpoint(tmp_path / "two")).state_dict()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    # It trained: Muon moved the block matrices.
+    assert _losses(tmp_path / "one")[-1] < _losses(tmp_path / "one")[0]
+
+
+def test_the_resolved_lr_and_warmup_are_shown_saved_and_used(packed_data, tmp_path, capsys):
+    """d_model 32, 6 steps, no --lr/--warmup-steps: lr 1e-3 * sqrt(128 / 32) = 2e-3 and
+    warmup max(1, round(0.3)) = 1 step, so step 1 already runs at the peak."""
+    cfg = tiny_config(packed_data, tmp_path / "run", lr=None, warmup_steps=None)
+    train(cfg)
+    first = next(line for line in capsys.readouterr().out.splitlines() if "training" in line)
+    assert "adamw lr 0.002, warmup 1 steps, cosine to 0.0002" in first, first
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["lr"] is None and saved["warmup_steps"] is None  # as given: the rule
+    assert saved["lr_resolved"] == pytest.approx(2e-3)
+    assert saved["warmup_steps_resolved"] == 1
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 1 and records[0]["lr"] == pytest.approx(2e-3)
+
+
+def test_an_unknown_optimizer_is_one_clear_line(packed_data, tmp_path, capsys):
+    argv = train_argv(packed_data, tmp_path / "run", optimizer="sgd")
+    fails_here(capsys, argv, "unknown --optimizer 'sgd'; choose adamw, muon")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_new_muon_lr_at_resume_is_the_one_used(packed_data, tmp_path):
+    from dtl.train import Trainer
+
+    train(tiny_config(packed_data, tmp_path / "run", optimizer="muon", save_every=6))
+    cfg = build_config({"max_steps": 8, "muon_lr": 0.01}, resume=str(tmp_path / "run"))
+    trainer = Trainer(cfg, resume=True)
+    assert trainer.state.step == 6  # the saved state was loaded
+    muon_group = trainer.optimizer.param_groups[0]
+    assert muon_group["use_muon"] and muon_group["lr_ratio"] == pytest.approx(0.01 / 3e-3)
