@@ -188,7 +188,7 @@ def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     opts = sampling_options(args)
     model, tokenizer = _load(args)
-    _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.max_seq_length)
+    _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.context)
     if args.echo:
         sys.stdout.write(prompt)
     _print_stream(stream(model, tokenizer, prompt, opts, use_cache=not args.no_kv_cache))
@@ -202,7 +202,7 @@ def cmd_ask(args) -> int:
     opts = dataclasses.replace(opts, stop=(QA_STOP, *opts.stop))
     model, tokenizer = _load(args)
     prompt = qa_prompt(args.question)
-    _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.max_seq_length)
+    _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.context)
     _print_stream(stream(model, tokenizer, prompt, opts), strip_leading=True)
     return 0
 
@@ -264,7 +264,7 @@ def cmd_chat(args) -> int:
         pass
     opts = sampling_options(args)
     model, tokenizer = _load(args)
-    limit = model.config.max_seq_length
+    limit = model.config.context
     opts = dataclasses.replace(opts, stop=(QA_STOP, *opts.stop))
     history: list[str] = []
     print(f"dtl chat: {args.model} ({model.num_parameters():,} parameters). /help for commands.")

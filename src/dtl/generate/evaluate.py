@@ -157,7 +157,7 @@ def evaluate_lm(
     n_scored = int((targets != -100).sum())
     if n_scored == 0:
         raise DtlError("no text to evaluate: the input held no tokens")
-    window = model.config.max_seq_length
+    window = model.config.context
     device = next(model.parameters()).device
     total_nll = 0.0
     starts = list(range(0, len(stream) - 1, window))
