@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from dtl.cli import add_common
+from dtl.cli import add_common, add_threads
 from dtl.data.qa import QA_STOP, format_qa, qa_prompt
 from dtl.data.sources import detect_kind, iter_records
 from dtl.device import resolve_device
@@ -39,6 +39,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--no-kv-cache", action="store_true", help="recompute the whole context every step"
     )
+    add_threads(p)
     add_common(p)
     p.set_defaults(func=cmd_generate)
 
@@ -53,6 +54,7 @@ def register(subparsers) -> None:
     _model_args(p)
     p.add_argument("question", help="the question")
     _sampling_args(p, max_new=64, temperature=0.0)
+    add_threads(p)
     add_common(p)
     p.set_defaults(func=cmd_ask)
 
@@ -67,6 +69,7 @@ def register(subparsers) -> None:
     )
     _model_args(p)
     _sampling_args(p, max_new=128, temperature=0.0)
+    add_threads(p)
     add_common(p)
     p.set_defaults(func=cmd_chat)
 
@@ -99,6 +102,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--predictions", help="questions: write each prediction to this JSONL file")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    add_threads(p)
     add_common(p)
     p.set_defaults(func=cmd_eval)
 

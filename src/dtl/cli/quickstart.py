@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dtl.cli import add_common, add_verb
+from dtl.cli import add_common, add_threads, add_verb
 from dtl.errors import DtlError
 from dtl.quickstart import RECIPE, VOCAB_SIZE, quickstart
 
@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, weights and order")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads(p)
     add_common(p)
     p.set_defaults(func=run_quickstart)
 

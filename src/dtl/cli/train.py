@@ -75,7 +75,7 @@ EXAMPLES = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dtl.cli import add_common
+    from dtl.cli import add_common, add_threads
 
     p = subparsers.add_parser(
         "train",
@@ -90,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint"
     )
     _add_config_flags(p)
+    add_threads(p)
     add_common(p)
     p.set_defaults(func=run_train)
 
