@@ -41,9 +41,11 @@ def test_context_is_the_trained_length_else_max_seq_length():
 
 def test_eval_scores_in_windows_of_the_trained_context(gpt2):
     model = model_trained_at_16(gpt2.vocab_size)
-    text = ("The Normans were the people who gave their name to Normandy, a region in "
-            "northern France. They were descended from Norse raiders and pirates from Denmark, "
-            "Iceland and Norway who swore fealty to King Charles III of West Francia.")
+    text = (
+        "The Normans were the people who gave their name to Normandy, a region in "
+        "northern France. They were descended from Norse raiders and pirates from Denmark, "
+        "Iceland and Norway who swore fealty to King Charles III of West Francia."
+    )
     ids = [gpt2.eos_id] + gpt2.encode(text)
     assert len(ids) > 2 * TRAINED + 1  # several windows, the last one short
     with torch.no_grad():  # the oracle: each 16-token window on its own, by hand
