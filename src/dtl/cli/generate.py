@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from dtl.cli import add_common, add_threads
+from dtl.cli import add_common, add_threads, say_threads
 from dtl.data.qa import QA_STOP, format_qa, qa_prompt
 from dtl.data.sources import detect_kind, iter_records
 from dtl.device import resolve_device
@@ -144,6 +144,7 @@ def _sampling_args(p: argparse.ArgumentParser, max_new: int, temperature: float)
 def _load(args, device=None):
     if device is None:
         device = resolve_device(args.device)
+    say_threads(args)
     return load_model(args.model, device=device, tokenizer=args.tokenizer)
 
 

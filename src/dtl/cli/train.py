@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from dtl.cli import say_threads
 from dtl.errors import DtlError
 from dtl.train import train
 from dtl.train.config import (
@@ -127,6 +128,7 @@ def run_train(args: argparse.Namespace) -> int:
     names = setting_kinds()  # the flags given (unset ones are not in args)
     flags = {name: value for name, value in vars(args).items() if name in names}
     cfg = build_config(flags, config_file=args.config, resume=args.resume)
+    say_threads(args)
     summary = train(cfg, resume=bool(args.resume))
     if summary.get("checkpoint"):
         ppl = summary.get("val_ppl")
