@@ -71,6 +71,7 @@ EXAMPLES = """examples:
   dtl train --data my-notes.txt --out runs/notes          # prepares the file first
   dtl train --config train.yaml --lr 3e-4                  # flags override the file
   dtl train --resume runs/tiny --max-steps 600             # continue exactly
+  dtl train --data data/corpus --out runs/t1 --threads 1    # leave a core to others
   torchrun --nproc_per_node 2 -m dtl train --data data/corpus --out runs/ddp
 """
 
