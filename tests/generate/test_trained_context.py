@@ -105,3 +105,16 @@ def test_dtl_info_says_what_the_model_trained_at(tmp_path, capsys):
     code, out, err = run_cli(["info", "--config", str(tmp_path), "--json"], capsys)
     report = json.loads(out)
     assert report["context"] == 128 and report["memory"]["seq_len"] == 128
+
+
+def test_dtl_eval_json_names_the_window(tmp_path, dtl, gpt2):
+    model = model_trained_at_16(gpt2.vocab_size)
+    model.save_pretrained(tmp_path / "model")
+    gpt2.save(tmp_path / "model")
+    text = tmp_path / "doc.txt"
+    text.write_text("Rollo was a Viking who became the first ruler of Normandy. " * 4)
+    code, out, err = dtl("eval", "--model", tmp_path / "model", "--data", text, "--json")
+    assert code == 0, err
+    scores = json.loads(out)
+    assert scores["window"] == TRAINED
+    assert err.splitlines()[0].startswith("threads: 1 (OMP_NUM_THREADS")  # conftest's one
