@@ -32,9 +32,11 @@ def dtl(capsys, gpt2_dir, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
+def _seed_and_one_thread(monkeypatch):
     """Tests use tiny models, which gain nothing from a thread pool; on a busy 2-core box its
-    hand-offs make each small op up to 100x slower. Restored afterwards."""
+    hand-offs make each small op up to 100x slower. Restored afterwards. (OMP_NUM_THREADS:
+    the verbs run in-process keep to one thread too; see dtl.threads.)"""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.manual_seed(0)
     before = torch.get_num_threads()
     torch.set_num_threads(1)

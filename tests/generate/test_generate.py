@@ -143,9 +143,9 @@ def test_never_runs_past_max_seq_length():
     assert out.size(1) == 32  # left-truncated to the last 22 prompt tokens + 10 new
     assert out[0, :22].tolist() == prompt[-22:]
     assert out[0, 22:].tolist() == naive_greedy(model, prompt[-22:], 10)
-    with pytest.raises(DtlError, match="max_seq_length"):
+    with pytest.raises(DtlError, match="context"):
         generate_tokens(model, torch.tensor([prompt]), 10, truncate=False)
-    with pytest.raises(DtlError, match="below the model's max_seq_length"):
+    with pytest.raises(DtlError, match="below the model.s context"):
         generate_tokens(model, torch.tensor([[1]]), 32)
 
 
@@ -371,7 +371,7 @@ def test_dtl_generate_and_ask_print_the_library_result(dtl, model_dir, gpt2):
     "args, message",
     [
         (["--temperature", "-1"], "temperature must be in"),
-        (["--max-new-tokens", "64"], "below the model's max_seq_length"),
+        (["--max-new-tokens", "64"], "below the model's context"),
         (["--top-k", "-2"], "--top-k -2"),
         (["--top-p", "2"], "top_p must be in"),
     ],

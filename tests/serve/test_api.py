@@ -492,3 +492,28 @@ def test_dtl_serve_threads_default_to_all_cores_but_one(capsys):
     assert serve_threads(3, 2) == 3  # as asked
     assert main(["serve", "--model", "x", "--threads", "0"]) == 2
     assert "--threads 0: give at least 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the trained context
+def test_requests_must_fit_the_context_the_model_trained_at(tokenizer):
+    """A model with a 128-position table trained at 16 tokens: /v1/models says 16, and a
+    request that fits 128 but not 16 is OpenAI's 400 context_length_exceeded, both numbers."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50257, d_model=32, n_heads=2, n_layers=2, d_ff=64,
+                         max_seq_length=128, trained_seq_len=16)  # fmt: skip
+    with LiveServer(create_app(TransformerLM(config).eval(), tokenizer, NAME)) as live:
+        card = httpx.get(f"{live.url}/v1/models").json()["data"][0]
+        assert card["context_length"] == card["max_model_len"] == 16
+        assert card["max_seq_length"] == 128 and card["trained_seq_len"] == 16
+        prompt = " ".join(["word"] * 12)  # 12 tokens
+        assert len(tokenizer.encode(prompt)) == 12
+        body = {"model": NAME, "prompt": prompt, "max_tokens": 10}  # 22 > 16
+        r = httpx.post(f"{live.url}/v1/completions", json=body)
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
+        assert "16 tokens" in error["message"] and "22" in error["message"]
+        r = httpx.post(f"{live.url}/v1/completions", json={**body, "max_tokens": 4})  # 16
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"] == {"prompt_tokens": 12, "completion_tokens": 4,
+                                     "total_tokens": 16}  # fmt: skip

@@ -258,3 +258,16 @@ def test_seq_len_longer_than_the_datas_rows_is_one_clear_error(packed_data, tmp_
         capsys, argv, "--seq-len 48 is longer than the data's rows (32 tokens)", "--max-length 48"
     )
     assert not (run / "checkpoints").exists()
+
+
+def test_a_run_records_the_context_it_trained_at(rows_of_64, tmp_path):
+    """The tiny preset's table is 256 positions; trained at --seq-len 16, the model dir says
+    16, which eval, generation and serving then keep to; a resume keeps recording it."""
+    run = tmp_path / "run"
+    done = train(tiny_config(rows_of_64, run, batch_size=2, max_steps=1, seq_len=16))
+    saved = json.loads((latest_checkpoint(run) / "config.json").read_text())
+    assert saved["max_seq_length"] == 256 and saved["trained_seq_len"] == 16
+    model = TransformerLM.from_pretrained(done["checkpoint"])
+    assert model.config.context == 16 and model.config.base_seq_len is None
+    resumed = train(tiny_config(rows_of_64, run, batch_size=2, max_steps=2, seq_len=16), resume=True)
+    assert TransformerLM.from_pretrained(resumed["checkpoint"]).config.trained_seq_len == 16

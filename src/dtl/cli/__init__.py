@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dtl.errors import DtlError
@@ -63,6 +64,29 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    """`--threads N` for a verb that runs a model on the CPU; `main` applies it before the
+    verb runs, so every verb picks its default in one place, and the verb calls `say_threads`
+    once its arguments are checked (a bad one stays a single line)."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for the model (default: one per usable core, idle threads sleeping "
+        "so a busy machine costs little; under torchrun each process gets its share)",
+    )
+    parser.set_defaults(apply_threads=True)
+
+
+def say_threads(args: argparse.Namespace) -> None:
+    """Print the thread choice `main` applied, as the verb's first log line (stderr; once, and
+    only on the first torchrun rank)."""
+    choice = getattr(args, "thread_choice", None)
+    if choice is not None and os.environ.get("RANK", "0") == "0":
+        print(choice.line(), file=sys.stderr, flush=True)
+    args.thread_choice = None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "apply_threads", False):
+            from dtl.threads import apply_threads
+
+            args.thread_choice = apply_threads(args.threads, say=False)
         result = args.func(args)
     except DtlError as err:
         if getattr(args, "debug", False):

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from dtl.cli import add_common
+from dtl.cli import add_common, add_threads, say_threads
 from dtl.data.qa import QA_STOP, format_qa, qa_prompt
 from dtl.data.sources import detect_kind, iter_records
 from dtl.device import resolve_device
@@ -39,6 +39,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--no-kv-cache", action="store_true", help="recompute the whole context every step"
     )
+    add_threads(p)
     add_common(p)
     p.set_defaults(func=cmd_generate)
 
@@ -53,6 +54,7 @@ def register(subparsers) -> None:
     _model_args(p)
     p.add_argument("question", help="the question")
     _sampling_args(p, max_new=64, temperature=0.0)
+    add_threads(p)
     add_common(p)
     p.set_defaults(func=cmd_ask)
 
@@ -67,6 +69,7 @@ def register(subparsers) -> None:
     )
     _model_args(p)
     _sampling_args(p, max_new=128, temperature=0.0)
+    add_threads(p)
     add_common(p)
     p.set_defaults(func=cmd_chat)
 
@@ -99,6 +102,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--predictions", help="questions: write each prediction to this JSONL file")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    add_threads(p)
     add_common(p)
     p.set_defaults(func=cmd_eval)
 
@@ -142,6 +146,7 @@ def _sampling_args(p: argparse.ArgumentParser, max_new: int, temperature: float)
 def _load(args, device=None):
     if device is None:
         device = resolve_device(args.device)
+    say_threads(args)
     return load_model(args.model, device=device, tokenizer=args.tokenizer)
 
 
@@ -190,7 +195,7 @@ def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     opts = sampling_options(args)
     model, tokenizer = _load(args)
-    _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.max_seq_length)
+    _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.context)
     if args.echo:
         sys.stdout.write(prompt)
     _print_stream(stream(model, tokenizer, prompt, opts, use_cache=not args.no_kv_cache))
@@ -204,7 +209,7 @@ def cmd_ask(args) -> int:
     opts = dataclasses.replace(opts, stop=(QA_STOP, *opts.stop))
     model, tokenizer = _load(args)
     prompt = qa_prompt(args.question)
-    _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.max_seq_length)
+    _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.context)
     _print_stream(stream(model, tokenizer, prompt, opts), strip_leading=True)
     return 0
 
@@ -268,7 +273,7 @@ def cmd_chat(args) -> int:
         pass
     opts = sampling_options(args)
     model, tokenizer = _load(args)
-    limit = model.config.max_seq_length
+    limit = model.config.context
     opts = dataclasses.replace(opts, stop=(QA_STOP, *opts.stop))
     history: list[str] = []
     print(f"dtl chat: {args.model} ({model.num_parameters():,} parameters). /help for commands.")

@@ -43,7 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--config", type=Path, help="a model config.json, or a model directory")
     p.add_argument("--vocab-size", type=int, help="override the vocabulary size")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: max_seq_length)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        help="tokens per sequence (default: the context the model trained at, else max_seq_length)",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], help=DEVICE_HELP)
     p.add_argument("--fit", metavar="SIZE", help=FIT_HELP)
     p.add_argument(
@@ -70,7 +74,7 @@ def load_config(args: argparse.Namespace) -> tuple[str, ModelConfig]:
 
 def run(args: argparse.Namespace) -> int:
     name, config = load_config(args)
-    seq_len = args.seq_len or config.max_seq_length
+    seq_len = args.seq_len or config.context
     if args.batch_size < 1 or seq_len < 1:
         raise DtlError("--batch-size and --seq-len must be positive")
     if seq_len > config.max_seq_length:
@@ -84,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "model": name,
         "config": config.to_dict(),
+        "context": config.context,
         "parameters": params,
         "spec_claimed": SPEC_CLAIMED_PARAMS.get(name),
         "memory": {
@@ -147,6 +152,7 @@ def format_report(name: str, config: ModelConfig, p: dict, mem: dict, fit: dict 
         f"Model {name}: d_model {config.d_model}, n_heads {config.n_heads}, n_layers "
         f"{config.n_layers}, d_ff {config.d_ff}, max_seq_length {config.max_seq_length}, "
         f"vocab {config.vocab_size:,}",
+        *_context_rows(config),
         "",
         *_parameter_rows(name, config, p),
         "",
@@ -155,6 +161,26 @@ def format_report(name: str, config: ModelConfig, p: dict, mem: dict, fit: dict 
     if fit is not None:
         rows += ["", *_fit_rows(fit, mem)]
     return "\n".join(rows)
+
+
+def trained_context(config: ModelConfig) -> str:
+    """How the context eval, generation and serving use came about, in words.
+
+    >>> trained_context(ModelConfig.preset("tiny", trained_seq_len=128, base_seq_len=256))
+    'context 128 tokens: trained at 128 (fine-tuned from a model trained at 256)'
+    """
+    if config.trained_seq_len is None:
+        return f"context {config.context} tokens: max_seq_length (training did not record its rows)"
+    base = config.base_seq_len
+    source = f" (fine-tuned from a model trained at {base})" if base is not None else ""
+    return f"context {config.context} tokens: trained at {config.trained_seq_len}{source}"
+
+
+def _context_rows(config: ModelConfig) -> list[str]:
+    """The trained-context line, for a model that has one (a preset has none)."""
+    if config.trained_seq_len is None and config.base_seq_len is None:
+        return []
+    return [f"  {trained_context(config)}"]
 
 
 def _parameter_rows(name: str, config: ModelConfig, p: dict) -> list[str]:

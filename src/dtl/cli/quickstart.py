@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from dtl.cli import add_common, add_verb
+from dtl.cli import add_common, add_threads, add_verb, say_threads
+from dtl.device import resolve_device
 from dtl.errors import DtlError
-from dtl.quickstart import RECIPE, VOCAB_SIZE, quickstart
+from dtl.quickstart import RECIPE, VOCAB_SIZE, check_out_dir, check_vocab_size, quickstart
 
 EXAMPLES = """examples:
   dtl quickstart                          # trains runs/demo (about 3-10 minutes on a 2-core CPU)
@@ -49,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, weights and order")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads(p)
     add_common(p)
     p.set_defaults(func=run_quickstart)
 
@@ -56,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_quickstart(args: argparse.Namespace) -> int:
     if args.max_steps < 1:
         raise DtlError(f"--max-steps must be a positive integer, got {args.max_steps}")
+    # the library checks these again; here first, so a bad one stays a single line
+    check_vocab_size(args.vocab_size)
+    resolve_device(args.device)
+    check_out_dir(Path(args.out))
+    say_threads(args)
     result = quickstart(
         args.out,
         max_steps=args.max_steps,

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from dtl.cli import say_threads
 from dtl.errors import DtlError
 from dtl.train import train
 from dtl.train.config import (
@@ -77,12 +78,13 @@ EXAMPLES = """examples:
   dtl train --data data/corpus --out runs/muon --optimizer muon
   dtl train --config train.yaml --lr 3e-4                  # flags override the file
   dtl train --resume runs/tiny --max-steps 600             # continue exactly
+  dtl train --data data/corpus --out runs/t1 --threads 1    # leave a core to others
   torchrun --nproc_per_node 2 -m dtl train --data data/corpus --out runs/ddp
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dtl.cli import add_common
+    from dtl.cli import add_common, add_threads
 
     p = subparsers.add_parser(
         "train",
@@ -97,6 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint"
     )
     _add_config_flags(p)
+    add_threads(p)
     add_common(p)
     p.set_defaults(func=run_train)
 
@@ -133,6 +136,7 @@ def run_train(args: argparse.Namespace) -> int:
     names = setting_kinds()  # the flags given (unset ones are not in args)
     flags = {name: value for name, value in vars(args).items() if name in names}
     cfg = build_config(flags, config_file=args.config, resume=args.resume)
+    say_threads(args)
     summary = train(cfg, resume=bool(args.resume))
     if summary.get("checkpoint"):
         ppl = summary.get("val_ppl")

@@ -153,7 +153,7 @@ class ContinuousBatch:
             return False
         cache = self.loop.cache
         length = max(longest_prompt, cache.length if cache is not None else 0)
-        return length + self.loop.room_needed(max_new_tokens) <= self.model.config.max_seq_length
+        return length + self.loop.room_needed(max_new_tokens) <= self.model.config.context
 
     @torch.no_grad()
     def add(self, requests: Sequence[Request]) -> None:
@@ -167,7 +167,7 @@ class ContinuousBatch:
         device = next(self.model.parameters()).device
         ids, mask = encode_rows(prompt_ids, self.tokenizer.eos_id, device)
         longest_new = max(r.options.max_new_tokens for r in requests)
-        context = self.model.config.max_seq_length
+        context = self.model.config.context
         ids, mask = fit_context(ids, mask, longest_new, context, self.truncate)
         self.loop.add(ids, mask, list(requests))
         for r in requests:

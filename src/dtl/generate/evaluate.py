@@ -151,13 +151,13 @@ def evaluate_lm(
 
     max_tokens: stop after about this many scored tokens (documents are taken whole, the last
     one cut to fit; its bytes are counted from the decoded tokens that were kept).
-    Returns {"tokens", "bytes", "nll", "perplexity", "bits_per_byte", "documents"}.
+    Returns {"tokens", "bytes", "nll", "perplexity", "bits_per_byte", "documents", "window"}.
     """
     stream, targets, n_bytes, docs = _token_stream(tokenizer, texts, max_tokens)
     n_scored = int((targets != -100).sum())
     if n_scored == 0:
         raise DtlError("no text to evaluate: the input held no tokens")
-    window = model.config.max_seq_length
+    window = model.config.context
     device = next(model.parameters()).device
     total_nll = 0.0
     starts = list(range(0, len(stream) - 1, window))
@@ -185,6 +185,7 @@ def evaluate_lm(
         "nll": total_nll / n_scored,
         "perplexity": math.exp(total_nll / n_scored),
         "bits_per_byte": total_nll / math.log(2) / n_bytes,
+        "window": window,  # the model's context: what it trained at
     }
 
 

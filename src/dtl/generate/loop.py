@@ -14,7 +14,9 @@ continuous batching (`dtl.generate.batch`) all drive this `TokenLoop`.
 >>> out.shape  # the prompt followed by 5 new tokens
 torch.Size([1, 8])
 
-Context length: a prompt never runs the model past its `max_seq_length`. When
+Context length: a prompt never runs the model past its context, `model.config.context`: the
+tokens per row it was trained at (else, for a model saved before that was recorded, its
+`max_seq_length`); positions past it were never trained and only cost quality. When
 prompt + max_new_tokens does not fit, the prompt is left-truncated (its oldest tokens are
 dropped) so that it does, unless `truncate=False`, which raises a DtlError instead.
 """
@@ -79,24 +81,25 @@ def fit_context(
     input_ids: Tensor,
     attention_mask: Tensor | None,
     max_new_tokens: int,
-    max_seq_length: int,
+    context: int,
     truncate: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """Left-truncate (B, T) prompts so T + max_new_tokens <= max_seq_length, or raise."""
+    """Left-truncate (B, T) prompts so T + max_new_tokens <= context, or raise."""
     if max_new_tokens < 1:
         raise DtlError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if max_new_tokens >= max_seq_length:
+    if max_new_tokens >= context:
         raise DtlError(
-            f"max_new_tokens ({max_new_tokens}) must be below the model's max_seq_length "
-            f"({max_seq_length}) so that at least one prompt token fits"
+            f"max_new_tokens ({max_new_tokens}) must be below the model's context ({context} "
+            "tokens, what it was trained at) so that at least one prompt token fits"
         )
-    room = max_seq_length - max_new_tokens
+    room = context - max_new_tokens
     if input_ids.size(1) <= room:
         return input_ids, attention_mask
     if not truncate:
         raise DtlError(
             f"prompt of {input_ids.size(1)} tokens + {max_new_tokens} new tokens exceeds the "
-            f"model's max_seq_length ({max_seq_length}); shorten the prompt or max_new_tokens"
+            f"model's context ({context} tokens, what it was trained at); shorten the prompt or "
+            "max_new_tokens"
         )
     mask = None if attention_mask is None else attention_mask[:, -room:]
     if mask is not None and bool((mask.sum(1) == 0).any()):
@@ -323,7 +326,7 @@ def generate_tokens(
         options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed,
                                   max_new_tokens=max_new_tokens)  # fmt: skip
     input_ids, attention_mask = fit_context(
-        input_ids, attention_mask, options.max_new_tokens, model.config.max_seq_length, truncate
+        input_ids, attention_mask, options.max_new_tokens, model.config.context, truncate
     )
     steps = list(iter_tokens(model, input_ids, options, eos_id, use_cache, attention_mask))
     return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)

@@ -123,7 +123,7 @@ def generate(
     texts = [""] * len(prompts)
     results: list[Completion | None] = [None] * len(prompts)
     lengths = prompt_lengths(tokenizer, prompts)
-    room = model.config.max_seq_length - options.max_new_tokens
+    room = model.config.context - options.max_new_tokens
     for chunk in stream_batch(model, tokenizer, prompts, use_cache=use_cache, truncate=truncate,
                               options=options):  # fmt: skip
         texts[chunk.index] += chunk.text

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dtl.errors import DtlError
 
 GPT2_VOCAB_SIZE = 50_257
+# ModelConfig's fields that record training, not the model's sizes (never training flags).
+TRAINED_FIELDS = ("trained_seq_len", "base_seq_len")
 
 
 @dataclass(frozen=True)
@@ -31,12 +33,26 @@ class ModelConfig:
     d_ff: int = 1024
     max_seq_length: int = 512
     dropout: float = 0.1
+    # What the weights were trained at (tokens per row), recorded by training; not sizes, so
+    # they take no part in comparing two models. `trained_seq_len` is the latest run's;
+    # `base_seq_len` the source model's when a run started from another's weights
+    # (--init-from). None: a model saved before they were recorded (see `context`).
+    trained_seq_len: int | None = field(default=None, compare=False)
+    base_seq_len: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise DtlError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        for name in TRAINED_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 < value <= self.max_seq_length):  # fmt: skip
+                raise DtlError(
+                    f"ModelConfig.{name} must be an integer from 1 to max_seq_length "
+                    f"({self.max_seq_length}), got {value!r}"
+                )
         if self.d_model % self.n_heads:
             raise DtlError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}): "
@@ -45,6 +61,17 @@ class ModelConfig:
             )
         if not 0.0 <= float(self.dropout) < 1.0:
             raise DtlError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def context(self) -> int:
+        """The positions the model was trained on, which eval, generation and serving keep
+        to: the latest run's rows, else (a model saved before this was recorded, a legacy
+        .pt) max_seq_length, the positional table's length.
+
+        >>> ModelConfig.preset("tiny", trained_seq_len=128).context
+        128
+        """
+        return self.trained_seq_len or self.max_seq_length
 
     @property
     def d_k(self) -> int:
@@ -71,7 +98,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data) - {"dropout"}
+        missing = names - set(data) - {"dropout", *TRAINED_FIELDS}
         if missing:
             raise DtlError(f"model config is missing field(s) {sorted(missing)}")
         return cls(**{k: v for k, v in data.items() if k in names})

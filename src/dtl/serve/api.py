@@ -1,7 +1,9 @@
 """An OpenAI-compatible HTTP API over one loaded model (FastAPI).
 
     GET  /health                 {"status": "ok", "model": NAME}
-    GET  /v1/models              OpenAI's model list, plus "parameters" and "max_seq_length"
+    GET  /v1/models              OpenAI's model list, plus "parameters", "context_length" (the
+                                 tokens it trained at, which requests must fit; vLLM's
+                                 "max_model_len" too) and "max_seq_length" (its position table)
     POST /v1/completions         prompt -> text; `stream: true` sends server-sent events
     POST /v1/chat/completions    messages -> the Q&A template (the last user message is the
                                  question, earlier user/assistant pairs come before it)
@@ -95,9 +97,7 @@ def _add_auth_and_errors(app: FastAPI, api_key: str | None) -> None:
 
 
 def _add_model_routes(app: FastAPI, model, model_name: str) -> None:
-    card = _model_card(
-        model_name, int(time.time()), model.num_parameters(), model.config.max_seq_length
-    )
+    card = _model_card(model_name, int(time.time()), model.num_parameters(), model.config)
 
     @app.get("/health")
     async def health():
@@ -121,7 +121,7 @@ def _add_model_routes(app: FastAPI, model, model_name: str) -> None:
 
 def _add_generation_routes(app: FastAPI, model_name: str) -> None:
     state = app.state
-    context = state.model.config.max_seq_length
+    context = state.model.config.context
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
@@ -182,9 +182,16 @@ def _needs_key(path: str) -> bool:
     return path.startswith("/v1") or path == "/health"
 
 
-def _model_card(name: str, created: int, n_params: int, context: int) -> dict:
+def _model_card(name: str, created: int, n_params: int, config) -> dict:
+    """OpenAI's model object, plus the context a request must fit (`context_length`, and
+    vLLM's `max_model_len`) and what it comes from: the tokens per row the model trained at
+    (`trained_seq_len`; `base_seq_len` is its source's when it was fine-tuned from another
+    model), else, for a model saved before that was recorded, `max_seq_length`."""
     return {"id": name, "object": "model", "created": created, "owned_by": "dtl",
-            "parameters": n_params, "max_seq_length": context}  # fmt: skip
+            "parameters": n_params, "context_length": config.context,
+            "max_model_len": config.context, "max_seq_length": config.max_seq_length,
+            "trained_seq_len": config.trained_seq_len,
+            "base_seq_len": config.base_seq_len}  # fmt: skip
 
 
 async def _submit(batcher: Batcher, request: Request, http: HttpRequest | None = None):

@@ -30,12 +30,17 @@ from typing import Any
 import yaml
 
 from dtl.errors import DtlError
-from dtl.model.config import ModelConfig
+from dtl.model.config import TRAINED_FIELDS, ModelConfig
 from dtl.run_dir import CONFIG_FILE
 from dtl.train import optim
 
-# The model's sizes a run may set; its context (max_seq_length) is the preset's, never a flag.
-MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "max_seq_length")
+# The model's sizes a run may set; its context (max_seq_length) is the preset's, never a flag,
+# and what it trained at (TRAINED_FIELDS) is recorded by training.
+MODEL_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(ModelConfig)
+    if f.name not in ("max_seq_length", *TRAINED_FIELDS)
+)
 # Settings a resumed run must share with the saved one: they fix the model or the data order.
 RESUME_LOCKED = ("data", "preset", *MODEL_FIELDS, "seq_len", "batch_size", "grad_accum", "seed")
 # The max_length a raw --data file is prepared at when no --seq-len is given.

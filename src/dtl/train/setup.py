@@ -110,6 +110,8 @@ def setup_run(cfg: TrainConfig, resume: bool = False) -> RunSetup:
     model_config = build_model_config(cfg, meta, settings.seq_len)
     if resume:
         model_config = _resumed_context(run_dir, model_config, settings.seq_len)
+    # the saved model records the context it trains at: eval, generation and serving keep to it
+    model_config = dataclasses.replace(model_config, trained_seq_len=settings.seq_len)
     return RunSetup(
         cfg, resume, dist, prec, run_dir, data_dir, meta, tokenizer, settings, model_config
     )

@@ -12,7 +12,7 @@ const CHARS_PER_TOKEN = 3; // a cautious guess, to keep a long text's tail insid
 
 const state = {
   model: null, // the id from v1/models
-  contextLength: null, // max_seq_length from v1/models
+  contextLength: null, // context_length from v1/models: the tokens the model trained at
   apiKey: sessionStorage.getItem("dtl-api-key") || "",
   needsKey: false,
 };
@@ -222,7 +222,7 @@ async function loadModel() {
     return false;
   }
   state.model = entry.id;
-  state.contextLength = Number(entry.max_seq_length) || null;
+  state.contextLength = Number(entry.context_length || entry.max_seq_length) || null;
   $("model-name").textContent = entry.id;
   $("model-name").title = "model name (v1/models)";
   const params = Number(entry.parameters);
