@@ -350,7 +350,8 @@ def model_dir(tmp_path, gpt2):
 
 
 def test_dtl_generate_and_ask_print_the_library_result(dtl, model_dir, gpt2):
-    from dtl.data.qa import QA_STOP, qa_prompt
+    from dtl.data.qa import qa_prompt, qa_stops
+    from dtl.generate.sampling import ASK_DEFAULTS
     from dtl.model.store import load_model
 
     model, _ = load_model(model_dir)
@@ -360,8 +361,10 @@ def test_dtl_generate_and_ask_print_the_library_result(dtl, model_dir, gpt2):
                              "--max-new-tokens", 10, "--temperature", 0, *extra)  # fmt: skip
         assert code == 0, err
         assert out == want + "\n"
+    # ask's defaults: greedy, the repetition penalty, the Q&A stops
+    penalty = ASK_DEFAULTS.repetition_penalty
     answer = generate(model, gpt2, qa_prompt("Who was Rollo?"), 12, temperature=0,
-                      stop=[QA_STOP])[0].text  # fmt: skip
+                      repetition_penalty=penalty, stop=qa_stops())[0].text  # fmt: skip
     code, out, err = dtl("ask", "--model", model_dir, "Who was Rollo?", "--max-new-tokens", 12)
     assert code == 0, err
     assert out == answer.lstrip() + "\n"

@@ -58,6 +58,14 @@ class SamplingOptions:
             )
 
 
+# What `dtl ask`, `dtl chat` and the web page's Ask tab start from (the page fetches it from
+# the server's GET /v1/ask_defaults): greedy, so the same question gives the same answer, with
+# a repetition penalty, which stopped the quickstart model's "of the history of the history
+# of ..." loops (docs/generation.md: the measurement). Q&A callers add `qa_stops()`.
+ASK_DEFAULTS = SamplingOptions(temperature=0.0, top_k=50, repetition_penalty=1.3,
+                               max_new_tokens=64)  # fmt: skip
+
+
 # ---------------------------------------------------------------------- sampling one step
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     """CTRL (Keskar et al. 2019): a seen token's logit is divided by `penalty` when positive,
