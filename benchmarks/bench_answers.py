@@ -7,12 +7,13 @@ For a Q&A run (e.g. `dtl quickstart`'s runs/demo), two question sets:
   seen      the same kind of pairs from documents in train (what a first user types, like
             "What is anarchism?", mostly is one of these).
 Each question is answered as `dtl ask` answers it (greedy, `qa_stops()`, max 64 new tokens)
-at each `--penalties` value. Printed per set and penalty:
+with each `--configs` PENALTY:NGRAM (repetition penalty, no-repeat n-gram size; 1:0 is plain
+greedy). Printed per set and config:
   ended     share of answers that stop (end-of-text or a Q&A marker) before the token limit
   rep3      share of answers with a repeated word 3-gram ("of the history ... of the history")
   EM / F1   SQuAD exact match and F1 (official normalisation) against the pair's answer
 
-    python benchmarks/bench_answers.py --model runs/demo [--limit 200] [--penalties 1 1.2 1.3]
+    python benchmarks/bench_answers.py --model runs/demo [--limit 200] [--configs 1:0 1.3:0 1:3]
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def has_repeated_ngram(text: str, n: int = 3) -> bool:
     return len(grams) != len(set(grams))
 
 
-def measure(model, tokenizer, pairs, penalty: float, batch_size: int = 16) -> dict:
-    options = dataclasses.replace(ASK_DEFAULTS, repetition_penalty=penalty, stop=qa_stops())
+def measure(model, tokenizer, pairs, penalty: float, ngram: int, batch_size: int = 16) -> dict:
+    options = dataclasses.replace(ASK_DEFAULTS, repetition_penalty=penalty,
+                                  no_repeat_ngram_size=ngram, stop=qa_stops())  # fmt: skip
     done = []
     for start in range(0, len(pairs), batch_size):
         prompts = [f"Question: {q}\nAnswer:" for q, _ in pairs[start : start + batch_size]]
@@ -67,6 +69,7 @@ def measure(model, tokenizer, pairs, penalty: float, batch_size: int = 16) -> di
     scores = squad_scores(answers, [[a] for _, a in pairs])
     return {
         "penalty": penalty,
+        "ngram": ngram,
         "n": len(pairs),
         "ended": sum(c.finish_reason == "stop" for c in done) / len(done),
         "rep3": sum(has_repeated_ngram(a) for a in answers) / len(answers),
@@ -79,15 +82,17 @@ def measure(model, tokenizer, pairs, penalty: float, batch_size: int = 16) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a quickstart-style run dir")
+    parser.add_argument("--checkpoint", help="a checkpoint of that run (default: its latest)")
     parser.add_argument("--limit", type=int, default=200, help="questions per set (200)")
-    parser.add_argument("--penalties", type=float, nargs="+", default=[1.0, 1.1, 1.2, 1.3, 1.5])
+    parser.add_argument("--configs", nargs="+", default=["1:0", "1.2:0", "1.3:0", "1:3", "1.3:3"])
     args = parser.parse_args()
-    model, tokenizer = load_model(args.model, device="cpu")
+    model, tokenizer = load_model(args.checkpoint or args.model, device="cpu")
     sets = question_sets(Path(args.model))
     for name, pairs in sets.items():
         pairs = pairs[: args.limit]
-        for penalty in args.penalties:
-            row = measure(model, tokenizer, pairs, penalty)
+        for config in args.configs:
+            penalty, ngram = config.split(":")
+            row = measure(model, tokenizer, pairs, float(penalty), int(ngram))
             print(json.dumps({"set": name, **row}), flush=True)
 
 

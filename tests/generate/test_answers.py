@@ -102,3 +102,21 @@ def test_api_completions_keep_openai_stops(api, gpt2):
     want = gpt2.decode(gpt2.encode(ANSWER + run_on)[:14])
     assert full["choices"][0]["text"] == want and "\nQuestion:" in want
     assert cut["choices"][0]["text"] == want[: want.index("Who")]
+
+
+def test_api_no_repeat_ngram_size_is_checked_and_honoured(api, gpt2):
+    """dtl's documented extension: a bad value is OpenAI's 400 naming it; a good one bans
+    the repeat the scripted model would write ("Rollo was a Viking leader." twice)."""
+    with api(ANSWER * 2) as client:  # the script: the answer, then the answer again
+        for bad in (-1, "3", 1.5, 100):
+            r = client.post("/v1/completions", json={"prompt": "Hi", "no_repeat_ngram_size": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "no_repeat_ngram_size"
+        body = {"prompt": "Q:", "max_tokens": 12, "temperature": 0}
+        free = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        banned = client.post("/v1/completions", json={**body, "no_repeat_ngram_size": 3})
+    assert free.startswith(ANSWER + ANSWER[:5])
+    text = banned.json()["choices"][0]["text"]
+    # " Rollo was" is the trigram " Roll", "o", " was" again: " was" is banned and the
+    # scripted model's next best is token 0, "!"
+    assert [gpt2.decode([t]) for t in gpt2.encode(" Rollo was")] == [" Roll", "o", " was"]
+    assert text.startswith(ANSWER + " Rollo!")

@@ -143,6 +143,9 @@ def _sampling_args(p: argparse.ArgumentParser, defaults: SamplingOptions) -> Non
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
                    help="CTRL penalty for tokens already in the prompt or answer (1 = off; "
                    f"default {d.repetition_penalty})")  # fmt: skip
+    p.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram_size, metavar="N",
+                   help="never repeat an N-token sequence of the prompt or answer (0 = off; "
+                   f"default {d.no_repeat_ngram_size})")  # fmt: skip
     p.add_argument("--seed", type=int, help="same seed, same output")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable)")  # fmt: skip
@@ -166,6 +169,7 @@ def sampling_options(args) -> SamplingOptions:
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
         stop=tuple(args.stop),
+        no_repeat_ngram_size=args.no_repeat_ngram,
     )
 
 
@@ -228,6 +232,7 @@ CHAT_HELP = """commands:
   /top-p X           nucleus sampling mass (1 = off)
   /max N             at most N new tokens per answer
   /penalty X         repetition penalty (1 = off)
+  /ngram N           never repeat an N-token sequence (0 = off)
   /seed N            fix the seed (/seed off for random)
   /settings          show the current settings
 Ctrl-C stops an answer that is being generated."""
@@ -239,6 +244,7 @@ _CHAT_SETTINGS = {  # command -> (option, parse)
     "/top-p": ("top_p", lambda s: None if float(s) >= 1 else float(s)),
     "/max": ("max_new_tokens", int),
     "/penalty": ("repetition_penalty", float),
+    "/ngram": ("no_repeat_ngram_size", int),
     "/seed": ("seed", lambda s: None if s == "off" else int(s)),
 }
 

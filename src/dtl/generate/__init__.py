@@ -23,6 +23,7 @@ from dtl.generate.loop import (
 from dtl.generate.sampling import (
     SamplingOptions,
     apply_repetition_penalty,
+    ban_repeated_ngrams,
     context_tokens,
     filter_top_p,
     sample_next,
@@ -32,7 +33,7 @@ from dtl.generate.text import Completion, generate, stream, stream_batch, stream
 
 __all__ = [
     "Completion", "ContinuousBatch", "Request", "RowText", "SamplingOptions", "StreamChunk",
-    "TokenLoop", "apply_repetition_penalty", "context_tokens", "encode_prompts", "filter_top_p",
+    "TokenLoop", "apply_repetition_penalty", "ban_repeated_ngrams", "context_tokens", "encode_prompts", "filter_top_p",
     "fit_context", "generate", "generate_tokens", "iter_tokens", "last_logits", "prompt_lengths",
     "sample_next", "seeded_generator", "stream", "stream_batch", "stream_requests",
 ]

@@ -62,6 +62,7 @@ def ask_defaults(options: SamplingOptions = ASK_DEFAULTS) -> dict:
         "top_k": options.top_k or 0,
         "top_p": options.top_p or 1.0,
         "repetition_penalty": options.repetition_penalty,
+        "no_repeat_ngram_size": options.no_repeat_ngram_size,
         "max_tokens": options.max_new_tokens,
         "stop": list(qa_stops(options.stop)),  # informative: chat completions add them anyway
     }

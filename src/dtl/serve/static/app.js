@@ -263,6 +263,7 @@ const SETTINGS = [
   ["top-k", 50, 0, 1e6, true],
   ["top-p", 1, 0.05, 1, false],
   ["repetition-penalty", 1.3, 1, 3, false],
+  ["no-repeat-ngram", 0, 0, 64, true],
   ["max-tokens", 64, 1, 1e6, true],
   ["suggest-tokens", 16, 1, 1e6, true],
 ];
@@ -272,6 +273,7 @@ const ASK_DEFAULT_FIELDS = {
   "top-k": "top_k",
   "top-p": "top_p",
   "repetition-penalty": "repetition_penalty",
+  "no-repeat-ngram": "no_repeat_ngram_size",
   "max-tokens": "max_tokens",
 };
 
@@ -295,7 +297,9 @@ function samplingFields() {
   const topK = setting("top-k");
   if (topK > 0) fields.top_k = topK; // not in OpenAI's schema: the server honours or ignores it
   const penalty = setting("repetition-penalty");
-  if (penalty !== 1) fields.repetition_penalty = penalty; // dtl's documented extension
+  if (penalty !== 1) fields.repetition_penalty = penalty; // dtl's documented extensions
+  const ngram = setting("no-repeat-ngram");
+  if (ngram > 0) fields.no_repeat_ngram_size = ngram;
   return fields;
 }
 
