@@ -324,8 +324,27 @@ def test_ask_tab_starts_from_dtl_asks_settings(page, servers):
     assert body["top_k"] == ask.top_k and body["max_tokens"] == ask.max_new_tokens
     assert body["repetition_penalty"] == ask.repetition_penalty > 1
     assert body["top_p"] == 1 and ask.top_p is None  # 1 = no nucleus filter
+    assert body.get("no_repeat_ngram_size", 0) == ask.no_repeat_ngram
     assert page.text_content("#answer") == _greedy_chat(servers["open"], "Where is the river?",
                                                         ask.max_new_tokens)  # fmt: skip
+
+
+@pytest.mark.browser
+def test_ask_tab_takes_its_defaults_from_the_server_not_a_copy(page, servers):
+    """Answer GET /ask_defaults with other values: the page's request must carry them."""
+    other = {"temperature": 0, "top_k": 7, "top_p": 1.0, "repetition_penalty": 1.7,
+             "no_repeat_ngram_size": 2, "max_tokens": 33, "stop": []}  # fmt: skip
+    page.route("**/ask_defaults", lambda route: route.fulfill(json=other))
+    _open(page, servers["open"])
+    page.wait_for_function("() => document.getElementById('max-tokens').value === '33'")
+    sent: list[dict] = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" else None)
+    page.fill("#question", "Where is the river?")
+    page.press("#question", "Enter")
+    page.wait_for_function("() => document.getElementById('answer').dataset.state === 'done'")
+    body = sent[0]
+    assert (body["top_k"], body["repetition_penalty"], body["max_tokens"]) == (7, 1.7, 33)
+    assert body["no_repeat_ngram_size"] == 2
 
 
 @pytest.mark.browser
