@@ -155,3 +155,35 @@ def test_missing_and_empty_inputs(gpt2, tmp_path):
     with pytest.raises(DtlError, match="no documents or Q&A pairs came out of"):
         prepare([tmp_path / "e.jsonl"], tmp_path / "d", progress=False)
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("answer_only_loss", [False, True])
+def test_pack_qa_rows_end_each_answer_with_a_counted_end_of_text(
+    gpt2, gpt2_dir, tmp_path, answer_only_loss
+):
+    """Hand-built: two Q&A records packed into rows of 8 tokens. Each answer is followed by
+    end-of-text (50256), and that token is a loss target, so a model learns to stop."""
+    pairs = [("Who wrote Hamlet?", "William Shakespeare"), ("What is two plus two?", "Four")]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in pairs))
+    prepare([path], tmp_path / "d", mode="pack", max_length=8, val_fraction=0.0,
+            answer_only_loss=answer_only_loss, progress=False)  # fmt: skip
+    oracle = gpt2_oracle(gpt2_dir)
+    heads = [oracle.encode(f"Question: {q}\nAnswer:").ids for q, _ in pairs]
+    stream, scored = [], []
+    for head, (_, answer) in zip(heads, pairs, strict=True):
+        rest = [*oracle.encode(f" {answer}").ids, 50256]
+        stream += head + rest
+        scored += [not answer_only_loss] * len(head) + [True] * len(rest)
+    data = TokenDataset(tmp_path / "d", "train", seq_len=8)
+    assert len(data) == (len(stream) - 1) // 8 >= 2
+    for i in range(len(data)):
+        window = slice(i * 8 + 1, i * 8 + 9)  # a row's targets: the next 8 tokens
+        want = [t if ok else IGNORE_INDEX for t, ok in zip(stream[window], scored[window],
+                                                          strict=True)]  # fmt: skip
+        assert data[i]["targets"].tolist() == want
+    # the first answer's end-of-text is inside the rows and is a target
+    first_eos = stream.index(50256)
+    assert first_eos <= 8 * len(data)
+    row, col = divmod(first_eos - 1, 8)
+    assert data[row]["targets"][col] == 50256

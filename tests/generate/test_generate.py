@@ -350,7 +350,8 @@ def model_dir(tmp_path, gpt2):
 
 
 def test_dtl_generate_and_ask_print_the_library_result(dtl, model_dir, gpt2):
-    from dtl.data.qa import QA_STOP, qa_prompt
+    from dtl.data.qa import qa_prompt, qa_stops
+    from dtl.generate.sampling import ASK_DEFAULTS
     from dtl.model.store import load_model
 
     model, _ = load_model(model_dir)
@@ -360,8 +361,10 @@ def test_dtl_generate_and_ask_print_the_library_result(dtl, model_dir, gpt2):
                              "--max-new-tokens", 10, "--temperature", 0, *extra)  # fmt: skip
         assert code == 0, err
         assert out == want + "\n"
+    # ask's defaults: greedy, the repetition penalty, the Q&A stops
+    penalty = ASK_DEFAULTS.repetition_penalty
     answer = generate(model, gpt2, qa_prompt("Who was Rollo?"), 12, temperature=0,
-                      stop=[QA_STOP])[0].text  # fmt: skip
+                      repetition_penalty=penalty, stop=qa_stops())[0].text  # fmt: skip
     code, out, err = dtl("ask", "--model", model_dir, "Who was Rollo?", "--max-new-tokens", 12)
     assert code == 0, err
     assert out == answer.lstrip() + "\n"
@@ -433,3 +436,51 @@ def test_a_tiny_temperature_is_nearly_greedy_not_an_overflow(top_k):
     opts = SamplingOptions(temperature=1e-30, top_k=top_k, top_p=0.9, seed=0)
     got = sample_next(logits, opts, None, torch.Generator().manual_seed(0))
     assert torch.equal(got, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngrams_match_hugging_face(n):
+    """The oracle: transformers' NoRepeatNGramLogitsProcessor on the same logits and rows."""
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    from dtl.generate import ban_repeated_ngrams
+
+    torch.manual_seed(n)
+    rows = torch.tensor(
+        [[5, 6, 7, 5, 6, 7, 5, 6], [1, 2, 3, 4, 1, 2, 1, 2], [9, 9, 9, 9, 9, 9, 9, 9]]
+    )
+    logits = torch.randn(3, 12)
+    ours = ban_repeated_ngrams(logits, rows.tolist(), n)
+    theirs = NoRepeatNGramLogitsProcessor(n)(rows, logits.clone())
+    assert torch.equal(ours, theirs)
+    assert torch.isinf(ours).any()  # each case bans something
+
+
+def test_no_repeat_ngram_hand_computed():
+    # "a b c a b": n=3, the head "a b" was followed by "c" -> "c" is banned; n=2, the head "b"
+    # was followed by "c" -> "c" again; n=4, the head "c a b" never occurred before.
+    a, b, c = 0, 1, 2
+    logits = torch.zeros(1, 4)
+    assert _banned(logits, [a, b, c, a, b], 3) == [c]
+    assert _banned(logits, [a, b, c, a, b], 2) == [c]
+    assert _banned(logits, [a, b, c, b, a], 2) == [b]  # after "a": "a b" was seen
+    assert _banned(logits, [a, b, c, a, b], 4) == []  # "c a b" never followed by anything yet
+
+
+def _banned(logits, seq, n):
+    from dtl.generate import ban_repeated_ngrams
+
+    out = ban_repeated_ngrams(logits, [seq], n)
+    return torch.isinf(out[0]).nonzero().flatten().tolist()
+
+
+def test_no_repeat_ngram_greedy_never_repeats_a_trigram():
+    """Greedy through the whole loop (cache, prompt included) with n=3: no trigram twice."""
+    model = tiny_model(vocab_size=13)
+    prompt = torch.tensor([[3, 4, 5, 3, 4]])
+    free = generate_tokens(model, prompt, 40, temperature=0)[0].tolist()
+    banned = generate_tokens(model, prompt, 40, options=SamplingOptions(
+        temperature=0, max_new_tokens=40, no_repeat_ngram_size=3))[0].tolist()  # fmt: skip
+    grams = [tuple(banned[i : i + 3]) for i in range(len(banned) - 2)]
+    assert len(grams) == len(set(grams))
+    assert len({tuple(free[i : i + 3]) for i in range(len(free) - 2)}) < len(free) - 2  # it loops

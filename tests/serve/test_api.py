@@ -19,7 +19,7 @@ import uvicorn
 
 import dtl.generate.loop
 from dtl import ModelConfig, TransformerLM
-from dtl.data.qa import QA_STOP, qa_prompt
+from dtl.data.qa import qa_prompt, qa_stops
 from dtl.generate import generate
 from dtl.generate import loop as token_loop
 from dtl.generate.loop import TokenLoop
@@ -175,7 +175,7 @@ def test_streamed_completion_equals_whole(client, model, tokenizer):
 
 def test_chat_uses_the_qa_template_streamed_or_not(client, model, tokenizer):
     question = "Who was Rollo?"
-    want = expected(model, tokenizer, qa_prompt(question), 10, stop=[QA_STOP]).text.lstrip()
+    want = expected(model, tokenizer, qa_prompt(question), 10, stop=qa_stops()).text.lstrip()
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": question}]
     got = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10,
                                          temperature=0)  # fmt: skip

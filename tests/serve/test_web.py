@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from testkit import PROJECT_ROOT, shared_path
 
+from dtl.generate.sampling import ASK_DEFAULTS
 from dtl.serve.page import STATIC_DIR, add_page_routes
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -227,18 +228,23 @@ def _open(page, base: str, mode: str = "ask") -> None:
     page.wait_for_function("() => document.getElementById('model-params').textContent !== ''")
 
 
-def _greedy_chat(base: str, question: str, max_tokens: int, top_k=40, top_p=0.95) -> str:
+# The page's settings until the user changes them: `dtl ask`'s (GET /ask_defaults).
+PENALTY = ASK_DEFAULTS.repetition_penalty
+
+
+def _greedy_chat(base: str, question: str, max_tokens: int, top_k=50, top_p=1.0) -> str:
     reply = _openai(base).chat.completions.create(
         model=MODEL_NAME, messages=[{"role": "user", "content": question}],
-        max_tokens=max_tokens, temperature=0, top_p=top_p, extra_body={"top_k": top_k},
+        max_tokens=max_tokens, temperature=0, top_p=top_p,
+        extra_body={"top_k": top_k, "repetition_penalty": PENALTY},
     )  # fmt: skip
     return reply.choices[0].message.content
 
 
 def _greedy_completion(base: str, prompt: str, max_tokens: int) -> str:
     reply = _openai(base).completions.create(
-        model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, top_p=0.95,
-        extra_body={"top_k": 40},
+        model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, top_p=1.0,
+        extra_body={"top_k": 50, "repetition_penalty": PENALTY},
     )  # fmt: skip
     return reply.choices[0].text
 
@@ -286,7 +292,8 @@ def test_ask_streams_the_answer_in_several_updates(page, servers):
     _shot(page, "ask-answer")
     assert sent == [
         {"model": MODEL_NAME, "messages": [{"role": "user", "content": question}],
-         "max_tokens": 120, "stream": True, "temperature": 0, "top_p": 0.5, "top_k": 7}
+         "max_tokens": 120, "stream": True, "temperature": 0, "top_p": 0.5, "top_k": 7,
+         "repetition_penalty": PENALTY}
     ]  # fmt: skip
 
     lengths = [n for n in page.evaluate("window.lengths") if n > 0]
@@ -295,6 +302,49 @@ def test_ask_streams_the_answer_in_several_updates(page, servers):
     assert page.text_content("#answer") == _greedy_chat(servers["open"], question, 120, 7, 0.5)
     assert page.text_content("#ask-status").startswith("Done")
     assert page.is_enabled("#ask-btn") and page.is_disabled("#stop-btn")
+
+
+@pytest.mark.browser
+def test_ask_tab_starts_from_dtl_asks_settings(page, servers):
+    """Untouched settings send what `dtl ask` uses: its parser's defaults are the oracle."""
+    from dtl.cli import build_parser
+
+    ask = build_parser().parse_args(["ask", "--model", "m", "q"])
+    _open(page, servers["open"])
+    page.wait_for_function(
+        "() => document.getElementById('repetition-penalty-out').textContent !== ''"
+    )
+    sent: list[dict] = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" else None)
+    page.fill("#question", "Where is the river?")
+    page.press("#question", "Enter")
+    page.wait_for_function("() => document.getElementById('answer').dataset.state === 'done'")
+    body = sent[0]
+    assert body["temperature"] == ask.temperature == 0
+    assert body["top_k"] == ask.top_k and body["max_tokens"] == ask.max_new_tokens
+    assert body["repetition_penalty"] == ask.repetition_penalty > 1
+    assert body["top_p"] == 1 and ask.top_p is None  # 1 = no nucleus filter
+    assert body.get("no_repeat_ngram_size", 0) == ask.no_repeat_ngram
+    assert page.text_content("#answer") == _greedy_chat(servers["open"], "Where is the river?",
+                                                        ask.max_new_tokens)  # fmt: skip
+
+
+@pytest.mark.browser
+def test_ask_tab_takes_its_defaults_from_the_server_not_a_copy(page, servers):
+    """Answer GET /ask_defaults with other values: the page's request must carry them."""
+    other = {"temperature": 0, "top_k": 7, "top_p": 1.0, "repetition_penalty": 1.7,
+             "no_repeat_ngram_size": 2, "max_tokens": 33, "stop": []}  # fmt: skip
+    page.route("**/ask_defaults", lambda route: route.fulfill(json=other))
+    _open(page, servers["open"])
+    page.wait_for_function("() => document.getElementById('max-tokens').value === '33'")
+    sent: list[dict] = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" else None)
+    page.fill("#question", "Where is the river?")
+    page.press("#question", "Enter")
+    page.wait_for_function("() => document.getElementById('answer').dataset.state === 'done'")
+    body = sent[0]
+    assert (body["top_k"], body["repetition_penalty"], body["max_tokens"]) == (7, 1.7, 33)
+    assert body["no_repeat_ngram_size"] == 2
 
 
 @pytest.mark.browser
@@ -408,7 +458,7 @@ def test_a_wrong_api_key_shows_the_error_and_the_right_one_works(page, servers):
     page.wait_for_function("() => document.getElementById('answer').dataset.state === 'done'")
     expected = _openai(base, API_KEY).chat.completions.create(
         model=MODEL_NAME, messages=[{"role": "user", "content": "Is the key sent?"}],
-        max_tokens=6, temperature=0,
+        max_tokens=6, temperature=0, extra_body={"repetition_penalty": PENALTY},
     )  # fmt: skip
     assert page.text_content("#answer") == expected.choices[0].message.content
 

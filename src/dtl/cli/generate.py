@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 from dtl.cli import add_common, add_threads, say_threads
-from dtl.data.qa import QA_STOP, format_qa, qa_prompt
+from dtl.data.qa import format_qa, qa_prompt, qa_stops
 from dtl.data.sources import detect_kind, iter_records
 from dtl.device import resolve_device
 from dtl.errors import DtlError
 from dtl.fileio import atomic_write_text
 from dtl.generate.evaluate import evaluate_lm, evaluate_squad
-from dtl.generate.sampling import SamplingOptions
+from dtl.generate.sampling import ASK_DEFAULTS, SamplingOptions
 from dtl.generate.text import stream
 from dtl.model.store import load_model
 
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     )
     _model_args(p)
     p.add_argument("--prompt", required=True, help="the text to continue ('-' reads stdin)")
-    _sampling_args(p, max_new=100, temperature=0.8)
+    _sampling_args(p, SamplingOptions(temperature=0.8, top_k=50, max_new_tokens=100))
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     p.add_argument(
         "--no-kv-cache", action="store_true", help="recompute the whole context every step"
@@ -48,12 +48,18 @@ def register(subparsers) -> None:
         help="answer a question with the Q&A template",
         formatter_class=formatter,
         description="Wrap the question in the Q&A template ('Question: ...\\nAnswer:') and print "
-        "only the answer (greedy unless --temperature is given).",
-        epilog='example:\n  dtl ask --model runs/qa "What is the capital of France?"',
+        "only the answer, which ends at end-of-text or where the model starts another "
+        "'Question:' or 'Answer:' line. Greedy with repetition penalty "
+        f"{ASK_DEFAULTS.repetition_penalty} unless told otherwise; the web page's Ask tab "
+        "starts from the same settings (ASK_DEFAULTS).",
+        epilog="examples:\n"
+        '  dtl ask --model runs/qa "What is the capital of France?"\n'
+        '  dtl ask --model runs/qa "Who were the Normans?" --repetition-penalty 1   # no penalty\n'
+        '  dtl ask --model runs/qa "Who were the Normans?" --temperature 0.8 --seed 1',
     )
     _model_args(p)
     p.add_argument("question", help="the question")
-    _sampling_args(p, max_new=64, temperature=0.0)
+    _sampling_args(p, ASK_DEFAULTS)
     add_threads(p)
     add_common(p)
     p.set_defaults(func=cmd_ask)
@@ -68,7 +74,7 @@ def register(subparsers) -> None:
         epilog="example:\n  dtl chat --model runs/qa --temperature 0.7",
     )
     _model_args(p)
-    _sampling_args(p, max_new=128, temperature=0.0)
+    _sampling_args(p, dataclasses.replace(ASK_DEFAULTS, max_new_tokens=128))
     add_threads(p)
     add_common(p)
     p.set_defaults(func=cmd_chat)
@@ -127,17 +133,23 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="auto, cpu, cuda, cuda:N or mps (default auto: cuda, else mps, else cpu)")  # fmt: skip
 
 
-def _sampling_args(p: argparse.ArgumentParser, max_new: int, temperature: float) -> None:
-    p.add_argument("--max-new-tokens", type=_positive, default=max_new,
-                   help=f"at most this many new tokens (default {max_new})")  # fmt: skip
-    p.add_argument("--temperature", type=float, default=temperature,
-                   help=f"0 = greedy, higher = more random (default {temperature})")  # fmt: skip
-    p.add_argument(
-        "--top-k", type=int, default=50, help="sample from the k likeliest (50; 0 = all)"
-    )
-    p.add_argument("--top-p", type=float, help="nucleus sampling: keep this probability mass")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="CTRL penalty for tokens already present (1 = off, 1.2 typical)")  # fmt: skip
+def _sampling_args(p: argparse.ArgumentParser, defaults: SamplingOptions) -> None:
+    """The sampling flags, defaulting to `defaults` (ask and chat: ASK_DEFAULTS)."""
+    d = defaults
+    p.add_argument("--max-new-tokens", type=_positive, default=d.max_new_tokens,
+                   help=f"at most this many new tokens (default {d.max_new_tokens})")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"0 = greedy, higher = more random (default {d.temperature})")  # fmt: skip
+    p.add_argument("--top-k", type=int, default=d.top_k or 0,
+                   help=f"sample from the k likeliest ({d.top_k or 0}; 0 = all)")  # fmt: skip
+    p.add_argument("--top-p", type=float, default=d.top_p,
+                   help="nucleus sampling: keep this probability mass")  # fmt: skip
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help="CTRL penalty for tokens already in the prompt or answer (1 = off; "
+                   f"default {d.repetition_penalty})")  # fmt: skip
+    p.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram_size, metavar="N",
+                   help="never repeat an N-token sequence of the prompt or answer (0 = off; "
+                   f"default {d.no_repeat_ngram_size})")  # fmt: skip
     p.add_argument("--seed", type=int, help="same seed, same output")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable)")  # fmt: skip
@@ -162,6 +174,7 @@ def sampling_options(args) -> SamplingOptions:
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
         stop=tuple(args.stop),
+        no_repeat_ngram_size=args.no_repeat_ngram,
     )
 
 
@@ -206,7 +219,7 @@ def cmd_ask(args) -> int:
     if not args.question.strip():
         raise DtlError("the question is empty; ask something, e.g. dtl ask --model M 'Who?'")
     opts = sampling_options(args)
-    opts = dataclasses.replace(opts, stop=(QA_STOP, *opts.stop))
+    opts = dataclasses.replace(opts, stop=qa_stops(opts.stop))
     model, tokenizer = _load(args)
     prompt = qa_prompt(args.question)
     _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.context)
@@ -224,6 +237,7 @@ CHAT_HELP = """commands:
   /top-p X           nucleus sampling mass (1 = off)
   /max N             at most N new tokens per answer
   /penalty X         repetition penalty (1 = off)
+  /ngram N           never repeat an N-token sequence (0 = off)
   /seed N            fix the seed (/seed off for random)
   /settings          show the current settings
 Ctrl-C stops an answer that is being generated."""
@@ -235,6 +249,7 @@ _CHAT_SETTINGS = {  # command -> (option, parse)
     "/top-p": ("top_p", lambda s: None if float(s) >= 1 else float(s)),
     "/max": ("max_new_tokens", int),
     "/penalty": ("repetition_penalty", float),
+    "/ngram": ("no_repeat_ngram_size", int),
     "/seed": ("seed", lambda s: None if s == "off" else int(s)),
 }
 
@@ -274,7 +289,7 @@ def cmd_chat(args) -> int:
     opts = sampling_options(args)
     model, tokenizer = _load(args)
     limit = model.config.context
-    opts = dataclasses.replace(opts, stop=(QA_STOP, *opts.stop))
+    opts = dataclasses.replace(opts, stop=qa_stops(opts.stop))
     history: list[str] = []
     print(f"dtl chat: {args.model} ({model.num_parameters():,} parameters). /help for commands.")
     while True:

@@ -6,8 +6,12 @@
 'Question: Who wrote Hamlet?\\nAnswer:'
 
 Each training example is `format_qa(...)` followed by the end-of-text token. A model asked
-`qa_prompt(q)` continues with " answer" and stops at end-of-text (or at `QA_STOP`, in case it
-runs on into a new question).
+`qa_prompt(q)` continues with " answer" and stops at end-of-text, or at one of `QA_STOPS` (the
+template's markers, in case it runs on into another example); `dtl ask`, `dtl chat`, the
+server's chat completions and the web page all stop there:
+
+>>> qa_stops(["."])
+('\\nQuestion:', '\\nAnswer:', '.')
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ from dtl.errors import DtlError
 
 QA_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 QA_STOP = "\nQuestion:"
+# Where a Q&A answer ends besides end-of-text: the template's next question, or a second
+# "Answer:" line (small models run on into both). The one definition every Q&A caller uses.
+QA_STOPS: tuple[str, ...] = (QA_STOP, "\nAnswer:")
+
+
+def qa_stops(extra: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """The Q&A stop strings followed by a caller's own (`--stop`, the body's `stop`)."""
+    return (*QA_STOPS, *(s for s in extra if s not in QA_STOPS))
 
 
 def _check_template(template: str) -> None:

@@ -23,6 +23,7 @@ from dtl.generate.loop import (
 from dtl.generate.sampling import (
     SamplingOptions,
     apply_repetition_penalty,
+    ban_repeated_ngrams,
     context_tokens,
     filter_top_p,
     sample_next,
@@ -39,6 +40,7 @@ __all__ = [
     "StreamChunk",
     "TokenLoop",
     "apply_repetition_penalty",
+    "ban_repeated_ngrams",
     "context_tokens",
     "encode_prompts",
     "filter_top_p",

@@ -50,6 +50,7 @@ class Request:
     generator: torch.Generator | None = None  # every row of the request draws from it
     logits: Tensor | None = None  # (n, V): the next-token logits of its rows
     seen: Tensor | None = None  # (n, V) bool, the rows' context, for the repetition penalty
+    history: list[list[int]] | None = None  # each row's tokens so far, for no-repeat n-grams
     done: Tensor | None = None  # (n,) bool: rows that ended (drawing on, fed padding)
     steps: int = 0  # tokens drawn so far
     rows: list = field(default_factory=list)  # text level: a `RowText` per row
@@ -164,6 +165,9 @@ class TokenLoop:
             if o.repetition_penalty != 1.0:
                 mask = None if attention_mask is None else attention_mask[rows]
                 r.seen = context_tokens(input_ids[rows], mask, model.config.vocab_size)
+            r.history = None
+            if o.no_repeat_ngram_size:
+                r.history = row_tokens(input_ids[rows], attention_mask, rows)
         if cache is None:
             self.context = (input_ids, attention_mask)
         elif self.cache is None:
@@ -174,8 +178,12 @@ class TokenLoop:
 
     def draw(self, request: Request) -> Tensor:
         """The request's next tokens (n,): finished rows get padding; end-of-text ends a row."""
-        token = sample_next(request.logits, request.options, request.seen, request.generator)
+        token = sample_next(request.logits, request.options, request.seen, request.generator,
+                            request.history)  # fmt: skip
         token = torch.where(request.done, torch.full_like(token, self.pad), token)
+        if request.history is not None:
+            for seq, t in zip(request.history, token.tolist(), strict=True):
+                seq.append(t)
         if request.seen is not None:
             request.seen[torch.arange(token.size(0), device=token.device), token] = True
         if self.eos_id is not None:
@@ -292,6 +300,14 @@ def iter_tokens(
         if request.finished:
             return
         loop.feed(token)
+
+
+def row_tokens(input_ids: Tensor, attention_mask: Tensor | None, rows: slice) -> list[list[int]]:
+    """The unpadded token ids of `input_ids` (the rows of one request, (n, T)) as lists."""
+    if attention_mask is None:
+        return input_ids.tolist()
+    mask = attention_mask[rows].bool()
+    return [ids[m].tolist() for ids, m in zip(input_ids, mask, strict=True)]
 
 
 def generate_tokens(

@@ -1,6 +1,6 @@
 """The sampler of the spec's "Generation Process": each next token from the last position's
-logits -> repetition penalty (CTRL) -> temperature -> top-k -> top-p -> a multinomial draw
-(temperature 0 = greedy argmax).
+logits -> repetition penalty (CTRL) -> no-repeat n-grams -> temperature -> top-k -> top-p -> a
+multinomial draw (temperature 0 = greedy argmax).
 
 `SamplingOptions` is the one object that says how a request generates: it is built once from
 `dtl generate`'s flags or an HTTP request's JSON body and travels whole to `sample_next`.
@@ -37,6 +37,7 @@ class SamplingOptions:
     seed: int | None = None
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
+    no_repeat_ngram_size: int = 0  # n > 0: never complete an n-gram the row already holds
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -53,11 +54,24 @@ class SamplingOptions:
             raise DtlError(f"top_k must be a positive integer (or None for all), got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise DtlError(f"top_p must be in (0, 1], got {self.top_p}")
+        n = self.no_repeat_ngram_size
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise DtlError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {n}")
         if self.repetition_penalty <= 0.0:
             raise DtlError(
                 f"repetition_penalty must be > 0 (1 = off, 1.2 is typical), "
                 f"got {self.repetition_penalty}"
             )
+
+
+# What `dtl ask`, `dtl chat` and the web page's Ask tab start from (the page fetches it from
+# the server's GET /ask_defaults): greedy, so the same question gives the same answer, with a
+# repetition penalty, which stops the quickstart model's "the first time, the first time, ..."
+# loops (benchmarks/bench_answers.py; figures in docs/benchmarks.md). Q&A callers add
+# `qa_stops()`. Later per-token adjustments (presence/frequency penalties, logit_bias) go
+# beside `repetition_penalty` as their own fields, applied in `sample_next` before temperature.
+ASK_DEFAULTS = SamplingOptions(temperature=0.0, top_k=50, repetition_penalty=1.3,
+                               max_new_tokens=64)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- sampling one step
@@ -71,6 +85,26 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def ban_repeated_ngrams(logits: Tensor, history: list[list[int]], n: int) -> Tensor:
+    """No-repeat n-grams: a token that would complete an n-gram already in the row (prompt and
+    answer so far) gets logit -inf, so "the first time, the first time" cannot happen for n=3.
+
+    logits: (B, V); history: B lists of token ids. The last n-1 tokens are the n-gram's head;
+    every earlier occurrence of that head bans the token that followed it.
+    """
+    if n <= 0:
+        return logits
+    logits = logits.clone()
+    for b, seq in enumerate(history):
+        if len(seq) + 1 < n:  # not yet n-1 tokens of head plus the one being drawn
+            continue
+        head = seq[len(seq) - n + 1 :]
+        banned = {seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i : i + n - 1] == head}
+        if banned:
+            logits[b, list(banned)] = float("-inf")
+    return logits
 
 
 def filter_top_p(logits: Tensor, p: float | None) -> Tensor:
@@ -87,9 +121,14 @@ def filter_top_p(logits: Tensor, p: float | None) -> Tensor:
 
 
 def sample_next(
-    logits: Tensor, opts: SamplingOptions, seen: Tensor | None, generator: torch.Generator | None
+    logits: Tensor,
+    opts: SamplingOptions,
+    seen: Tensor | None,
+    generator: torch.Generator | None,
+    history: list[list[int]] | None = None,
 ) -> Tensor:
-    """logits (B, V) -> next token ids (B,).
+    """logits (B, V) -> next token ids (B,). `seen` (B, V) bool feeds the repetition penalty,
+    `history` (each row's token ids so far) the no-repeat n-grams.
 
     With top-k the draw is made among the k candidates only (`torch.topk` returns them
     sorted, which top-p needs): the same distribution as masking the full vocabulary, but a
@@ -99,6 +138,8 @@ def sample_next(
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, opts.repetition_penalty)
+    if history is not None:
+        logits = ban_repeated_ngrams(logits, history, opts.no_repeat_ngram_size)
     if opts.temperature == 0.0:
         return logits.argmax(-1)
     # Scaled as (logits - max) / T: the same distribution as logits / T, but a tiny T cannot

@@ -6,7 +6,11 @@
                                  "max_model_len" too) and "max_seq_length" (its position table)
     POST /v1/completions         prompt -> text; `stream: true` sends server-sent events
     POST /v1/chat/completions    messages -> the Q&A template (the last user message is the
-                                 question, earlier user/assistant pairs come before it)
+                                 question, earlier user/assistant pairs come before it); the
+                                 answer ends at end-of-text or at the template's next
+                                 "\nQuestion:" / "\nAnswer:" (`qa_stops`), never shown
+    GET  /ask_defaults           the settings `dtl ask` starts from, as body fields
+                                 (the page's Ask tab reads them; public, like the page)
 
 A body becomes one `Request` (`dtl.serve.wire`: OpenAI's parameters, checked, into one
 `SamplingOptions`; mistakes come back as 400 in OpenAI's error shape), which the one
@@ -33,7 +37,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dtl.data.qa import QA_STOP
+from dtl.data.qa import qa_stops
 from dtl.generate.batch import StreamChunk
 from dtl.generate.decode import plan_if_fast
 from dtl.generate.loop import Request
@@ -138,7 +142,7 @@ def _add_generation_routes(app: FastAPI, model_name: str) -> None:
         check_model(body, model_name)
         prompt = chat_prompt(body.get("messages"))
         request, used = parse_request(
-            body, [prompt], state.tokenizer, context, default_max_tokens=None, stop_first=(QA_STOP,)
+            body, [prompt], state.tokenizer, context, default_max_tokens=None, stop_first=qa_stops()
         )
         return await _respond(http, state, body, request, used, "chat.completion", "chatcmpl")
 

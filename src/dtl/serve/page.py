@@ -17,6 +17,9 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, Response
 
+from dtl.data.qa import qa_stops
+from dtl.generate.sampling import ASK_DEFAULTS, SamplingOptions
+
 STATIC_DIR = Path(__file__).resolve().with_name("static")
 
 # Only this origin may supply scripts, styles, images and API responses; no inline script.
@@ -48,6 +51,23 @@ def _static_file(name: str) -> Path | None:
     return path if path.suffix in MEDIA_TYPES and path.is_file() else None
 
 
+def ask_defaults(options: SamplingOptions = ASK_DEFAULTS) -> dict:
+    """`dtl ask`'s settings as chat-completion body fields: what the Ask tab starts from.
+
+    >>> ask_defaults()["temperature"], ask_defaults()["stop"]
+    (0.0, ['\\nQuestion:', '\\nAnswer:'])
+    """
+    return {
+        "temperature": options.temperature,
+        "top_k": options.top_k or 0,
+        "top_p": options.top_p or 1.0,
+        "repetition_penalty": options.repetition_penalty,
+        "no_repeat_ngram_size": options.no_repeat_ngram_size,
+        "max_tokens": options.max_new_tokens,
+        "stop": list(qa_stops(options.stop)),  # informative: chat completions add them anyway
+    }
+
+
 def _file_response(path: Path) -> FileResponse:
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=PAGE_HEADERS)
 
@@ -69,6 +89,10 @@ def add_page_routes(app: FastAPI) -> None:
         if path is None:
             return Response(f"no such file: /static/{name}\n", status_code=404)
         return _file_response(path)
+
+    @app.get("/ask_defaults", include_in_schema=False)
+    def defaults() -> dict:
+        return ask_defaults()
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> FileResponse:

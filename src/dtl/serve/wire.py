@@ -2,7 +2,7 @@
 `ApiError`, sent back as OpenAI's error object with a 400).
 
 Requests take OpenAI's `max_tokens`, `temperature` (0..2), `top_p`, `stop`, `seed`, `n`
-(plus the extensions `top_k` and `repetition_penalty`), all gathered into the request's one
+(plus the extensions `top_k`, `repetition_penalty` and `no_repeat_ngram_size`), all gathered into the request's one
 `SamplingOptions`. A request makes at most MAX_REQUEST_ROWS (64) rows: its prompts times `n`.
 Everything is checked here, before the request is queued, so none should fail in the worker.
 
@@ -171,8 +171,8 @@ def parse_request(
 
 
 def _sampling(body: dict) -> dict:
-    """temperature, top_p, top_k, repetition_penalty and seed, checked, as SamplingOptions
-    fields (`top_p` 0 means greedy; 1 means no nucleus filter)."""
+    """temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size and seed, checked,
+    as SamplingOptions fields (`top_p` 0 means greedy; 1 means no nucleus filter)."""
     temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
     top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
     if top_p == 0.0:  # nothing but the top token: greedy, with no nucleus filter
@@ -183,6 +183,7 @@ def _sampling(body: dict) -> dict:
         "top_k": _number(body, "top_k", None, 1, 1 << 30, integer=True),
         "top_p": None if top_p >= 1.0 or top_p == 0.0 else top_p,
         "repetition_penalty": float(_number(body, "repetition_penalty", 1.0, 0.01, 100.0)),
+        "no_repeat_ngram_size": _number(body, "no_repeat_ngram_size", 0, 0, 64, integer=True),
         "seed": None if seed is None else seed % (1 << 63),
     }
 

@@ -257,13 +257,25 @@ async function useKey(event) {
 // ----------------------------------------------------------------- settings
 
 const SETTINGS = [
-  // id, default, lowest, highest, integer?
-  ["temperature", 0.8, 0, 2, false],
-  ["top-k", 40, 0, 1e6, true],
-  ["top-p", 0.95, 0.05, 1, false],
-  ["max-tokens", 128, 1, 1e6, true],
+  // id, default, lowest, highest, integer?  The Ask settings' defaults are replaced by the
+  // server's GET ask_defaults (the settings `dtl ask` starts from) as soon as it answers.
+  ["temperature", 0, 0, 2, false],
+  ["top-k", 50, 0, 1e6, true],
+  ["top-p", 1, 0.05, 1, false],
+  ["repetition-penalty", 1.3, 1, 3, false],
+  ["no-repeat-ngram", 0, 0, 64, true],
+  ["max-tokens", 64, 1, 1e6, true],
   ["suggest-tokens", 16, 1, 1e6, true],
 ];
+// settings id -> the field of GET ask_defaults that gives its default
+const ASK_DEFAULT_FIELDS = {
+  temperature: "temperature",
+  "top-k": "top_k",
+  "top-p": "top_p",
+  "repetition-penalty": "repetition_penalty",
+  "no-repeat-ngram": "no_repeat_ngram_size",
+  "max-tokens": "max_tokens",
+};
 
 function setting(id) {
   const [, fallback, lo, hi, integer] = SETTINGS.find((s) => s[0] === id);
@@ -284,7 +296,32 @@ function samplingFields() {
   const fields = { temperature: setting("temperature"), top_p: setting("top-p") };
   const topK = setting("top-k");
   if (topK > 0) fields.top_k = topK; // not in OpenAI's schema: the server honours or ignores it
+  const penalty = setting("repetition-penalty");
+  if (penalty !== 1) fields.repetition_penalty = penalty; // dtl's documented extensions
+  const ngram = setting("no-repeat-ngram");
+  if (ngram > 0) fields.no_repeat_ngram_size = ngram;
   return fields;
+}
+
+// The Ask settings `dtl ask` uses, from the server (one definition, not a copy here): they
+// become the defaults, and the shown values of the settings the user has not changed.
+async function loadAskDefaults() {
+  let defaults;
+  try {
+    const response = await fetch("ask_defaults", { cache: "no-store" });
+    if (!response.ok) return;
+    defaults = await response.json();
+  } catch {
+    return; // an older server: keep the built-in defaults
+  }
+  const saved = JSON.parse(localStorage.getItem("dtl-settings") || "{}");
+  for (const entry of SETTINGS) {
+    const value = defaults[ASK_DEFAULT_FIELDS[entry[0]]];
+    if (typeof value !== "number") continue;
+    entry[1] = value;
+    if (saved[entry[0]] === undefined) $(entry[0]).value = value;
+  }
+  showSettingValues();
 }
 
 function initSettings() {
@@ -304,6 +341,7 @@ function initSettings() {
 function showSettingValues() {
   $("temperature-out").textContent = Number($("temperature").value).toFixed(2);
   $("top-p-out").textContent = Number($("top-p").value).toFixed(2);
+  $("repetition-penalty-out").textContent = Number($("repetition-penalty").value).toFixed(2);
 }
 
 // ----------------------------------------------------------------- Ask mode
@@ -595,6 +633,7 @@ function init() {
   $("retry-btn").addEventListener("click", loadModel);
   if (state.apiKey) $("api-key").value = state.apiKey;
   initSettings();
+  loadAskDefaults();
   initEditor();
   showMode(location.hash === "#complete" ? "complete" : "ask");
   loadModel();
