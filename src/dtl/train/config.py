@@ -31,7 +31,9 @@ from dtl.train import optim
 # The model's sizes a run may set; its context (max_seq_length) is the preset's, never a flag.
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "max_seq_length")
 # Settings a resumed run must share with the saved one: they fix the model or the data order.
-RESUME_LOCKED = ("data", "preset", *MODEL_FIELDS, "seq_len", "batch_size", "grad_accum", "seed")
+RESUME_LOCKED = (
+    "data", "preset", *MODEL_FIELDS, "seq_len", "batch_size", "grad_accum", "seed", "init_from"
+)  # fmt: skip
 # The max_length a raw --data file is prepared at when no --seq-len is given.
 RAW_DATA_MAX_LENGTH = 256
 POSITIVE = (
@@ -59,6 +61,7 @@ class TrainConfig:
     d_ff: int | None = None
     dropout: float | None = None
     seq_len: int | None = None  # tokens per row trained on; None: the data's max_length
+    init_from: str | None = None  # a model whose weights a new run starts from (init_from.py)
     tokenizer: str = "gpt2"  # for a raw --data file or dataset name
     max_steps: int = 1000
     batch_size: int = 8
@@ -174,6 +177,12 @@ def build_config(
     """
     settings: dict[str, Any] = {}
     saved: dict[str, Any] = {}
+    if resume and normalise_keys(flags).get("init_from"):
+        raise DtlError(
+            f"give --resume or --init-from, not both: --resume {resume} continues that run from "
+            "its own checkpoints (a resumed fine-tune never reloads its source); --init-from "
+            "starts a new run (with a new --out) from a model's weights"
+        )
     if resume:
         saved = saved_config(resume)
         names = setting_kinds()
