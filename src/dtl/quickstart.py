@@ -10,7 +10,7 @@ Every stage is the one a user runs by hand, in the spec's order (see the README'
   2. BPE       a byte-level BPE trained on the cleaned text (RUN/tokenizer)
   3. prepare   the articles as text, packed into rows of 128 tokens (RUN/pretrain/data), and
                the Q&A pairs (the articles' generated pairs + the rest of SQuAD), one per row
-               of 96 tokens with the loss on the answer and its end-of-text only (RUN/data)
+               of 128 tokens with the loss on the answer and its end-of-text only (RUN/data)
   4. pretrain  the `tiny` preset on the articles (RUN/pretrain, `dtl train`)
   5. fine-tune from the pretrained model on the Q&A pairs (RUN, `dtl train --init-from`)
   6. evaluate  SQuAD exact match / F1 on the held-out questions, before and after step 5
@@ -51,10 +51,10 @@ RECIPE: dict[str, Any] = {
     "save_every": 300,
 }
 # The second stage: shorter, at a lower peak lr (it starts from trained weights).
-# Q&A pairs are short (a few of the ~630 are longer and cut): rows of 96, inside the model's
-# context of 256 (the fine-tune trains at another seq_len than the pretraining; the model keeps its context).
+# Q&A rows of 128 tokens like the pretraining's: 5 of the ~630 pairs are longer and cut (at 96,
+# 24 were, each losing its end-of-text). The model keeps its context (max_seq_length) either way.
 FINETUNE: dict[str, Any] = {
-    "seq_len": 96,
+    "seq_len": 128,
     "max_steps": 300,
     "lr": 1e-3,
     "warmup_steps": 30,
