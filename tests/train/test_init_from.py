@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -192,3 +193,6 @@ def test_a_legacy_checkpoint_is_a_source(gpt2, corpus, tmp_path):
     trainer.run()
     model, tok = load_model(out)
     assert tok.name == "gpt2" and model.config.vocab_size == 50257 and model.config.n_heads == 8
+    # Resuming keeps the source's sizes (not the tiny preset's, which no flag overrode here).
+    resumed = train(dataclasses.replace(cfg, max_steps=2), resume=True)
+    assert resumed["step"] == 2 and load_model(out)[0].config == model.config

@@ -78,6 +78,12 @@ def run_quickstart(args: argparse.Namespace) -> int:
     )
     if result.get("interrupted"):
         print(f"interrupted; continue with `dtl train --resume {result['resume']}`")
+        if "finetune" not in result:  # stopped while pretraining: the second stage is to come
+            print(
+                f"then fine-tune: dtl train --init-from {args.out}/{PRETRAIN_DIR} --data "
+                f"{args.out}/data --out {args.out} --max-steps {args.finetune_steps} "
+                f"--lr {FINETUNE['lr']} --warmup-steps {FINETUNE['warmup_steps']}"
+            )
         return 130
     print(summary_table(result, args.out))
     print(NEXT_STEPS.format(run=args.out))
