@@ -126,7 +126,7 @@ def setup_run(cfg: TrainConfig, resume: bool = False) -> RunSetup:
         overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS}
         model_config = init_model_config(init, overrides, tokenizer, settings.seq_len)
     elif resume and cfg.init_from:
-        model_config = _resumed_fine_tune(run_dir, cfg, settings.seq_len)
+        model_config = _resumed_fine_tune(run_dir, cfg)
     else:
         model_config = build_model_config(cfg, meta, settings.seq_len)
         if resume:
@@ -136,7 +136,7 @@ def setup_run(cfg: TrainConfig, resume: bool = False) -> RunSetup:
     )
 
 
-def _resumed_fine_tune(run_dir: Path, cfg: TrainConfig, seq_len: int) -> ModelConfig:
+def _resumed_fine_tune(run_dir: Path, cfg: TrainConfig) -> ModelConfig:
     """A resumed --init-from run keeps its own model config (its sizes are the source's,
     not the preset's): its newest checkpoint's, else the source's again."""
     path = latest_checkpoint(run_dir)
