@@ -118,6 +118,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         kind = {"int": int, "float": float, "bool": bool, "str": str}[kinds[f.name]]
         extra: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if f.name == "init_from":
+            extra["metavar"] = "MODEL"
         text = HELP.get(f.name, f.name.replace("_", " "))
         if kind is bool:
             action = argparse.BooleanOptionalAction
