@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import pytest
+import yaml
 from testkit import run_cli
 
 from dtl.corpus import corpus_files
@@ -30,13 +31,12 @@ def test_the_corpus_ships_with_the_package_and_matches_its_notice():
 
 
 @pytest.mark.slow
-def test_quickstart_trains_a_model_that_loads_and_answers(tmp_path, capsys):
+def test_quickstart_pretrains_then_fine_tunes_a_model_that_loads_and_answers(tmp_path, capsys):
     run = tmp_path / "demo"
-    code, out, err = run_cli(
-        ["quickstart", "--out", run, "--max-steps", "3", "--no-progress"], capsys
-    )
+    argv = ["quickstart", "--out", run, "--max-steps", "3", "--finetune-steps", "2"]
+    code, out, err = run_cli([*argv, "--no-progress"], capsys)
     assert code == 0, err
-    assert "1/4 clean" in out and "4/4 train" in out
+    assert "1/6 clean" in out and "4/6 pretrain" in out and "5/6 fine-tune" in out
     assert f"dtl ask --model {run}" in out and f"dtl serve --model {run}" in out
     # The clean stage: every SQuAD question and every article that is not a disambiguation page.
     squad = [json.loads(line) for line in open(run / "corpus" / "squad-excerpt.jsonl")]
@@ -46,16 +46,39 @@ def test_quickstart_trains_a_model_that_loads_and_answers(tmp_path, capsys):
     }
     articles = [json.loads(line) for line in open(run / "corpus" / "wikipedia-excerpt.jsonl")]
     assert 90 <= len(articles) < 106 and all("{{" not in r["text"] for r in articles)
-    meta = json.loads((run / "data" / "meta.json").read_text())
-    assert meta["mode"] == "pack" and meta["vocab_size"] == 8192 and meta["articles_as"] == "both"
-    assert meta["val"]["rows"] > 0 and meta["qa_examples"] > 293  # SQuAD's and the articles' pairs
+    # Held-out questions: whole paragraphs, none of them in the Q&A the model trains on.
+    held = [json.loads(line) for line in open(run / "corpus" / "squad-heldout.jsonl")]
+    trained = [json.loads(line) for line in open(run / "corpus" / "squad-train.jsonl")]
+    assert len(held) + len(trained) == 293 and 20 <= len(held) <= 60
+    assert not {r["context"] for r in held} & {r["context"] for r in trained}
+    # Stage 1: articles as packed text; stage 2: Q&A rows with the loss on the answers.
+    text_meta = json.loads((run / "pretrain" / "data" / "meta.json").read_text())
+    assert text_meta["mode"] == "pack" and text_meta["qa_examples"] == 0
+    qa_meta = json.loads((run / "data" / "meta.json").read_text())
+    assert (
+        qa_meta["mode"] == "pad" and qa_meta["answer_only_loss"] and qa_meta["vocab_size"] == 8192
+    )
+    assert qa_meta["qa_examples"] > len(trained)  # SQuAD's and the articles' pairs
+    pre_metrics = [json.loads(line) for line in open(run / "pretrain" / "metrics.jsonl")]
+    assert pre_metrics[-1]["step"] == 3 and "val_loss" in pre_metrics[-1]
     metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert metrics[-1]["step"] == 3 and "val_loss" in metrics[-1]
+    assert metrics[-1]["step"] == 2 and "val_loss" in metrics[-1]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["init_from"] == str(run / "pretrain")
+    # The table: both stages' val perplexity (as logged) and EM/F1 before and after.
+    row1 = next(line for line in out.splitlines() if line.startswith("1 pretrain"))
+    row2 = next(line for line in out.splitlines() if line.startswith("2 fine-tune"))
+    assert f"{pre_metrics[-1]['val_ppl']:.2f}" in row1 and f"{metrics[-1]['val_ppl']:.2f}" in row2
+    assert f"EM/F1 on {len(held)} held-out SQuAD questions" in out
 
     from dtl.model.store import load_model
 
     model, tok = load_model(str(run))
-    assert model.config.vocab_size == tok.vocab_size == 8192 and model.config.d_model == 128
+    pre_model, pre_tok = load_model(str(run / "pretrain"))
+    assert model.config == pre_model.config and model.config.d_model == 128
+    assert tok.encode("Normandy, a region in France") == pre_tok.encode(
+        "Normandy, a region in France"
+    )
     code, out, err = run_cli(
         ["ask", "--model", run, "What is anarchism?", "--max-new-tokens", "8"], capsys
     )
@@ -78,6 +101,11 @@ def test_quickstart_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
     assert (run / "mine.txt").read_text() == "keep me"
     code, _, err = run_cli(["quickstart", "--out", tmp_path / "new", "--max-steps", "0"], capsys)
     assert code == 2 and "--max-steps must be a positive integer" in err
+    code, _, err = run_cli(
+        ["quickstart", "--out", tmp_path / "new", "--finetune-steps", "0"], capsys
+    )
+    assert code == 2 and "--finetune-steps must be a positive integer" in err
+    assert not (tmp_path / "new").exists()
     assert not (tmp_path / "new").exists()
 
 

@@ -149,3 +149,18 @@ def test_muon_on_two_ranks_equals_one_process_and_resumes(
             torch.testing.assert_close(
                 got["state"][i][key].cpu(), value.cpu(), atol=1e-5, rtol=1e-4
             )
+
+
+def test_init_from_gives_every_rank_the_source_weights(padded_data, single_run, tmp_path):
+    """--init-from under FSDP: 2 ranks x 2 rows log what 1 process x 4 rows logs from the
+    same source weights. FSDP shards each rank's own weights without a broadcast (DDP would
+    copy rank 0's over), so a rank that did not load the source would change the losses."""
+    source = str(single_run)
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = run_dtl(*_args(padded_data, one, 4, steps=2), "--init-from", source)
+    assert done.returncode == 0, done.stderr
+    torchrun(*DTL[1:], *_args(padded_data, two, 2, steps=2), "--init-from", source, "--fsdp")
+    first = _records(two)[0]
+    assert first["step"] == 1 and "loss" in first
+    _same_records(_records(one), _records(two))
+    assert len(_records(two)) == len(_records(one)) >= 2

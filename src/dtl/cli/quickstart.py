@@ -9,11 +9,19 @@ from pathlib import Path
 from dtl.cli import add_common, add_threads, add_verb, say_threads
 from dtl.device import resolve_device
 from dtl.errors import DtlError
-from dtl.quickstart import RECIPE, VOCAB_SIZE, check_out_dir, check_vocab_size, quickstart
+from dtl.quickstart import (
+    FINETUNE,
+    PRETRAIN_DIR,
+    RECIPE,
+    VOCAB_SIZE,
+    check_out_dir,
+    check_vocab_size,
+    quickstart,
+)
 
 EXAMPLES = """examples:
-  dtl quickstart                          # trains runs/demo (about 3-10 minutes on a 2-core CPU)
-  dtl quickstart --out runs/demo2 --max-steps 1200
+  dtl quickstart                          # runs/demo (about 5-10 minutes on a 2-core CPU)
+  dtl quickstart --out runs/demo2 --max-steps 1200 --finetune-steps 400
 then:
   dtl ask --model runs/demo "What is anarchism?"
   dtl serve --model runs/demo
@@ -31,16 +39,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add_verb(
         subparsers,
         "quickstart",
-        help="the main job in one command: train a tiny model on the embedded corpus, offline",
+        help="the main job in one command: pretrain a tiny model on the embedded articles, "
+        "fine-tune it on Q&A pairs, offline",
         description="Clean the Wikipedia excerpt and SQuAD questions that ship inside DTL, "
-        "train a BPE tokenizer on them, prepare Q&A-formatted data and train the tiny preset "
-        "with the tuned CPU recipe. Needs no download and no flags; prints the next commands.",
+        "train a BPE tokenizer on them, pretrain the tiny preset on the articles (OUT/pretrain), "
+        "then fine-tune it with --init-from on Q&A pairs, answer-only loss (OUT). Prints the val "
+        "perplexity of both stages and SQuAD EM/F1 on held-out questions before and after the "
+        "fine-tune. Needs no download and no flags; prints the next commands.",
         examples=EXAMPLES,
     )
     p.add_argument("--out", default="runs/demo", help="the run dir to create (default runs/demo)")
     steps = RECIPE["max_steps"]
     p.add_argument(
-        "--max-steps", type=int, default=steps, help=f"optimizer steps (default {steps})"
+        "--max-steps", type=int, default=steps, help=f"pretraining steps (default {steps})"
+    )
+    ft_steps = FINETUNE["max_steps"]
+    p.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=ft_steps,
+        help=f"fine-tuning steps on the Q&A pairs (default {ft_steps})",
     )
     p.add_argument(
         "--vocab-size",
@@ -57,8 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
-    if args.max_steps < 1:
-        raise DtlError(f"--max-steps must be a positive integer, got {args.max_steps}")
+    for flag, value in (("--max-steps", args.max_steps), ("--finetune-steps", args.finetune_steps)):
+        if value < 1:
+            raise DtlError(f"{flag} must be a positive integer, got {value}")
     # the library checks these again; here first, so a bad one stays a single line
     check_vocab_size(args.vocab_size)
     resolve_device(args.device)
@@ -67,17 +86,49 @@ def run_quickstart(args: argparse.Namespace) -> int:
     result = quickstart(
         args.out,
         max_steps=args.max_steps,
+        finetune_steps=args.finetune_steps,
         vocab_size=args.vocab_size,
         device=args.device,
         seed=args.seed,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     if result.get("interrupted"):
-        print(f"interrupted; continue with `dtl train --resume {args.out}`")
+        print(f"interrupted; continue with `dtl train --resume {result['resume']}`")
+        if "finetune" not in result:  # stopped while pretraining: the second stage is to come
+            print(
+                f"then fine-tune: dtl train --init-from {args.out}/{PRETRAIN_DIR} --data "
+                f"{args.out}/data --out {args.out} --max-steps {args.finetune_steps} "
+                f"--lr {FINETUNE['lr']} --warmup-steps {FINETUNE['warmup_steps']}"
+            )
         return 130
-    ppl = result.get("val_ppl")
-    shown = f", val perplexity {ppl:.2f}" if ppl else ""
-    minutes, checkpoint = result["seconds"] / 60, result["checkpoint"]
-    print(f"done in {minutes:.1f} min: step {result['step']}{shown}; checkpoint {checkpoint}")
+    print(summary_table(result, args.out))
     print(NEXT_STEPS.format(run=args.out))
     return 0
+
+
+def summary_table(result: dict, out: str) -> str:
+    """The two stages side by side: val perplexity (each on its own val split), SQuAD EM/F1
+    on the held-out questions, and the time each stage took."""
+    pre, ft, squad, sec = result["pretrain"], result["finetune"], result["squad"], result["seconds"]
+
+    def ppl(summary: dict) -> str:
+        return f"{summary['val_ppl']:.2f}" if summary.get("val_ppl") else "-"
+
+    n = result["held_out_questions"]
+    rows = [
+        f"{'':34}{'val ppl':>9}{'SQuAD EM':>10}{'F1':>7}{'time':>8}",
+        f"{'1 pretrain (articles)    ' + PRETRAIN_DIR + '/':34}{ppl(pre):>9}"
+        f"{squad['before']['exact_match']:>10.1f}{squad['before']['f1']:>7.1f}"
+        f"{sec['pretrain']:>7.0f}s",
+        f"{'2 fine-tune (Q&A pairs)  ./':34}{ppl(ft):>9}"
+        f"{squad['after']['exact_match']:>10.1f}{squad['after']['f1']:>7.1f}"
+        f"{sec['finetune']:>7.0f}s",
+    ]
+    notes = (
+        f"val ppl: stage 1 on held-out article text, stage 2 on held-out answers (answer-only "
+        f"loss); EM/F1 on {n} held-out SQuAD questions, asked without their passage.\n"
+        f"done in {sec['total'] / 60:.1f} min (prepare {sec['prepare']:.0f}s, evaluate "
+        f"{sec['evaluate']:.0f}s); the fine-tuned model is {result['checkpoint']}, the "
+        f"pretrained one {out}/{PRETRAIN_DIR}"
+    )
+    return "\n".join(rows) + "\n" + notes

@@ -40,7 +40,11 @@ HELP = {
     "beta2": "AdamW beta2",
     "seq_len": "tokens per row trained on (default: the data's max_length); a raw --data file "
     f"is prepared into rows of this many (default {RAW_DATA_MAX_LENGTH})",
-    "tokenizer": "tokenizer for a raw --data file: gpt2 or a dir from dtl tokenizer train",
+    "tokenizer": "tokenizer for a raw --data file: gpt2 or a dir from dtl tokenizer train "
+    "(with --init-from: the model's own)",
+    "init_from": "start a new run from this model's weights (a run dir, checkpoint dir or "
+    "legacy .pt): fresh optimizer, schedule and step 0; its sizes, context and tokenizer are "
+    "kept (a flag that changes a size is an error); not with --resume",
     "max_steps": "optimizer steps to train",
     "batch_size": "rows per micro-batch (per process)",
     "grad_accum": "micro-batches accumulated per optimizer step",
@@ -79,6 +83,8 @@ EXAMPLES = """examples:
   dtl train --config train.yaml --lr 3e-4                  # flags override the file
   dtl train --resume runs/tiny --max-steps 600             # continue exactly
   dtl train --data data/corpus --out runs/t1 --threads 1    # leave a core to others
+  dtl prepare squad.json -o data/qa --tokenizer runs/tiny/checkpoints/latest --answer-only-loss
+  dtl train --init-from runs/tiny --data data/qa --out runs/tiny-qa --max-steps 200 --lr 3e-4
   torchrun --nproc_per_node 2 -m dtl train --data data/corpus --out runs/ddp
 """
 
@@ -122,6 +128,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         kind = {"int": int, "float": float, "bool": bool, "str": str}[kinds[f.name]]
         extra: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if f.name == "init_from":
+            extra["metavar"] = "MODEL"
         text = HELP.get(f.name, f.name.replace("_", " "))
         if kind is bool:
             action = argparse.BooleanOptionalAction

@@ -42,7 +42,9 @@ MODEL_FIELDS = tuple(
     if f.name not in ("max_seq_length", *TRAINED_FIELDS)
 )
 # Settings a resumed run must share with the saved one: they fix the model or the data order.
-RESUME_LOCKED = ("data", "preset", *MODEL_FIELDS, "seq_len", "batch_size", "grad_accum", "seed")
+RESUME_LOCKED = (
+    "data", "preset", *MODEL_FIELDS, "seq_len", "batch_size", "grad_accum", "seed", "init_from"
+)  # fmt: skip
 # The max_length a raw --data file is prepared at when no --seq-len is given.
 RAW_DATA_MAX_LENGTH = 256
 # The learning-rate and warmup defaults (see the module docstring): lr from the model's width,
@@ -77,6 +79,7 @@ class TrainConfig:
     d_ff: int | None = None
     dropout: float | None = None
     seq_len: int | None = None  # tokens per row trained on; None: the data's max_length
+    init_from: str | None = None  # a model whose weights a new run starts from (init_from.py)
     tokenizer: str = "gpt2"  # for a raw --data file or dataset name
     max_steps: int = 1000
     batch_size: int = 8
@@ -204,6 +207,12 @@ def build_config(
     """
     settings: dict[str, Any] = {}
     saved: dict[str, Any] = {}
+    if resume and normalise_keys(flags).get("init_from"):
+        raise DtlError(
+            f"give --resume or --init-from, not both: --resume {resume} continues that run from "
+            "its own checkpoints (a resumed fine-tune never reloads its source); --init-from "
+            "starts a new run (with a new --out) from a model's weights"
+        )
     if resume:
         saved = saved_config(resume)
         names = setting_kinds()
@@ -290,9 +299,14 @@ def prepare_length(cfg: TrainConfig) -> int:
     return RAW_DATA_MAX_LENGTH if cfg.seq_len is None else cfg.seq_len
 
 
-def resolve_settings(cfg: TrainConfig, data_max_length: int) -> ResolvedSettings:
+def resolve_settings(
+    cfg: TrainConfig, data_max_length: int, d_model: int | None = None
+) -> ResolvedSettings:
     """seq_len (--seq-len, else the data's max_length), lr (--lr, else LR_RULE), warmup_steps
     (--warmup-steps, else WARMUP_RULE) and min_lr (--min-lr, else lr / 10).
+
+    `d_model` is the model's width when it is not the flags' (an --init-from source's);
+    LR_RULE scales with it.
 
     Rows are read from the data's rows of `data_max_length` tokens, so a longer --seq-len is
     an error, not a silent cut.
@@ -303,7 +317,8 @@ def resolve_settings(cfg: TrainConfig, data_max_length: int) -> ResolvedSettings
             f"--seq-len {seq_len} is longer than the data's rows ({data_max_length} tokens); "
             f"re-run dtl prepare with --max-length {seq_len} or lower --seq-len"
         )
-    lr = default_lr(model_width(cfg)) if cfg.lr is None else cfg.lr
+    width = model_width(cfg) if d_model is None else d_model
+    lr = default_lr(width) if cfg.lr is None else cfg.lr
     min_lr = lr / 10 if cfg.min_lr is None else cfg.min_lr
     if min_lr > lr:
         raise DtlError(f"--min-lr {min_lr:g} is above the peak lr {lr:.3g}; lower --min-lr")

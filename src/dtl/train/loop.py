@@ -35,6 +35,7 @@ from dtl.run_dir import latest_checkpoint
 from dtl.train import checkpoint as ckpt
 from dtl.train import distributed, optim, precision
 from dtl.train.config import TrainConfig
+from dtl.train.init_from import load_init_weights
 from dtl.train.interrupt import StopFlag
 from dtl.train.memory import is_oom, oom_advice
 from dtl.train.metrics import MetricsLog, peak_mem_mb
@@ -100,6 +101,8 @@ class Trainer:
         cfg = self.cfg
         ckpt.seed_everything(cfg.seed)
         self.model = TransformerLM(self.model_config).to(self.device)
+        if self.setup.init is not None:  # --init-from: its weights; the optimizer stays fresh
+            load_init_weights(self.model, self.setup.init)
         if self.dist.rank > 0:  # its own dropout masks per rank
             ckpt.seed_everything(cfg.seed + 7919 * self.dist.rank)
         self.net, self.forward = parallelize(self.model, cfg, self.dist)
@@ -249,6 +252,10 @@ class Trainer:
         window = _Window()
         last_save_step, stop = None, False
         settings = self.setup.settings
+        if st.step == 0 and self.setup.init is not None:
+            self.metrics.print(
+                f"starting from the weights of {self.setup.init.path} (fresh optimizer, step 0)"
+            )
         if st.step == 0:
             muon = f", muon lr {cfg.muon_lr:g}" if cfg.optimizer == "muon" else ""
             self.metrics.print(

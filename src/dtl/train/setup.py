@@ -34,9 +34,11 @@ from dtl.train.config import (
     ResolvedSettings,
     TrainConfig,
     absolute_data,
+    model_width,
     prepare_length,
     resolve_settings,
 )
+from dtl.train.init_from import InitSource, init_model_config, read_init_source
 
 
 @dataclass
@@ -53,6 +55,7 @@ class RunSetup:
     tokenizer: Tokenizer
     settings: ResolvedSettings
     model_config: ModelConfig
+    init: InitSource | None = None  # --init-from: the model whose weights a new run starts from
 
     @property
     def device(self) -> torch.device:
@@ -83,6 +86,17 @@ class RunSetup:
             "lr_resolved": self.settings.lr,
             "warmup_steps_resolved": self.settings.warmup_steps,
             "min_lr_resolved": self.settings.min_lr,
+            **self._init_record(),
+        }
+
+    def _init_record(self) -> dict[str, Any]:
+        """Where the weights came from (--init-from), kept with the run; the source's context
+        is the model's max_seq_length, `seq_len` what this run trained at."""
+        if self.init is None:
+            return {}
+        return {
+            "init_from_resolved": str(self.init.path),
+            "init_from_max_seq_length": self.init.config.max_seq_length,
         }
 
     def save_config(self) -> None:
@@ -101,20 +115,42 @@ def setup_run(cfg: TrainConfig, resume: bool = False) -> RunSetup:
     if cfg.fsdp:
         distributed.check_fsdp(dist)  # before anything is written or prepared
     prec = precision.resolve_precision(cfg.precision, dist.device)
+    init = None
+    if cfg.init_from and not resume:  # a resumed fine-tune continues from its own checkpoints
+        init = read_init_source(cfg.init_from)
+        # A raw --data file is prepared with the model's tokenizer; config.yaml says so.
+        cfg = dataclasses.replace(cfg, tokenizer=init.tokenizer_spec)
     run_dir = prepare_run_dir(cfg, resume) if dist.is_main else Path(cfg.out)
     distributed.barrier(dist)
     data_dir = resolve_data(cfg, run_dir, dist, resume=resume)
     meta = read_meta(data_dir)
     tokenizer = _data_tokenizer(data_dir, meta)
     settings = resolve_settings(cfg, int(meta["max_length"]))
-    model_config = build_model_config(cfg, meta, settings.seq_len)
-    if resume:
-        model_config = _resumed_context(run_dir, model_config, settings.seq_len)
+    if init is not None:
+        overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS}
+        model_config = init_model_config(init, overrides, tokenizer, settings.seq_len)
+    elif resume and cfg.init_from:
+        model_config = _resumed_fine_tune(run_dir, cfg)
+    else:
+        model_config = build_model_config(cfg, meta, settings.seq_len)
+        if resume:
+            model_config = _resumed_context(run_dir, model_config, settings.seq_len)
     # the saved model records the context it trains at: eval, generation and serving keep to it
     model_config = dataclasses.replace(model_config, trained_seq_len=settings.seq_len)
+    if model_config.d_model != model_width(cfg):  # a fine-tune's width is its source's
+        settings = resolve_settings(cfg, int(meta["max_length"]), d_model=model_config.d_model)
     return RunSetup(
-        cfg, resume, dist, prec, run_dir, data_dir, meta, tokenizer, settings, model_config
+        cfg, resume, dist, prec, run_dir, data_dir, meta, tokenizer, settings, model_config, init
     )
+
+
+def _resumed_fine_tune(run_dir: Path, cfg: TrainConfig) -> ModelConfig:
+    """A resumed --init-from run keeps its own model config (its sizes are the source's,
+    not the preset's): its newest checkpoint's, else the source's again."""
+    path = latest_checkpoint(run_dir)
+    if path is not None and (path / "config.json").is_file():
+        return ModelConfig.from_json(path / "config.json")
+    return read_init_source(cfg.init_from).config
 
 
 def _data_tokenizer(data_dir: Path, meta: dict[str, Any]) -> Tokenizer:
