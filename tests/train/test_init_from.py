@@ -124,7 +124,7 @@ def test_the_tokenizer_travels_and_a_raw_file_is_prepared_with_it(source_run, co
     text = tmp_path / "notes.txt"
     text.write_bytes(corpus.read_bytes()[200_000:260_000])
     out = tmp_path / "notes-ft"
-    train(tiny_config(text, out, init_from=str(source_run), max_steps=2, seq_len=32))
+    train(tiny_config(text, out, init_from=str(source_run), max_steps=2, seq_len=16))
     _, source_tok = load_model(source_run)
     model, tok = load_model(out)
     sample = "The Battle of Hastings , fought in 1066 , ended Saxon rule ."
@@ -132,9 +132,14 @@ def test_the_tokenizer_travels_and_a_raw_file_is_prepared_with_it(source_run, co
     assert tok.decode(tok.encode(sample)) == sample
     meta = json.loads((out / "data" / "meta.json").read_text())
     assert meta["vocab_size"] == 512 and model.config.d_model == TINY_MODEL["d_model"]
+    # The model says both contexts: fine-tuned at 16 tokens, from one trained at 32.
+    source_context = load_model(source_run)[0].config.context
+    assert source_context == 32
+    assert (model.config.trained_seq_len, model.config.base_seq_len) == (16, 32)
+    assert model.config.context == 16
     # --resume continues the new run from its own checkpoint, with its own sizes.
     summary = train(
-        tiny_config(text, out, init_from=str(source_run), max_steps=3, seq_len=32), resume=True
+        tiny_config(text, out, init_from=str(source_run), max_steps=3, seq_len=16), resume=True
     )
     assert summary["step"] == 3
 
@@ -185,9 +190,12 @@ def test_a_legacy_checkpoint_is_a_source(gpt2, corpus, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_bytes(corpus.read_bytes()[:20_000])
     out = tmp_path / "from-legacy"
-    cfg = tiny_config(text, out, init_from=str(pt), max_steps=1, seq_len=32,
+    cfg = tiny_config(text, out, init_from=str(pt), max_steps=1, seq_len=32, lr=None,
                       d_model=None, n_heads=None, n_layers=None, d_ff=None)  # fmt: skip
     trainer = Trainer(cfg)
+    # The default lr follows the model it trains (32 wide), not the tiny preset (128 wide):
+    # 1e-3 * sqrt(128 / 32), the rule's value worked by hand.
+    assert trainer.setup.settings.lr == pytest.approx(2e-3)
     want = legacy.state_dict()
     assert all(torch.equal(trainer.model.state_dict()[k], want[k]) for k in want)
     trainer.run()
