@@ -20,7 +20,7 @@ from dtl.quickstart import (
 )
 
 EXAMPLES = """examples:
-  dtl quickstart                          # runs/demo (about 5-10 minutes on a 2-core CPU)
+  dtl quickstart                          # runs/demo (about 4 minutes on two free cores)
   dtl quickstart --out runs/demo2 --max-steps 1200 --finetune-steps 400
 then:
   dtl ask --model runs/demo "What is anarchism?"
