@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from peers import gpt2_peer
 
 from dtl import ModelConfig, TransformerLM
 from dtl.cli.serve import serve_threads
@@ -67,12 +68,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def hf_peer(config: ModelConfig):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    hf_config = GPT2Config(vocab_size=config.vocab_size, n_positions=config.max_seq_length,
-                           n_embd=config.d_model, n_layer=config.n_layers,
-                           n_head=config.n_heads, n_inner=config.d_ff)  # fmt: skip
-    return GPT2LMHeadModel(hf_config).eval()
+    return gpt2_peer(config).eval()
 
 
 def bench_decode(batch: int, repeats: int, ours, hf, bw: float) -> list[dict]:

@@ -16,25 +16,13 @@ import statistics
 import time
 
 import torch
+from peers import gpt2_peer
 
 from dtl import ModelConfig, TransformerLM
 
 
 def make_peer(cfg: ModelConfig) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    peer_cfg = GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.max_seq_length,
-        n_embd=cfg.d_model,
-        n_layer=cfg.n_layers,
-        n_head=cfg.n_heads,
-        n_inner=cfg.d_ff,
-        resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
-        attn_pdrop=0.0,  # DTL has no dropout on attention weights either
-    )
-    return GPT2LMHeadModel(peer_cfg)
+    return gpt2_peer(cfg)
 
 
 def dtl_step(model, opt, x, y):

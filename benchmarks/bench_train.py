@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from peers import gpt2_peer
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -78,21 +79,7 @@ def dtl_trainer(data_dir: Path, out: Path):
 
 
 def hf_step_fn(config, lr: float = 6e-4):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=config.vocab_size,
-            n_positions=config.max_seq_length,
-            n_embd=config.d_model,
-            n_layer=config.n_layers,
-            n_head=config.n_heads,
-            n_inner=config.d_ff,
-            resid_pdrop=config.dropout,
-            embd_pdrop=config.dropout,
-            attn_pdrop=config.dropout,
-        )
-    )
+    hf = gpt2_peer(config)
     hf.config._attn_implementation = "sdpa"
     hf.train()
     # The same fused AdamW dtl uses, so the optimizer is no part of the difference.
