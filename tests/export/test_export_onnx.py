@@ -108,3 +108,20 @@ def test_greedy_with_past_is_dtl_greedy(session, bpe_model_dir):
             out = _run(session, [[tokens[-1]]], [[1] * len(tokens)], _presents_as_past(out))
         assert tokens == expected, text
         assert greedy(session, prompt, 12) == expected  # the helper users are shown
+
+
+def test_export_leaves_the_model_in_eval_mode(tmp_path):
+    """torch.onnx.export restores the mode of what it traced: the model must come back in
+    eval mode (dropout off), or whatever runs it next gets noisy logits."""
+    from conftest import tiny_model
+
+    from dtl.export.onnx import export_onnx
+
+    model = tiny_model(50)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = model(ids)
+    export_onnx(model, tmp_path / "m.onnx")
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, atol=0, rtol=0)

@@ -119,7 +119,8 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET) -> None:
         # the TorchScript exporter is deprecated in favour of dynamo's, which needs onnxscript
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            OnnxDecoder(model),
+            # eval, or the exporter hands it back (and `model` with it) in training mode
+            OnnxDecoder(model).eval(),
             (ids, mask, *past),
             str(path),
             input_names=["input_ids", "attention_mask", *inputs],
