@@ -188,3 +188,17 @@ def test_transformers_round_trip_keeps_weights(exported, tmp_path):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=0, rtol=0)
+
+
+def test_labels_loss_is_dtl_loss_and_no_cache_generate_agrees(exported, bpe_model_dir):
+    """What fine-tuning with transformers relies on: `labels=input_ids` gives DTL's
+    next-token loss; and generate() without the cache draws what it draws with it."""
+    model, tok = load_model(bpe_model_dir)
+    hf = _hf_model(exported)
+    ids = torch.tensor([tok.encode(SAMPLES[1])])
+    targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids, labels=ids).loss, model.loss(ids, targets),
+                                   atol=1e-5, rtol=0)  # fmt: skip
+    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert hf.generate(ids, use_cache=False, **kw).tolist() == hf.generate(ids, **kw).tolist()

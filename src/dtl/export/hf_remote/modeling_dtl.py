@@ -145,6 +145,11 @@ class DtlModel(DtlPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         B, T = input_ids.shape
         past = 0 if cache is None else cache.get_seq_length()
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                "DtlModel takes a 2-D attention_mask (batch, past + new tokens) of 1/0; "
+                "use the default dynamic cache (static caches pass 4-D masks)"
+            )
         if past + T > self.config.max_seq_length:
             raise ValueError(
                 f"{past + T} tokens exceed the model's {self.config.max_seq_length} positions"
