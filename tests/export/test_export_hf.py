@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import SAMPLES, tiny_model
+from export_helpers import SAMPLES, tiny_model
 
 from dtl.export import export_model
 from dtl.generate import generate_tokens

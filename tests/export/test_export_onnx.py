@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLES
+from export_helpers import SAMPLES
 
 from dtl.export import export_model
 from dtl.export.onnx import greedy
@@ -113,7 +113,7 @@ def test_greedy_with_past_is_dtl_greedy(session, bpe_model_dir):
 def test_export_leaves_the_model_in_eval_mode(tmp_path):
     """torch.onnx.export restores the mode of what it traced: the model must come back in
     eval mode (dropout off), or whatever runs it next gets noisy logits."""
-    from conftest import tiny_model
+    from export_helpers import tiny_model
 
     from dtl.export.onnx import export_onnx
 
