@@ -202,3 +202,30 @@ def test_labels_loss_is_dtl_loss_and_no_cache_generate_agrees(exported, bpe_mode
                                    atol=1e-5, rtol=0)  # fmt: skip
     kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=None)
     assert hf.generate(ids, use_cache=False, **kw).tolist() == hf.generate(ids, **kw).tolist()
+
+
+def test_legacy_pt_exports_with_gpt2_tokenizer(gpt2, tmp_path):
+    """A .pt from the original DTL scripts (read with GPT-2's tokenizer, as dtl generate
+    reads it) exports too, and its card says no run came with it."""
+    legacy = tiny_model(gpt2.vocab_size, seed=3)
+    torch.save({"model_state_dict": legacy.state_dict(), "epoch": 4}, tmp_path / "best.pt")
+    out = export_model(tmp_path / "best.pt", "hf", tmp_path / "legacy-hf")
+    hf = _hf_model(out)
+    ids = torch.tensor([gpt2.encode(SAMPLES[1])])
+    model, _ = load_model(tmp_path / "best.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-5, rtol=0)
+    assert _hf_tokenizer(out)(SAMPLES[1]).input_ids == ids[0].tolist()
+    card = (out / "README.md").read_text()
+    assert "No run dir came with this model" in card and "MIT" in card
+
+
+def test_card_metadata_reads_as_the_hub_reads_it(exported):
+    """huggingface_hub's own parser (what push_to_hub and the Hub use) reads the front matter."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(exported / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "text-generation"
+    assert card.data.license == "other"
+    assert "custom_code" in card.data.tags

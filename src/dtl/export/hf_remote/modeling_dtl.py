@@ -36,20 +36,19 @@ _OUTPUT_FIELDS = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
 _CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
 
 
-def sinusoid(position_ids: torch.Tensor, d_model: int) -> torch.Tensor:
-    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...), as float32 (B, T, d).
+def sinusoid_table(max_len: int, d_model: int) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...): (max_len, d) float32.
 
-    Computed in float64 and then rounded, element by element as DTL builds its table, so the
-    values are the same bits; computed per call, so no buffer depends on how weights load.
+    Built in float64 on the CPU and then rounded, as DTL builds its table, so the values are
+    the same bits (and no float64 is asked of a device without it, such as MPS).
     """
+    position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)  # (L, 1)
     inv_freq = torch.exp(
-        torch.arange(0, d_model, 2, dtype=torch.float64, device=position_ids.device)
-        * (-math.log(10000.0) / d_model)
+        torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model)
     )  # (ceil(d/2),)
-    angle = position_ids.to(torch.float64).unsqueeze(-1) * inv_freq  # (B, T, ceil(d/2))
-    pe = torch.zeros(*position_ids.shape, d_model, dtype=torch.float64, device=position_ids.device)
-    pe[..., 0::2] = torch.sin(angle)
-    pe[..., 1::2] = torch.cos(angle)[..., : d_model // 2]
+    pe = torch.zeros(max_len, d_model, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(position * inv_freq)
+    pe[:, 1::2] = torch.cos(position * inv_freq)[:, : d_model // 2]
     return pe.float()
 
 
@@ -134,6 +133,9 @@ class DtlModel(DtlPreTrainedModel):
         self.layers = nn.ModuleList(DtlBlock(config, i) for i in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.embed_scale = math.sqrt(config.d_model)
+        # A fixed table, not a weight: kept off the state dict and built on first use, so
+        # nothing depends on how transformers materialises the module when it loads.
+        self._pe: torch.Tensor | None = None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -141,6 +143,13 @@ class DtlModel(DtlPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embedding = value
+
+    def position_table(self, device: torch.device) -> torch.Tensor:
+        """The sinusoidal table (max_seq_length, d_model) on `device`."""
+        if self._pe is None or self._pe.device != device:
+            table = sinusoid_table(self.config.max_seq_length, self.config.d_model)
+            self._pe = table.to(device)
+        return self._pe
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         B, T = input_ids.shape
@@ -158,7 +167,8 @@ class DtlModel(DtlPreTrainedModel):
         if position_ids is None:
             position_ids = positions
         x = self.embedding(input_ids) * self.embed_scale  # (B, T, d)
-        x = self.dropout(x + sinusoid(position_ids, self.config.d_model).to(x.dtype))
+        pe = self.position_table(x.device)[position_ids].to(x.dtype)  # (B, T, d)
+        x = self.dropout(x + pe)
         for block in self.layers:
             x = block(x, attn_mask, cache, is_causal)
         return self.ln_f(x)
