@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "dtl.cli.train",
     "dtl.cli.generate",
     "dtl.cli.serve",
+    "dtl.cli.export",
 ]
 
 
