@@ -24,6 +24,7 @@ def register(subparsers) -> None:
         epilog="examples:\n"
         "  dtl serve --model runs/qa\n"
         "  dtl serve --model runs/qa --host 0.0.0.0 --port 8080 --api-key s3cret\n"
+        "  dtl serve --model runs/qa --host 0.0.0.0 --allowed-hosts gpu-box.lan --api-key s3cret\n"
         "  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\\n"
         '       -d \'{"prompt": "The history of", "max_tokens": 20}\'',
     )
@@ -91,6 +92,9 @@ def cmd_serve(args) -> int:
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"dtl serve: warning: listening on {args.host} without --api-key; anyone who can "
               "reach this port can use the model", file=sys.stderr, flush=True)  # fmt: skip
+    if args.host in ("0.0.0.0", "::") and not args.allowed_hosts:
+        print("dtl serve: clients reach it by IP address or localhost; to use a host name, add "
+              "--allowed-hosts NAME (DNS-rebinding guard)", file=sys.stderr, flush=True)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP API over one loaded model (FastAPI).
 
-    GET  /health                 {"status": "ok", "model": NAME}
+    GET  /health                 {"status": "ok", "model": NAME} (open to probes; with a key
+                                 set, the model is named only to a keyed call)
     GET  /v1/models              OpenAI's model list, plus "parameters", "context_length" (the
                                  tokens it trained at, which requests must fit; vLLM's
                                  "max_model_len" too) and "max_seq_length" (its position table)
@@ -12,6 +13,8 @@
     GET  /ask_defaults           the settings `dtl ask` starts from, as body fields
                                  (the page's Ask tab reads them; public, like the page)
 
+Every request first passes `dtl.serve.guard` (its Host, a JSON content type, the body limit),
+then the API key (everything but the page's files and /health needs it when one is set).
 A body becomes one `Request` (`dtl.serve.wire`: OpenAI's parameters, checked, into one
 `SamplingOptions`; mistakes come back as 400 in OpenAI's error shape), which the one
 generation thread (`dtl.serve.scheduler`) batches continuously with the others. Its pieces
