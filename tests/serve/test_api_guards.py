@@ -255,3 +255,14 @@ def test_dtl_serve_takes_the_key_from_the_environment():
     assert api_key_setting(None, None) is None  # no key anywhere: an open server
     assert api_key_setting(None, "from-env") == "from-env"
     assert api_key_setting("flag", "from-env") == "flag"  # the flag wins
+
+
+def test_starlettes_test_client_still_works(model, tokenizer):  # noqa: F811
+    """In-process tests (Host 'testserver', no network) pass the Host check: no browser there."""
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_app(model, tokenizer, NAME))
+    assert client.get("/v1/models").status_code == 200
+    assert client.get("/v1/models", headers={"Host": "evil.example"}).status_code == 200
+    assert client.post("/v1/completions", content=b"{}", headers={"Content-Type": "text/plain"}
+                       ).status_code == 415  # the other checks still hold  # fmt: skip
