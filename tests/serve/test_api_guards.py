@@ -266,3 +266,13 @@ def test_starlettes_test_client_still_works(model, tokenizer):  # noqa: F811
     assert client.get("/v1/models", headers={"Host": "evil.example"}).status_code == 200
     assert client.post("/v1/completions", content=b"{}", headers={"Content-Type": "text/plain"}
                        ).status_code == 415  # the other checks still hold  # fmt: skip
+
+
+def test_dtl_serve_flags_become_the_guards_settings():
+    from dtl.cli.serve import allowed_hosts, max_body_bytes
+
+    assert allowed_hosts("gpu-box.lan, other.lan", "0.0.0.0") == ["gpu-box.lan", "other.lan",
+                                                                  "0.0.0.0"]  # fmt: skip
+    assert allowed_hosts("", "my-host.lan") == ["my-host.lan"]  # --host by name: allowed
+    assert max_body_bytes(None) == DEFAULT_MAX_BODY_BYTES == 4 * 1024 * 1024
+    assert max_body_bytes(0.5) == 512 * 1024

@@ -243,11 +243,11 @@ def check_prompt_chars(prompts: list[str], tokenizer, context: int) -> None:
     """Refuse, without tokenizing it, a prompt too long for the context by its length alone:
     each token stands for at most `longest_token_bytes` bytes, and a character is at least
     one byte, so a prompt of context x that many characters has at least `context` tokens."""
-    limit = context * longest_token_bytes(tokenizer)
+    longest = longest_token_bytes(tokenizer)
     for prompt in prompts:
-        if len(prompt) >= limit:
+        if len(prompt) >= context * longest:
             raise ApiError(
-                f"the prompt is {len(prompt):,} characters, at least {len(prompt) // (limit // context):,} "
+                f"the prompt is {len(prompt):,} characters, at least {len(prompt) // longest:,} "
                 f"tokens, but the model's context is {context}; shorten the prompt",
                 "prompt", "context_length_exceeded",
             )  # fmt: skip
