@@ -438,6 +438,32 @@ def test_a_tiny_temperature_is_nearly_greedy_not_an_overflow(top_k):
     assert torch.equal(got, logits.argmax(-1))
 
 
+@pytest.mark.parametrize("top_k", [None, 5])
+@pytest.mark.parametrize("top_p", [1e-46, 1e-300, 1e-9])
+def test_a_tiny_top_p_keeps_the_top_token(top_k, top_p):
+    """1e-46 is 0 in float32: a top-p below it once dropped every token (a NaN draw). Any top_p
+    > 0 keeps at least the most likely token, as HF's TopPLogitsWarper does."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from dtl.generate import SamplingOptions, sample_next
+
+    logits = torch.randn(4, 97) * 3
+    kept = torch.isfinite(filter_top_p(logits, top_p))
+    theirs = torch.isfinite(TopPLogitsWarper(top_p=top_p)(torch.zeros(4, 1).long(), logits.clone()))
+    assert torch.equal(kept, theirs) and kept.sum(-1).tolist() == [1, 1, 1, 1]
+    opts = SamplingOptions(temperature=1.0, top_k=top_k, top_p=top_p, seed=0)
+    got = sample_next(logits, opts, None, torch.Generator().manual_seed(0))
+    assert torch.equal(got, logits.argmax(-1))
+
+
+def test_dtl_generate_with_a_tiny_top_p_is_greedy(dtl, model_dir):
+    greedy = dtl("generate", "--model", model_dir, "--prompt", "Hi", "--max-new-tokens", 5,
+                 "--temperature", 0)  # fmt: skip
+    tiny = dtl("generate", "--model", model_dir, "--prompt", "Hi", "--max-new-tokens", 5,
+               "--top-p", "1e-300", "--seed", 3)  # fmt: skip
+    assert tiny[0] == 0 and tiny[1] == greedy[1] and greedy[0] == 0, tiny[2]
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_no_repeat_ngrams_match_hugging_face(n):
     """The oracle: transformers' NoRepeatNGramLogitsProcessor on the same logits and rows."""

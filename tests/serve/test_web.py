@@ -292,7 +292,8 @@ def test_ask_streams_the_answer_in_several_updates(page, servers):
     _shot(page, "ask-answer")
     assert sent == [
         {"model": MODEL_NAME, "messages": [{"role": "user", "content": question}],
-         "max_tokens": 120, "stream": True, "temperature": 0, "top_p": 0.5, "top_k": 7,
+         "max_tokens": 120, "stream": True, "stream_options": {"include_usage": True},
+         "temperature": 0, "top_p": 0.5, "top_k": 7,
          "repetition_penalty": PENALTY}
     ]  # fmt: skip
 
@@ -553,3 +554,111 @@ def test_the_stream_reader_copes_with_other_servers_event_layouts(page, servers)
         "The connection to the server was lost mid-answer (the stream ended before its last event)"
     )
     assert page.text_content("#answer") == "Cut"
+
+
+@pytest.mark.browser
+def test_the_done_line_counts_tokens_from_the_streams_usage(page, servers):
+    """A text piece is not a token (a stop-string prefix is held back, a character can take two
+    tokens): the count is the server's usage, which the page asks the stream for."""
+    question = "Who built the old bridge?"
+    _open(page, servers["open"])
+    _set(page, "temperature", 0)
+    _set(page, "max-tokens", 9)
+    page.fill("#question", question)
+    page.press("#question", "Enter")
+    page.wait_for_function("() => document.getElementById('answer').dataset.state === 'done'")
+    reply = _openai(servers["open"]).chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": question}], max_tokens=9,
+        temperature=0, extra_body={"top_k": 50, "repetition_penalty": PENALTY},
+    )  # fmt: skip
+    used = reply.usage.completion_tokens
+    assert page.text_content("#ask-status").startswith(f"Done: {used} tokens in ")
+    # a server whose 3 pieces were 7 tokens: the page says 7
+    events = [_chat_chunk({"content": "Hel"}), _chat_chunk({"content": "lo"}),
+              _chat_chunk({"content": "!"}, finish="length"),
+              'data: {"object": "chat.completion.chunk", "choices": [], "usage": '
+              '{"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}',
+              "data: [DONE]"]  # fmt: skip
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body="\n\n".join(events) + "\n\n"))  # fmt: skip
+    page.click("#ask-btn")
+    page.wait_for_function("() => document.getElementById('ask-status').textContent"
+                           ".startsWith('Done')")  # fmt: skip
+    assert page.text_content("#ask-status").startswith("Done: 7 tokens in ")
+    assert page.text_content("#ask-status").endswith("(reached max tokens)")
+
+
+@pytest.mark.browser
+def test_an_error_banner_goes_on_a_tab_switch_and_after_a_success(page, servers):
+    _open(page, servers["open"])
+    page.fill("#question", "word " * 1100)  # over the context: a 400
+    page.click("#ask-btn")
+    page.wait_for_selector("#error", state="visible")
+    page.click("#tab-complete")
+    assert page.is_hidden("#error")  # about the Ask tab's request, not this tab
+
+    # in Complete: a refused suggestion, then one that works: the message goes
+    refusal = {"error": {"message": "busy", "type": "invalid_request_error", "param": None,
+                         "code": None}}  # fmt: skip
+    page.route("**/v1/completions", lambda route: route.fulfill(status=400, json=refusal))
+    _set(page, "temperature", 0)
+    _set(page, "suggest-tokens", 4)
+    page.locator("#editor").press_sequentially("The river", delay=10)
+    page.wait_for_selector("#error", state="visible")
+    assert "busy" in page.text_content("#error-text")
+    page.unroute("**/v1/completions")
+    page.locator("#editor").press_sequentially(" and", delay=10)
+    page.wait_for_selector("#editor-wrap[data-suggest='ready']")
+    assert page.is_hidden("#error")
+
+
+@pytest.mark.browser
+def test_earlier_answers_stay_listed_with_copy_buttons(browser, servers):
+    context = browser.new_context(viewport={"width": 1100, "height": 900},
+                                  permissions=["clipboard-read", "clipboard-write"])  # fmt: skip
+    page = context.new_page()
+    try:
+        _open(page, servers["open"])
+        _set(page, "temperature", 0)
+        _set(page, "max-tokens", 8)
+        questions = ["Where is the river?", "Who was the old king?", "What is <b>stone</b>?"]
+        for question in questions:
+            page.fill("#question", question)
+            page.press("#question", "Enter")
+            page.wait_for_function(
+                "() => document.getElementById('answer').dataset.state === 'done'"
+            )
+        answers = [_greedy_chat(servers["open"], q, 8) for q in questions]
+        assert page.text_content("#answer") == answers[2]
+        items = page.locator("#history-list li")
+        assert items.count() == 2  # the earlier two, newest first
+        for i, k in enumerate([1, 0]):
+            assert items.nth(i).locator(".q").text_content() == questions[k]
+            assert items.nth(i).locator(".a").text_content() == answers[k]
+        assert page.locator("#history-list b").count() == 0  # text, never parsed as HTML
+        _shot(page, "ask-history")
+        items.nth(1).locator("button.copy").click()
+        assert page.evaluate("navigator.clipboard.readText()") == answers[0]
+        assert items.nth(1).locator("button.copy").text_content() == "copied"
+        page.click("#copy-answer")
+        assert page.evaluate("navigator.clipboard.readText()") == answers[2]
+    finally:
+        context.close()
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", [320, 360, 412])
+def test_on_a_phone_the_header_keeps_parameters_and_context_together(browser, servers, width):
+    context = browser.new_context(viewport={"width": width, "height": 740}, is_mobile=True)
+    page = context.new_page()
+    try:
+        _open(page, servers["open"])
+        boxes = page.evaluate(
+            """() => ["model-params", "model-context"].map(
+                id => document.getElementById(id).getBoundingClientRect().top)"""
+        )
+        assert abs(boxes[0] - boxes[1]) < 2, f"'context' wrapped alone onto a line: {boxes}"
+        assert page.evaluate("document.documentElement.scrollWidth") <= width  # no side-scroll
+        _shot(page, f"phone-header-{width}")
+    finally:
+        context.close()

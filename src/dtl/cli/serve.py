@@ -24,6 +24,7 @@ def register(subparsers) -> None:
         epilog="examples:\n"
         "  dtl serve --model runs/qa\n"
         "  dtl serve --model runs/qa --host 0.0.0.0 --port 8080 --api-key s3cret\n"
+        "  dtl serve --model runs/qa --host 0.0.0.0 --allowed-hosts gpu-box.lan --api-key s3cret\n"
         "  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\\n"
         '       -d \'{"prompt": "The history of", "max_tokens": 20}\'',
     )
@@ -32,8 +33,23 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
         "--api-key",
-        default=os.environ.get("DTL_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on the API (default: $DTL_API_KEY, else none)",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on everything but the page's files and "
+        "/health (default: $DTL_API_KEY, else none)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        default="",
+        metavar="NAMES",
+        help="comma-separated host names clients may reach this server by, besides localhost "
+        "and IP addresses (which always work); '*' allows any (turns off the DNS-rebinding "
+        "check). The --host name is allowed too",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        metavar="MB",
+        help="largest request body, in MiB (default 4; larger ones get 413)",
     )
     p.add_argument("--name", help="the model id clients use (default: the model dir's name)")
     p.add_argument(
@@ -56,6 +72,9 @@ def cmd_serve(args) -> int:
 
     if not 0 < args.port < 65536:
         raise DtlError(f"--port {args.port}: must be between 1 and 65535")
+    api_key = api_key_setting(args.api_key, os.environ.get("DTL_API_KEY"))
+    max_body = max_body_bytes(args.max_body_mb)
+    allowed = allowed_hosts(args.allowed_hosts, args.host)
     device = resolve_device(args.device)  # before the slow load
     threads = serve_threads(args.threads, os.cpu_count() or 1)
     _check_port_free(args.host, args.port)
@@ -64,16 +83,56 @@ def cmd_serve(args) -> int:
     torch.set_num_threads(threads)
     model, tokenizer = _load(args, device)
     name = args.name or model_name(args.model)
-    app = create_app(model, tokenizer, name, api_key=args.api_key)
+    app = create_app(model, tokenizer, name, api_key=api_key, allowed_hosts=allowed,
+                     max_body_bytes=max_body)  # fmt: skip
     where = f"http://{args.host}:{args.port}"
-    auth = " (API key required)" if args.api_key else ""
+    auth = " (API key required)" if api_key else ""
     print(f"dtl serve: {name} ({model.num_parameters():,} parameters) at {where}/ "
           f"and {where}/v1{auth}; Ctrl-C stops", flush=True)  # fmt: skip
-    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"dtl serve: warning: listening on {args.host} without --api-key; anyone who can "
               "reach this port can use the model", file=sys.stderr, flush=True)  # fmt: skip
+    if args.host in ("0.0.0.0", "::") and not args.allowed_hosts:
+        print("dtl serve: clients reach it by IP address or localhost; to use a host name, add "
+              "--allowed-hosts NAME (DNS-rebinding guard)", file=sys.stderr, flush=True)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def api_key_setting(flag: str | None, env: str | None) -> str | None:
+    """The key to require: --api-key, else $DTL_API_KEY, else None (no key). An empty or
+    blank one is an error, never a silent server without authentication."""
+    key, where = (flag, "--api-key") if flag is not None else (env, "DTL_API_KEY")
+    if key is None:
+        return None
+    if not key.strip():
+        raise DtlError(f"{where} is empty: give a key, or leave out --api-key and unset "
+                       "DTL_API_KEY to serve without one")  # fmt: skip
+    if key != key.strip() or not key.isascii() or not key.isprintable():
+        raise DtlError(f"{where}: the key must be printable ASCII without leading or trailing "
+                       "spaces (clients send it in an HTTP header)")  # fmt: skip
+    return key
+
+
+def allowed_hosts(names: str, host: str) -> list[str]:
+    """--allowed-hosts as a list, plus the --host name when it is a name (not an address)."""
+    allowed = [n.strip() for n in names.split(",") if n.strip()]
+    bad = [n for n in allowed if "/" in n or ":" in n]  # IP addresses need no entry
+    if bad:
+        raise DtlError(f"--allowed-hosts {bad[0]!r}: give host names such as gpu-box.lan, "
+                       "without scheme or port")  # fmt: skip
+    return [*allowed, host]
+
+
+def max_body_bytes(mib: float | None) -> int:
+    """--max-body-mb in bytes (default `dtl.serve.guard.DEFAULT_MAX_BODY_BYTES`, 4 MiB)."""
+    from dtl.serve.guard import DEFAULT_MAX_BODY_BYTES
+
+    if mib is None:
+        return DEFAULT_MAX_BODY_BYTES
+    if not 0.001 <= mib <= 1024:  # also refuses nan
+        raise DtlError(f"--max-body-mb {mib:g}: give a size from 0.001 to 1024 MiB")
+    return int(mib * (1 << 20))
 
 
 def serve_threads(asked: int | None, cores: int) -> int:

@@ -114,8 +114,7 @@ def filter_top_p(logits: Tensor, p: float | None) -> Tensor:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
     probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each
-    drop_sorted = mass_before >= p
+    drop_sorted = _beyond_nucleus(probs, p)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -158,8 +157,17 @@ def _top_p_sorted(values: Tensor, p: float | None) -> Tensor:
     """`filter_top_p` for logits already sorted in descending order."""
     if p is None or p >= 1.0:
         return values
-    probs = torch.softmax(values, dim=-1)
-    return values.masked_fill(probs.cumsum(-1) - probs >= p, float("-inf"))
+    return values.masked_fill(_beyond_nucleus(torch.softmax(values, dim=-1), p), float("-inf"))
+
+
+def _beyond_nucleus(sorted_probs: Tensor, p: float) -> Tensor:
+    """(B, V) bool: True for the tokens top-p drops, given probabilities sorted descending:
+    those whose more likely tokens already hold p. The first is never dropped, however small
+    p is (a p below float32's smallest number, 1e-46, compares as 0 and dropped them all)."""
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # the probability ranked above each
+    drop = mass_before >= p
+    drop[..., 0] = False
+    return drop
 
 
 def seeded_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:

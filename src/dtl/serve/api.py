@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP API over one loaded model (FastAPI).
 
-    GET  /health                 {"status": "ok", "model": NAME}
+    GET  /health                 {"status": "ok", "model": NAME} (open to probes; with a key
+                                 set, the model is named only to a keyed call)
     GET  /v1/models              OpenAI's model list, plus "parameters", "context_length" (the
                                  tokens it trained at, which requests must fit; vLLM's
                                  "max_model_len" too) and "max_seq_length" (its position table)
@@ -12,6 +13,8 @@
     GET  /ask_defaults           the settings `dtl ask` starts from, as body fields
                                  (the page's Ask tab reads them; public, like the page)
 
+Every request first passes `dtl.serve.guard` (its Host, a JSON content type, the body limit),
+then the API key (everything but the page's files and /health needs it when one is set).
 A body becomes one `Request` (`dtl.serve.wire`: OpenAI's parameters, checked, into one
 `SamplingOptions`; mistakes come back as 400 in OpenAI's error shape), which the one
 generation thread (`dtl.serve.scheduler`) batches continuously with the others. Its pieces
@@ -29,18 +32,20 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import aclosing
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dtl.data.qa import qa_stops
 from dtl.generate.batch import StreamChunk
 from dtl.generate.decode import plan_if_fast
 from dtl.generate.loop import Request
+from dtl.serve.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
 from dtl.serve.page import add_page_routes
 from dtl.serve.scheduler import END, Batcher
 from dtl.serve.wire import (
@@ -49,15 +54,25 @@ from dtl.serve.wire import (
     check_model,
     completion_prompts,
     json_body,
+    longest_token_bytes,
     parse_request,
 )
 
 __all__ = ["ApiError", "chat_prompt", "create_app"]
 
 
-def create_app(model, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `model` (see the module docs), and the web page at `/`."""
-    app = FastAPI(title="DTL", description="OpenAI-compatible API of a DTL model", docs_url=None)
+def create_app(
+    model, tokenizer, model_name: str, api_key: str | None = None,
+    allowed_hosts: Iterable[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:  # fmt: skip
+    """The FastAPI app serving `model` (see the module docs), and the web page at `/`.
+
+    With `api_key`, every route but the page's files and /health needs it. `allowed_hosts`
+    and `max_body_bytes` are what `dtl.serve.guard` lets through."""
+    if api_key is not None and not api_key:
+        raise ValueError("api_key is empty: give a key, or None to serve without one")
+    app = FastAPI(title="DTL", description="OpenAI-compatible API of a DTL model",
+                  docs_url=None, redoc_url=None)  # both load scripts from a CDN
     model.eval()  # no dropout while serving
     if (plan := plan_if_fast(model)) is not None:  # lay the weights out now, not on the
         plan.head_for(rows=2)  # first request (~0.3 s)
@@ -69,16 +84,21 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None) ->
     _add_model_routes(app, model, model_name)
     _add_generation_routes(app, model_name)
     add_page_routes(app)
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
+    longest_token_bytes(tokenizer)  # now, not on the first request
     return app
 
 
 def _add_auth_and_errors(app: FastAPI, api_key: str | None) -> None:
     @app.middleware("http")
     async def check_key(request: HttpRequest, call_next):
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        request.scope["dtl_keyed"] = not api_key or secrets.compare_digest(
+            given.encode(), api_key.encode()
+        )
         if api_key and _needs_key(request.url.path):
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(given.encode(), api_key.encode()):
+            if not request.scope["dtl_keyed"]:
                 return ApiError(
                     "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                     code="invalid_api_key",
@@ -104,8 +124,9 @@ def _add_model_routes(app: FastAPI, model, model_name: str) -> None:
     card = _model_card(model_name, int(time.time()), model.num_parameters(), model.config)
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_name}
+    async def health(http: HttpRequest):  # open to probes; the model's name needs the key
+        return {"status": "ok", "model": model_name} if http.scope.get("dtl_keyed") else {
+            "status": "ok"}
 
     @app.get("/v1/models")
     async def models():
@@ -131,8 +152,8 @@ def _add_generation_routes(app: FastAPI, model_name: str) -> None:
     async def completions(http: HttpRequest):
         body = await json_body(http)
         check_model(body, model_name)
-        request, used = parse_request(
-            body, completion_prompts(body), state.tokenizer, context, default_max_tokens=16
+        request, used = await run_in_threadpool(  # tokenizing: off the event loop
+            parse_request, body, completion_prompts(body), state.tokenizer, context, 16
         )
         return await _respond(http, state, body, request, used, "text_completion", "cmpl")
 
@@ -141,8 +162,8 @@ def _add_generation_routes(app: FastAPI, model_name: str) -> None:
         body = await json_body(http)
         check_model(body, model_name)
         prompt = chat_prompt(body.get("messages"))
-        request, used = parse_request(
-            body, [prompt], state.tokenizer, context, default_max_tokens=None, stop_first=qa_stops()
+        request, used = await run_in_threadpool(  # tokenizing: off the event loop
+            parse_request, body, [prompt], state.tokenizer, context, None, qa_stops()
         )
         return await _respond(http, state, body, request, used, "chat.completion", "chatcmpl")
 
@@ -180,10 +201,14 @@ def _same(text: str) -> str:
     return text
 
 
+PUBLIC_PATHS = ("/", "/favicon.ico", "/ask_defaults", "/health")
+
+
 def _needs_key(path: str) -> bool:
-    """The API needs the key; the page and its static files are public (they hold no data
-    and ask the user for the key)."""
-    return path.startswith("/v1") or path == "/health"
+    """Everything needs the key (the API, /openapi.json, any route added later) but the page
+    and its static files, which hold no data and ask the user for the key, and /health, which
+    load balancers and probes call without one (it names the model only to a keyed call)."""
+    return path not in PUBLIC_PATHS and not path.startswith("/static/")
 
 
 def _model_card(name: str, created: int, n_params: int, config) -> dict:

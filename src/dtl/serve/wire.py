@@ -13,6 +13,7 @@ Everything is checked here, before the request is queued, so none should fail in
 from __future__ import annotations
 
 import json
+import re
 
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse
@@ -51,14 +52,51 @@ class ApiError(Exception):
 
 
 async def json_body(request: HttpRequest) -> dict:
+    """The request's JSON object, checked to hold only text the tokenizer can read."""
     raw = await request.body()
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:  # json's C decoder nests with Python's recursion limit
+        raise ApiError("request body nests too deeply to be read as JSON", code="invalid_json"
+                       ) from None  # fmt: skip
+    except ValueError as err:  # JSONDecodeError, bad UTF-8, an integer of > 4300 digits
         raise ApiError(f"request body is not valid JSON ({err})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError("request body must be a JSON object", code="invalid_json")
+    _check_text(body)
     return body
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(body: dict) -> None:
+    """Refuse a string holding a lone surrogate (JSON's "\\ud800" escape without its pair):
+    it is no Unicode text, and no tokenizer can encode it. The message names where it is."""
+    stack: list[tuple[str, object]] = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str) and (found := _SURROGATE.search(value)):
+            field = where.split("[")[0].split(".")[0] or None
+            raise ApiError(
+                f"'{where}' holds a lone surrogate ({ascii(found.group())[1:-1]} at character "
+                f"{found.start()}), which is not valid Unicode text; send UTF-8 text",
+                field, "invalid_text",
+            )  # fmt: skip
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = _SURROGATE.sub("\ufffd", key)
+                if name != key:
+                    raise ApiError(f"a key in '{where or 'the body'}' holds a lone surrogate, "
+                                   "which is not valid Unicode text; send UTF-8 text",
+                                   where.split("[")[0].split(".")[0] or None, "invalid_text")
+                stack.append((f"{where}.{name}" if where else name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
 
 
 def check_model(body: dict, model_name: str) -> None:
@@ -153,8 +191,10 @@ def parse_request(
             "prompt" if len(prompts) > 1 else "n",
             "too_many_completions",
         )
+    check_stream(body)
     sampling = _sampling(body)
     stop = _stop_strings(body)
+    check_prompt_chars(prompts, tokenizer, context)  # before tokenizing megabytes of text
     prompt_ids = encode_prompts(tokenizer, prompts)  # once: the batch reuses them
     longest = max(len(ids) for ids in prompt_ids)
     max_tokens = _max_tokens(body, longest, context, default_max_tokens)
@@ -168,6 +208,49 @@ def parse_request(
         prompt_ids=[ids for ids in prompt_ids for _ in range(n)],
     )
     return request, sum(len(ids) for ids in prompt_ids)
+
+
+def check_stream(body: dict) -> None:
+    """`stream` is a boolean, `stream_options` an object whose `include_usage` is one."""
+    if not isinstance(body.get("stream", False), (bool, type(None))):
+        raise ApiError(f"'stream' must be true or false, got {body['stream']!r}", "stream",
+                       "invalid_type")  # fmt: skip
+    options = body.get("stream_options")
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise ApiError(f"'stream_options' must be an object such as {{\"include_usage\": true}}, "
+                       f"got {options!r:.60}", "stream_options", "invalid_type")  # fmt: skip
+    if not isinstance(options.get("include_usage", False), (bool, type(None))):
+        raise ApiError("'stream_options.include_usage' must be true or false",
+                       "stream_options", "invalid_type")  # fmt: skip
+
+
+def longest_token_bytes(tokenizer) -> int:
+    """The most bytes any one token of `tokenizer` stands for (128 for GPT-2's): a text of
+    more characters than context x this cannot fit the context, whatever its tokens."""
+    key = id(tokenizer)
+    if key not in _LONGEST:  # ~30 ms for GPT-2's 50,257 tokens, once per tokenizer
+        longest = max(len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size))
+        _LONGEST[key] = (tokenizer, longest)  # the tokenizer too: its id stays its own
+    return _LONGEST[key][1]
+
+
+_LONGEST: dict[int, tuple[object, int]] = {}
+
+
+def check_prompt_chars(prompts: list[str], tokenizer, context: int) -> None:
+    """Refuse, without tokenizing it, a prompt too long for the context by its length alone:
+    each token stands for at most `longest_token_bytes` bytes, and a character is at least
+    one byte, so a prompt of context x that many characters has at least `context` tokens."""
+    longest = longest_token_bytes(tokenizer)
+    for prompt in prompts:
+        if len(prompt) >= context * longest:
+            raise ApiError(
+                f"the prompt is {len(prompt):,} characters, at least {len(prompt) // longest:,} "
+                f"tokens, but the model's context is {context}; shorten the prompt",
+                "prompt", "context_length_exceeded",
+            )  # fmt: skip
 
 
 def _sampling(body: dict) -> dict:

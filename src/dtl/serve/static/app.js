@@ -152,12 +152,14 @@ async function* sseData(response) {
 }
 
 // Stream the text pieces of a chat or completion request: calls onPiece(text) per chunk and
-// returns {finishReason, pieces}. Chat chunks carry choices[0].delta.content, completion
-// chunks choices[0].text; the stream ends with `data: [DONE]`.
+// returns {finishReason, pieces, usage}. Chat chunks carry choices[0].delta.content, completion
+// chunks choices[0].text; with stream_options.include_usage a last chunk with no choices
+// carries the token counts (`usage`, else null); the stream ends with `data: [DONE]`.
 async function streamText(path, body, signal, onPiece) {
   const response = await request(path, { method: "POST", body: JSON.stringify(body), signal });
   let finishReason = null;
   let pieces = 0;
+  let usage = null;
   let done = false;
   for await (const data of sseData(response)) {
     if (data.trim() === "[DONE]") {
@@ -171,6 +173,7 @@ async function streamText(path, body, signal, onPiece) {
       throw new ApiError(502, `the server sent a stream event that is not JSON: ${data.slice(0, 120)}`);
     }
     if (chunk.error) throw new ApiError(Number(chunk.error.code) || 500, errorMessage(data));
+    if (chunk.usage) usage = chunk.usage;
     const choice = (chunk.choices || [])[0];
     if (!choice) continue;
     const text = choice.delta ? choice.delta.content : choice.text;
@@ -184,7 +187,7 @@ async function streamText(path, body, signal, onPiece) {
     // the connection closed cleanly but the answer never said it was complete
     throw Object.assign(new Error("the stream ended before its last event"), { lost: true });
   }
-  return { finishReason, pieces };
+  return { finishReason, pieces, usage };
 }
 
 // ----------------------------------------------------------------- model info and API key
@@ -353,6 +356,73 @@ function setAskStatus(text, kind = "") {
   $("ask-status").dataset.kind = kind;
 }
 
+// The session's questions and answers: the one shown in #answer, and those before it,
+// listed newest first under "Earlier in this session", each with its own copy button.
+const MAX_HISTORY = 50;
+let current = null; // {question, status} of the answer in #answer
+
+function archiveCurrent() {
+  const answer = $("answer").textContent;
+  if (!current || !answer) return;
+  const item = document.createElement("li");
+  const q = document.createElement("div");
+  q.className = "q";
+  q.textContent = current.question; // text nodes only: nothing here is parsed as HTML
+  const a = document.createElement("div");
+  a.className = "a";
+  a.textContent = answer;
+  const meta = document.createElement("div");
+  meta.className = "meta muted";
+  const status = document.createElement("span");
+  status.textContent = current.status;
+  const copy = document.createElement("button");
+  copy.type = "button";
+  copy.className = "link copy";
+  copy.textContent = "copy";
+  copy.addEventListener("click", () => copyText(answer, copy));
+  meta.append(status, copy);
+  item.append(q, a, meta);
+  const list = $("history-list");
+  list.prepend(item);
+  while (list.children.length > MAX_HISTORY) list.lastElementChild.remove();
+  $("history").hidden = false;
+  current = null;
+}
+
+// Copy `text` to the clipboard (the Clipboard API where the page is a secure context, e.g.
+// http://127.0.0.1; else the older copy command) and say so on `button` for a moment.
+async function copyText(text, button) {
+  let ok = false;
+  try {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+      ok = true;
+    }
+  } catch {
+    ok = false;
+  }
+  if (!ok) {
+    const area = document.createElement("textarea");
+    area.value = text;
+    area.readOnly = true;
+    area.style.position = "fixed";
+    area.style.opacity = "0";
+    document.body.append(area);
+    area.select();
+    try {
+      ok = document.execCommand("copy");
+    } catch {
+      ok = false;
+    }
+    area.remove();
+  }
+  button.textContent = ok ? "copied" : "copy failed";
+  clearTimeout(button.resetTimer);
+  button.resetTimer = setTimeout(() => {
+    button.textContent = "copy";
+  }, 1500);
+}
+
 async function ask(event) {
   event.preventDefault();
   const question = $("question").value.trim();
@@ -361,11 +431,14 @@ async function ask(event) {
     return;
   }
   if (askController) askController.abort();
+  archiveCurrent();
   const controller = new AbortController();
   askController = controller;
+  current = { question, status: "" };
   const answer = $("answer");
   answer.textContent = "";
   answer.dataset.state = "streaming";
+  $("copy-answer").hidden = true;
   $("ask-btn").disabled = true;
   $("stop-btn").disabled = false;
   clearError();
@@ -381,6 +454,7 @@ async function ask(event) {
     messages: [{ role: "user", content: question }],
     max_tokens: setting("max-tokens"),
     stream: true,
+    stream_options: { include_usage: true }, // the last event counts the tokens
     ...samplingFields(),
   };
   try {
@@ -392,9 +466,12 @@ async function ask(event) {
       setAskStatus(`Answering… ${pieces} tokens`);
     });
     setServerState("ok");
+    clearError();
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     const why = result.finishReason === "length" ? " (reached max tokens)" : "";
-    setAskStatus(`Done: ${pieces} tokens in ${seconds} s${why}`);
+    // the server's own count; a text piece can hold several tokens (or none, held back)
+    const tokens = result.usage ? result.usage.completion_tokens : pieces;
+    setAskStatus(`Done: ${tokens} tokens in ${seconds} s${why}`);
     if (!pieces) setAskStatus("The model gave an empty answer.");
   } catch (err) {
     if (err.name === "AbortError") {
@@ -408,6 +485,8 @@ async function ask(event) {
     if (askController === controller) {
       askController = null;
       answer.dataset.state = answer.textContent ? "done" : "empty";
+      $("copy-answer").hidden = !answer.textContent;
+      if (current) current.status = $("ask-status").textContent;
       $("ask-btn").disabled = false;
       $("stop-btn").disabled = true;
     }
@@ -531,6 +610,7 @@ async function suggest() {
     });
     if (request === ghost.request) {
       setServerState("ok");
+      clearError(); // an earlier failure is over
       setSuggestState(ghost.text ? "ready" : "");
       if (!ghost.text) setCompleteStatus("No suggestion this time; keep typing.");
     }
@@ -618,6 +698,7 @@ function showMode(mode) {
     $(`panel-${name}`).hidden = !on;
   }
   if (mode !== "complete") discardGhost();
+  clearError(); // a message about the other tab's request is no longer about this one
   $(mode === "ask" ? "question" : "editor").focus();
   if (location.hash !== `#${mode}`) history.replaceState(null, "", `#${mode}`);
 }
@@ -627,6 +708,7 @@ function init() {
   $("tab-complete").addEventListener("click", () => showMode("complete"));
   $("ask-form").addEventListener("submit", ask);
   $("stop-btn").addEventListener("click", stopAsking);
+  $("copy-answer").addEventListener("click", () => copyText($("answer").textContent, $("copy-answer")));
   $("question").addEventListener("keydown", questionKeydown);
   $("key-bar").addEventListener("submit", useKey);
   $("error-close").addEventListener("click", clearError);
