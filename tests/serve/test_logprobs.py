@@ -15,6 +15,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from fastapi.testclient import TestClient
 
 from dtl import ModelConfig, TransformerLM
 from dtl.data.qa import qa_prompt
@@ -243,6 +244,16 @@ def test_tokenize_detokenize_and_tokenizer_info(url, tokenizer):
     assert post(url, "/tokenize", {"prompt": info["eos_token"]})["tokens"] == [tokenizer.eos_id]
     bad = post(url, "/detokenize", {"tokens": [1, 99999999]}, status=400)
     assert bad["error"]["param"] == "tokens" and "99999999" in bad["error"]["message"]
+
+
+def test_tokenizer_endpoints_need_the_api_key_when_set(model, tokenizer):
+    app = create_app(model, tokenizer, NAME, api_key="s3cret")
+    client = TestClient(app)
+    assert client.get("/tokenizer_info").status_code == 401
+    assert client.post("/tokenize", json={"prompt": "Hi"}).status_code == 401
+    auth = {"Authorization": "Bearer s3cret"}
+    got = client.post("/tokenize", json={"prompt": "Hi"}, headers=auth)
+    assert got.status_code == 200 and got.json()["tokens"] == tokenizer.encode("Hi")
 
 
 # ---------------------------------------------------------------------- what is not served
