@@ -17,8 +17,9 @@ shows U+FFFD; chat's `bytes` has the exact bytes).
 
 >>> from types import SimpleNamespace
 >>> tok = SimpleNamespace(decode_bytes=lambda ids: b"ab"[ids[0]:ids[0] + 1])
->>> completion_logprobs(tok, [None, TokenLogprob(1, -0.5, [(0, -0.1)])])[0]["text_offset"]
-[0, 1]
+>>> out, end = completion_logprobs(tok, [None, TokenLogprob(1, -0.5, [(0, -0.1)])], [0, 1])
+>>> out["tokens"], out["token_logprobs"], out["top_logprobs"], out["text_offset"], end
+(['a', 'b'], [None, -0.5], [None, {'a': -0.1}], [0, 1], 2)
 """
 
 from __future__ import annotations
