@@ -306,10 +306,12 @@ def _max_tokens(
     CHAT_DEFAULT_MAX_TOKENS, or what the context leaves. 0 (with `echo` only) scores the
     prompt and generates nothing; a prompt may then fill the whole context.
 
-    Cut, not refused: vLLM answers 400 when prompt + max_tokens passes the context, but
-    lm-evaluation-harness sends one max_tokens (256 by default) whatever the context and gives
-    up after three retries of a 400, so its generate_until tasks could not run on a 128- or
-    256-token model. A prompt that leaves no room is still a 400."""
+    Cut, not refused: OpenAI ("This model's maximum context length is 4097 tokens, however you
+    requested 4116 tokens (3860 in your prompt; 256 for the completion)") and vLLM answer 400
+    when prompt + max_tokens passes the context, but lm-evaluation-harness sends one
+    max_tokens (256 by default) whatever the context and gives up after three retries of a
+    400, so its generate_until tasks could not run on a 128- or 256-token model. A prompt
+    that leaves no room is still a 400."""
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     if max_tokens is None and default is None:
         max_tokens = CHAT_DEFAULT_MAX_TOKENS
