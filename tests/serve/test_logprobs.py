@@ -300,3 +300,11 @@ def test_served_no_op_fields_are_accepted(url):
                                        "max_tokens": 2, "response_format": {"type": "text"},
                                        "tool_choice": "none", "metadata": {"a": "b"},
                                        "parallel_tool_calls": False})  # fmt: skip
+
+
+def test_stop_takes_lm_evals_five_strings_and_refuses_seventeen(url):
+    stops = ["Question:", "</s>", "<|im_end|>", "\n\n", "<|endoftext|>"]  # a task's + end-of-text
+    post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "stop": stops})
+    error = post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2,
+                                          "stop": [str(i) for i in range(17)]}, 400)["error"]
+    assert error["param"] == "stop" and "16" in error["message"]

@@ -32,7 +32,8 @@ from dtl.serve.params import field_problem
 
 MAX_N = 16  # choices per request
 MAX_REQUEST_ROWS = 64  # prompts x n per request: one request never makes a giant batch
-MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MAX_STOP = 16  # stop strings per request: OpenAI takes 4, but lm-evaluation-harness sends
+# a task's own (some have 4 or 5) plus the end-of-text string, and vLLM takes any number
 CHAT_DEFAULT_MAX_TOKENS = 128
 MAX_LOGPROBS = 5  # completions' `logprobs`, as OpenAI allows
 MAX_TOP_LOGPROBS = 20  # chat's `top_logprobs`, as OpenAI allows
