@@ -19,8 +19,10 @@ def register(subparsers) -> None:
         help="serve a model over an OpenAI-compatible HTTP API and a web page",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve POST /v1/completions, POST /v1/chat/completions (both with "
-        "stream: true), GET /v1/models and GET /health, plus the web page at /. Binds to "
-        "loopback unless --host says otherwise.",
+        "stream: true and logprobs), GET /v1/models, GET /health and the tokenizer (POST "
+        "/tokenize, /detokenize, GET /tokenizer_info: what lm-evaluation-harness's "
+        "local-completions reads), plus the web page at /. Binds to loopback unless --host "
+        "says otherwise.",
         epilog="examples:\n"
         "  dtl serve --model runs/qa\n"
         "  dtl serve --model runs/qa --host 0.0.0.0 --port 8080 --api-key s3cret\n"

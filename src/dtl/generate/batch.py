@@ -26,16 +26,20 @@ import torch
 from torch import Tensor
 
 from dtl.generate.loop import Request, TokenLoop, encode_rows, fit_context
+from dtl.generate.score import TokenLogprob
 
 
 @dataclass
 class StreamChunk:
-    """A piece of row `index`'s text; `finish_reason` is set on the row's last chunk."""
+    """A piece of row `index`'s text; `finish_reason` is set on the row's last chunk. With
+    `logprobs` asked for, the figures of the tokens drawn since the row's previous chunk
+    (every token drawn, the end-of-text that ends a row included)."""
 
     index: int
     text: str
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
 
 
 class RowText:
@@ -50,6 +54,7 @@ class RowText:
         self.sent = 0  # characters of self.text already handed out
         self.ids: list[int] = []
         self.finished: str | None = None
+        self.logprobs: list[TokenLogprob] | None = None  # drawn since the last chunk
 
     def push(self, token: int, eos_id: int | None) -> str:
         """Add a token; return the text now safe to show (maybe '')."""
@@ -68,16 +73,28 @@ class RowText:
         return piece
 
     def advance(
-        self, index: int, token: int, eos_id: int | None, max_new_tokens: int
+        self,
+        index: int,
+        token: int,
+        eos_id: int | None,
+        max_new_tokens: int,
+        logprob: TokenLogprob | None = None,
     ) -> StreamChunk | None:
-        """Push row `index`'s next token; the chunk to send, if any (the row's last one, with
-        its finish_reason, at end-of-text, a stop string or max_new_tokens)."""
+        """Push row `index`'s next token (and its `logprob`, when asked for); the chunk to
+        send, if any (the row's last one, with its finish_reason, at end-of-text, a stop string
+        or max_new_tokens)."""
+        if logprob is not None:
+            self.logprobs = [*(self.logprobs or []), logprob]
         piece = self.push(token, eos_id)
         if self.finished is None and len(self.ids) >= max_new_tokens:
             piece += self.finish("length")
+        if self.finished is None and not piece:
+            return None
+        chunk = StreamChunk(index, piece, self.finished, logprobs=self.logprobs)
         if self.finished is not None:
-            return StreamChunk(index, piece, self.finished, list(self.ids))
-        return StreamChunk(index, piece) if piece else None
+            chunk.token_ids = list(self.ids)
+        self.logprobs = None if self.logprobs is None else []
+        return chunk
 
     def finish(self, reason: str) -> str:
         """End the row; return whatever was held back."""
@@ -217,7 +234,8 @@ class ContinuousBatch:
             row = request.rows[i]
             if row.finished is not None:
                 continue
-            chunk = row.advance(i, t, self.eos_id, request.options.max_new_tokens)
+            logprob = None if request.drawn is None else request.drawn[i]
+            chunk = row.advance(i, t, self.eos_id, request.options.max_new_tokens, logprob)
             if row.finished is not None:
                 request.done[i] = True
             if chunk is not None:

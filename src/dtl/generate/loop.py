@@ -32,6 +32,7 @@ from torch import Tensor
 from dtl.errors import DtlError
 from dtl.generate.decode import DecodePlan, plan_if_fast
 from dtl.generate.sampling import SamplingOptions, context_tokens, sample_next, seeded_generator
+from dtl.generate.score import TokenLogprob, step_logprobs
 from dtl.model.kv_cache import KVCache
 
 
@@ -46,11 +47,16 @@ class Request:
     prompts: list = field(default_factory=list)  # one per row: text (or None, token level)
     options: SamplingOptions = field(default_factory=SamplingOptions)
     prompt_ids: list[list[int]] | None = None  # the prompts' token ids, once encoded
+    echo: bool = False  # score the prompts' own tokens first (`prompt_logprobs`, per row)
+    score_only: bool = False  # echo and generate nothing (OpenAI's max_tokens 0)
+    prompt_logprobs: list[list[TokenLogprob | None]] | None = None
     # -- its state in a running loop
     generator: torch.Generator | None = None  # every row of the request draws from it
     logits: Tensor | None = None  # (n, V): the next-token logits of its rows
     seen: Tensor | None = None  # (n, V) bool, the rows' context, for the repetition penalty
     history: list[list[int]] | None = None  # each row's tokens so far, for no-repeat n-grams
+    counts: Tensor | None = None  # (n, V): tokens each row generated, presence/frequency
+    drawn: list[TokenLogprob] | None = None  # options.logprobs: the last draw's, one per row
     done: Tensor | None = None  # (n,) bool: rows that ended (drawing on, fed padding)
     steps: int = 0  # tokens drawn so far
     rows: list = field(default_factory=list)  # text level: a `RowText` per row
@@ -168,6 +174,9 @@ class TokenLoop:
             r.history = None
             if o.no_repeat_ngram_size:
                 r.history = row_tokens(input_ids[rows], attention_mask, rows)
+            r.counts = None
+            if o.presence_penalty or o.frequency_penalty:
+                r.counts = torch.zeros(rows.stop - rows.start, model.config.vocab_size, device=device)
         if cache is None:
             self.context = (input_ids, attention_mask)
         elif self.cache is None:
@@ -178,9 +187,15 @@ class TokenLoop:
 
     def draw(self, request: Request) -> Tensor:
         """The request's next tokens (n,): finished rows get padding; end-of-text ends a row."""
-        token = sample_next(request.logits, request.options, request.seen, request.generator,
-                            request.history)  # fmt: skip
+        opts = request.options
+        token = sample_next(request.logits, opts, request.seen, request.generator,
+                            request.history, request.counts)  # fmt: skip
         token = torch.where(request.done, torch.full_like(token, self.pad), token)
+        if opts.logprobs is not None:  # of the raw logits, whatever the draw's adjustments
+            request.drawn = step_logprobs(request.logits, token, opts.logprobs)
+        if request.counts is not None:  # only live rows' tokens count
+            live = (~request.done).to(request.counts.dtype)
+            request.counts[torch.arange(token.size(0), device=token.device), token] += live
         if request.history is not None:
             for seq, t in zip(request.history, token.tolist(), strict=True):
                 seq.append(t)

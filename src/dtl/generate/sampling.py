@@ -1,6 +1,8 @@
 """The sampler of the spec's "Generation Process": each next token from the last position's
-logits -> repetition penalty (CTRL) -> no-repeat n-grams -> temperature -> top-k -> top-p -> a
-multinomial draw (temperature 0 = greedy argmax).
+logits -> logit bias -> repetition penalty (CTRL) -> presence/frequency penalties -> no-repeat
+n-grams -> temperature -> top-k -> top-p -> a multinomial draw (temperature 0 = greedy argmax).
+The log-probabilities a request may ask for (`logprobs`, `dtl.generate.score`) are of the raw
+logits, before any of these steps.
 
 `SamplingOptions` is the one object that says how a request generates: it is built once from
 `dtl generate`'s flags or an HTTP request's JSON body and travels whole to `sample_next`.
@@ -38,10 +40,26 @@ class SamplingOptions:
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
     no_repeat_ngram_size: int = 0  # n > 0: never complete an n-gram the row already holds
+    # OpenAI's: subtract presence * [count > 0] + frequency * count from the logit of each
+    # token the row has generated `count` times so far (the prompt does not count)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), sorted
+    logprobs: int | None = None  # report each drawn token's log-probability and this many top
+    # alternatives (0 = the drawn token's only); None = report nothing
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", tuple(s for s in stop if s))  # frozen: set once here
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise DtlError(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
+        if any(t < 0 or not -100.0 <= b <= 100.0 for t, b in self.logit_bias):
+            raise DtlError("logit_bias maps token ids (>= 0) to biases in [-100, 100]")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise DtlError(f"logprobs must be >= 0 (or None), got {self.logprobs}")
         if (
             isinstance(self.max_new_tokens, bool)
             or not isinstance(self.max_new_tokens, int)
@@ -68,8 +86,7 @@ class SamplingOptions:
 # the server's GET /ask_defaults): greedy, so the same question gives the same answer, with a
 # repetition penalty, which stops the quickstart model's "the first time, the first time, ..."
 # loops (benchmarks/bench_answers.py; figures in docs/benchmarks.md). Q&A callers add
-# `qa_stops()`. Later per-token adjustments (presence/frequency penalties, logit_bias) go
-# beside `repetition_penalty` as their own fields, applied in `sample_next` before temperature.
+# `qa_stops()`.
 ASK_DEFAULTS = SamplingOptions(temperature=0.0, top_k=50, repetition_penalty=1.3,
                                max_new_tokens=64)  # fmt: skip
 
@@ -85,6 +102,30 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_logit_bias(logits: Tensor, bias: tuple[tuple[int, float], ...]) -> Tensor:
+    """OpenAI's `logit_bias`: each (token id, bias) pair adds `bias` to that token's logit in
+    every row (-100 bans a token in practice, 100 all but forces it). logits: (B, V)."""
+    if not bias:
+        return logits
+    ids = torch.tensor([t for t, _ in bias], device=logits.device)
+    add = torch.tensor([b for _, b in bias], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(-1, ids, add.expand(logits.size(0), -1))
+
+
+def apply_presence_frequency(
+    logits: Tensor, counts: Tensor, presence: float, frequency: float
+) -> Tensor:
+    """OpenAI's penalties: logit[j] - presence * [c[j] > 0] - frequency * c[j], where c[j] is
+    how many times the row has generated token j so far.
+
+    logits: (B, V) float; counts: (B, V), the row's generated-token counts.
+    """
+    if presence == 0.0 and frequency == 0.0:
+        return logits
+    counts = counts.to(logits.dtype)
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
 
 
 def ban_repeated_ngrams(logits: Tensor, history: list[list[int]], n: int) -> Tensor:
@@ -125,18 +166,24 @@ def sample_next(
     seen: Tensor | None,
     generator: torch.Generator | None,
     history: list[list[int]] | None = None,
+    counts: Tensor | None = None,
 ) -> Tensor:
     """logits (B, V) -> next token ids (B,). `seen` (B, V) bool feeds the repetition penalty,
-    `history` (each row's token ids so far) the no-repeat n-grams.
+    `history` (each row's token ids so far) the no-repeat n-grams, `counts` (B, V) (how often
+    each row has generated each token) the presence and frequency penalties.
 
     With top-k the draw is made among the k candidates only (`torch.topk` returns them
     sorted, which top-p needs): the same distribution as masking the full vocabulary, but a
     softmax and multinomial over 50 values instead of 50,257 (that was a third of the time
     of a small model's decode step).
     """
-    logits = logits.float()
+    logits = apply_logit_bias(logits.float(), opts.logit_bias)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, opts.repetition_penalty)
+    if counts is not None:
+        logits = apply_presence_frequency(
+            logits, counts, opts.presence_penalty, opts.frequency_penalty
+        )
     if history is not None:
         logits = ban_repeated_ngrams(logits, history, opts.no_repeat_ngram_size)
     if opts.temperature == 0.0:

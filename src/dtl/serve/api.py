@@ -12,6 +12,11 @@
                                  "\nQuestion:" / "\nAnswer:" (`qa_stops`), never shown
     GET  /ask_defaults           the settings `dtl ask` starts from, as body fields
                                  (the page's Ask tab reads them; public, like the page)
+    POST /tokenize, /detokenize, GET /tokenizer_info
+                                 the tokenizer in vLLM's shapes (`dtl.serve.tokenize`)
+
+Completions take `logprobs: N` and `echo` (the prompt's tokens scored), chat `logprobs` and
+`top_logprobs`; the figures go out in OpenAI's shapes (`dtl.serve.logprobs`).
 
 Every request first passes `dtl.serve.guard` (its Host, a JSON content type, the body limit),
 then the API key (everything but the page's files and /health needs it when one is set).
@@ -46,8 +51,10 @@ from dtl.generate.batch import StreamChunk
 from dtl.generate.decode import plan_if_fast
 from dtl.generate.loop import Request
 from dtl.serve.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
+from dtl.serve.logprobs import chat_logprobs, completion_logprobs
 from dtl.serve.page import add_page_routes
 from dtl.serve.scheduler import END, Batcher
+from dtl.serve.tokenize import add_tokenizer_routes
 from dtl.serve.wire import (
     ApiError,
     chat_prompt,
@@ -83,6 +90,7 @@ def create_app(
     _add_auth_and_errors(app, api_key)
     _add_model_routes(app, model, model_name)
     _add_generation_routes(app, model_name)
+    add_tokenizer_routes(app)
     add_page_routes(app)
     app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
     longest_token_bytes(tokenizer)  # now, not on the first request
@@ -194,7 +202,7 @@ async def _respond(
         return ApiError(
             "the client closed the request", code="client_closed", status=499
         ).response()
-    return _full_response(request, prompt_tokens, chunks, meta, kind, tidy)
+    return _full_response(request, prompt_tokens, chunks, meta, kind, tidy, state.tokenizer)
 
 
 def _same(text: str) -> str:
@@ -270,24 +278,42 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def _full_response(
-    request: Request, prompt_tokens: int, chunks: list[StreamChunk], meta: dict, kind: str, tidy
+    request: Request,
+    prompt_tokens: int,
+    chunks: list[StreamChunk],
+    meta: dict,
+    kind: str,
+    tidy,
+    tokenizer,
 ) -> dict:
-    texts = [""] * len(request.prompts)
-    finish: list[str | None] = [None] * len(request.prompts)
+    rows = len(request.prompts)
+    texts = [""] * rows
+    finish: list[str | None] = ["length" if request.score_only else None] * rows
+    drawn: list[list] = [[] for _ in range(rows)]  # each row's TokenLogprobs, when asked for
     used = 0
     for chunk in chunks:
         texts[chunk.index] += chunk.text
+        drawn[chunk.index] += chunk.logprobs or []
         if chunk.finish_reason is not None:
             finish[chunk.index] = chunk.finish_reason
             used += len(chunk.token_ids)
+    wanted = request.options.logprobs is not None
     choices = []
     for i, (text, reason) in enumerate(zip(texts, finish, strict=True)):
         if kind == "chat.completion":
             message = {"role": "assistant", "content": tidy(text)}
+            logprobs = chat_logprobs(tokenizer, drawn[i]) if wanted else None
             choices.append({"index": i, "message": message, "finish_reason": reason,
-                            "logprobs": None})  # fmt: skip
-        else:
-            choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+                            "logprobs": logprobs})  # fmt: skip
+            continue
+        entries = drawn[i]
+        if request.echo:  # the prompt is part of the text, its tokens part of the figures
+            text = request.prompts[i] + text
+            entries = (request.prompt_logprobs or [[]] * rows)[i] + entries
+        logprobs = None
+        if wanted:
+            logprobs = completion_logprobs(tokenizer, entries, request.prompt_ids[i])[0]
+        choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})
     return {**meta, "object": kind, "choices": choices, "usage": _usage(prompt_tokens, used)}
 
 
@@ -298,6 +324,8 @@ async def _sse(
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
     started = [False] * len(request.prompts)  # chat: whether a row's leading space is gone
+    offsets = [0] * len(request.prompts)  # completions' logprobs: where the next token starts
+    tokenizer = batcher.state.tokenizer
     used = 0
     try:
         if chat:
@@ -317,14 +345,21 @@ async def _sse(
                 started[item.index] = bool(text)
             if item.finish_reason is not None:
                 used += len(item.token_ids)
-            if not text and item.finish_reason is None:
+            if not text and item.finish_reason is None and not item.logprobs:
                 continue
+            logprobs = None
             if chat:
+                if item.logprobs is not None:
+                    logprobs = chat_logprobs(tokenizer, item.logprobs)
                 delta = {"content": text} if text else {}
                 choice = {"index": item.index, "delta": delta,
-                          "finish_reason": item.finish_reason, "logprobs": None}  # fmt: skip
+                          "finish_reason": item.finish_reason, "logprobs": logprobs}  # fmt: skip
             else:
-                choice = {"index": item.index, "text": text, "logprobs": None,
+                if item.logprobs is not None:  # offsets run on through the row's text
+                    logprobs, offsets[item.index] = completion_logprobs(
+                        tokenizer, item.logprobs, offset=offsets[item.index]
+                    )
+                choice = {"index": item.index, "text": text, "logprobs": logprobs,
                           "finish_reason": item.finish_reason}  # fmt: skip
             yield _event({**meta, "object": obj, "choices": [choice]})
         if include_usage:

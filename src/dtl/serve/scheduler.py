@@ -9,6 +9,10 @@ fails alone; should the batch's forward fail, the requests in it hear of it, and
 goes on with the next ones. A request whose client has gone (`request.cancelled`) is dropped
 at its next step; one still waiting never holds up those behind it.
 
+A request with `echo` has its prompts scored first (`prompt_logprobs`, one forward of each
+prompt, on this thread, set on the request before its first piece); one with `score_only`
+(OpenAI's `max_tokens: 0`) then ends without joining the batch.
+
 Each request's pieces go to its `send` (called on this thread): `StreamChunk`s, an Exception
 if it failed, and END last.
 
@@ -23,6 +27,7 @@ from collections import deque
 
 from dtl.generate.batch import ContinuousBatch
 from dtl.generate.loop import Request
+from dtl.generate.score import prompt_logprobs
 
 MAX_BATCH_ROWS = 16
 END = object()  # a request's last item
@@ -59,6 +64,8 @@ class Batcher:
                 _end(self.pending.popleft())
             if not self.pending:
                 return None
+            if self.pending[0].score_only:  # never joins the batch: nothing to fit
+                return self.pending.popleft()
             candidates = [*joining, self.pending[0]]
             rows = sum(len(r.prompts) for r in candidates)
             if joining and self.batch.n_rows + rows > MAX_BATCH_ROWS:
@@ -85,10 +92,29 @@ class Batcher:
             except Exception as err:  # this request's own failure: only it hears of it
                 _end(request, err)
 
+    def _score(self, request: Request) -> bool:
+        """Score the request's prompts (`echo`); False if that failed (it has then ended)."""
+        top_n = request.options.logprobs or 0
+        try:
+            scored: dict[tuple[int, ...], list] = {}  # its n copies of a prompt: scored once
+            for ids in request.prompt_ids:
+                if tuple(ids) not in scored:
+                    scored[tuple(ids)] = prompt_logprobs(self.state.model, ids, top_n)
+            request.prompt_logprobs = [scored[tuple(ids)] for ids in request.prompt_ids]
+        except Exception as err:  # this request's own failure: only it hears of it
+            _end(request, err)
+            return False
+        return True
+
     def _loop(self) -> None:
         while True:
             joining: list[Request] = []
             while (request := self._next(joining)) is not None:
+                if request.echo and request.options.logprobs is not None and not self._score(request):
+                    continue
+                if request.score_only:
+                    _end(request)
+                    continue
                 joining.append(request)
             if joining:
                 self._admit(joining)

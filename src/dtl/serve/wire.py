@@ -1,10 +1,16 @@
 """OpenAI's wire format, the request side: a JSON body in, one `Request` out (or an
 `ApiError`, sent back as OpenAI's error object with a 400).
 
-Requests take OpenAI's `max_tokens`, `temperature` (0..2), `top_p`, `stop`, `seed`, `n`
-(plus the extensions `top_k`, `repetition_penalty` and `no_repeat_ngram_size`), all gathered into the request's one
-`SamplingOptions`. A request makes at most MAX_REQUEST_ROWS (64) rows: its prompts times `n`.
-Everything is checked here, before the request is queued, so none should fail in the worker.
+Requests take OpenAI's `max_tokens`, `temperature` (0..2), `top_p`, `stop`, `seed`, `n`,
+`presence_penalty`, `frequency_penalty`, `logit_bias` and `logprobs` (completions: 0..5 top
+alternatives; chat: `logprobs: true` and `top_logprobs` 0..20), plus the extensions `top_k`,
+`repetition_penalty` and `no_repeat_ngram_size`, all gathered into the request's one
+`SamplingOptions`; completions also take `echo` (the prompt's tokens scored, with
+`max_tokens: 0` for nothing more) and prompts as token ids. A `max_tokens` beyond the room
+the longest prompt leaves in the context is cut to that room (see `_max_tokens`). Any other
+field is a 400 that names it (`dtl.serve.params`). A request makes at most
+MAX_REQUEST_ROWS (64) rows: its prompts times `n`. Everything is checked here, before the
+request is queued, so none should fail in the worker.
 
 >>> chat_prompt([{"role": "user", "content": "Who wrote Hamlet?"}])
 'Question: Who wrote Hamlet?\\nAnswer:'
@@ -23,11 +29,15 @@ from dtl.errors import DtlError
 from dtl.generate.batch import encode_prompts
 from dtl.generate.loop import Request
 from dtl.generate.sampling import SamplingOptions
+from dtl.serve.params import field_problem
 
 MAX_N = 16  # choices per request
 MAX_REQUEST_ROWS = 64  # prompts x n per request: one request never makes a giant batch
-MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MAX_STOP = 16  # stop strings per request: OpenAI takes 4, but lm-evaluation-harness sends
+# a task's own (some have 4 or 5) plus the end-of-text string, and vLLM takes any number
 CHAT_DEFAULT_MAX_TOKENS = 128
+MAX_LOGPROBS = 5  # completions' `logprobs`, as OpenAI allows
+MAX_TOP_LOGPROBS = 20  # chat's `top_logprobs`, as OpenAI allows
 
 
 class ApiError(Exception):
@@ -108,13 +118,42 @@ def check_model(body: dict, model_name: str) -> None:
         )  # fmt: skip
 
 
-def completion_prompts(body: dict) -> list[str]:
+def completion_prompts(body: dict) -> list[str | list[int]]:
+    """The prompts of a completions body: a string, a list of strings, a list of token ids,
+    or a list of such lists (as OpenAI and vLLM take them)."""
     prompt = body.get("prompt", "")
     if isinstance(prompt, str):
         return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return prompt
-    raise ApiError("'prompt' must be a string or a non-empty list of strings", "prompt")
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return prompt
+        if all(_is_id(t) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, list) and p and all(_is_id(t) for t in p) for p in prompt):
+            return prompt
+    raise ApiError("'prompt' must be a string, a non-empty list of strings, a non-empty list "
+                   "of token ids, or a list of such lists", "prompt")  # fmt: skip
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prompt_ids(tokenizer, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Token ids of each prompt: strings encoded, id lists checked against the vocabulary."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded = iter(encode_prompts(tokenizer, texts))
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append(next(encoded))
+            continue
+        bad = [t for t in p if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise ApiError(f"token id {bad[0]} in 'prompt' is outside the vocabulary "
+                           f"(0..{tokenizer.vocab_size - 1})", "prompt", "invalid_value")  # fmt: skip
+        out.append(list(p))
+    return out
 
 
 def chat_prompt(messages) -> str:
@@ -175,14 +214,20 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
 
 def parse_request(
     body: dict,
-    prompts: list[str],
+    prompts: list[str | list[int]],
     tokenizer,
     context: int,
     default_max_tokens: int | None,
     stop_first: tuple[str, ...] = (),
+    chat: bool | None = None,
 ) -> tuple[Request, int]:
     """The `Request` a body asks for (its prompts, each `n` times, and its options, with the
-    stop strings `stop_first` before the body's), and its prompt tokens as usage counts them."""
+    stop strings `stop_first` before the body's), and its prompt tokens as usage counts them.
+    `chat` (default: whether `default_max_tokens` is None, as chat's is) picks which fields
+    the body may hold and how it asks for logprobs."""
+    chat = default_max_tokens is None if chat is None else chat
+    if (problem := field_problem(body, chat)) is not None:
+        raise ApiError(*problem)
     n = _number(body, "n", 1, 1, MAX_N, integer=True)
     if len(prompts) * n > MAX_REQUEST_ROWS:
         raise ApiError(
@@ -192,20 +237,27 @@ def parse_request(
             "too_many_completions",
         )
     check_stream(body)
-    sampling = _sampling(body)
+    sampling = _sampling(body, tokenizer.vocab_size)
+    logprobs = _chat_logprobs(body) if chat else _completion_logprobs(body)
+    echo = _echo(body) if not chat else False
     stop = _stop_strings(body)
-    check_prompt_chars(prompts, tokenizer, context)  # before tokenizing megabytes of text
-    prompt_ids = encode_prompts(tokenizer, prompts)  # once: the batch reuses them
+    texts_in = [p for p in prompts if isinstance(p, str)]  # token-id prompts are counted exactly
+    check_prompt_chars(texts_in, tokenizer, context)  # before tokenizing megabytes of text
+    prompt_ids = _prompt_ids(tokenizer, prompts)  # once: the batch reuses them
+    texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
     longest = max(len(ids) for ids in prompt_ids)
-    max_tokens = _max_tokens(body, longest, context, default_max_tokens)
+    max_tokens = _max_tokens(body, longest, context, default_max_tokens, echo)
     try:  # built here, so a bad combination is a 400 and never fails in the worker
-        options = SamplingOptions(**sampling, max_new_tokens=max_tokens, stop=(*stop_first, *stop))
+        options = SamplingOptions(**sampling, max_new_tokens=max(1, max_tokens),
+                                  stop=(*stop_first, *stop), logprobs=logprobs)  # fmt: skip
     except DtlError as err:
         raise ApiError(str(err), code="invalid_value") from None
     request = Request(
-        [p for p in prompts for _ in range(n)],
+        [p for p in texts for _ in range(n)],
         options,
         prompt_ids=[ids for ids in prompt_ids for _ in range(n)],
+        echo=echo,
+        score_only=max_tokens == 0,
     )
     return request, sum(len(ids) for ids in prompt_ids)
 
@@ -253,9 +305,37 @@ def check_prompt_chars(prompts: list[str], tokenizer, context: int) -> None:
             )  # fmt: skip
 
 
-def _sampling(body: dict) -> dict:
-    """temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size and seed, checked,
-    as SamplingOptions fields (`top_p` 0 means greedy; 1 means no nucleus filter)."""
+def _completion_logprobs(body: dict) -> int | None:
+    """Completions' `logprobs`: how many top alternatives to list per token (0..5), or None."""
+    return _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    """Chat's `logprobs: true` (+ `top_logprobs`, 0..20) as a count of top alternatives."""
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise ApiError(f"'logprobs' must be true or false, got {wanted!r}", "logprobs",
+                       "invalid_type")  # fmt: skip
+    top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    if top is not None and not wanted:
+        raise ApiError("'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+    return (top or 0) if wanted else None
+
+
+def _echo(body: dict) -> bool:
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise ApiError(f"'echo' must be true or false, got {echo!r}", "echo", "invalid_type")
+    if echo and body.get("stream"):
+        raise ApiError("'echo' is not supported with 'stream': true; send stream: false",
+                       "echo", "unsupported_parameter")  # fmt: skip
+    return bool(echo)
+
+
+def _sampling(body: dict, vocab_size: int) -> dict:
+    """temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, the presence and
+    frequency penalties, logit_bias and seed, checked, as SamplingOptions fields (`top_p` 0
+    means greedy; 1 means no nucleus filter)."""
     temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
     top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
     if top_p == 0.0:  # nothing but the top token: greedy, with no nucleus filter
@@ -268,7 +348,29 @@ def _sampling(body: dict) -> dict:
         "repetition_penalty": float(_number(body, "repetition_penalty", 1.0, 0.01, 100.0)),
         "no_repeat_ngram_size": _number(body, "no_repeat_ngram_size", 0, 0, 64, integer=True),
         "seed": None if seed is None else seed % (1 << 63),
+        "presence_penalty": float(_number(body, "presence_penalty", 0.0, -2.0, 2.0)),
+        "frequency_penalty": float(_number(body, "frequency_penalty", 0.0, -2.0, 2.0)),
+        "logit_bias": _logit_bias(body, vocab_size),
     }
+
+
+def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias`: {"token id": bias in -100..100} (JSON keys are strings)."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise ApiError("'logit_bias' must be an object mapping token ids to biases",
+                       "logit_bias", "invalid_type")  # fmt: skip
+    pairs = []
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.strip().isdigit() else None
+        if token is None or token >= vocab_size:
+            raise ApiError(f"'logit_bias' key {key!r} is not a token id (0..{vocab_size - 1})",
+                           "logit_bias", "invalid_value")  # fmt: skip
+        value = _number({"logit_bias": value}, "logit_bias", 0, -100, 100)
+        pairs.append((token, float(value)))
+    return tuple(pairs)
 
 
 def _stop_strings(body: dict) -> list[str]:
@@ -281,28 +383,37 @@ def _stop_strings(body: dict) -> list[str]:
     return stop
 
 
-def _max_tokens(body: dict, longest: int, context: int, default: int | None) -> int:
-    """`max_tokens` (or `max_completion_tokens`), checked against the context the prompt
-    leaves; chat's default is CHAT_DEFAULT_MAX_TOKENS, or what the context leaves."""
-    if longest >= context:
+def _max_tokens(
+    body: dict, longest: int, context: int, default: int | None, echo: bool = False
+) -> int:
+    """`max_tokens` (or `max_completion_tokens`), cut to the room the longest prompt leaves
+    in the context (the row then ends with finish_reason "length"); chat's default is
+    CHAT_DEFAULT_MAX_TOKENS, or what the context leaves. 0 (with `echo` only) scores the
+    prompt and generates nothing; a prompt may then fill the whole context.
+
+    Cut, not refused: OpenAI ("This model's maximum context length is 4097 tokens, however you
+    requested 4116 tokens (3860 in your prompt; 256 for the completion)") and vLLM answer 400
+    when prompt + max_tokens passes the context, but lm-evaluation-harness sends one
+    max_tokens (256 by default) whatever the context and gives up after three retries of a
+    400, so its generate_until tasks could not run on a 128- or 256-token model. A prompt
+    that leaves no room is still a 400."""
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    if max_tokens is None and default is None:
+        max_tokens = CHAT_DEFAULT_MAX_TOKENS
+    max_tokens = _number(
+        {"max_tokens": max_tokens}, "max_tokens", default, 0, (1 << 31) - 1, integer=True
+    )
+    if max_tokens == 0 and not echo:
+        raise ApiError("'max_tokens' 0 generates nothing: it is only allowed with 'echo': true "
+                       "(to score the prompt); ask for at least 1", "max_tokens",
+                       "invalid_value")  # fmt: skip
+    room = context - longest
+    if room < (0 if max_tokens == 0 else 1):
         raise ApiError(
-            f"the prompt is {longest} tokens but the model's context is {context}; "
-            "shorten the prompt",
+            f"the prompt is {longest} tokens but the model's context is {context}"
+            + ("" if max_tokens == 0 else ", with no room left to generate")
+            + "; shorten the prompt",
             "prompt",
             "context_length_exceeded",
         )
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    if max_tokens is None and default is None:
-        max_tokens = min(CHAT_DEFAULT_MAX_TOKENS, context - longest)
-    max_tokens = _number(
-        {"max_tokens": max_tokens}, "max_tokens", default, 1, context - 1, integer=True
-    )
-    if longest + max_tokens > context:
-        raise ApiError(
-            f"this model's context is {context} tokens, but the prompt ({longest} tokens) plus "
-            f"max_tokens ({max_tokens}) is {longest + max_tokens}; lower max_tokens or shorten "
-            "the prompt",
-            "max_tokens",
-            "context_length_exceeded",
-        )
-    return max_tokens
+    return min(max_tokens, room)
