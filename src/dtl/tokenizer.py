@@ -1,6 +1,7 @@
-"""Tokenizers: GPT-2's BPE (through tiktoken, offline from its files) or a BPE trained on your corpus.
+"""Tokenizers: GPT-2's BPE (through tiktoken, from the files shipped in `dtl/assets/gpt2`)
+or a BPE trained on your corpus.
 
->>> tok = load_tokenizer("gpt2", gpt2_dir="../shared/data/gpt2")  # doctest: +SKIP
+>>> tok = load_tokenizer("gpt2")  # no cache, no network: the package carries GPT-2's files
 >>> tok.encode("Hello world"), tok.eos_id                           # doctest: +SKIP
 ([15496, 995], 50256)
 >>> tok.save("my-model")                                            # doctest: +SKIP
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,8 @@ GPT2_HELP = (
     "put GPT-2's encoder.json + vocab.bpe (or Hugging Face's vocab.json + merges.txt) in a folder "
     "and pass it with --gpt2-dir DIR or the environment variable DTL_GPT2_DIR"
 )
+# GPT-2's own encoder.json + vocab.bpe (OpenAI, MIT-style licence beside them), package data.
+PACKAGED_GPT2_DIR = Path(__file__).resolve().parent / "assets" / "gpt2"
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,18 +166,6 @@ def _gpt2_from_files(vocab_path: str, merges_path: str) -> Tokenizer:
     return _gpt2_tokenizer(encoding, _files(vocab_path, merges_path))
 
 
-def _gpt2_from_tiktoken_cache() -> Tokenizer:
-    try:
-        encoding = tiktoken.get_encoding("gpt2")
-    except Exception as err:  # tiktoken raises requests/OSError/ValueError variants when offline
-        raise DtlError(
-            f"the GPT-2 tokenizer files are not available offline and could not be downloaded "
-            f"({type(err).__name__}); {GPT2_HELP}"
-        ) from None
-    # No files to copy: `save` then writes only the config, and loading it needs tiktoken again.
-    return _gpt2_tokenizer(encoding, {})
-
-
 def _gpt2_tokenizer(encoding: tiktoken.Encoding, files: dict[str, Path]) -> Tokenizer:
     return Tokenizer("gpt2", GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE - 1, files, _tiktoken=encoding)
 
@@ -199,7 +191,13 @@ def _gpt2(gpt2_dir: str | os.PathLike | None) -> Tokenizer:
             origin = "--gpt2-dir" if gpt2_dir is not None else "DTL_GPT2_DIR"
             raise DtlError(f"{origin} {directory} holds no GPT-2 BPE files; {GPT2_HELP}")
         return _gpt2_from_files(str(pair[0].resolve()), str(pair[1].resolve()))
-    return _gpt2_from_tiktoken_cache()
+    pair = _find_pair(PACKAGED_GPT2_DIR)
+    if pair is None:  # only a damaged install lacks them
+        raise DtlError(
+            f"GPT-2's tokenizer files are missing from this installation ({PACKAGED_GPT2_DIR}); "
+            f"reinstall dtl, or {GPT2_HELP}"
+        )
+    return _gpt2_from_files(str(pair[0]), str(pair[1]))
 
 
 def _bpe_from_files(vocab_path: str, merges_path: str) -> Tokenizer:
@@ -234,7 +232,7 @@ def _from_directory(directory: Path, gpt2_dir: str | os.PathLike | None) -> Toke
     pair = _find_pair(directory)
     kind = config.get("dtl_tokenizer")
     if pair is None:
-        if kind == "gpt2":  # saved from tiktoken's cache: no files beside it
+        if kind == "gpt2":  # saved with no files beside it (older DTL, from tiktoken's cache)
             return _gpt2(gpt2_dir)
         raise DtlError(
             f"{directory} holds no tokenizer (expected vocab.json + merges.txt, or encoder.json + "
@@ -251,7 +249,8 @@ def load_tokenizer(
 ) -> Tokenizer:
     """`"gpt2"`, or a directory holding tokenizer files (a trained BPE, a model or data dir).
 
-    GPT-2's files come from `gpt2_dir`, else `$DTL_GPT2_DIR`, else tiktoken's cache/download.
+    GPT-2's files come from `gpt2_dir`, else `$DTL_GPT2_DIR`, else the copy shipped inside the
+    package (`dtl/assets/gpt2`): no cache and no network needed.
     """
     if isinstance(spec, Tokenizer):
         return spec
@@ -280,12 +279,19 @@ def train_tokenizer(
     out_dir: str | os.PathLike,
     min_frequency: int = 2,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> Tokenizer:
     """Train a byte-level BPE (GPT-2's algorithm) on text files and save it into `out_dir`.
+
+    The files are written into a temporary folder beside `out_dir` and renamed into place
+    once they load back, so a failure leaves nothing half-written. A non-empty `out_dir` is
+    replaced only with `overwrite=True` (`--force`).
 
     >>> tok = train_tokenizer(["corpus.txt"], 8192, "tok-8k")  # doctest: +SKIP
     """
     check_vocab_size(vocab_size)
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
     paths = [Path(f) for f in files]
     if not paths:
         raise DtlError("no input files given; pass one or more text files")
@@ -308,7 +314,37 @@ def train_tokenizer(
         raise DtlError(
             f"training the tokenizer failed on {', '.join(map(str, paths))}: {err}"
         ) from None
-    return _save_trained(hf, Path(out_dir))
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    try:
+        _save_trained(hf, staging)
+        _swap_in(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _bpe_from_files(
+        str((out_dir / "vocab.json").resolve()), str((out_dir / "merges.txt").resolve())
+    )
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """`-o` must name a folder that is new, empty, or (with --force) one to replace."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DtlError(f"-o {out_dir} is a file, not a folder; give a new folder name")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        what = "a tokenizer" if _find_pair(out_dir) else "files"
+        raise DtlError(
+            f"-o {out_dir} already holds {what}; pass --force to replace it, or choose a new "
+            f"folder (nothing was changed)"
+        )
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Rename the finished `staging` folder to `out_dir`, replacing what was there."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_utf8(path: Path) -> None:
@@ -324,7 +360,8 @@ def _save_trained(hf: Any, out_dir: Path) -> Tokenizer:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    atomic_write_text(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    # One merge a line; none at all (text too small to repeat a pair) is the header alone.
+    atomic_write_text(out_dir / "merges.txt", "#version: 0.2\n" + "".join(m + "\n" for m in merges))
     tok = _bpe_from_files(
         str((out_dir / "vocab.json").resolve()), str((out_dir / "merges.txt").resolve())
     )
