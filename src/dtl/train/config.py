@@ -188,8 +188,10 @@ def _coerce(value: Any, kind: str, key: str, source: str) -> Any:
             if isinstance(value, bool) or float(value) != int(float(value)):
                 raise ValueError
             return int(float(value))
+        if kind == "float" and not math.isfinite(float(value)):
+            raise ValueError  # 1e400 reads as inf
         return {"float": float, "str": str}[kind](value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int(float("1e400")) overflows
         raise DtlError(f"{source}: {key} must be {kind}, got {value!r}") from None
 
 

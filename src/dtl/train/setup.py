@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,35 @@ def setup_run(cfg: TrainConfig, resume: bool = False) -> RunSetup:
         init = read_init_source(cfg.init_from)
         # A raw --data file is prepared with the model's tokenizer; config.yaml says so.
         cfg = dataclasses.replace(cfg, tokenizer=init.tokenizer_spec)
-    run_dir = prepare_run_dir(cfg, resume) if dist.is_main else Path(cfg.out)
+    created = _first_missing(Path(cfg.out)) if dist.is_main else None
+    try:
+        run_dir = prepare_run_dir(cfg, resume) if dist.is_main else Path(cfg.out)
+        return _setup_in(run_dir, cfg, resume, dist, prec, init)
+    except BaseException:
+        if created is not None:  # a failed start leaves no run dir of its own behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what mkdir -p would create)."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _setup_in(
+    run_dir: Path,
+    cfg: TrainConfig,
+    resume: bool,
+    dist: distributed.DistInfo,
+    prec: Any,
+    init: Any,
+) -> RunSetup:
+    """`setup_run` once the run dir exists: the data, the tokenizer and the model config."""
     distributed.barrier(dist)
     data_dir = resolve_data(cfg, run_dir, dist, resume=resume)
     meta = read_meta(data_dir)
