@@ -71,3 +71,14 @@ def test_prepare_max_length_zero_is_an_error_not_512(tmp_path):
         done = _dtl("prepare", text, "-o", tmp_path / "d", "--max-length", bad)
         _one_line(done, "dtl prepare: error: ", f"--max-length {bad}")
     assert not (tmp_path / "d").exists()
+
+
+def test_readme_install_block_installs_cpu_torch_first_and_needs_no_gpt2_folder():
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    setup = readme.split("## Set up", 1)[1]
+    block = setup.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    commands = [line.split("#")[0].strip() for line in block]
+    cpu = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    assert commands[:2] == [cpu, "pip install -e ."]
+    # GPT-2's tokenizer ships with the package: no example points at the workspace's copy
+    assert "shared/data/gpt2" not in readme
