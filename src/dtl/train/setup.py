@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +125,8 @@ def setup_run(cfg: TrainConfig, resume: bool = False) -> RunSetup:
         run_dir = prepare_run_dir(cfg, resume) if dist.is_main else Path(cfg.out)
         return _setup_in(run_dir, cfg, resume, dist, prec, init)
     except BaseException:
-        if created is not None:  # a failed start leaves no run dir of its own behind
-            shutil.rmtree(created, ignore_errors=True)
+        if created is not None:  # a failed start leaves no empty run dir of its own behind
+            _remove_empty_dirs(created)
         raise
 
 
@@ -139,6 +138,16 @@ def _first_missing(path: Path) -> Path | None:
     while not path.parent.exists():
         path = path.parent
     return path
+
+
+def _remove_empty_dirs(top: Path) -> None:
+    """Remove `top` and the folders under it that hold no file (data prepared into the run
+    dir before a later check failed is kept: the next attempt reuses it)."""
+    for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty
+            pass
 
 
 def _setup_in(
