@@ -249,14 +249,22 @@ def test_cli_prepare_with_gpt2_needs_no_download(tmp_path):
 
 @pytest.mark.slow
 def test_wheel_carries_the_gpt2_files(tmp_path):
-    """A non-editable install gets the files too: they are in the built wheel."""
+    """A non-editable install gets the files too: they are in the built wheel (built from a
+    clean copy of the sources, so no stale build/ folder can supply them)."""
+    project = tmp_path / "project"
+    shutil.copytree(
+        PROJECT_ROOT / "src", project / "src",
+        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+    )  # fmt: skip
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PROJECT_ROOT / name, project / name)
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(PROJECT_ROOT), "--no-deps",
-         "--no-build-isolation", "-w", str(tmp_path), "-q"],
+        [sys.executable, "-m", "pip", "wheel", str(project), "--no-deps",
+         "--no-build-isolation", "-w", str(tmp_path / "dist"), "-q"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    (wheel,) = tmp_path.glob("dtl-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("dtl-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("encoder.json", "vocab.bpe", "LICENSE"):
         assert f"dtl/assets/gpt2/{name}" in names
