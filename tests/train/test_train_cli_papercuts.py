@@ -57,6 +57,13 @@ def test_a_config_number_too_big_for_a_float_is_one_line(packed_data, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_binary_config_file_is_one_line(packed_data, tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19")  # a pickle's first bytes
+    fails_here(capsys, train_argv(packed_data, tmp_path / "run", "--config", str(evil)), "evil.pt")
+    assert not (tmp_path / "run").exists()
+
+
 def test_training_state_is_as_private_as_the_model_files(packed_data, tmp_path, capsys):
     code, _, err = cli(train_argv(packed_data, tmp_path / "run"), capsys)
     assert code == 0, err

@@ -236,7 +236,12 @@ def load_config_file(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise DtlError(f"--config {path}: no such file")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:  # e.g. a checkpoint .pt passed as the config
+        raise DtlError(
+            f"--config {path}: not a text file; pass a YAML or JSON file of settings"
+        ) from None
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
