@@ -126,7 +126,9 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
         "--tokenizer", default="gpt2", help="gpt2 (default) or a dir from dtl tokenizer train"
     )
     prep.add_argument(
-        "--gpt2-dir", help="folder with GPT-2's encoder.json + vocab.bpe (else $DTL_GPT2_DIR)"
+        "--gpt2-dir",
+        help="another copy of GPT-2's encoder.json + vocab.bpe (else $DTL_GPT2_DIR, else the "
+        "copy shipped with dtl)",
     )
     prep.add_argument(
         "--max-length", type=int, help="tokens per row (default 512, or the --preset's limit)"
