@@ -369,13 +369,16 @@ def test_tokenizer_train_refuses_to_overwrite_without_force(tmp_path, wiki_text)
     done = _tokenizer_train(corpus, "--vocab-size", 500, "-o", tmp_path / "tk")
     _one_error_line(done, "already holds a tokenizer", "--force")
     assert {p.name: p.read_bytes() for p in (tmp_path / "tk").iterdir()} == before
-    # any other non-empty folder is refused too, and left alone
+    # a folder holding anything else is refused even with --force: replacing it would delete
+    # the user's files (here the corpus itself)
     (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "todo.txt").write_text("mine")
-    _one_error_line(
-        _tokenizer_train(corpus, "--vocab-size", 500, "-o", tmp_path / "notes"), "--force"
-    )
-    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
+    shutil.copy(corpus, tmp_path / "notes" / "c.txt")
+    for force in ([], ["--force"]):
+        done = _tokenizer_train(
+            tmp_path / "notes" / "c.txt", "--vocab-size", 500, "-o", tmp_path / "notes", *force
+        )
+        _one_error_line(done, "not a tokenizer's (c.txt)")
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["c.txt"]
     # --force replaces the tokenizer, whole
     done = _tokenizer_train(corpus, "--vocab-size", 500, "-o", tmp_path / "tk", "--force")
     assert done.returncode == 0, done.stderr

@@ -39,6 +39,8 @@ GPT2_PATTERN = (
 CONFIG_FILE = "tokenizer_config.json"
 # The two spellings of the same pair of files: OpenAI's and Hugging Face's.
 GPT2_FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
+# Every file a tokenizer folder may hold (what `--force` may replace).
+TOKENIZER_FILES = {CONFIG_FILE, *(name for pair in GPT2_FILE_PAIRS for name in pair)}
 GPT2_HELP = (
     "put GPT-2's encoder.json + vocab.bpe (or Hugging Face's vocab.json + merges.txt) in a folder "
     "and pass it with --gpt2-dir DIR or the environment variable DTL_GPT2_DIR"
@@ -326,14 +328,24 @@ def train_tokenizer(
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """`-o` must name a folder that is new, empty, or (with --force) one to replace."""
+    """`-o` must name a folder that is new, empty, or (with --force) a tokenizer to replace.
+
+    Even --force never replaces a folder holding other files (a corpus, a model): the swap
+    would delete them."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DtlError(f"-o {out_dir} is a file, not a folder; give a new folder name")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        what = "a tokenizer" if _find_pair(out_dir) else "files"
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    others = [name for name in held if name not in TOKENIZER_FILES]
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise DtlError(
-            f"-o {out_dir} already holds {what}; pass --force to replace it, or choose a new "
-            f"folder (nothing was changed)"
+            f"-o {out_dir} already holds files that are not a tokenizer's ({listed}); choose a "
+            f"new or empty folder (nothing was changed)"
+        )
+    if held and not overwrite:
+        raise DtlError(
+            f"-o {out_dir} already holds a tokenizer; pass --force to replace it, or choose a "
+            f"new folder (nothing was changed)"
         )
 
 
