@@ -286,8 +286,8 @@ def train_tokenizer(
     """Train a byte-level BPE (GPT-2's algorithm) on text files and save it into `out_dir`.
 
     The files are written into a temporary folder beside `out_dir` and renamed into place
-    once they load back, so a failure leaves nothing half-written. A non-empty `out_dir` is
-    replaced only with `overwrite=True` (`--force`).
+    once they load back, so a failure leaves nothing half-written. A tokenizer already in
+    `out_dir` is replaced only with `overwrite=True` (`--force`); other files never are.
 
     >>> tok = train_tokenizer(["corpus.txt"], 8192, "tok-8k")  # doctest: +SKIP
     """
@@ -316,10 +316,11 @@ def train_tokenizer(
         raise DtlError(
             f"training the tokenizer failed on {', '.join(map(str, paths))}: {err}"
         ) from None
-    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    target = out_dir.resolve()  # `-o .` has no name to put a sibling beside
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         _save_trained(hf, staging)
-        _swap_in(staging, out_dir)
+        _swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _bpe_from_files(
