@@ -320,13 +320,14 @@ def test_cli_tokenizer_train(tmp_path, capsys, wiki_text):
     assert not (tmp_path / "u").exists() and not (tmp_path / "v").exists()
 
 
-def _tokenizer_train(*args) -> subprocess.CompletedProcess:
+def _tokenizer_train(*args, cwd=None) -> subprocess.CompletedProcess:
     """`dtl tokenizer train ARGS` as a user runs it (a real process: tracebacks show)."""
     return subprocess.run(
         [sys.executable, "-m", "dtl", "tokenizer", "train", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=cwd,
     )
 
 
@@ -391,3 +392,16 @@ def test_tokenizer_train_into_a_file_is_one_line(tmp_path):
     text.write_text("hello world\n" * 20, encoding="utf-8")
     _one_error_line(_tokenizer_train(text, "--vocab-size", 300, "-o", text), "is a file")
     assert text.read_text() == "hello world\n" * 20
+
+
+def test_tokenizer_train_into_the_working_directory(tmp_path, wiki_text):
+    """`-o .`: the folder the shell is in is written into, never renamed away."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(wiki_text[:30_000], encoding="utf-8")
+    here = tmp_path / "here"
+    here.mkdir()
+    for size, force in ((300, []), (280, ["--force"])):
+        done = _tokenizer_train(corpus, "--vocab-size", size, "-o", ".", *force, cwd=here)
+        assert done.returncode == 0, done.stderr
+        assert load_tokenizer(here).vocab_size == size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "here"]

@@ -316,7 +316,7 @@ def train_tokenizer(
         raise DtlError(
             f"training the tokenizer failed on {', '.join(map(str, paths))}: {err}"
         ) from None
-    target = out_dir.resolve()  # `-o .` has no name to put a sibling beside
+    target = out_dir.resolve()  # `-o .` has no name to put a staging folder beside
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         _save_trained(hf, staging)
@@ -351,13 +351,17 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def _swap_in(staging: Path, out_dir: Path) -> None:
-    """Rename the finished `staging` folder to `out_dir`, replacing what was there."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    """Move the finished tokenizer from `staging` to `out_dir`: one rename for a new folder;
+    into an existing one (empty, or a tokenizer `--force` replaces; possibly the working
+    directory, which must stay), file by file, each an atomic rename."""
+    if not out_dir.exists():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out_dir)
+        return
+    for name in TOKENIZER_FILES - {p.name for p in staging.iterdir()}:
+        (out_dir / name).unlink(missing_ok=True)  # e.g. GPT-2's encoder.json, read first
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == CONFIG_FILE):
+        os.replace(path, out_dir / path.name)  # the config, which names the kind, last
 
 
 def _check_utf8(path: Path) -> None:
