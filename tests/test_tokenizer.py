@@ -3,17 +3,25 @@ same GPT-2 files, a from-scratch reference BPE (GPT-2's encoder.py algorithm), p
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import regex
 import tiktoken
+import tiktoken.load
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from testkit import WIKITEXT, gpt2_oracle, run_cli, shared_path
+from testkit import PROJECT_ROOT, WIKITEXT, gpt2_oracle, run_cli, shared_path
 
+import dtl.tokenizer as tokenizer_module
 from dtl.errors import DtlError
 from dtl.tokenizer import EOT_TEXT, load_tokenizer, train_tokenizer
 
@@ -164,18 +172,102 @@ def test_missing_gpt2_files_say_how_to_supply_them(tmp_path, monkeypatch):
         DtlError, match=r"DTL_GPT2_DIR .* holds no GPT-2 BPE files.*encoder\.json \+ vocab\.bpe"
     ):
         load_tokenizer("gpt2")
-    # No directory anywhere and tiktoken cannot download (offline): the same advice.
+    # A damaged install without the packaged copy: one line that says what to do.
     monkeypatch.delenv("DTL_GPT2_DIR")
-
-    def offline(name):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(
-        DtlError,
-        match=r"not available offline.*--gpt2-dir DIR or the environment variable DTL_GPT2_DIR",
-    ):
+    monkeypatch.setattr(tokenizer_module, "PACKAGED_GPT2_DIR", tmp_path / "gone")
+    with pytest.raises(DtlError, match=r"missing from this installation.*reinstall dtl"):
         load_tokenizer("gpt2")
+
+
+# tiktoken's pinned sha256 of OpenAI's files (tiktoken_ext/openai_public.py, encoding "gpt2").
+GPT2_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+
+def _offline(monkeypatch, tmp_path) -> None:
+    """No DTL_GPT2_DIR, an empty tiktoken cache, and any download attempt fails loudly."""
+    monkeypatch.delenv("DTL_GPT2_DIR", raising=False)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the packaged GPT-2 tokenizer must not reach tiktoken's loader")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)
+    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
+
+
+def test_packaged_gpt2_files_are_openais_with_their_licence():
+    for name, digest in GPT2_SHA256.items():
+        data = (tokenizer_module.PACKAGED_GPT2_DIR / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest
+    licence = (tokenizer_module.PACKAGED_GPT2_DIR / "LICENSE").read_text(encoding="utf-8")
+    assert "Copyright (c) 2019 OpenAI" in licence and "Permission is hereby granted" in licence
+
+
+def test_gpt2_works_out_of_the_box_with_no_cache_and_no_network(monkeypatch, tmp_path):
+    _offline(monkeypatch, tmp_path)
+    tok = load_tokenizer("gpt2")
+    assert (tok.vocab_size, tok.eos_id) == (50_257, 50_256)
+    # Hand-checked GPT-2 ids (OpenAI's encoder.json): "Hello"=15496, " world"=995, " the"=262.
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.encode(" the") == [262]
+    assert tok.decode([15496, 995, 50256]) == "Hello world" + EOT_TEXT
+
+
+def test_packaged_gpt2_equals_transformers_gpt2_tokenizer(
+    monkeypatch, tmp_path, gpt2_dir, wiki_text
+):
+    transformers = pytest.importorskip("transformers")
+    # The oracle: transformers' pure-Python port of GPT-2's encoder.py, on the shared copy.
+    oracle = transformers.GPT2Tokenizer(str(gpt2_dir / "encoder.json"), str(gpt2_dir / "vocab.bpe"))
+    _offline(monkeypatch, tmp_path)
+    tok = load_tokenizer("gpt2")
+    for text in (wiki_text[:30_000], " naïve café — 東京 🙂 it's we'll  \t\n  x", "Hello world"):
+        assert tok.encode(text) == oracle.encode(text)
+
+
+def test_cli_prepare_with_gpt2_needs_no_download(tmp_path):
+    """A user's offline machine: `dtl prepare notes.txt` (default --tokenizer gpt2) just works."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Hello world. " * 200, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "DTL_GPT2_DIR"}
+    env.update(HOME=str(tmp_path), TIKTOKEN_CACHE_DIR=str(tmp_path / "empty"), HF_HUB_OFFLINE="1")
+    # Any attempt at the network fails at once instead of waiting.
+    env.update(https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
+    done = subprocess.run(
+        [sys.executable, "-m", "dtl", "prepare", str(notes), "-o", str(tmp_path / "d"),
+         "--max-length", "32", "--val-fraction", "0.1"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "tokenizer gpt2 (vocab 50,257" in done.stdout
+    tokens = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16)
+    assert list(tokens[:4]) == [15496, 995, 13, 18435]  # "Hello", " world", ".", " Hello"
+
+
+@pytest.mark.slow
+def test_wheel_carries_the_gpt2_files(tmp_path):
+    """A non-editable install gets the files too: they are in the built wheel (built from a
+    clean copy of the sources, so no stale build/ folder can supply them)."""
+    project = tmp_path / "project"
+    shutil.copytree(
+        PROJECT_ROOT / "src", project / "src",
+        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+    )  # fmt: skip
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PROJECT_ROOT / name, project / name)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(project), "--no-deps",
+         "--no-build-isolation", "-w", str(tmp_path / "dist"), "-q"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (wheel,) = (tmp_path / "dist").glob("dtl-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("encoder.json", "vocab.bpe", "LICENSE"):
+        assert f"dtl/assets/gpt2/{name}" in names
 
 
 def test_bad_tokenizer_specs(tmp_path):
@@ -226,3 +318,90 @@ def test_cli_tokenizer_train(tmp_path, capsys, wiki_text):
     )
     assert code == 2 and str(bad) in err and "UTF-8" in err
     assert not (tmp_path / "u").exists() and not (tmp_path / "v").exists()
+
+
+def _tokenizer_train(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`dtl tokenizer train ARGS` as a user runs it (a real process: tracebacks show)."""
+    return subprocess.run(
+        [sys.executable, "-m", "dtl", "tokenizer", "train", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+
+
+def _one_error_line(done: subprocess.CompletedProcess, *needles: str) -> None:
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("dtl tokenizer: error: ")
+    for needle in needles:
+        assert needle in line, line
+
+
+def test_tokenizer_train_on_tiny_text_writes_files_it_reads_back(tmp_path):
+    """Too little text to repeat a pair: no merges at all, still a tokenizer that loads."""
+    text = tmp_path / "ok.txt"
+    text.write_text("hello world\n", encoding="utf-8")
+    done = _tokenizer_train(text, "--vocab-size", 300, "-o", tmp_path / "tk")
+    assert done.returncode == 0, done.stderr
+    assert "only 257 of the 300 tokens" in done.stderr  # said, not hidden
+    tok = load_tokenizer(tmp_path / "tk")
+    assert (tok.vocab_size, tok.eos_id) == (257, 256)
+    ids = tok.encode("hello world")
+    assert (
+        ids == [b + 0 for b in _gpt2_byte_ids("hello world")] and tok.decode(ids) == "hello world"
+    )
+
+
+def _gpt2_byte_ids(text: str) -> list[int]:
+    """With no merges a byte-level BPE's ids are its 256-symbol alphabet, which the tokenizers
+    library orders by GPT-2's printable stand-in characters (sorted)."""
+    table = _bytes_to_unicode()
+    order = sorted(table.values())
+    return [order.index(table[b]) for b in text.encode("utf-8")]
+
+
+def test_tokenizer_train_refuses_to_overwrite_without_force(tmp_path, wiki_text):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(wiki_text[:50_000], encoding="utf-8")
+    assert _tokenizer_train(corpus, "--vocab-size", 400, "-o", tmp_path / "tk").returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "tk").iterdir()}
+    done = _tokenizer_train(corpus, "--vocab-size", 500, "-o", tmp_path / "tk")
+    _one_error_line(done, "already holds a tokenizer", "--force")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "tk").iterdir()} == before
+    # a folder holding anything else is refused even with --force: replacing it would delete
+    # the user's files (here the corpus itself)
+    (tmp_path / "notes").mkdir()
+    shutil.copy(corpus, tmp_path / "notes" / "c.txt")
+    for force in ([], ["--force"]):
+        done = _tokenizer_train(
+            tmp_path / "notes" / "c.txt", "--vocab-size", 500, "-o", tmp_path / "notes", *force
+        )
+        _one_error_line(done, "not a tokenizer's (c.txt)")
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["c.txt"]
+    # --force replaces the tokenizer, whole
+    done = _tokenizer_train(corpus, "--vocab-size", 500, "-o", tmp_path / "tk", "--force")
+    assert done.returncode == 0, done.stderr
+    assert load_tokenizer(tmp_path / "tk").vocab_size == 500
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "notes", "tk"]  # no temp dirs
+
+
+def test_tokenizer_train_into_a_file_is_one_line(tmp_path):
+    text = tmp_path / "ok.txt"
+    text.write_text("hello world\n" * 20, encoding="utf-8")
+    _one_error_line(_tokenizer_train(text, "--vocab-size", 300, "-o", text), "is a file")
+    assert text.read_text() == "hello world\n" * 20
+
+
+def test_tokenizer_train_into_the_working_directory(tmp_path, wiki_text):
+    """`-o .`: the folder the shell is in is written into, never renamed away."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(wiki_text[:30_000], encoding="utf-8")
+    here = tmp_path / "here"
+    here.mkdir()
+    for size, force in ((300, []), (280, ["--force"])):
+        done = _tokenizer_train(corpus, "--vocab-size", size, "-o", ".", *force, cwd=here)
+        assert done.returncode == 0, done.stderr
+        assert load_tokenizer(here).vocab_size == size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "here"]

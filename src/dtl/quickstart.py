@@ -255,7 +255,10 @@ def train_bpe(records: list[Path], run_dir: Path, vocab_size: int) -> Path:
     """Stage 2: a byte-level BPE learned from the cleaned records -> RUN/tokenizer."""
     text = records_text(records, run_dir / "corpus" / ".tokenizer-text.txt")
     try:
-        train_tokenizer([text], vocab_size, run_dir / "tokenizer", show_progress=False)
+        # RUN/tokenizer is the quickstart's own: a rerun after a failed one replaces it
+        train_tokenizer(
+            [text], vocab_size, run_dir / "tokenizer", show_progress=False, overwrite=True
+        )
     finally:
         text.unlink(missing_ok=True)
     print(f"  -> {run_dir / 'tokenizer'}", flush=True)

@@ -1,6 +1,7 @@
-"""Tokenizers: GPT-2's BPE (through tiktoken, offline from its files) or a BPE trained on your corpus.
+"""Tokenizers: GPT-2's BPE (through tiktoken, from the files shipped in `dtl/assets/gpt2`)
+or a BPE trained on your corpus.
 
->>> tok = load_tokenizer("gpt2", gpt2_dir="../shared/data/gpt2")  # doctest: +SKIP
+>>> tok = load_tokenizer("gpt2")  # no cache, no network: the package carries GPT-2's files
 >>> tok.encode("Hello world"), tok.eos_id                           # doctest: +SKIP
 ([15496, 995], 50256)
 >>> tok.save("my-model")                                            # doctest: +SKIP
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +39,14 @@ GPT2_PATTERN = (
 CONFIG_FILE = "tokenizer_config.json"
 # The two spellings of the same pair of files: OpenAI's and Hugging Face's.
 GPT2_FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
+# Every file a tokenizer folder may hold (what `--force` may replace).
+TOKENIZER_FILES = {CONFIG_FILE, *(name for pair in GPT2_FILE_PAIRS for name in pair)}
 GPT2_HELP = (
     "put GPT-2's encoder.json + vocab.bpe (or Hugging Face's vocab.json + merges.txt) in a folder "
     "and pass it with --gpt2-dir DIR or the environment variable DTL_GPT2_DIR"
 )
+# GPT-2's own encoder.json + vocab.bpe (OpenAI, MIT-style licence beside them), package data.
+PACKAGED_GPT2_DIR = Path(__file__).resolve().parent / "assets" / "gpt2"
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,18 +168,6 @@ def _gpt2_from_files(vocab_path: str, merges_path: str) -> Tokenizer:
     return _gpt2_tokenizer(encoding, _files(vocab_path, merges_path))
 
 
-def _gpt2_from_tiktoken_cache() -> Tokenizer:
-    try:
-        encoding = tiktoken.get_encoding("gpt2")
-    except Exception as err:  # tiktoken raises requests/OSError/ValueError variants when offline
-        raise DtlError(
-            f"the GPT-2 tokenizer files are not available offline and could not be downloaded "
-            f"({type(err).__name__}); {GPT2_HELP}"
-        ) from None
-    # No files to copy: `save` then writes only the config, and loading it needs tiktoken again.
-    return _gpt2_tokenizer(encoding, {})
-
-
 def _gpt2_tokenizer(encoding: tiktoken.Encoding, files: dict[str, Path]) -> Tokenizer:
     return Tokenizer("gpt2", GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE - 1, files, _tiktoken=encoding)
 
@@ -199,7 +193,13 @@ def _gpt2(gpt2_dir: str | os.PathLike | None) -> Tokenizer:
             origin = "--gpt2-dir" if gpt2_dir is not None else "DTL_GPT2_DIR"
             raise DtlError(f"{origin} {directory} holds no GPT-2 BPE files; {GPT2_HELP}")
         return _gpt2_from_files(str(pair[0].resolve()), str(pair[1].resolve()))
-    return _gpt2_from_tiktoken_cache()
+    pair = _find_pair(PACKAGED_GPT2_DIR)
+    if pair is None:  # only a damaged install lacks them
+        raise DtlError(
+            f"GPT-2's tokenizer files are missing from this installation ({PACKAGED_GPT2_DIR}); "
+            f"reinstall dtl, or {GPT2_HELP}"
+        )
+    return _gpt2_from_files(str(pair[0]), str(pair[1]))
 
 
 def _bpe_from_files(vocab_path: str, merges_path: str) -> Tokenizer:
@@ -234,7 +234,7 @@ def _from_directory(directory: Path, gpt2_dir: str | os.PathLike | None) -> Toke
     pair = _find_pair(directory)
     kind = config.get("dtl_tokenizer")
     if pair is None:
-        if kind == "gpt2":  # saved from tiktoken's cache: no files beside it
+        if kind == "gpt2":  # saved with no files beside it (older DTL, from tiktoken's cache)
             return _gpt2(gpt2_dir)
         raise DtlError(
             f"{directory} holds no tokenizer (expected vocab.json + merges.txt, or encoder.json + "
@@ -251,7 +251,8 @@ def load_tokenizer(
 ) -> Tokenizer:
     """`"gpt2"`, or a directory holding tokenizer files (a trained BPE, a model or data dir).
 
-    GPT-2's files come from `gpt2_dir`, else `$DTL_GPT2_DIR`, else tiktoken's cache/download.
+    GPT-2's files come from `gpt2_dir`, else `$DTL_GPT2_DIR`, else the copy shipped inside the
+    package (`dtl/assets/gpt2`): no cache and no network needed.
     """
     if isinstance(spec, Tokenizer):
         return spec
@@ -280,12 +281,19 @@ def train_tokenizer(
     out_dir: str | os.PathLike,
     min_frequency: int = 2,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> Tokenizer:
     """Train a byte-level BPE (GPT-2's algorithm) on text files and save it into `out_dir`.
+
+    The files are written into a temporary folder beside `out_dir` and renamed into place
+    once they load back, so a failure leaves nothing half-written. A tokenizer already in
+    `out_dir` is replaced only with `overwrite=True` (`--force`); other files never are.
 
     >>> tok = train_tokenizer(["corpus.txt"], 8192, "tok-8k")  # doctest: +SKIP
     """
     check_vocab_size(vocab_size)
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
     paths = [Path(f) for f in files]
     if not paths:
         raise DtlError("no input files given; pass one or more text files")
@@ -308,7 +316,52 @@ def train_tokenizer(
         raise DtlError(
             f"training the tokenizer failed on {', '.join(map(str, paths))}: {err}"
         ) from None
-    return _save_trained(hf, Path(out_dir))
+    target = out_dir.resolve()  # `-o .` has no name to put a staging folder beside
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        _save_trained(hf, staging)
+        _swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _bpe_from_files(
+        str((out_dir / "vocab.json").resolve()), str((out_dir / "merges.txt").resolve())
+    )
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """`-o` must name a folder that is new, empty, or (with --force) a tokenizer to replace.
+
+    Even --force never replaces a folder holding other files (a corpus, a model): the swap
+    would delete them."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DtlError(f"-o {out_dir} is a file, not a folder; give a new folder name")
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    others = [name for name in held if name not in TOKENIZER_FILES]
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise DtlError(
+            f"-o {out_dir} already holds files that are not a tokenizer's ({listed}); choose a "
+            f"new or empty folder (nothing was changed)"
+        )
+    if held and not overwrite:
+        raise DtlError(
+            f"-o {out_dir} already holds a tokenizer; pass --force to replace it, or choose a "
+            f"new folder (nothing was changed)"
+        )
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Move the finished tokenizer from `staging` to `out_dir`: one rename for a new folder;
+    into an existing one (empty, or a tokenizer `--force` replaces; possibly the working
+    directory, which must stay), file by file, each an atomic rename."""
+    if not out_dir.exists():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out_dir)
+        return
+    for name in TOKENIZER_FILES - {p.name for p in staging.iterdir()}:
+        (out_dir / name).unlink(missing_ok=True)  # e.g. GPT-2's encoder.json, read first
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == CONFIG_FILE):
+        os.replace(path, out_dir / path.name)  # the config, which names the kind, last
 
 
 def _check_utf8(path: Path) -> None:
@@ -324,7 +377,8 @@ def _save_trained(hf: Any, out_dir: Path) -> Tokenizer:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    atomic_write_text(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    # One merge a line; none at all (text too small to repeat a pair) is the header alone.
+    atomic_write_text(out_dir / "merges.txt", "#version: 0.2\n" + "".join(m + "\n" for m in merges))
     tok = _bpe_from_files(
         str((out_dir / "vocab.json").resolve()), str((out_dir / "merges.txt").resolve())
     )

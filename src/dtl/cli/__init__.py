@@ -9,6 +9,7 @@ User mistakes raise `DtlError` and come out as one line on stderr with exit code
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -88,9 +89,37 @@ def say_threads(args: argparse.Namespace) -> None:
     args.thread_choice = None
 
 
+def _verb_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The innermost sub-parser `args` went through (`dtl tokenizer train` -> its parser)."""
+    while True:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, actions[0].dest, None) if actions else None
+        if name not in (actions[0].choices if actions else {}):
+            return parser
+        parser = actions[0].choices[name]
+
+
+def _reject_unknown(parser: argparse.ArgumentParser, args, extras: list[str]) -> None:
+    """Unknown arguments are the verb's error, printed with the verb's usage (argparse alone
+    reports them with the top-level usage), with the nearest real flag as a hint."""
+    verb = _verb_parser(parser, args)
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    flags = [f for a in verb._actions for f in a.option_strings if f.startswith("--")]
+    for extra in extras:
+        close = difflib.get_close_matches(extra.split("=")[0], flags, n=1, cutoff=0.75)
+        if extra.startswith("-") and close:
+            message += f" (did you mean {close[0]}?)"
+            break
+    verb.error(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _reject_unknown(parser, args, extras)
     if args.command is None:
         parser.print_help()
         return 2

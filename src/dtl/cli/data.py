@@ -84,6 +84,9 @@ def _register_tokenizer(subparsers: argparse._SubParsersAction) -> None:
         "-o", "--out", required=True, help="folder to write vocab.json + merges.txt into"
     )
     train.add_argument("--min-frequency", type=int, default=2, help="a merge must occur this often")
+    train.add_argument(
+        "--force", action="store_true", help="replace what -o already holds (e.g. a tokenizer)"
+    )
     add_common(train)
     train.set_defaults(func=run_tokenizer_train)
     add_common(tok)
@@ -123,7 +126,9 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
         "--tokenizer", default="gpt2", help="gpt2 (default) or a dir from dtl tokenizer train"
     )
     prep.add_argument(
-        "--gpt2-dir", help="folder with GPT-2's encoder.json + vocab.bpe (else $DTL_GPT2_DIR)"
+        "--gpt2-dir",
+        help="another copy of GPT-2's encoder.json + vocab.bpe (else $DTL_GPT2_DIR, else the "
+        "copy shipped with dtl)",
     )
     prep.add_argument(
         "--max-length", type=int, help="tokens per row (default 512, or the --preset's limit)"
@@ -210,12 +215,20 @@ def run_tokenizer_train(args: argparse.Namespace) -> int:
         args.out,
         min_frequency=args.min_frequency,
         show_progress=sys.stderr.isatty(),
+        overwrite=args.force,
     )
     seconds = time.perf_counter() - started
     print(
         f"trained a {tok.vocab_size:,}-token byte-level BPE (end-of-text = {tok.eos_id}) in "
         f"{seconds:.1f}s -> {args.out}"
     )
+    if tok.vocab_size < args.vocab_size:
+        print(
+            f"note: only {tok.vocab_size:,} of the {args.vocab_size:,} tokens asked for: the text "
+            f"has no more pairs seen --min-frequency {args.min_frequency} times; give more text "
+            f"or lower --min-frequency",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -238,7 +251,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     model_limit = None
     if args.preset:
         model_limit = ModelConfig.preset(args.preset).max_seq_length
-    max_length = args.max_length or model_limit or 512
+    # 0 is a mistake to report (prepare checks the range), not "unset"
+    max_length = args.max_length if args.max_length is not None else model_limit or 512
     kinds = {args.kind or detect_kind(p) for p in args.inputs}
     options = {kind: _source_options(args, kind) for kind in kinds}
     summary = prepare(

@@ -155,6 +155,28 @@ def _sampling_args(p: argparse.ArgumentParser, defaults: SamplingOptions) -> Non
                    help="stop when this text appears (repeatable)")  # fmt: skip
 
 
+def user_text(text: str, what: str) -> str:
+    r"""`text` from the command line or stdin, made valid Unicode for the tokenizer.
+
+    Python keeps bytes that are not UTF-8 as lone surrogates ("caf\udce9" for the latin-1
+    bytes b"caf\xe9"), which no tokenizer takes; each becomes U+FFFD, with a note on stderr,
+    the way a terminal shows such bytes.
+
+    >>> user_text("caf\udce9?", "the question") == "caf\ufffd?"  # doctest: +SKIP
+    True
+    """
+    fixed = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    if fixed != text:
+        print(f"note: {what} is not valid UTF-8; its undecodable bytes are replaced by U+FFFD",
+              file=sys.stderr)  # fmt: skip
+    return fixed
+
+
+def _read_stdin() -> str:
+    """All of stdin as text; bytes that are not UTF-8 survive to `user_text` (no crash)."""
+    return sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+
+
 def _load(args, device=None):
     if device is None:
         device = resolve_device(args.device)
@@ -173,7 +195,7 @@ def sampling_options(args) -> SamplingOptions:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
-        stop=tuple(args.stop),
+        stop=tuple(user_text(t, "--stop") for t in args.stop),
         no_repeat_ngram_size=args.no_repeat_ngram,
     )
 
@@ -205,7 +227,7 @@ def _print_stream(pieces, strip_leading: bool = False) -> str:
 
 # ---------------------------------------------------------------------- generate / ask
 def cmd_generate(args) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = user_text(_read_stdin() if args.prompt == "-" else args.prompt, "the prompt")
     opts = sampling_options(args)
     model, tokenizer = _load(args)
     _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.context)
@@ -216,6 +238,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_ask(args) -> int:
+    args.question = user_text(args.question, "the question")
     if not args.question.strip():
         raise DtlError("the question is empty; ask something, e.g. dtl ask --model M 'Who?'")
     opts = sampling_options(args)
@@ -291,6 +314,8 @@ def cmd_chat(args) -> int:
     limit = model.config.context
     opts = dataclasses.replace(opts, stop=qa_stops(opts.stop))
     history: list[str] = []
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 reaches user_text, no crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     print(f"dtl chat: {args.model} ({model.num_parameters():,} parameters). /help for commands.")
     while True:
         try:
@@ -301,6 +326,7 @@ def cmd_chat(args) -> int:
         except KeyboardInterrupt:
             print()
             continue
+        line = user_text(line, "the line")
         if not line.strip():
             continue
         if line.startswith("/"):
@@ -322,6 +348,9 @@ def cmd_chat(args) -> int:
 
 # ---------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
+    if args.predictions and Path(args.predictions).is_dir():
+        raise DtlError(f"--predictions {args.predictions}: is a directory; give a file name, "
+                       f"e.g. {Path(args.predictions) / 'predictions.jsonl'}")  # fmt: skip
     if args.predictions and not Path(args.predictions).resolve().parent.is_dir():
         raise DtlError(f"--predictions {args.predictions}: its folder does not exist")
     kind = args.kind or detect_kind(args.data)

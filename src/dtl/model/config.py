@@ -112,6 +112,12 @@ class ModelConfig:
             raise DtlError(f"{path}: no such file; a model directory holds config.json") from None
         except json.JSONDecodeError as err:
             raise DtlError(f"{path}: not valid JSON ({err})") from None
+        except UnicodeDecodeError:  # e.g. a .pt or .safetensors file passed as the config
+            raise DtlError(
+                f"{path}: not a JSON text file; pass a model's config.json or its directory"
+            ) from None
+        except IsADirectoryError:
+            raise DtlError(f"{path}: is a directory; pass the config.json inside it") from None
         if not isinstance(data, dict):
             raise DtlError(f"{path}: expected a JSON object of ModelConfig fields")
         return cls.from_dict(data)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dtl.errors import DtlError
+from dtl.fileio import atomic_write
 from dtl.model.config import ModelConfig
 from dtl.model.transformer import TransformerLM
 from dtl.run_dir import STATE_FILE, latest_checkpoint, write_step
@@ -41,7 +42,8 @@ def save_checkpoint(
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        torch.save(state, tmp / STATE_FILE)
+        # through a 0600 temporary file, like the model files: the state is as private
+        atomic_write(tmp / STATE_FILE, lambda path: torch.save(state, path))
 
     return write_step(run_dir, step, write, keep_last=keep_last, keep=keep)
 

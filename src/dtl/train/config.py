@@ -188,8 +188,10 @@ def _coerce(value: Any, kind: str, key: str, source: str) -> Any:
             if isinstance(value, bool) or float(value) != int(float(value)):
                 raise ValueError
             return int(float(value))
+        if kind == "float" and not math.isfinite(float(value)):
+            raise ValueError  # 1e400 reads as inf
         return {"float": float, "str": str}[kind](value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int(float("1e400")) overflows
         raise DtlError(f"{source}: {key} must be {kind}, got {value!r}") from None
 
 
@@ -234,7 +236,12 @@ def load_config_file(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise DtlError(f"--config {path}: no such file")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:  # e.g. a checkpoint .pt passed as the config
+        raise DtlError(
+            f"--config {path}: not a text file; pass a YAML or JSON file of settings"
+        ) from None
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import gc
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +246,8 @@ class Trainer:
             initial=st.step,
             unit="step",
             dynamic_ncols=True,
-            disable=not (cfg.progress and self.dist.is_main),
+            # a bar only on a terminal: `dtl train ... > log 2>&1` gets the log lines alone
+            disable=not (cfg.progress and self.dist.is_main and sys.stderr.isatty()),
         )
         self.net.train()
         batches = iter(self.train_loader)

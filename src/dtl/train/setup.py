@@ -120,7 +120,45 @@ def setup_run(cfg: TrainConfig, resume: bool = False) -> RunSetup:
         init = read_init_source(cfg.init_from)
         # A raw --data file is prepared with the model's tokenizer; config.yaml says so.
         cfg = dataclasses.replace(cfg, tokenizer=init.tokenizer_spec)
-    run_dir = prepare_run_dir(cfg, resume) if dist.is_main else Path(cfg.out)
+    created = _first_missing(Path(cfg.out)) if dist.is_main else None
+    try:
+        run_dir = prepare_run_dir(cfg, resume) if dist.is_main else Path(cfg.out)
+        return _setup_in(run_dir, cfg, resume, dist, prec, init)
+    except BaseException:
+        if created is not None:  # a failed start leaves no empty run dir of its own behind
+            _remove_empty_dirs(created)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what mkdir -p would create)."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_empty_dirs(top: Path) -> None:
+    """Remove `top` and the folders under it that hold no file (data prepared into the run
+    dir before a later check failed is kept: the next attempt reuses it)."""
+    for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty
+            pass
+
+
+def _setup_in(
+    run_dir: Path,
+    cfg: TrainConfig,
+    resume: bool,
+    dist: distributed.DistInfo,
+    prec: Any,
+    init: Any,
+) -> RunSetup:
+    """`setup_run` once the run dir exists: the data, the tokenizer and the model config."""
     distributed.barrier(dist)
     data_dir = resolve_data(cfg, run_dir, dist, resume=resume)
     meta = read_meta(data_dir)
