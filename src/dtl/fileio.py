@@ -9,6 +9,7 @@ a crash never leaves a half-written one under the real name.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -54,3 +55,44 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     return atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs here (one we may not signal counts as running)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(directory: str | os.PathLike, pattern: str | re.Pattern) -> list[Path]:
+    """Remove the temporaries a killed writer left in `directory`: the entries whose name
+    matches `pattern` (its group `pid`, the writer's process id) and whose writer is gone.
+
+    A name holding a live process's id stays (that writer may still be at work), so two
+    runs never delete each other's files. Returns what was removed.
+
+    >>> remove_stale("runs/tiny/checkpoints", r"^\\.tmp-step-\\d+-(?P<pid>\\d+)$")  # doctest: +SKIP
+    [PosixPath('runs/tiny/checkpoints/.tmp-step-500-4242')]
+    """
+    directory, pattern = Path(directory), re.compile(pattern)
+    removed = []
+    try:
+        children = list(directory.iterdir())
+    except OSError:  # no such folder yet, or unreadable: nothing of ours there
+        return removed
+    for child in children:
+        m = pattern.match(child.name)
+        if not m or int(m.group("pid")) == os.getpid() or pid_alive(int(m.group("pid"))):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+        removed.append(child)
+    return removed

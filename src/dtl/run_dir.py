@@ -26,6 +26,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from dtl.fileio import remove_stale
+
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 DATA_DIR = "data"
@@ -34,6 +36,11 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"  # in a step dir: what makes it resumable
 WEIGHTS_FILE = "model.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# What a killed writer leaves behind, each name ending in its process id (`remove_stale`):
+# in checkpoints/ a half-written step, a replaced one, the latest pointers' temporaries;
+# in the run dir the write probe and RUN_DIR/data being prepared or replaced.
+_STALE_IN_CHECKPOINTS = r"^\.(?:tmp-step-\d+-|old-step-\d+-|latest\.txt\.|latest\.)(?P<pid>\d+)$"
+_STALE_IN_RUN_DIR = r"^\.(?:write-test-|data\.partial-|data\.old-)(?P<pid>\d+)$"
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -72,6 +79,15 @@ def write_step(
     _point_latest(root, final.name)
     prune(root, keep_last, keep=(step, *keep))
     return final
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove what killed runs left in a run dir (a `.tmp-step-N-PID` is checkpoint-sized);
+    a live process's temporaries stay. Returns what was removed."""
+    run_dir = Path(run_dir)
+    return remove_stale(checkpoint_dir(run_dir), _STALE_IN_CHECKPOINTS) + remove_stale(
+        run_dir, _STALE_IN_RUN_DIR
+    )
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

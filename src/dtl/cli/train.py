@@ -73,6 +73,10 @@ HELP = {
     "tensorboard": "also log to RUN_DIR/tensorboard",
     "skip_nonfinite": "skip at most N steps with a non-finite loss (fp16) instead of stopping",
     "progress": "show the progress bar",
+    "memory_check": "refuse a run whose memory plan (dtl info) needs more than the free memory "
+    "(--no-memory-check: try anyway)",
+    "data_check": "refuse a --resume whose data dir differs from the checkpoint's "
+    "(--no-data-check: continue on the new data)",
 }
 
 EXAMPLES = """examples:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from dtl.data.sources import check_inputs, detect_kind, iter_records_counting
 from dtl.errors import DtlError
+from dtl.fileio import remove_stale
 
 
 def extract(
@@ -41,6 +43,8 @@ def extract(
         count = _write_jsonl(records, sys.stdout, bar)
     else:
         path = _check_out(Path(out))
+        # What a killed extract to this same file left.
+        remove_stale(path.parent, rf"^\.{re.escape(path.name)}\.partial-(?P<pid>\d+)$")
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         try:
             with open(tmp, "w", encoding="utf-8") as f:

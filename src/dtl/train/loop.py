@@ -29,6 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from dtl.data.loader import BatchLoader
+from dtl.data.shards import data_fingerprint
 from dtl.errors import DtlError
 from dtl.model.transformer import TransformerLM
 from dtl.run_dir import latest_checkpoint
@@ -87,6 +88,9 @@ class Trainer:
         self.seq_len, self.min_lr = setup.settings.seq_len, setup.settings.min_lr
         self._build_model()
         self._build_loaders()
+        # The tokens this run reads, recorded in every checkpoint: a resume on other data
+        # (re-prepared in another order, or edited) is refused, not trained on silently.
+        self.data_fingerprint = data_fingerprint(setup.data_dir)
         self.state = _State()
         self._stop = StopFlag()
         self.metrics = MetricsLog(self.run_dir, self.dist.is_main, tensorboard=cfg.tensorboard)
@@ -194,6 +198,7 @@ class Trainer:
                 "rng": rng_ranks[0],
                 "rng_ranks": rng_ranks if self.dist.enabled else None,
                 "world_size": self.dist.world_size,
+                "data_fingerprint": self.data_fingerprint,
             }
             keep = (self.state.best_step,) if self.state.best_step >= 0 else ()
             path = ckpt.save_checkpoint(
@@ -212,6 +217,7 @@ class Trainer:
         """Continue from the run's newest checkpoint: weights, optimizer, scaler, data
         position, progress and every RNG, so the run goes on as if never stopped."""
         path, state = ckpt.load_latest(self.run_dir, self.model_config, self.dist.world_size)
+        self._check_same_data(path, state)
         load_full_model(self.net, self.model, path, self.device, fsdp=self.cfg.fsdp)
         ratios = [g.get("lr_ratio") for g in self.optimizer.param_groups]
         load_optimizer_state_dict(self.net, self.optimizer, state["optimizer"], fsdp=self.cfg.fsdp)
@@ -228,6 +234,25 @@ class Trainer:
             self.setup.save_config()
             self.metrics.truncate_after(self.state.step)
             print(f"resuming {self.run_dir} from {path.name}", flush=True)
+
+    def _check_same_data(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse to resume on data other than the checkpoint's (unless --no-data-check);
+        checkpoints written before fingerprints were recorded are not checked."""
+        saved = state.get("data_fingerprint")
+        if saved is None or saved == self.data_fingerprint:
+            return
+        if not self.cfg.data_check:
+            self.metrics.print(
+                f"warning: {self.setup.data_dir} is not the data {path.name} was trained on "
+                "(--no-data-check): continuing on the new data"
+            )
+            return
+        raise DtlError(
+            f"cannot resume {self.run_dir}: the data dir {self.setup.data_dir} has changed since "
+            f"{path.name} was saved (its shards' fingerprint differs: re-prepared in another "
+            "order, or other text); resume with the data the run was trained on, start a new "
+            "--out, or pass --no-data-check to continue on the new data"
+        )
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:

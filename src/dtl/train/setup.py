@@ -26,9 +26,16 @@ from dtl.data.shards import sha256_file
 from dtl.errors import DtlError
 from dtl.fileio import atomic_write_text
 from dtl.model.config import ModelConfig
-from dtl.run_dir import CONFIG_FILE, DATA_DIR, DATA_SOURCE_FILE, latest_checkpoint, list_checkpoints
+from dtl.run_dir import (
+    CONFIG_FILE,
+    DATA_DIR,
+    DATA_SOURCE_FILE,
+    latest_checkpoint,
+    list_checkpoints,
+    remove_stale_temporaries,
+)
 from dtl.tokenizer import Tokenizer, load_tokenizer
-from dtl.train import distributed, precision
+from dtl.train import distributed, memory, precision
 from dtl.train.config import (
     MODEL_FIELDS,
     ResolvedSettings,
@@ -139,9 +146,46 @@ def setup_run(cfg: TrainConfig, resume: bool = False) -> RunSetup:
     model_config = dataclasses.replace(model_config, trained_seq_len=settings.seq_len)
     if model_config.d_model != model_width(cfg):  # a fine-tune's width is its source's
         settings = resolve_settings(cfg, int(meta["max_length"]), d_model=model_config.d_model)
-    return RunSetup(
+    setup = RunSetup(
         cfg, resume, dist, prec, run_dir, data_dir, meta, tokenizer, settings, model_config, init
     )
+    check_memory(setup)
+    return setup
+
+
+def check_memory(setup: RunSetup) -> None:
+    """Refuse, before a weight or batch is allocated, a run whose memory plan needs more than
+    the device has free (else the kernel kills it, or CUDA fails, mid-step). CPU processes of
+    one machine share its memory; FSDP shards the plan's weights (not modelled: not checked).
+    """
+    cfg, device = setup.cfg, setup.device
+    if not cfg.memory_check or cfg.fsdp:
+        return
+    available = memory.available_memory(device)
+    if available is None:
+        return
+    need = memory.training_need(
+        setup.model_config,
+        cfg.batch_size,
+        setup.seq_len,
+        setup.prec.name,
+        cfg.activation_checkpointing,
+        device.type,
+        cfg.grad_accum,
+    )
+    if device.type == "cpu":  # every process on this machine holds its own copy
+        need *= int(os.environ.get("LOCAL_WORLD_SIZE", setup.dist.world_size))
+    if need > available:
+        raise DtlError(
+            memory.memory_refusal(
+                need,
+                available,
+                cfg.batch_size,
+                cfg.grad_accum,
+                setup.seq_len,
+                f"preset {cfg.preset}, {setup.prec.name} on {device}",
+            )
+        )
 
 
 def _resumed_fine_tune(run_dir: Path, cfg: TrainConfig) -> ModelConfig:
@@ -180,6 +224,8 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
             f"{run_dir} already holds a run with checkpoints; continue it with "
             f"`dtl train --resume {run_dir}` or pick a new --out (nothing was changed)"
         )
+    for stale in remove_stale_temporaries(run_dir):  # left by a killed run
+        print(f"removed {stale}, left by a run that was killed", file=sys.stderr, flush=True)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
