@@ -20,13 +20,15 @@ PosixPath('runs/tiny/checkpoints/step-1200')
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dtl.fileio import remove_stale
+from dtl.fileio import atomic_write_text, disk_full_as_error, remove_stale
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -69,14 +71,15 @@ def write_step(
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        write(tmp)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _point_latest(root, final.name)
+    with disk_full_as_error(final):  # one line naming the checkpoint; the older ones stay
+        try:
+            tmp.mkdir()
+            write(tmp)
+            _replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _point_latest(root, final.name)
     prune(root, keep_last, keep=(step, *keep))
     return final
 
@@ -138,6 +141,50 @@ def prune(root: Path, keep_last: int, keep: tuple[int, ...] = ()) -> None:
     for step, path in ckpts:
         if step not in newest and step not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def resume_target(spec: str | os.PathLike) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint) of a `--resume` argument: a run dir resumes from its newest
+    checkpoint (None here); `RUN_DIR/checkpoints/step-N` from that one.
+
+    >>> resume_target("runs/tiny/checkpoints/step-30")
+    (PosixPath('runs/tiny'), PosixPath('runs/tiny/checkpoints/step-30'))
+    """
+    path = Path(spec)
+    if path.name == "latest" and path.parent.name == CHECKPOINTS:
+        return path.parent.parent, None
+    if _STEP_DIR.match(path.name) and path.parent.name == CHECKPOINTS:
+        return path.parent.parent, path
+    return path, None
+
+
+def set_aside_newer(run_dir: str | os.PathLike, step: int) -> Path | None:
+    """Before a run continues from an older `step-{step}`: move its newer checkpoints, and
+    the metrics records after that step, into `checkpoints/superseded-from-step-{step}-TIME/`
+    (kept, never deleted, and out of `latest` and pruning); `latest` names `step-{step}`.
+    Returns that folder, or None when no newer checkpoint was there."""
+    root = checkpoint_dir(run_dir)
+    newer = [path for n, path in _step_dirs(root, WEIGHTS_FILE) if n > step]
+    if not newer:
+        return None
+    aside = root / f"superseded-from-step-{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+    aside.mkdir()
+    metrics = Path(run_dir) / METRICS_FILE
+    if metrics.is_file():  # the records of the set-aside steps go with them
+        lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+        later = [line for line in lines if (_record_step(line) or 0) > step]
+        atomic_write_text(aside / METRICS_FILE, "".join(later))
+    for path in newer:
+        os.replace(path, aside / path.name)
+    _point_latest(root, f"step-{step}")
+    return aside
+
+
+def _record_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

@@ -41,7 +41,10 @@ def save_checkpoint(
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        torch.save(state, tmp / STATE_FILE)
+        # Through a Python file: a full disk then surfaces as the OSError (ENOSPC) behind
+        # torch's "unexpected pos", which a path given to torch.save loses.
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
 
     return write_step(run_dir, step, write, keep_last=keep_last, keep=keep)
 
@@ -55,18 +58,25 @@ def load_training_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
         raise DtlError(
-            f"{path}: unreadable training state ({err}); resume from another checkpoint"
+            f"{path}: unreadable training state ({err}); resume from an older checkpoint: "
+            f"dtl train --resume {Path(checkpoint).parent}/step-N"
         ) from None
 
 
 def load_latest(
-    run_dir: str | os.PathLike, model_config: ModelConfig, world_size: int
+    run_dir: str | os.PathLike,
+    model_config: ModelConfig,
+    world_size: int,
+    checkpoint: str | os.PathLike | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """(the newest checkpoint, its training state) of a run to resume, which must hold
-    the model these settings give and have run on as many processes (the data order)."""
-    path = latest_checkpoint(run_dir)
+    """(the checkpoint, its training state) of a run to resume: `checkpoint`, else the
+    newest. It must hold the model these settings give and have run on as many processes
+    (the data order)."""
+    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if path is None:
         raise DtlError(f"{run_dir}: no checkpoint to resume from (checkpoints/step-N)")
+    if not path.is_dir():
+        raise DtlError(f"--resume {path}: no such checkpoint; `ls {path.parent}` lists them")
     saved = TransformerLM.from_pretrained(path).config
     if saved != model_config:
         raise DtlError(

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from dtl.errors import DtlError
-from dtl.fileio import atomic_write_text
+from dtl.fileio import atomic_write_text, disk_full_as_error
 from dtl.run_dir import METRICS_FILE
 from dtl.train.memory import peak_rss_bytes
 
@@ -35,7 +35,7 @@ class MetricsLog:
         """Append one record (it has a "step"); its numbers go to TensorBoard too."""
         if not self.is_main:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        with disk_full_as_error(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():

@@ -63,6 +63,7 @@ class RunSetup:
     settings: ResolvedSettings
     model_config: ModelConfig
     init: InitSource | None = None  # --init-from: the model whose weights a new run starts from
+    resume_from: Path | None = None  # --resume RUN_DIR/checkpoints/step-N (None: the newest)
 
     @property
     def device(self) -> torch.device:
@@ -112,11 +113,15 @@ class RunSetup:
         atomic_write_text(self.run_dir / CONFIG_FILE, text)
 
 
-def setup_run(cfg: TrainConfig, resume: bool = False) -> RunSetup:
+def setup_run(
+    cfg: TrainConfig, resume: bool = False, resume_from: str | os.PathLike | None = None
+) -> RunSetup:
     """Check the settings, join the processes, make the run dir and find (or prepare) the data.
 
+    `resume_from` is the checkpoint a resumed run continues from (default: its newest).
     Nothing is written before the settings, the device and --fsdp are checked.
     """
+    resume_from = Path(resume_from) if resume_from is not None else None
     cfg.validate()
     dist = distributed.setup(cfg.device)
     if cfg.fsdp:
@@ -137,18 +142,19 @@ def setup_run(cfg: TrainConfig, resume: bool = False) -> RunSetup:
         overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS}
         model_config = init_model_config(init, overrides, tokenizer, settings.seq_len)
     elif resume and cfg.init_from:
-        model_config = _resumed_fine_tune(run_dir, cfg)
+        model_config = _resumed_fine_tune(run_dir, cfg, resume_from)
     else:
         model_config = build_model_config(cfg, meta, settings.seq_len)
         if resume:
-            model_config = _resumed_context(run_dir, model_config, settings.seq_len)
+            model_config = _resumed_context(run_dir, model_config, settings.seq_len, resume_from)
     # the saved model records the context it trains at: eval, generation and serving keep to it
     model_config = dataclasses.replace(model_config, trained_seq_len=settings.seq_len)
     if model_config.d_model != model_width(cfg):  # a fine-tune's width is its source's
         settings = resolve_settings(cfg, int(meta["max_length"]), d_model=model_config.d_model)
     setup = RunSetup(
-        cfg, resume, dist, prec, run_dir, data_dir, meta, tokenizer, settings, model_config, init
-    )
+        cfg, resume, dist, prec, run_dir, data_dir, meta, tokenizer, settings, model_config, init,
+        resume_from,
+    )  # fmt: skip
     check_memory(setup)
     return setup
 
@@ -188,10 +194,10 @@ def check_memory(setup: RunSetup) -> None:
         )
 
 
-def _resumed_fine_tune(run_dir: Path, cfg: TrainConfig) -> ModelConfig:
+def _resumed_fine_tune(run_dir: Path, cfg: TrainConfig, checkpoint: Path | None) -> ModelConfig:
     """A resumed --init-from run keeps its own model config (its sizes are the source's,
-    not the preset's): its newest checkpoint's, else the source's again."""
-    path = latest_checkpoint(run_dir)
+    not the preset's): its checkpoint's (default the newest), else the source's again."""
+    path = checkpoint or latest_checkpoint(run_dir)
     if path is not None and (path / "config.json").is_file():
         return ModelConfig.from_json(path / "config.json")
     return read_init_source(cfg.init_from).config
@@ -344,10 +350,12 @@ def build_model_config(cfg: TrainConfig, meta: dict[str, Any], seq_len: int) -> 
     return model_config
 
 
-def _resumed_context(run_dir: Path, model_config: ModelConfig, seq_len: int) -> ModelConfig:
+def _resumed_context(
+    run_dir: Path, model_config: ModelConfig, seq_len: int, checkpoint: Path | None = None
+) -> ModelConfig:
     """Runs made before the context rule have max_seq_length = the data's max_length: a
     resumed run keeps its saved context (it fixes no weight) when the rows still fit it."""
-    path = latest_checkpoint(run_dir)
+    path = checkpoint or latest_checkpoint(run_dir)
     if path is None or not (path / "config.json").is_file():
         return model_config
     saved = ModelConfig.from_json(path / "config.json")
