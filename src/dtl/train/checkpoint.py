@@ -22,7 +22,7 @@ import torch
 from dtl.errors import DtlError
 from dtl.model.config import ModelConfig
 from dtl.model.transformer import TransformerLM
-from dtl.run_dir import STATE_FILE, latest_checkpoint, write_step
+from dtl.run_dir import STATE_FILE, latest_checkpoint, list_checkpoints, write_step
 
 
 def save_checkpoint(
@@ -57,9 +57,14 @@ def load_training_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
+        older = [
+            p.name for _, p in list_checkpoints(Path(checkpoint).parent) if p != Path(checkpoint)
+        ]
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
         raise DtlError(
-            f"{path}: unreadable training state ({err}); resume from an older checkpoint: "
+            f"{path}: unreadable training state ({reason}); resume from an older checkpoint: "
             f"dtl train --resume {Path(checkpoint).parent}/step-N"
+            + (f" (saved: {', '.join(older)})" if older else "")
         ) from None
 
 
