@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -292,3 +294,29 @@ def test_torch_save_on_a_full_disk_is_recognised():
     assert is_disk_full(caught.value)
     assert not is_disk_full(RuntimeError("unexpected pos 704 vs 598"))
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MB tmpfs (skipped where mounting is not allowed: the test above simulates it)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root; the simulated test above covers the message")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)  # lazily: a file may be open
+
+
+@pytest.mark.parametrize("free_kb", [300, 100])
+def test_a_real_full_disk_under_a_run(tiny_disk, packed_data, capsys, free_kb):
+    """300 kB left: the weights fit, the training state does not (torch's "unexpected pos");
+    100 kB: the weights do not (safetensors' "os error 28")."""
+    (tiny_disk / "fill").write_bytes(b"\0" * (2048 - free_kb) * 1024)
+    run = tiny_disk / "run"
+    fails_here(capsys, train_argv(packed_data, run),
+               f"no space left on device writing {run / 'checkpoints' / 'step-2'}")  # fmt: skip
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == []
