@@ -9,6 +9,8 @@
                                files) plus training_state.pt (what --resume needs)
         latest -> step-N       the newest (a symlink), and latest.txt naming it (for
         latest.txt             filesystems without symlinks)
+        superseded-from-step-N-TIME/   the checkpoints after step N (and their metrics),
+                               set aside by `dtl train --resume RUN_DIR/checkpoints/step-N`
 
 A checkpoint is written under a temporary name and renamed (`write_step`), so a crash never
 leaves a half-written `step-N`. The newest N are kept (`keep_last`), and any steps named in
@@ -151,6 +153,8 @@ def resume_target(spec: str | os.PathLike) -> tuple[Path, Path | None]:
     (PosixPath('runs/tiny'), PosixPath('runs/tiny/checkpoints/step-30'))
     """
     path = Path(spec)
+    if path.name == CHECKPOINTS and not (path / CONFIG_FILE).is_file():
+        return path.parent, None
     if path.name == "latest" and path.parent.name == CHECKPOINTS:
         return path.parent.parent, None
     if _STEP_DIR.match(path.name) and path.parent.name == CHECKPOINTS:
@@ -167,7 +171,12 @@ def set_aside_newer(run_dir: str | os.PathLike, step: int) -> Path | None:
     newer = [path for n, path in _step_dirs(root, WEIGHTS_FILE) if n > step]
     if not newer:
         return None
-    aside = root / f"superseded-from-step-{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside = root / f"superseded-from-step-{step}-{stamp}"
+    for n in range(2, 1000):  # two resumes from one step within a second
+        if not aside.exists():
+            break
+        aside = root / f"superseded-from-step-{step}-{stamp}-{n}"
     aside.mkdir()
     metrics = Path(run_dir) / METRICS_FILE
     if metrics.is_file():  # the records of the set-aside steps go with them
