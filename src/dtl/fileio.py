@@ -96,7 +96,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     (a full disk is a `DiskFullError` naming `path`)."""
     path = Path(path)
     with disk_full_as_error(path):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # The writer's pid in the name: what a killed one leaves can be told from a live one's.
+        prefix = f".{path.name}.{os.getpid()}."
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
         os.close(fd)
         try:
             write(Path(tmp))
@@ -146,7 +148,9 @@ def remove_stale(directory: str | os.PathLike, pattern: str | re.Pattern) -> lis
         return removed
     for child in children:
         m = pattern.match(child.name)
-        if not m or int(m.group("pid")) == os.getpid() or pid_alive(int(m.group("pid"))):
+        # the pid is the group `pid` (or, in an alternative of the pattern, `pid2`)
+        pid = m and int(m.group("pid") or m.groupdict().get("pid2") or 0)
+        if not m or pid == os.getpid() or pid_alive(pid):
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)

@@ -44,7 +44,10 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # in checkpoints/ a half-written step, a replaced one, the latest pointers' temporaries;
 # in the run dir the write probe and RUN_DIR/data being prepared or replaced.
 _STALE_IN_CHECKPOINTS = r"^\.(?:tmp-step-\d+-|old-step-\d+-|latest\.txt\.|latest\.)(?P<pid>\d+)$"
-_STALE_IN_RUN_DIR = r"^\.(?:write-test-|data\.partial-|data\.old-)(?P<pid>\d+)$"
+_STALE_IN_RUN_DIR = (
+    r"^\.(?:write-test-|data\.partial-|data\.old-)(?P<pid>\d+)$"
+    r"|^\.(?:config\.yaml|metrics\.jsonl)\.(?P<pid2>\d+)\.\w+\.tmp$"  # atomic_write's
+)
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:

@@ -190,6 +190,8 @@ def test_temporaries_of_killed_runs_are_removed_on_resume(packed_data, tmp_path,
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"x" * 1000)
     (ckpts / f".latest.txt.{dead}").write_text("step-9\n")
+    stale.append(run / f".metrics.jsonl.{dead}.k2j4x9.tmp")  # an atomic write's temporary
+    stale[-1].write_text("{}\n")
     busy = ckpts / f".tmp-step-7-{live_pid}"  # another process still writing: left alone
     busy.mkdir()
     code, _, err = cli(["train", "--resume", run, "--max-steps", "3"], capsys)
