@@ -9,6 +9,8 @@
                                files) plus training_state.pt (what --resume needs)
         latest -> step-N       the newest (a symlink), and latest.txt naming it (for
         latest.txt             filesystems without symlinks)
+        superseded-from-step-N-TIME/   the checkpoints after step N (and their metrics),
+                               set aside by `dtl train --resume RUN_DIR/checkpoints/step-N`
 
 A checkpoint is written under a temporary name and renamed (`write_step`), so a crash never
 leaves a half-written `step-N`. The newest N are kept (`keep_last`), and any steps named in
@@ -20,11 +22,15 @@ PosixPath('runs/tiny/checkpoints/step-1200')
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+from dtl.fileio import atomic_write_text, disk_full_as_error, remove_stale
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -34,6 +40,14 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"  # in a step dir: what makes it resumable
 WEIGHTS_FILE = "model.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# What a killed writer leaves behind, each name ending in its process id (`remove_stale`):
+# in checkpoints/ a half-written step, a replaced one, the latest pointers' temporaries;
+# in the run dir the write probe and RUN_DIR/data being prepared or replaced.
+_STALE_IN_CHECKPOINTS = r"^\.(?:tmp-step-\d+-|old-step-\d+-|latest\.txt\.|latest\.)(?P<pid>\d+)$"
+_STALE_IN_RUN_DIR = (
+    r"^\.(?:write-test-|data\.partial-|data\.old-)(?P<pid>\d+)$"
+    r"|^\.(?:config\.yaml|metrics\.jsonl)\.(?P<pid2>\d+)\.\w+\.tmp$"  # atomic_write's
+)
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -62,16 +76,26 @@ def write_step(
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        write(tmp)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _point_latest(root, final.name)
+    with disk_full_as_error(final):  # one line naming the checkpoint; the older ones stay
+        try:
+            tmp.mkdir()
+            write(tmp)
+            _replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _point_latest(root, final.name)
     prune(root, keep_last, keep=(step, *keep))
     return final
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove what killed runs left in a run dir (a `.tmp-step-N-PID` is checkpoint-sized);
+    a live process's temporaries stay. Returns what was removed."""
+    run_dir = Path(run_dir)
+    return remove_stale(checkpoint_dir(run_dir), _STALE_IN_CHECKPOINTS) + remove_stale(
+        run_dir, _STALE_IN_RUN_DIR
+    )
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -122,6 +146,57 @@ def prune(root: Path, keep_last: int, keep: tuple[int, ...] = ()) -> None:
     for step, path in ckpts:
         if step not in newest and step not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def resume_target(spec: str | os.PathLike) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint) of a `--resume` argument: a run dir resumes from its newest
+    checkpoint (None here); `RUN_DIR/checkpoints/step-N` from that one.
+
+    >>> resume_target("runs/tiny/checkpoints/step-30")
+    (PosixPath('runs/tiny'), PosixPath('runs/tiny/checkpoints/step-30'))
+    """
+    path = Path(spec)
+    if path.name == CHECKPOINTS and not (path / CONFIG_FILE).is_file():
+        return path.parent, None
+    if path.name == "latest" and path.parent.name == CHECKPOINTS:
+        return path.parent.parent, None
+    if _STEP_DIR.match(path.name) and path.parent.name == CHECKPOINTS:
+        return path.parent.parent, path
+    return path, None
+
+
+def set_aside_newer(run_dir: str | os.PathLike, step: int) -> Path | None:
+    """Before a run continues from an older `step-{step}`: move its newer checkpoints, and
+    the metrics records after that step, into `checkpoints/superseded-from-step-{step}-TIME/`
+    (kept, never deleted, and out of `latest` and pruning); `latest` names `step-{step}`.
+    Returns that folder, or None when no newer checkpoint was there."""
+    root = checkpoint_dir(run_dir)
+    newer = [path for n, path in _step_dirs(root, WEIGHTS_FILE) if n > step]
+    if not newer:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside = root / f"superseded-from-step-{step}-{stamp}"
+    for n in range(2, 1000):  # two resumes from one step within a second
+        if not aside.exists():
+            break
+        aside = root / f"superseded-from-step-{step}-{stamp}-{n}"
+    aside.mkdir()
+    metrics = Path(run_dir) / METRICS_FILE
+    if metrics.is_file():  # the records of the set-aside steps go with them
+        lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+        later = [line for line in lines if (_record_step(line) or 0) > step]
+        atomic_write_text(aside / METRICS_FILE, "".join(later))
+    for path in newer:
+        os.replace(path, aside / path.name)
+    _point_latest(root, f"step-{step}")
+    return aside
+
+
+def _record_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

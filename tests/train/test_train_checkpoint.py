@@ -12,6 +12,7 @@ import torch
 
 from dtl import ModelConfig, TransformerLM
 from dtl.errors import DtlError
+from dtl.fileio import DiskFullError
 from dtl.run_dir import latest_checkpoint, list_checkpoints
 from dtl.train.checkpoint import load_training_state, rng_state, save_checkpoint, set_rng_state
 
@@ -35,7 +36,8 @@ class _BrokenTokenizer:
 def test_crash_mid_save_leaves_the_previous_checkpoint_latest(tmp_path):
     model = _model()
     save_checkpoint(tmp_path, 1, model, {"step": 1})
-    with pytest.raises(OSError):
+    # A full disk is one line naming the checkpoint being written (DiskFullError).
+    with pytest.raises(DiskFullError, match=r"no space left on device writing .*step-2"):
         save_checkpoint(tmp_path, 2, model, {"step": 2}, tokenizer=_BrokenTokenizer())
     assert latest_checkpoint(tmp_path).name == "step-1"
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1]

@@ -15,6 +15,7 @@ import os
 import sys
 
 from dtl.errors import DtlError
+from dtl.fileio import DiskFullError, is_disk_full
 
 # One module per group of verbs, in the order `dtl --help` lists them.
 COMMAND_MODULES = [
@@ -137,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `dtl info --json | head`: the reader left; not an error
         sys.stderr.close()
         return 0
+    except OSError as err:  # a full disk where no writer named its file (tokenizer train)
+        if getattr(args, "debug", False) or not is_disk_full(err):
+            raise
+        print(
+            f"dtl {args.command}: error: {DiskFullError(err.filename or 'a file')}", file=sys.stderr
+        )
+        return 2
     except KeyboardInterrupt:
         print(f"dtl {args.command}: interrupted", file=sys.stderr)
         return 130

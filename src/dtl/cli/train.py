@@ -12,6 +12,7 @@ from typing import Any
 
 from dtl.cli import say_threads
 from dtl.errors import DtlError
+from dtl.run_dir import resume_target
 from dtl.train import train
 from dtl.train.config import (
     LR_RULE,
@@ -73,6 +74,10 @@ HELP = {
     "tensorboard": "also log to RUN_DIR/tensorboard",
     "skip_nonfinite": "skip at most N steps with a non-finite loss (fp16) instead of stopping",
     "progress": "show the progress bar",
+    "memory_check": "refuse a run whose memory plan (dtl info) needs more than the free memory "
+    "(--no-memory-check: try anyway)",
+    "data_check": "refuse a --resume whose data dir differs from the checkpoint's "
+    "(--no-data-check: continue on the new data)",
 }
 
 EXAMPLES = """examples:
@@ -82,6 +87,7 @@ EXAMPLES = """examples:
   dtl train --data data/corpus --out runs/muon --optimizer muon
   dtl train --config train.yaml --lr 3e-4                  # flags override the file
   dtl train --resume runs/tiny --max-steps 600             # continue exactly
+  dtl train --resume runs/tiny/checkpoints/step-400        # go on from an older checkpoint
   dtl train --data data/corpus --out runs/t1 --threads 1    # leave a core to others
   dtl prepare squad.json -o data/qa --tokenizer runs/tiny/checkpoints/latest --answer-only-loss
   dtl train --init-from runs/tiny --data data/qa --out runs/tiny-qa --max-steps 200 --lr 3e-4
@@ -102,7 +108,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="YAML or JSON file of settings (keys as the flags, _ or -)")
     p.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue this run from its latest checkpoint, or from an older one: "
+        "RUN_DIR/checkpoints/step-N (the newer checkpoints are moved aside, not deleted)",
     )
     _add_config_flags(p)
     add_threads(p)
@@ -143,9 +152,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     names = setting_kinds()  # the flags given (unset ones are not in args)
     flags = {name: value for name, value in vars(args).items() if name in names}
-    cfg = build_config(flags, config_file=args.config, resume=args.resume)
+    run_dir, checkpoint = resume_target(args.resume) if args.resume else (None, None)
+    cfg = build_config(flags, config_file=args.config, resume=run_dir and str(run_dir))
     say_threads(args)
-    summary = train(cfg, resume=bool(args.resume))
+    summary = train(cfg, resume=bool(args.resume), resume_from=checkpoint)
     if summary.get("checkpoint"):
         ppl = summary.get("val_ppl")
         shown = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from dtl.data.sources import check_inputs, detect_kind, iter_records_counting
 from dtl.errors import DtlError
+from dtl.fileio import disk_full_as_error, remove_stale
 
 
 def extract(
@@ -41,13 +43,18 @@ def extract(
         count = _write_jsonl(records, sys.stdout, bar)
     else:
         path = _check_out(Path(out))
+        # What a killed extract to this same file left.
+        remove_stale(path.parent, rf"^\.{re.escape(path.name)}\.partial-(?P<pid>\d+)$")
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                count = _write_jsonl(records, f, bar)
-            if count == 0:
-                raise DtlError(f"{source}: no records came out of this {kind} source; check --kind")
-            os.replace(tmp, path)
+            with disk_full_as_error(path, "free space or choose another -o"):
+                with open(tmp, "w", encoding="utf-8") as f:
+                    count = _write_jsonl(records, f, bar)
+                if count == 0:
+                    raise DtlError(
+                        f"{source}: no records came out of this {kind} source; check --kind"
+                    )
+                os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
     bar.close()

@@ -34,6 +34,7 @@ from dtl.data.shards import ShardWriter, commit_dir, sha256_file, staging_dir, t
 from dtl.data.sources import check_inputs, detect_kind, is_hub_name, iter_records_counting
 from dtl.data.split import SPLITS, Splitter, count_rows
 from dtl.errors import DtlError
+from dtl.fileio import disk_full_as_error
 from dtl.tokenizer import Tokenizer, load_tokenizer
 
 MODES = ("pack", "pad")
@@ -172,12 +173,13 @@ def prepare(
     out_dir = Path(out_dir)
     tmp = staging_dir(out_dir)
     try:
-        summary = _write(job, tmp, tok)
-        # Load with load_tokenizer(data_dir): its files were saved beside the shards.
-        summary["tokenizer"] = "gpt2" if tok.name == "gpt2" else str(tokenizer)
-        summary["seconds"] = round(time.perf_counter() - started, 3)
-        (tmp / META_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        commit_dir(tmp, out_dir)
+        with disk_full_as_error(out_dir, "free space or choose another -o"):
+            summary = _write(job, tmp, tok)
+            # Load with load_tokenizer(data_dir): its files were saved beside the shards.
+            summary["tokenizer"] = "gpt2" if tok.name == "gpt2" else str(tokenizer)
+            summary["seconds"] = round(time.perf_counter() - started, 3)
+            (tmp / META_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            commit_dir(tmp, out_dir)
     except BaseException:  # no half-written data dir is ever left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise

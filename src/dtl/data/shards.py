@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from dtl.errors import DtlError
+from dtl.fileio import remove_stale
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -77,6 +79,39 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# Shard files up to this size are hashed whole (~0.5 s a GiB); larger ones by SAMPLE_BLOCKS
+# evenly spaced 1 MiB blocks, the first and last included, and their size.
+FULL_HASH_LIMIT = 1 << 30
+SAMPLE_BLOCKS = 256
+SHARD_SUFFIXES = (".bin", ".mask", ".idx")
+
+
+def data_fingerprint(data_dir: str | os.PathLike) -> str:
+    """A sha256 over a prepared data dir's shards (names, sizes, contents): the tokens a run
+    reads, in their order. Preparing the same text again gives the same fingerprint; another
+    document order or text gives another.
+
+    >>> data_fingerprint("data/wiki")  # doctest: +SKIP
+    'sha256:3f1c...'
+    """
+    digest = hashlib.sha256()
+    for path in sorted(Path(data_dir).iterdir()):
+        if path.suffix not in SHARD_SUFFIXES or not path.is_file():
+            continue
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= FULL_HASH_LIMIT:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+                continue
+            step = (size - (1 << 20)) // (SAMPLE_BLOCKS - 1)
+            for i in range(SAMPLE_BLOCKS):
+                f.seek(i * step)
+                digest.update(f.read(1 << 20))
+    return "sha256:" + digest.hexdigest()
+
+
 def staging_dir(out_dir: Path) -> Path:
     """A fresh sibling folder to build into; `commit_dir` renames it into place."""
     out_dir = out_dir.resolve()
@@ -88,6 +123,8 @@ def staging_dir(out_dir: Path) -> Path:
             f"overwrite them: choose an empty or new -o folder"
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # What a killed prepare of this same dir left (`.NAME.partial-PID`, `.NAME.old-PID`).
+    remove_stale(out_dir.parent, rf"^\.{re.escape(out_dir.name)}\.(?:partial|old)-(?P<pid>\d+)$")
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

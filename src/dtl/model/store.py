@@ -72,6 +72,7 @@ def load_model(
     else:
         model = TransformerLM.from_pretrained(path, device=device)
         default_tokenizer = path
+    check_finite(model, path)
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         spec_tok = default_tokenizer if tokenizer is None else tokenizer
         try:
@@ -87,6 +88,24 @@ def load_model(
             f"{path} only {model.config.vocab_size}; they were not trained together"
         )
     return model.eval(), tokenizer
+
+
+def check_finite(model: torch.nn.Module, source: str | os.PathLike) -> None:
+    """Refuse weights holding NaN or Inf (a damaged file, or a run that diverged): they
+    would give NaN perplexities and garbage text, never an error of their own.
+
+    >>> check_finite(model, "runs/tiny/checkpoints/step-400")  # doctest: +SKIP
+    """
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise DtlError(
+                f"{source}: weight {name} holds {bad} non-finite value(s) (NaN/Inf); the model "
+                "file is damaged or its training diverged: load another checkpoint "
+                "(RUN_DIR/checkpoints/step-N) or retrain"
+            )
 
 
 def model_name(spec: str | os.PathLike) -> str:

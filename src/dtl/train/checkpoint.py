@@ -23,7 +23,12 @@ from dtl.errors import DtlError
 from dtl.fileio import atomic_write
 from dtl.model.config import ModelConfig
 from dtl.model.transformer import TransformerLM
-from dtl.run_dir import STATE_FILE, latest_checkpoint, write_step
+from dtl.run_dir import STATE_FILE, latest_checkpoint, list_checkpoints, write_step
+
+
+def _save_state(state: dict, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def save_checkpoint(
@@ -42,8 +47,10 @@ def save_checkpoint(
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        # through a 0600 temporary file, like the model files: the state is as private
-        atomic_write(tmp / STATE_FILE, lambda path: torch.save(state, path))
+        # Through a 0600 temporary file, like the model files (the state is as private), and
+        # through a Python file object: a full disk then surfaces as the OSError (ENOSPC)
+        # behind torch's "unexpected pos", which a path given to torch.save loses.
+        atomic_write(tmp / STATE_FILE, lambda path: _save_state(state, path))
 
     return write_step(run_dir, step, write, keep_last=keep_last, keep=keep)
 
@@ -56,19 +63,31 @@ def load_training_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
+        older = [
+            p.name for _, p in list_checkpoints(Path(checkpoint).parent) if p != Path(checkpoint)
+        ]
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
         raise DtlError(
-            f"{path}: unreadable training state ({err}); resume from another checkpoint"
+            f"{path}: unreadable training state ({reason}); resume from an older checkpoint: "
+            f"dtl train --resume {Path(checkpoint).parent}/step-N"
+            + (f" (saved: {', '.join(older)})" if older else "")
         ) from None
 
 
 def load_latest(
-    run_dir: str | os.PathLike, model_config: ModelConfig, world_size: int
+    run_dir: str | os.PathLike,
+    model_config: ModelConfig,
+    world_size: int,
+    checkpoint: str | os.PathLike | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """(the newest checkpoint, its training state) of a run to resume, which must hold
-    the model these settings give and have run on as many processes (the data order)."""
-    path = latest_checkpoint(run_dir)
+    """(the checkpoint, its training state) of a run to resume: `checkpoint`, else the
+    newest. It must hold the model these settings give and have run on as many processes
+    (the data order)."""
+    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if path is None:
         raise DtlError(f"{run_dir}: no checkpoint to resume from (checkpoints/step-N)")
+    if not path.is_dir():
+        raise DtlError(f"--resume {path}: no such checkpoint; `ls {path.parent}` lists them")
     saved = TransformerLM.from_pretrained(path).config
     if saved != model_config:
         raise DtlError(

@@ -45,6 +45,8 @@ MODEL_FIELDS = tuple(
 RESUME_LOCKED = (
     "data", "preset", *MODEL_FIELDS, "seq_len", "batch_size", "grad_accum", "seed", "init_from"
 )  # fmt: skip
+# Overrides that hold for the launch that gives them: a resumed run checks again.
+ONE_LAUNCH = ("memory_check", "data_check")
 # The max_length a raw --data file is prepared at when no --seq-len is given.
 RAW_DATA_MAX_LENGTH = 256
 # The learning-rate and warmup defaults (see the module docstring): lr from the model's width,
@@ -109,6 +111,9 @@ class TrainConfig:
     tensorboard: bool = False
     skip_nonfinite: int = 0
     progress: bool = True
+    # Checks a user may turn off for one launch (never inherited by --resume: ONE_LAUNCH).
+    memory_check: bool = True  # refuse a run whose memory plan exceeds the free memory
+    data_check: bool = True  # refuse a resume whose data differs from the checkpoint's
 
     def validate(self) -> None:
         if not self.data:
@@ -218,7 +223,7 @@ def build_config(
     if resume:
         saved = saved_config(resume)
         names = setting_kinds()
-        settings.update({k: v for k, v in saved.items() if k in names})
+        settings.update({k: v for k, v in saved.items() if k in names and k not in ONE_LAUNCH})
     if config_file:
         settings.update(normalise_keys(load_config_file(config_file)))
     settings.update(normalise_keys(flags))

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import gc
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -30,9 +31,11 @@ from typing import Any
 from tqdm import tqdm
 
 from dtl.data.loader import BatchLoader
+from dtl.data.shards import data_fingerprint
 from dtl.errors import DtlError
+from dtl.fileio import disk_full_as_error
 from dtl.model.transformer import TransformerLM
-from dtl.run_dir import latest_checkpoint
+from dtl.run_dir import latest_checkpoint, set_aside_newer
 from dtl.train import checkpoint as ckpt
 from dtl.train import distributed, optim, precision
 from dtl.train.config import TrainConfig
@@ -88,6 +91,9 @@ class Trainer:
         self.seq_len, self.min_lr = setup.settings.seq_len, setup.settings.min_lr
         self._build_model()
         self._build_loaders()
+        # The tokens this run reads, recorded in every checkpoint: a resume on other data
+        # (re-prepared in another order, or edited) is refused, not trained on silently.
+        self.data_fingerprint = data_fingerprint(setup.data_dir)
         self.state = _State()
         self._stop = StopFlag()
         self.metrics = MetricsLog(self.run_dir, self.dist.is_main, tensorboard=cfg.tensorboard)
@@ -195,6 +201,7 @@ class Trainer:
                 "rng": rng_ranks[0],
                 "rng_ranks": rng_ranks if self.dist.enabled else None,
                 "world_size": self.dist.world_size,
+                "data_fingerprint": self.data_fingerprint,
             }
             keep = (self.state.best_step,) if self.state.best_step >= 0 else ()
             path = ckpt.save_checkpoint(
@@ -212,7 +219,10 @@ class Trainer:
     def _load_latest(self) -> None:
         """Continue from the run's newest checkpoint: weights, optimizer, scaler, data
         position, progress and every RNG, so the run goes on as if never stopped."""
-        path, state = ckpt.load_latest(self.run_dir, self.model_config, self.dist.world_size)
+        path, state = ckpt.load_latest(
+            self.run_dir, self.model_config, self.dist.world_size, self.setup.resume_from
+        )
+        self._check_same_data(path, state)
         load_full_model(self.net, self.model, path, self.device, fsdp=self.cfg.fsdp)
         ratios = [g.get("lr_ratio") for g in self.optimizer.param_groups]
         load_optimizer_state_dict(self.net, self.optimizer, state["optimizer"], fsdp=self.cfg.fsdp)
@@ -226,9 +236,38 @@ class Trainer:
         ranks = state.get("rng_ranks")
         ckpt.set_rng_state(ranks[self.dist.rank] if ranks else state["rng"])
         if self.dist.is_main:
+            # From an older checkpoint the run goes on from there: the newer checkpoints (a
+            # future this run replaces) are kept aside, not pruned or mixed into `latest`.
+            aside = set_aside_newer(self.run_dir, self.state.step)
             self.setup.save_config()
             self.metrics.truncate_after(self.state.step)
             print(f"resuming {self.run_dir} from {path.name}", flush=True)
+            if aside is not None:
+                print(
+                    f"the checkpoints after {path.name} (and their metrics) were moved to "
+                    f"{aside}; this run continues from step {self.state.step}",
+                    flush=True,
+                )
+        distributed.barrier(self.dist)
+
+    def _check_same_data(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse to resume on data other than the checkpoint's (unless --no-data-check);
+        checkpoints written before fingerprints were recorded are not checked."""
+        saved = state.get("data_fingerprint")
+        if saved is None or saved == self.data_fingerprint:
+            return
+        if not self.cfg.data_check:
+            self.metrics.print(
+                f"warning: {self.setup.data_dir} is not the data {path.name} was trained on "
+                "(--no-data-check): continuing on the new data"
+            )
+            return
+        raise DtlError(
+            f"cannot resume {self.run_dir}: the data dir {self.setup.data_dir} has changed since "
+            f"{path.name} was saved (its shards' fingerprint differs: re-prepared in another "
+            "order, or other text); resume with the data the run was trained on, start a new "
+            "--out, or pass --no-data-check to continue on the new data"
+        )
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
@@ -367,13 +406,20 @@ class _Window:
 
 
 # ---------------------------------------------------------------------- train()
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train (or resume, with `resume=True` and `cfg.out` the run dir); returns a summary."""
+def train(
+    cfg: TrainConfig, resume: bool = False, resume_from: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Train (or resume, with `resume=True` and `cfg.out` the run dir); returns a summary.
+
+    `resume_from` is the checkpoint to continue from (default the newest); newer ones are
+    moved aside (`dtl.run_dir.set_aside_newer`).
+    """
     setup = trainer = None
     try:
-        setup = setup_run(cfg, resume)
-        trainer = Trainer(cfg, resume, setup=setup)
-        return trainer.run()
+        with disk_full_as_error(advice="free space or choose another --out"):
+            setup = setup_run(cfg, resume, resume_from)
+            trainer = Trainer(cfg, resume, setup=setup)
+            return trainer.run()
     except Exception as err:
         if not is_oom(err):
             raise

@@ -217,6 +217,91 @@ def oom_advice(batch_size: int, grad_accum: int, seq_len: int | None, preset: st
     )
 
 
+def available_memory(
+    device: torch.device, meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup"
+) -> int | None:
+    """Bytes a run on `device` can still take: the GPU's free memory (CUDA), else the
+    machine's MemAvailable, capped by this container's cgroup (v2) limit; None when unknown
+    (MPS, or no /proc/meminfo and no psutil).
+
+    >>> available_memory(torch.device("cpu")) > 0  # doctest: +SKIP
+    True
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    found = _meminfo_available(meminfo)
+    if found is None:
+        try:  # not Linux: psutil, when it is installed
+            import psutil
+
+            found = int(psutil.virtual_memory().available)
+        except ImportError:
+            return None
+    left = _cgroup_left(cgroup)
+    return found if left is None else min(found, left)
+
+
+def _meminfo_available(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_left(root: str) -> int | None:
+    """memory.max - memory.current of this process's cgroup (v2), or None without a limit."""
+    try:
+        limit = open(f"{root}/memory.max").read().strip()
+        used = int(open(f"{root}/memory.current").read().strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" or not limit.isdigit() else max(0, int(limit) - used)
+
+
+def training_need(
+    config: ModelConfig,
+    batch_size: int,
+    seq_len: int,
+    precision: str,
+    activation_checkpointing: bool,
+    device: str,
+    grad_accum: int = 1,
+) -> int:
+    """Bytes one training process needs by the plan: `estimate_memory`'s peak, the
+    micro-batches of token ids (inputs and targets, int64) and, on CUDA, allocator slack."""
+    est = estimate_memory(
+        config, batch_size, seq_len, precision, activation_checkpointing, device, grad_accum
+    )
+    batches = grad_accum * batch_size * seq_len * 2 * 8
+    slack = ALLOCATOR_SLACK if device == "cuda" else 1.0
+    return int((est["train_total"] + batches) * slack)
+
+
+def memory_refusal(
+    need: int, available: int, batch_size: int, grad_accum: int, seq_len: int, where: str
+) -> str:
+    """The one line that refuses a run whose plan does not fit (`where`: e.g. "fp32 on cpu")."""
+    return (
+        f"not enough memory: the memory plan (dtl info) needs about {format_bytes(need)} to "
+        f"train with --batch-size {batch_size} x --seq-len {seq_len} ({where}) but "
+        f"{format_bytes(available)} is available; lower --batch-size (raise --grad-accum to "
+        f"keep the effective batch {batch_size * grad_accum}) or --seq-len, or add "
+        "--activation-checkpointing (`dtl info --fit SIZE` suggests settings); "
+        "--no-memory-check tries anyway"
+    )
+
+
+def format_bytes(n: int) -> str:
+    """'812 MiB', '3.4 GiB', '1,490,116.1 GiB'."""
+    return f"{n / MIB:,.0f} MiB" if n < GIB else f"{n / GIB:,.1f} GiB"
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory. On Linux VmHWM from /proc/self/status: unlike
     ru_maxrss, which Linux carries over from the parent across fork + exec (so a child of a

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from dtl.errors import DtlError
-from dtl.fileio import atomic_write_text
+from dtl.fileio import atomic_write_text, disk_full_as_error
 from dtl.run_dir import METRICS_FILE
 from dtl.train.memory import peak_rss_bytes
 
@@ -35,7 +35,7 @@ class MetricsLog:
         """Append one record (it has a "step"); its numbers go to TensorBoard too."""
         if not self.is_main:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        with disk_full_as_error(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
@@ -58,7 +58,8 @@ class MetricsLog:
         if not (self.is_main and self.path.is_file()):
             return
         lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and _line_step(line) <= step]
+        # A line that is not a JSON object (the half-written last one of a killed run) goes too.
+        kept = [line for line in lines if (n := _line_step(line)) is not None and n <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def last_eval(self) -> dict[str, Any] | None:
@@ -66,8 +67,8 @@ class MetricsLog:
         last = None
         if self.is_main and self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
-                record = json.loads(line)
-                if "val_loss" in record:
+                record = _record(line)
+                if record is not None and "val_loss" in record:
                     last = record
         return last
 
@@ -86,10 +87,23 @@ def _tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _line_step(line: str) -> int:
+def _record(line: str) -> dict[str, Any] | None:
+    """A metrics line as its record, or None when it is not a JSON object (a cut-off line)."""
     try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _line_step(line: str) -> int | None:
+    """The step of a metrics line (0 when it has none), or None when it is not a record."""
+    record = _record(line)
+    if record is None:
+        return None
+    try:
+        return int(record.get("step", 0))
+    except (TypeError, ValueError):
         return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from dtl.errors import DtlError
@@ -20,13 +21,20 @@ def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise DtlError(f"{run_dir}: no metrics.jsonl here; is it a dtl train run dir?")
     train, evals = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
+            if n == len(lines) and not text.endswith("\n"):  # cut off by a kill mid-write
+                print(f"warning: {path}:{n}: skipped a half-written last line", file=sys.stderr)
+                continue
             raise DtlError(f"{path}:{n}: not a JSON line; the file is damaged") from None
+        if not isinstance(rec, dict):
+            raise DtlError(f"{path}:{n}: not a JSON object; the file is damaged")
         if "val_loss" in rec:
             evals.append(rec)
         elif "loss" in rec:

@@ -26,9 +26,16 @@ from dtl.data.shards import sha256_file
 from dtl.errors import DtlError
 from dtl.fileio import atomic_write_text
 from dtl.model.config import ModelConfig
-from dtl.run_dir import CONFIG_FILE, DATA_DIR, DATA_SOURCE_FILE, latest_checkpoint, list_checkpoints
+from dtl.run_dir import (
+    CONFIG_FILE,
+    DATA_DIR,
+    DATA_SOURCE_FILE,
+    latest_checkpoint,
+    list_checkpoints,
+    remove_stale_temporaries,
+)
 from dtl.tokenizer import Tokenizer, load_tokenizer
-from dtl.train import distributed, precision
+from dtl.train import distributed, memory, precision
 from dtl.train.config import (
     MODEL_FIELDS,
     ResolvedSettings,
@@ -56,6 +63,7 @@ class RunSetup:
     settings: ResolvedSettings
     model_config: ModelConfig
     init: InitSource | None = None  # --init-from: the model whose weights a new run starts from
+    resume_from: Path | None = None  # --resume RUN_DIR/checkpoints/step-N (None: the newest)
 
     @property
     def device(self) -> torch.device:
@@ -105,11 +113,15 @@ class RunSetup:
         atomic_write_text(self.run_dir / CONFIG_FILE, text)
 
 
-def setup_run(cfg: TrainConfig, resume: bool = False) -> RunSetup:
+def setup_run(
+    cfg: TrainConfig, resume: bool = False, resume_from: str | os.PathLike | None = None
+) -> RunSetup:
     """Check the settings, join the processes, make the run dir and find (or prepare) the data.
 
+    `resume_from` is the checkpoint a resumed run continues from (default: its newest).
     Nothing is written before the settings, the device and --fsdp are checked.
     """
+    resume_from = Path(resume_from) if resume_from is not None else None
     cfg.validate()
     dist = distributed.setup(cfg.device)
     if cfg.fsdp:
@@ -123,7 +135,7 @@ def setup_run(cfg: TrainConfig, resume: bool = False) -> RunSetup:
     created = _first_missing(Path(cfg.out)) if dist.is_main else None
     try:
         run_dir = prepare_run_dir(cfg, resume) if dist.is_main else Path(cfg.out)
-        return _setup_in(run_dir, cfg, resume, dist, prec, init)
+        return _setup_in(run_dir, cfg, resume, dist, prec, init, resume_from)
     except BaseException:
         if created is not None:  # a failed start leaves no empty run dir of its own behind
             _remove_empty_dirs(created)
@@ -157,6 +169,7 @@ def _setup_in(
     dist: distributed.DistInfo,
     prec: Any,
     init: Any,
+    resume_from: Path | None,
 ) -> RunSetup:
     """`setup_run` once the run dir exists: the data, the tokenizer and the model config."""
     distributed.barrier(dist)
@@ -168,24 +181,62 @@ def _setup_in(
         overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS}
         model_config = init_model_config(init, overrides, tokenizer, settings.seq_len)
     elif resume and cfg.init_from:
-        model_config = _resumed_fine_tune(run_dir, cfg)
+        model_config = _resumed_fine_tune(run_dir, cfg, resume_from)
     else:
         model_config = build_model_config(cfg, meta, settings.seq_len)
         if resume:
-            model_config = _resumed_context(run_dir, model_config, settings.seq_len)
+            model_config = _resumed_context(run_dir, model_config, settings.seq_len, resume_from)
     # the saved model records the context it trains at: eval, generation and serving keep to it
     model_config = dataclasses.replace(model_config, trained_seq_len=settings.seq_len)
     if model_config.d_model != model_width(cfg):  # a fine-tune's width is its source's
         settings = resolve_settings(cfg, int(meta["max_length"]), d_model=model_config.d_model)
-    return RunSetup(
-        cfg, resume, dist, prec, run_dir, data_dir, meta, tokenizer, settings, model_config, init
+    setup = RunSetup(
+        cfg, resume, dist, prec, run_dir, data_dir, meta, tokenizer, settings, model_config, init,
+        resume_from,
+    )  # fmt: skip
+    check_memory(setup)
+    return setup
+
+
+def check_memory(setup: RunSetup) -> None:
+    """Refuse, before a weight or batch is allocated, a run whose memory plan needs more than
+    the device has free (else the kernel kills it, or CUDA fails, mid-step). CPU processes of
+    one machine share its memory; FSDP shards the plan's weights (not modelled: not checked).
+    """
+    cfg, device = setup.cfg, setup.device
+    if not cfg.memory_check or cfg.fsdp:
+        return
+    available = memory.available_memory(device)
+    if available is None:
+        return
+    need = memory.training_need(
+        setup.model_config,
+        cfg.batch_size,
+        setup.seq_len,
+        setup.prec.name,
+        cfg.activation_checkpointing,
+        device.type,
+        cfg.grad_accum,
     )
+    if device.type == "cpu":  # every process on this machine holds its own copy
+        need *= int(os.environ.get("LOCAL_WORLD_SIZE", setup.dist.world_size))
+    if need > available:
+        raise DtlError(
+            memory.memory_refusal(
+                need,
+                available,
+                cfg.batch_size,
+                cfg.grad_accum,
+                setup.seq_len,
+                f"preset {cfg.preset}, {setup.prec.name} on {device}",
+            )
+        )
 
 
-def _resumed_fine_tune(run_dir: Path, cfg: TrainConfig) -> ModelConfig:
+def _resumed_fine_tune(run_dir: Path, cfg: TrainConfig, checkpoint: Path | None) -> ModelConfig:
     """A resumed --init-from run keeps its own model config (its sizes are the source's,
-    not the preset's): its newest checkpoint's, else the source's again."""
-    path = latest_checkpoint(run_dir)
+    not the preset's): its checkpoint's (default the newest), else the source's again."""
+    path = checkpoint or latest_checkpoint(run_dir)
     if path is not None and (path / "config.json").is_file():
         return ModelConfig.from_json(path / "config.json")
     return read_init_source(cfg.init_from).config
@@ -218,6 +269,8 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
             f"{run_dir} already holds a run with checkpoints; continue it with "
             f"`dtl train --resume {run_dir}` or pick a new --out (nothing was changed)"
         )
+    for stale in remove_stale_temporaries(run_dir):  # left by a killed run
+        print(f"removed {stale}, left by a run that was killed", file=sys.stderr, flush=True)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -336,10 +389,12 @@ def build_model_config(cfg: TrainConfig, meta: dict[str, Any], seq_len: int) -> 
     return model_config
 
 
-def _resumed_context(run_dir: Path, model_config: ModelConfig, seq_len: int) -> ModelConfig:
+def _resumed_context(
+    run_dir: Path, model_config: ModelConfig, seq_len: int, checkpoint: Path | None = None
+) -> ModelConfig:
     """Runs made before the context rule have max_seq_length = the data's max_length: a
     resumed run keeps its saved context (it fixes no weight) when the rows still fit it."""
-    path = latest_checkpoint(run_dir)
+    path = checkpoint or latest_checkpoint(run_dir)
     if path is None or not (path / "config.json").is_file():
         return model_config
     saved = ModelConfig.from_json(path / "config.json")
