@@ -28,7 +28,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dtl.errors import DtlError
-from dtl.fileio import atomic_copy, atomic_write_text, read_lines
+from dtl.fileio import atomic_copy, atomic_write_text, disk_full_as_error, read_lines
 
 EOT_TEXT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50_257
@@ -318,9 +318,10 @@ def train_tokenizer(
         ) from None
     target = out_dir.resolve()  # `-o .` has no name to put a staging folder beside
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
-        _save_trained(hf, staging)
-        _swap_in(staging, target)
+    try:  # a full disk names the folder the user gave, not the staging one
+        with disk_full_as_error(out_dir, "free space or choose another output folder"):
+            _save_trained(hf, staging)
+            _swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _bpe_from_files(
