@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
 from data_helpers import run_cli
 
 import dtl.data.extract as extract_module
@@ -73,22 +70,6 @@ def test_tokenizer_train_on_a_full_disk(wikitext_path, tmp_path, capsys, monkeyp
         ["tokenizer", "train", wikitext_path, "--vocab-size", "300", "-o", out], capsys
     )
     _one_line(code, err, "tokenizer", str(out))
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 2 MB tmpfs (skipped where mounting is not allowed: the tests above simulate it)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root; the simulated tests above cover the messages")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    # lazily: a failed test may still hold a file open there
-    subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_a_real_full_disk(tiny_disk, wikitext_path, gpt2_dir, capsys, monkeypatch):

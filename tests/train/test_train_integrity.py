@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -296,21 +294,6 @@ def test_torch_save_on_a_full_disk_is_recognised():
     assert is_disk_full(caught.value)
     assert not is_disk_full(RuntimeError("unexpected pos 704 vs 598"))
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 2 MB tmpfs (skipped where mounting is not allowed: the test above simulates it)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root; the simulated test above covers the message")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)  # lazily: a file may be open
 
 
 @pytest.mark.parametrize("free_kb", [300, 100])
