@@ -8,10 +8,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from testkit import shared_path
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from dtl import ModelConfig, TransformerLM
 from dtl.generate.evaluate import evaluate_lm, exact_match, f1_score, normalize_answer, squad_scores
+from dtl.model import head_loss
 
 
 # ---------------------------------------------------------------------- the SQuAD scorer
@@ -100,6 +104,62 @@ def test_windowing_scores_each_token_once_as_the_full_sequence_would(gpt2):
     assert out["nll"] == pytest.approx(float(nll), rel=1e-5)
     limited = evaluate_lm(model, gpt2, [text, text], max_tokens=5)
     assert limited["tokens"] == 5 and limited["documents"] == 1
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Watches every torch op and keeps the most elements of any tensor one allocates (a
+    view or an in-place/out= result shares an input's storage: not a new allocation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor)}  # fmt: skip
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_perplexity_equals_full_logits_oracle_without_building_the_logits(gpt2, monkeypatch):
+    """Eval's figures are torch's cross-entropy on each window's full logits, to float
+    rounding, while no (batch, window, vocab) logits tensor is ever allocated: at most one
+    chunk of the fused head + loss (here 4 tokens' logits, chunks made small to see it)."""
+    torch.manual_seed(0)
+    V, window = gpt2.vocab_size, 16
+    config = ModelConfig(vocab_size=V, d_model=16, n_heads=2, n_layers=1, d_ff=32,
+                         max_seq_length=window)  # fmt: skip
+    model = TransformerLM(config).eval()
+    texts = ["The Normans were the people who gave their name to Normandy. " * 3,
+             "Naïve café, 日本語.", "Rollo was a Viking."]  # fmt: skip
+    # The oracle: `<|endoftext|> doc` per document, one stream cut into windows of the
+    # model's context, each window alone through the plain forward and torch's loss.
+    ids, targets = [], []
+    for text in texts:
+        ids += [gpt2.eos_id] + gpt2.encode(text)
+        targets += [-100] + gpt2.encode(text)
+    assert len(ids) > 3 * window  # several full windows and a short last one
+    nll = 0.0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, window):
+            n = min(window, len(ids) - 1 - s)
+            logits = model(torch.tensor([ids[s : s + n]]))[0]  # (n, V)
+            nll += float(F.cross_entropy(logits.double(), torch.tensor(targets[s + 1 : s + n + 1]),
+                                         ignore_index=-100, reduction="sum"))  # fmt: skip
+    n_tokens = sum(t != -100 for t in targets)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+
+    monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 4 * V)
+    with LargestAllocation() as watch:
+        out = evaluate_lm(model, gpt2, texts, batch_size=3)
+    assert watch.largest <= 4 * V, f"a tensor of {watch.largest / V:.0f} tokens' logits"
+    assert out["tokens"] == n_tokens and out["bytes"] == n_bytes
+    assert out["nll"] == pytest.approx(nll / n_tokens, rel=1e-6)
+    assert out["perplexity"] == pytest.approx(math.exp(nll / n_tokens), rel=1e-6)
+    assert out["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-6)
 
 
 # ---------------------------------------------------------------------- dtl eval end to end

@@ -414,3 +414,29 @@ def test_model_loss_equals_cross_entropy_of_its_logits():
     with torch.no_grad():
         plain = F.cross_entropy(model(ids).reshape(-1, 97), targets.reshape(-1), ignore_index=-100)
         assert abs(model.loss(ids, targets).item() - plain.item()) < 1e-5
+
+
+def test_head_loss_sum_equals_torch_sum_and_its_gradients():
+    """reduction="sum" (what evaluation adds up over windows) is torch's summed cross-entropy,
+    forward and backward, in chunks and through the model."""
+    h = torch.randn(90, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    b = torch.randn(40, requires_grad=True)
+    t = torch.randint(0, 40, (90,))
+    t[::5] = -100
+    plain = F.cross_entropy(h @ w.T + b, t, ignore_index=-100, reduction="sum")
+    ref = torch.autograd.grad(plain, (h, w, b))
+    for chunk in (7, 1000):
+        fused = linear_cross_entropy(h, w, b, t, chunk_size=chunk, reduction="sum")
+        assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+        for g, r in zip(torch.autograd.grad(fused, (h, w, b)), ref, strict=True):
+            assert (g - r).abs().max().item() < 1e-5
+    model = tiny_model()
+    ids, targets = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
+    targets[0, :3] = -100
+    with torch.no_grad():
+        summed = F.cross_entropy(model(ids).reshape(-1, 97), targets.reshape(-1), reduction="sum")
+        assert model.loss(ids, targets, reduction="sum").item() == pytest.approx(summed.item(),
+                                                                                 rel=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, b, t, reduction="none")

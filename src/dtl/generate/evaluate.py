@@ -3,7 +3,9 @@
 Language modelling. Every document is scored as `<|endoftext|> doc`: the end-of-text token
 is only context, so each of the document's tokens is predicted exactly once, and the text is
 cut into windows of the model's context (a window's first token is predicted from the one
-before it, so no token is skipped). perplexity = exp(total NLL / tokens) and
+before it, so no token is skipped). Each window is scored by the model's fused, chunked head
++ loss (`TransformerLM.loss`, as in training): no (batch, window, vocab) logits are held.
+perplexity = exp(total NLL / tokens) and
 bits per byte = total NLL / ln 2 / UTF-8 bytes, which compares models of different
 tokenizers.
 
@@ -25,7 +27,6 @@ import string
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from dtl.data.qa import QA_STOP, qa_prompt
 from dtl.errors import DtlError
@@ -170,12 +171,10 @@ def evaluate_lm(
             n = min(window, len(stream) - 1 - chunk[0])
             x = torch.stack([stream[s : s + n] for s in chunk]).to(device)  # (b, n)
             y = torch.stack([targets[s + 1 : s + n + 1] for s in chunk]).to(device)
-            logits = model(x)  # (b, n, V)
-            nll = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                ignore_index=-100, reduction="sum",
-            )  # fmt: skip
-            total_nll += float(nll)
+            # The fused, chunked head + loss (as training's): the (b, n, V) logits are never
+            # built, a few hundred tokens' at a time (`dtl.model.head_loss`), so memory does
+            # not grow with vocabulary x window x batch (GPT-2's at 1,024 x 8: 1.6 GB).
+            total_nll += float(model.loss(x, y, reduction="sum"))
             bar.update(int((y != -100).sum()))
     bar.close()
     return {

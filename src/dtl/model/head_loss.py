@@ -14,7 +14,8 @@ forward pass while its logits are hot, then the chunk is dropped:
 
 Backward only scales the stored gradients by the incoming one. Same FLOPs as the plain way
 (three matmuls), no (B*T, V) tensor alive, fewer passes over memory. Rows whose target is
-IGNORE_INDEX (-100) contribute nothing.
+IGNORE_INDEX (-100) contribute nothing. Under no_grad (evaluation) only the loss is
+computed: no gradient buffers, one matmul per chunk.
 
 >>> import torch
 >>> h, w, b = torch.randn(6, 4), torch.randn(10, 4), torch.zeros(10)
@@ -34,22 +35,34 @@ CHUNK_ELEMENTS = 1 << 25  # ~33M logits (128 MB fp32) per chunk: big matmuls, bo
 
 
 def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int = 0
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    chunk_size: int = 0,
+    reduction: str = "mean",
 ) -> Tensor:
-    """Mean cross-entropy of `hidden @ weight.T + bias` against `targets`, never holding all
-    logits. hidden: (N, D), weight: (V, D), bias: (V,) or None, targets: (N,) int64."""
+    """Cross-entropy of `hidden @ weight.T + bias` against `targets`, never holding all
+    logits. hidden: (N, D), weight: (V, D), bias: (V,) or None, targets: (N,) int64.
+    reduction: "mean" over the scored targets (training) or "sum" (evaluation adds the
+    windows' sums up itself), as in `F.cross_entropy`."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if chunk_size <= 0:
         chunk_size = max(1, min(hidden.size(0), CHUNK_ELEMENTS // weight.size(0)))
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
+    # Under no_grad (evaluation) there is no backward, so no gradients to compute ahead of
+    # it: inside the Function, needs_input_grad still says True for a model's parameters.
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, reduction, grad)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):  # noqa: D102
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, reduction, grad):  # noqa: D102
+        need_grad = grad and any(ctx.needs_input_grad[:3])
         valid = targets != IGNORE_INDEX
         n_valid = int(valid.sum())
-        scale = 1.0 / max(n_valid, 1)
+        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):
@@ -132,4 +145,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         grad_weight = grad_weight.to(w_dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(b_dtype)
-        return grad_hidden.to(h_dtype), grad_weight, grad_bias, None, None
+        return grad_hidden.to(h_dtype), grad_weight, grad_bias, None, None, None, None

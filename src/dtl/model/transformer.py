@@ -213,9 +213,18 @@ class TransformerLM(nn.Module):
         return self.ln_f(x)
 
     def loss(
-        self, input_ids: Tensor, targets: Tensor, attention_mask: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        targets: Tensor,
+        attention_mask: Tensor | None = None,
+        reduction: str = "mean",
     ) -> Tensor:
-        """Mean next-token cross-entropy over targets that are not IGNORE_INDEX (-100)."""
+        """Next-token cross-entropy over targets that are not IGNORE_INDEX (-100): their mean,
+        or with reduction="sum" their sum (what evaluation adds up over windows).
+
+        >>> model.loss(ids, targets)  # training's loss                      # doctest: +SKIP
+        >>> model.loss(ids, targets, reduction="sum") / n_scored            # doctest: +SKIP
+        """
         if targets.shape != input_ids.shape:
             raise DtlError(
                 f"targets shape {tuple(targets.shape)} must equal input_ids shape "
@@ -228,6 +237,7 @@ class TransformerLM(nn.Module):
             self.head.weight,
             self.head.bias,
             targets.reshape(-1),
+            reduction=reduction,
         )
 
     # ------------------------------------------------------------------ masks and checks
