@@ -36,6 +36,7 @@ from dtl.errors import DtlError
 from dtl.export.card import model_card, run_facts
 from dtl.export.tokenizer import write_hf_tokenizer
 from dtl.fileio import atomic_write_text
+from dtl.model.transformer import attention_mask_and_positions
 
 DEFAULT_OPSET = 17
 MODEL_FILE = "model.onnx"
@@ -61,15 +62,9 @@ class OnnxDecoder(nn.Module):
         P = past[0].shape[2]  # tokens already cached
         T = input_ids.shape[1]
         valid = attention_mask.to(torch.bool)  # (B, P + T)
-        # Real tokens count from 0 after left padding: position = real tokens before it.
-        positions = (attention_mask.cumsum(1) - 1).clamp(min=0)[:, P:]  # (B, T)
+        # the model's own rule: (B, 1, T, P + T) mask, positions counting real tokens (B, T)
+        allowed, positions = attention_mask_and_positions(P, T, valid)
         x = m.embedding(input_ids) * m.embed_scale + m.pos_encoding.pe[positions]  # (B, T, d)
-        q_pos = torch.arange(T, device=input_ids.device) + P  # the queries' slots
-        k_pos = torch.arange(P + T, device=input_ids.device)
-        causal = k_pos[None, :] <= q_pos[:, None]  # (T, P + T)
-        # A padding query may always see itself, so no row is all masked (NaN otherwise).
-        allowed = (causal[None] & valid[:, None, :]) | (k_pos[None, :] == q_pos[:, None])
-        allowed = allowed.unsqueeze(1)  # (B, 1, T, P + T)
         presents = []
         for i, block in enumerate(m.transformer_blocks):
             attn, k_v = _attention(block.attention, x, allowed, past[2 * i], past[2 * i + 1])

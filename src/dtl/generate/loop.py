@@ -182,7 +182,7 @@ class TokenLoop:
         elif self.cache is None:
             self.cache = cache
         else:
-            self.cache = merge_caches([self.cache, cache], room)
+            self.cache = KVCache.merge([self.cache, cache], room)
         self.requests += requests
 
     def draw(self, request: Request) -> Tensor:
@@ -240,55 +240,11 @@ class TokenLoop:
             if id(r) in kept:
                 rows.extend(range(row, row + n))
             row += n
-        index = torch.tensor(rows, device=self.cache.key_mask.device)
-        self.cache = select_rows(self.cache, index)
+        self.cache = self.cache.keep_rows(rows)
         self.requests = requests
 
     def clear(self) -> None:
         self.requests, self.cache, self.context = [], None, None
-
-
-# ---------------------------------------------------------------------- rows joining and leaving
-def select_rows(cache: KVCache, rows: Tensor) -> KVCache:
-    """The cache of `rows` (a LongTensor of row indices) only, less the leading slots that
-    none of them uses (so a long-gone row's length is not carried on)."""
-    used = cache.key_mask[rows, : cache.length]  # (b, length)
-    first = int(used.any(0).long().argmax()) if bool(used.any()) else cache.length
-    return KVCache(
-        keys=[k[rows, :, first:] for k in cache.keys],
-        values=[v[rows, :, first:] for v in cache.values],
-        key_mask=cache.key_mask[rows, first:],
-        length=cache.length - first,
-        has_padding=bool((~used[:, first:]).any()),
-    )
-
-
-def merge_caches(caches: list[KVCache], room: int) -> KVCache:
-    """One cache holding the rows of `caches` in order, each right-aligned at the longest
-    length (shorter ones left-padded with masked slots: positions count real tokens, so this
-    changes nothing but float rounding), with `room` free slots after."""
-    length = max(c.length for c in caches)
-    first = caches[0]
-    B = sum(c.batch_size for c in caches)
-    like = first.keys[0]
-    shape = (B, like.size(1), length + room, like.size(3))  # (B, H, slots, d_k)
-    merged = KVCache(
-        keys=[like.new_zeros(shape) for _ in first.keys],
-        values=[like.new_zeros(shape) for _ in first.keys],
-        key_mask=torch.zeros(B, length + room, dtype=torch.bool, device=like.device),
-        length=length,
-    )
-    row = 0
-    for c in caches:
-        rows, pad = slice(row, row + c.batch_size), length - c.length
-        for i in range(len(first.keys)):
-            merged.keys[i][rows, :, pad:length] = c.keys[i][:, :, : c.length]
-            merged.values[i][rows, :, pad:length] = c.values[i][:, :, : c.length]
-        merged.key_mask[rows, pad:length] = c.key_mask[:, : c.length]
-        row += c.batch_size
-    merged.key_mask[:, length:] = True  # slots to come are written as they are filled
-    merged.has_padding = bool((~merged.key_mask[:, :length]).any())
-    return merged
 
 
 # ---------------------------------------------------------------------- token level

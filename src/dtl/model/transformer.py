@@ -77,11 +77,12 @@ class MultiHeadAttention(nn.Module):
         self,
         x: Tensor,
         attn_mask: Tensor | None = None,
-        kv_buffers: tuple[Tensor, Tensor] | None = None,
-        start: int = 0,
+        cache: KVCache | None = None,
+        layer: int = 0,
         layout=None,
     ) -> Tensor:
         # x: (B, T, d); attn_mask: (B, 1, T, S) bool, True = may attend, or None = causal
+        # cache: this forward's `KVCache`, of which this is layer `layer`
         # layout: this block's weights laid out for one-token steps (`dtl.generate.decode`):
         # the same products, Q, K and V fused into one, or None for the nn.Linear layers
         B, T, D = x.shape
@@ -92,14 +93,11 @@ class MultiHeadAttention(nn.Module):
         q = q.view(B, T, self.n_heads, self.d_k).transpose(1, 2)  # (B, H, T, d_k)
         k = k.view(B, T, self.n_heads, self.d_k).transpose(1, 2)
         v = v.view(B, T, self.n_heads, self.d_k).transpose(1, 2)
-        if kv_buffers is not None:  # incremental decoding: append to the cache, attend to all
-            k_buf, v_buf = kv_buffers  # (B, H, max_len, d_k)
-            k_buf[:, :, start : start + T] = k
-            v_buf[:, :, start : start + T] = v
-            k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]  # (B, H, S, d_k)
+        if cache is not None:  # incremental decoding: append to the cache, attend to all
+            k, v = cache.append(layer, k, v)  # (B, H, S, d_k)
         # Without a cache or a mask this is plain causal attention (the fused kernel's fast
         # path). With a cache and no mask, T == 1 and the one query may see every key.
-        is_causal = attn_mask is None and kv_buffers is None
+        is_causal = attn_mask is None and cache is None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(B, T, D)  # concatenate heads
         if layout is None:
@@ -137,12 +135,42 @@ class TransformerBlock(nn.Module):
         self,
         x: Tensor,
         attn_mask: Tensor | None = None,
-        kv_buffers: tuple[Tensor, Tensor] | None = None,
-        start: int = 0,
+        cache: KVCache | None = None,
+        layer: int = 0,
         layout=None,
     ) -> Tensor:
-        x = self.norm1(x + self.dropout(self.attention(x, attn_mask, kv_buffers, start, layout)))
+        x = self.norm1(x + self.dropout(self.attention(x, attn_mask, cache, layer, layout)))
         return self.norm2(x + self.dropout(self.feed_forward(x, layout)))
+
+
+def attention_mask_and_positions(
+    start: int, n_new: int, key_valid: Tensor | None = None, device: torch.device | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Which keys each of `n_new` new tokens may attend to, and the new tokens' positions: the
+    one rule of the model's forward and of its ONNX graph (`dtl.export.onnx`).
+
+    start: tokens before the new ones (cached); key_valid: (B, start + n_new) bool over all
+    keys, False at padding, or None when there is none. Returns the mask (B or 1, 1, n_new,
+    start + n_new), True = may attend, and position ids (B, n_new) (None without padding:
+    positions are then start .. start + n_new - 1).
+
+    >>> mask, pos = attention_mask_and_positions(0, 3, torch.tensor([[False, True, True]]))
+    >>> mask[0, 0].int().tolist(), pos.tolist()
+    ([[1, 0, 0], [0, 1, 0], [0, 1, 1]], [[0, 0, 1]])
+    """
+    if key_valid is not None:
+        device = key_valid.device
+    q_pos = torch.arange(n_new, device=device) + start  # the queries' slots
+    k_pos = torch.arange(start + n_new, device=device)
+    causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+    if key_valid is None:
+        return causal[None, None], None
+    # Each query may always see itself, so a padding query (whose result is never used)
+    # never has an all-masked row, which would give NaN.
+    allowed = (causal[None] & key_valid[:, None, :]) | (k_pos[None, :] == q_pos[:, None])
+    # Real tokens count from 0 after left padding: position = real tokens before it.
+    positions = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, start:]  # (B, T)
+    return allowed.unsqueeze(1), positions
 
 
 class TransformerLM(nn.Module):
@@ -200,16 +228,25 @@ class TransformerLM(nn.Module):
     ) -> Tensor:
         """The final-LayerNorm output (B, T, d_model): everything but the vocabulary head."""
         self._check_inputs(input_ids, attention_mask, cache)
+        T = input_ids.size(1)
         start = 0 if cache is None else cache.length
-        attn_mask, position_ids = self._mask_and_positions(input_ids, attention_mask, cache)
+        new_mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        # which keys are real tokens: (B, start + T), or None where none is padding
+        key_valid = new_mask if cache is None else cache.write_mask(new_mask, T)
+        if key_valid is None and (cache is None or T == 1):
+            # the fast paths: plain causal attention, or one new token that sees every key
+            attn_mask, position_ids = None, None
+        else:
+            attn_mask, position_ids = attention_mask_and_positions(
+                start, T, key_valid, input_ids.device
+            )
 
         x = self.embedding(input_ids) * self.embed_scale  # (B, T, d)
         x = self.dropout(self.pos_encoding(x, position_ids, start))
         for i, block in enumerate(self.transformer_blocks):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x = block(x, attn_mask, kv, start, None if layout is None else layout.blocks[i])
+            x = block(x, attn_mask, cache, i, None if layout is None else layout.blocks[i])
         if cache is not None:
-            cache.length += input_ids.size(1)
+            cache.advance(T)
         return self.ln_f(x)
 
     def loss(
@@ -240,41 +277,7 @@ class TransformerLM(nn.Module):
             reduction=reduction,
         )
 
-    # ------------------------------------------------------------------ masks and checks
-    def _mask_and_positions(
-        self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """The boolean attention mask (B, 1, T, S) and position ids (B, T), or None for the
-        fast paths: no padding and no cache (plain causal), or a one-token decode step."""
-        B, T = input_ids.shape
-        start = 0 if cache is None else cache.length
-        new_mask = None if attention_mask is None else attention_mask.to(torch.bool)
-        if cache is not None:
-            cache.key_mask[:, start : start + T] = True if new_mask is None else new_mask
-            if new_mask is not None and not cache.has_padding:
-                cache.has_padding = bool((~new_mask).any())
-        padded = cache.has_padding if cache is not None else new_mask is not None
-        if not padded:
-            if cache is None or T == 1:
-                return None, None
-            key_valid = None  # a multi-token step through a cache without padding
-        else:
-            key_valid = new_mask if cache is None else cache.key_mask[:, : start + T]  # (B, S)
-
-        device = input_ids.device
-        q_pos = torch.arange(start, start + T, device=device)  # absolute slots of the queries
-        k_pos = torch.arange(start + T, device=device)
-        allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
-        if key_valid is None:
-            return allowed[None, None], None
-        # Each query may always see itself, so a padding query (whose result is never used)
-        # never has an all-masked row, which would give NaN.
-        allowed = (allowed[None] & key_valid[:, None, :]) | (k_pos[None, :] == q_pos[:, None])
-        # Real tokens count from 0 after left padding: position = real tokens before it.
-        valid = key_valid.long()
-        position_ids = (valid.cumsum(1) - 1).clamp(min=0)[:, start : start + T]  # (B, T)
-        return allowed.unsqueeze(1), position_ids
-
+    # ------------------------------------------------------------------ checks
     def _check_inputs(
         self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None
     ) -> None:
