@@ -7,7 +7,10 @@ GPT-2's BPE and a BPE trained by `dtl tokenizer train` are the same kind of toke
 BPE, GPT-2's pre-tokenizer split, no space added in front), so both become one `tokenizers` BPE
 built from the vocabulary and merges DTL reads; it encodes as DTL does.
 
->>> write_hf_tokenizer(tokenizer, Path("my-export"), context=256)  # doctest: +SKIP
+>>> Path("tok-export").mkdir()
+>>> write_hf_tokenizer(tokenizer, Path("tok-export"), context=256)
+>>> sorted(p.name for p in Path("tok-export").iterdir())
+['tokenizer.json', 'tokenizer_config.json']
 """
 
 from __future__ import annotations

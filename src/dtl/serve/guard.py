@@ -19,7 +19,8 @@
 
 Refusals come back in OpenAI's error shape, like every other error of the API.
 
->>> app = RequestGuard(app, allowed_hosts=["gpu-box.lan"], max_body_bytes=4 << 20)  # doctest: +SKIP
+>>> from fastapi import FastAPI
+>>> app = RequestGuard(FastAPI(), allowed_hosts=["gpu-box.lan"], max_body_bytes=4 << 20)
 """
 
 from __future__ import annotations
