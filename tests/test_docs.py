@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import doctest
 import importlib
@@ -367,13 +368,23 @@ def _command_lines(block: Block) -> list[str]:
 SHELL_OPERATORS = {"&", "&&", "||", "|", ";", "<", "2>", "2>&1"}
 
 
-def test_every_dtl_command_in_the_docs_parses():
-    """Each `dtl VERB --flag ...` line of a bash or console block is one that `dtl`'s parser
-    takes: a renamed verb or flag fails here."""
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Make `parser` and its verbs' parsers refuse `--max-step` for `--max-steps`: the docs
+    should spell each flag as it is."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _no_abbreviations(sub)
+
+
+def bad_commands(blocks: list[Block]) -> tuple[int, list[str]]:
+    """(how many `dtl` command lines the shell blocks hold, those `dtl`'s parser refuses)."""
     from dtl.cli import build_parser
 
     parser, bad, seen = build_parser(), [], 0
-    for block in [b for path in DOC_FILES for b in doc_blocks(path)]:
+    _no_abbreviations(parser)
+    for block in blocks:
         if block.lang not in ("bash", "console", "sh", "shell"):
             continue
         for line in _command_lines(block):
@@ -386,7 +397,21 @@ def test_every_dtl_command_in_the_docs_parses():
                     parser.parse_args(words)
             except SystemExit:
                 bad.append(f"{block.where}: {line}\n    {err.getvalue().strip().splitlines()[-1]}")
+    return seen, bad
+
+
+def test_every_dtl_command_in_the_docs_parses():
+    """Each `dtl VERB --flag ...` line of a bash or console block is one that `dtl`'s parser
+    takes: a renamed verb or flag fails here."""
+    seen, bad = bad_commands([b for path in DOC_FILES for b in doc_blocks(path)])
     assert seen >= 30 and not bad, "\n".join(bad)
+
+
+def test_the_command_check_catches_a_renamed_flag():
+    block = Block(Path("x.md"), 1, "console", "$ dtl train --data d --max-step 5\nstep 5\n"
+                  "$ dtl ask --model runs/qa \\\n    \"Who?\" > answer.txt\n$ dtl gen --model m")
+    seen, bad = bad_commands([block])
+    assert seen == 3 and [b.split()[2] for b in bad] == ["train", "gen"], bad
 
 
 # ------------------------------------------------------------------- docstring examples
