@@ -1,8 +1,9 @@
 """Reading text files line by line with a clear error on bad bytes, and writing files so that
 a crash never leaves a half-written one under the real name.
 
->>> atomic_write_text(Path("notes.txt"), "done\\n")  # doctest: +SKIP
->>> [line for line in read_lines(Path("notes.txt"))]    # doctest: +SKIP
+>>> atomic_write_text(Path("notes.txt"), "done\\n").name  # written beside, then renamed
+'notes.txt'
+>>> [line for line in read_lines(Path("notes.txt"))]
 ['done']
 """
 

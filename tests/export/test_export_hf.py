@@ -151,6 +151,41 @@ open(sys.argv[1], "w").write(json.dumps(out[0].tolist()))
     assert json.loads(answer.read_text()) == expected[0].tolist()
 
 
+def test_the_tokenizer_loads_without_remote_code_as_the_card_says(exported, bpe_model_dir):
+    """The card's own example, run as written beside the folder in a fresh interpreter whose
+    stdin is a pipe holding "n" (not a terminal): the model loads with trust_remote_code=True,
+    the tokenizer with none, and no question about remote code is asked. The tokenizer
+    encodes as DTL's; `AutoTokenizer.from_pretrained(folder)` with no trust_remote_code gives
+    the same ids (transformers 5 first asks about config.json's code; "n" goes on). No
+    documented line passes trust_remote_code to a tokenizer: it runs no code."""
+    import re
+
+    card = (exported / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "PreTrainedTokenizerFast.from_pretrained" in example
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for text in (example, readme):
+        for line in text.splitlines():
+            assert not ("Tokenizer" in line and "trust_remote_code" in line), line
+    sample = SAMPLES[1]
+    script = example + f"""
+import json, sys
+from transformers import AutoTokenizer
+print("-- the card's example ran", flush=True)
+auto = AutoTokenizer.from_pretrained({exported.name!r})
+json.dump([tokenizer({sample!r}).input_ids, auto({sample!r}).input_ids], open(sys.argv[1], "w"))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(exported.parent / "hf-home")}
+    answer = exported.parent / "tokenized.json"
+    result = subprocess.run([sys.executable, "-c", script, str(answer)], input="n\n", text=True,
+                            capture_output=True, cwd=exported.parent, env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    before = result.stdout.split("-- the card's example ran")[0]
+    assert "custom code" not in before and "trust_remote_code" not in before + result.stderr
+    _, tok = load_model(bpe_model_dir)
+    assert json.loads(answer.read_text()) == [tok.encode(sample)] * 2
+
+
 def test_folder_files_config_and_card(run_dir, tmp_path):
     out = export_model(run_dir, "hf", tmp_path / "tiny-hf")
     names = sorted(p.name for p in out.iterdir())

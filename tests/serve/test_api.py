@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
+from testkit import LiveServer
 
 import dtl.generate.loop
 from dtl import ModelConfig, TransformerLM
@@ -48,33 +48,6 @@ def model():
     with torch.no_grad():  # peaky logits: greedy text is varied, not a run of one token
         model.head.weight.mul_(30)
     return model
-
-
-class LiveServer:
-    """uvicorn serving an app on a free loopback port, in a background thread."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)  # fmt: skip
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,86 @@ def test_the_body_limit_is_configurable(model, tokenizer):  # noqa: F811
         assert _post(f"{server.url}/v1/completions", '{"prompt": "Hi", "max_tokens": 2}').is_success
 
 
+
+def _chat_body(size: int) -> bytes:
+    """A chat request of about `size` bytes (one long user message)."""
+    return b'{"messages": [{"role": "user", "content": "' + b"a" * size + b'"}]}'
+
+
+def _urllib_post(url: str, body) -> tuple[int, dict]:
+    """POST with the standard library (which sends its whole body before it reads, and asks
+    for `Connection: close`): the status and the JSON it read."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers=JSON, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _openai_error(status: int, body: dict, expected: int) -> dict:
+    assert status == expected, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def test_every_ordinary_client_reads_the_413_of_an_oversized_body(live):
+    """An 8 MB chat request over the 4 MiB limit: urllib, requests and httpx each read the 413
+    in OpenAI's shape. (Before, the 413 went out with the body unread and the connection was
+    closed on it: the kernel reset it, and urllib, which sends everything before reading, got
+    ConnectionResetError instead.) A chunked body over the limit is answered the same way."""
+    import requests
+
+    url = f"{live.url}/v1/chat/completions"
+    body = _chat_body(8 << 20)
+    for status, answer in (
+        _urllib_post(url, body),
+        _urllib_post(url, iter([body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20)])),
+    ):
+        assert _openai_error(status, answer, 413)["code"] == "request_too_large"
+    answer = requests.post(url, data=body, headers=JSON, timeout=60)
+    assert _openai_error(answer.status_code, answer.json(), 413)["code"] == "request_too_large"
+    answer = httpx.post(url, content=body, headers=JSON, timeout=60)
+    assert _openai_error(answer.status_code, answer.json(), 413)["code"] == "request_too_large"
+    status, answer = _urllib_post(url, b'{"messages": [{"role": "user", "content": "Hi"}], '
+                                       b'"max_tokens": 2}')  # fmt: skip
+    assert status == 200 and answer["choices"]  # and the server still serves
+
+
+def _raw_post_head(url: str, length: int, extra: str = "", part: bytes = b"") -> bytes:
+    """Send a POST's head stating `length` bytes, then `part` of the body only, and return
+    what the server answers (within 10 s) while the rest is never sent."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {length}\r\n"
+                     f"{extra}\r\n".encode() + part)  # fmt: skip
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, f"the server closed the connection without answering: {answer!r}"
+            answer += chunk
+        return answer
+
+
+def test_a_refused_body_is_not_read_past_the_bound_nor_asked_for(live):
+    """The drain has a bound: a body that states more than DRAIN_BYTES is answered at once,
+    with the body unsent (a client cannot make the server read gigabytes); and a client that
+    waits for `100 Continue` gets the 413 instead, and is never asked for its body."""
+    from dtl.serve.guard import DRAIN_BYTES
+
+    answer = _raw_post_head(live.url, DRAIN_BYTES + 1, part=b"{" * 1000)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    answer = _raw_post_head(live.url, 8 << 20, extra="Expect: 100-continue\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 "), answer  # no "HTTP/1.1 100 Continue" first
+
+
 def test_tokenizing_a_prompt_leaves_the_server_free_for_others(model, tokenizer):  # noqa: F811
     """While a request's prompt is being tokenized, /health answers: the tokenizer runs off
     the event loop. (Before, the event loop waited for it: a 10 MB prompt froze the server.)"""

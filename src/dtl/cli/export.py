@@ -16,7 +16,7 @@ EXAMPLES = """examples:
 
 then, with transformers (offline, no dtl needed):
   AutoModelForCausalLM.from_pretrained("tiny-hf", trust_remote_code=True)
-  AutoTokenizer.from_pretrained("tiny-hf")
+  PreTrainedTokenizerFast.from_pretrained("tiny-hf")    # the tokenizer runs no code
 """
 
 

@@ -1,14 +1,17 @@
 """Batches from a prepared data dir: deterministic, resumable, rank-aware.
 
->>> loader = BatchLoader("data/wiki", "train", batch_size=8, seed=0)   # doctest: +SKIP
->>> batch = next(iter(loader))                                          # doctest: +SKIP
->>> batch["input_ids"].shape, batch["targets"].shape                    # doctest: +SKIP
+>>> loader = BatchLoader("data/wiki", "train", batch_size=8, seed=0)
+>>> batch = next(iter(loader))
+>>> batch["input_ids"].shape, batch["targets"].shape
 (torch.Size([8, 512]), torch.Size([8, 512]))
->>> short = BatchLoader("data/wiki", "train", batch_size=8, seq_len=128)  # doctest: +SKIP
->>> next(iter(short))["input_ids"].shape  # the first 128 tokens of the same rows  # doctest: +SKIP
+>>> short = BatchLoader("data/wiki", "train", batch_size=8, seq_len=128)
+>>> next(iter(short))["input_ids"].shape  # the first 128 tokens of the same rows
 torch.Size([8, 128])
->>> state = loader.state_dict()        # save with the checkpoint      # doctest: +SKIP
+>>> state = loader.state_dict()        # save with the checkpoint
+>>> after = next(loader)["input_ids"]
 >>> loader.load_state_dict(state)      # the next batch is the one an unbroken run sees
+>>> torch.equal(next(loader)["input_ids"], after)
+True
 
 Layout of a data dir (written by `dtl.data.prepare`):
   meta.json          tokenizer, vocab_size, dtype, mode ("pack" | "pad"), max_length, ...

@@ -102,8 +102,8 @@ def iter_records_counting(
 
     >>> from dtl.corpus import corpus_files
     >>> stats = {}
-    >>> records = list(iter_records_counting(corpus_files()[0], None, stats))  # doctest: +SKIP
-    >>> len(records), stats["disambiguation"]                                 # doctest: +SKIP
+    >>> records = list(iter_records_counting(corpus_files()[0], None, stats))
+    >>> len(records), stats["disambiguation"]
     (98, 8)
     """
     kind = kind or detect_kind(path)

@@ -4,8 +4,8 @@
     dtl export runs/tiny --format onnx -o tiny-onnx  # onnxruntime, with past key/values
 
 >>> from dtl.export import export_model
->>> export_model("runs/tiny", "hf", "tiny-hf")  # doctest: +SKIP
-PosixPath('tiny-hf')
+>>> export_model("runs/tiny", "hf", "tiny-hf").name
+'tiny-hf'
 
 The model is loaded the way `dtl generate --model` loads it (`dtl.model.store.load_model`: a run
 dir, a model dir or a legacy `.pt`). The export is written into a temporary folder beside the

@@ -3,9 +3,9 @@
 Read from the run dir around the exported checkpoint (`config.yaml`, `metrics.jsonl`) when
 there is one; a bare model dir or a legacy `.pt` gets a card with the sizes only.
 
->>> facts = run_facts(Path("runs/tiny/checkpoints/step-1200"))  # doctest: +SKIP
->>> facts.tokens_seen, facts.val_loss                            # doctest: +SKIP
-(2457600, 4.91)
+>>> facts = run_facts(Path("runs/tiny/checkpoints/step-6"))  # 6 steps of 2 rows of 64 tokens
+>>> facts.tokens_seen, facts.val_loss  # doctest: +ELLIPSIS
+(768, ...)
 """
 
 from __future__ import annotations
@@ -183,10 +183,10 @@ def _training_lines(facts: RunFacts) -> list[str]:
 def _hf_use(name: str) -> list[str]:
     return [
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast",
         "",
         f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)',
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)',
+        f'tokenizer = PreTrainedTokenizerFast.from_pretrained("{name}")',
         'ids = tokenizer("The history of", return_tensors="pt").input_ids',
         "out = model.generate(ids, max_new_tokens=40, do_sample=False)",
         "print(tokenizer.decode(out[0]))",
@@ -194,7 +194,9 @@ def _hf_use(name: str) -> list[str]:
         "",
         "`trust_remote_code=True` runs `modeling_dtl.py` and `configuration_dtl.py` from this "
         "folder (they need torch and transformers only). The tokenizer is a plain fast "
-        "tokenizer; the flag only stops transformers asking about the config's code.",
+        "tokenizer (`tokenizer.json`) and runs no code: `PreTrainedTokenizerFast` loads it "
+        "without asking; `AutoTokenizer` gives the same one, but transformers 5 first reads "
+        "`config.json` and asks about the model's code.",
     ]
 
 

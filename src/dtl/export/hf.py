@@ -9,7 +9,11 @@
     tokenizer_config.json
     README.md                the model card, with YAML front matter for the Hub
 
->>> write_hf(model, tokenizer, Path("tiny-hf"), Path("runs/tiny/checkpoints/step-9"))  # doctest: +SKIP
+>>> Path("tiny-hf").mkdir()
+>>> write_hf(model, tokenizer, Path("tiny-hf"), Path("runs/tiny/checkpoints/step-6"))
+>>> sorted(p.name for p in Path("tiny-hf").iterdir())  # doctest: +NORMALIZE_WHITESPACE
+['README.md', 'config.json', 'configuration_dtl.py', 'generation_config.json',
+ 'model.safetensors', 'modeling_dtl.py', 'tokenizer.json', 'tokenizer_config.json']
 """
 
 from __future__ import annotations

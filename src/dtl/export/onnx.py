@@ -15,10 +15,11 @@ Positions count real tokens, as in DTL: a left-padded row gives the logits it gi
 The graph is traced with torch.onnx's TorchScript exporter (`dynamo=False`), which needs only
 the `onnx` package; batch, sequence and past length are dynamic axes.
 
->>> import onnxruntime                                                       # doctest: +SKIP
->>> session = onnxruntime.InferenceSession("tiny-onnx/model.onnx")           # doctest: +SKIP
->>> greedy(session, [464, 2068, 286], max_new_tokens=20)                     # doctest: +SKIP
-[464, 2068, 286, 262, ...]
+>>> import onnxruntime
+>>> session = onnxruntime.InferenceSession("tiny-onnx/model.onnx")
+>>> tokens = greedy(session, [464, 2068, 286], max_new_tokens=20)  # prompt + up to 20 new
+>>> tokens[:3], len(tokens) <= 23
+([464, 2068, 286], True)
 """
 
 from __future__ import annotations

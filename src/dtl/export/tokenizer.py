@@ -1,11 +1,16 @@
 """A DTL tokenizer as Hugging Face files: `tokenizer.json` (a fast tokenizer) and
-`tokenizer_config.json`, which `AutoTokenizer.from_pretrained(folder)` loads offline.
+`tokenizer_config.json`, which `PreTrainedTokenizerFast.from_pretrained(folder)` loads offline
+without running any code (so does `AutoTokenizer`, which in transformers 5 first reads the
+folder's `config.json` and so asks about the model's custom code: nothing here can stop that).
 
 GPT-2's BPE and a BPE trained by `dtl tokenizer train` are the same kind of tokenizer (byte-level
 BPE, GPT-2's pre-tokenizer split, no space added in front), so both become one `tokenizers` BPE
 built from the vocabulary and merges DTL reads; it encodes as DTL does.
 
->>> write_hf_tokenizer(tokenizer, Path("my-export"), context=256)  # doctest: +SKIP
+>>> Path("tok-export").mkdir()
+>>> write_hf_tokenizer(tokenizer, Path("tok-export"), context=256)
+>>> sorted(p.name for p in Path("tok-export").iterdir())
+['tokenizer.json', 'tokenizer_config.json']
 """
 
 from __future__ import annotations

@@ -9,11 +9,13 @@ into the batch's. Every step samples each request's rows with its own options an
 generator, and finished rows keep drawing (and are fed padding) until the whole request is
 done, just as they do alone: what a request gets does not depend on its neighbours.
 
->>> batch = ContinuousBatch(model, tokenizer, max_rows=16)  # doctest: +SKIP
+>>> from dtl.generate import SamplingOptions
+>>> batch = ContinuousBatch(model, tokenizer, max_rows=16)
 >>> batch.add([Request(["Once upon a time"], SamplingOptions(max_new_tokens=20))])
+>>> pieces = []
 >>> while batch:
 ...     for request, item in batch.step():  # a StreamChunk, or the Exception it failed with
-...         print(item.text)
+...         pieces.append(item.text)
 """
 
 from __future__ import annotations

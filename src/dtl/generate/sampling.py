@@ -28,8 +28,8 @@ class SamplingOptions:
     and when a row ends (after `max_new_tokens`, at a `stop` string; end-of-text always ends
     it). Rows of one request draw from one generator seeded with `seed`.
 
-    >>> SamplingOptions(temperature=0.8, top_k=50, max_new_tokens=20, stop=["\n"]).stop
-    ('\n',)
+    >>> SamplingOptions(temperature=0.8, top_k=50, max_new_tokens=20, stop=["\\n"]).stop
+    ('\\n',)
     """
 
     temperature: float = 1.0

@@ -26,7 +26,7 @@ generation thread (`dtl.serve.scheduler`) batches continuously with the others. 
 come back here and go out as one JSON response or as server-sent events. A request whose
 client goes away (streamed or not) is dropped from the batch at its next token.
 
->>> app = create_app(model, tokenizer, "tiny")  # doctest: +SKIP
+>>> app = create_app(model, tokenizer, "tiny")
 >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
 """
 

@@ -9,11 +9,12 @@ It computes what DTL's `TransformerLM` computes, step for step:
                                x = LayerNorm(x + Dropout(FeedForward(x)))  (ReLU)
       -> final LayerNorm -> lm_head (Linear with bias, not tied to the embedding)
 
->>> from transformers import AutoModelForCausalLM, AutoTokenizer                # doctest: +SKIP
->>> model = AutoModelForCausalLM.from_pretrained("my-export", trust_remote_code=True)  # doctest: +SKIP
->>> tok = AutoTokenizer.from_pretrained("my-export")                            # doctest: +SKIP
->>> ids = tok("The history of", return_tensors="pt").input_ids                  # doctest: +SKIP
->>> tok.decode(model.generate(ids, max_new_tokens=20, do_sample=False)[0])      # doctest: +SKIP
+>>> from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+>>> model = AutoModelForCausalLM.from_pretrained("my-export", trust_remote_code=True)
+>>> tok = PreTrainedTokenizerFast.from_pretrained("my-export")  # tokenizer.json: no code
+>>> ids = tok("The history of", return_tensors="pt").input_ids
+>>> tok.decode(model.generate(ids, max_new_tokens=20, do_sample=False)[0])  # doctest: +ELLIPSIS
+'The history of...'
 
 Positions: real tokens are numbered from 0 after any left padding (from `attention_mask`), so
 a padded row gives the same logits for its tokens as the row alone, as in DTL.
