@@ -28,6 +28,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from dtl.fileio import atomic_write_text, disk_full_as_error, remove_stale
@@ -51,15 +52,24 @@ _STALE_IN_RUN_DIR = (
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    """Where a run writes its checkpoints: RUN_DIR/checkpoints."""
     return Path(run_dir) / CHECKPOINTS
 
 
-def _root(run_dir_or_root: str | os.PathLike) -> Path:
-    """RUN_DIR/checkpoints, given the run dir or that folder itself."""
-    root = Path(run_dir_or_root)
-    if root.name != CHECKPOINTS and not (root / "latest.txt").is_file():
-        root = checkpoint_dir(root)
-    return root
+def find_checkpoints(path: str | os.PathLike) -> Path:
+    """The checkpoints folder a reader means: `path` itself when it is one (named
+    `checkpoints`, or holding the `latest` pointers), else RUN_DIR/checkpoints. Every reader
+    (resuming, loading a model, listing) finds it here.
+
+    >>> find_checkpoints("runs/tiny"), find_checkpoints("runs/tiny/checkpoints")
+    (PosixPath('runs/tiny/checkpoints'), PosixPath('runs/tiny/checkpoints'))
+    """
+    path = Path(path)
+    if path.name == CHECKPOINTS and not (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "latest.txt").is_file() or (path / "latest").is_symlink():
+        return path
+    return checkpoint_dir(path)
 
 
 def write_step(
@@ -110,9 +120,8 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def _point_latest(root: Path, name: str) -> None:
-    txt_tmp = root / f".latest.txt.{os.getpid()}"
-    txt_tmp.write_text(name + "\n", encoding="utf-8")
-    os.replace(txt_tmp, root / "latest.txt")
+    # The link first, latest.txt second: a crash between the two leaves the link (which
+    # `latest_step` reads first) the newer pointer, never the staler one.
     link_tmp = root / f".latest.{os.getpid()}"
     try:
         link_tmp.unlink(missing_ok=True)
@@ -120,24 +129,27 @@ def _point_latest(root: Path, name: str) -> None:
         os.replace(link_tmp, root / "latest")
     except OSError:  # no symlinks here: latest.txt alone names it
         link_tmp.unlink(missing_ok=True)
+    txt_tmp = root / f".latest.txt.{os.getpid()}"
+    txt_tmp.write_text(name + "\n", encoding="utf-8")
+    os.replace(txt_tmp, root / "latest.txt")
 
 
-def _step_dirs(root: Path, holding: str) -> list[tuple[int, Path]]:
-    """(step, path) of every `step-N` under root that holds the file `holding`, oldest first."""
+def _step_dirs(root: Path, holding: str, links: bool = False) -> list[tuple[int, Path]]:
+    """(step, path) of every `step-N` under root that holds the file `holding`, oldest first;
+    symlinked step dirs count only with `links` (readers; pruning never follows a link)."""
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         m = _STEP_DIR.match(child.name)
-        if m and (child / holding).is_file() and not child.is_symlink():
+        if m and (child / holding).is_file() and (links or not child.is_symlink()):
             found.append((int(m.group(1)), child))
     return sorted(found)
 
 
 def list_checkpoints(run_dir_or_root: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints (those holding a training state), oldest first."""
-    root = Path(run_dir_or_root)
-    return _step_dirs(root if root.name == CHECKPOINTS else checkpoint_dir(root), STATE_FILE)
+    return _step_dirs(find_checkpoints(run_dir_or_root), STATE_FILE)
 
 
 def prune(root: Path, keep_last: int, keep: tuple[int, ...] = ()) -> None:
@@ -148,21 +160,29 @@ def prune(root: Path, keep_last: int, keep: tuple[int, ...] = ()) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def resume_target(spec: str | os.PathLike) -> tuple[Path, Path | None]:
-    """(run dir, checkpoint) of a `--resume` argument: a run dir resumes from its newest
-    checkpoint (None here); `RUN_DIR/checkpoints/step-N` from that one.
+@dataclass(frozen=True)
+class ResumeFrom:
+    """A run to continue: its dir, and the checkpoint to go on from (None: its newest)."""
+
+    run_dir: Path
+    checkpoint: Path | None = None
+
+
+def resume_target(spec: str | os.PathLike) -> ResumeFrom:
+    """The run and checkpoint a `--resume` argument names: a run dir resumes from its newest
+    checkpoint; `RUN_DIR/checkpoints/step-N` from that one.
 
     >>> resume_target("runs/tiny/checkpoints/step-30")
-    (PosixPath('runs/tiny'), PosixPath('runs/tiny/checkpoints/step-30'))
+    ResumeFrom(run_dir=PosixPath('runs/tiny'), checkpoint=PosixPath('runs/tiny/checkpoints/step-30'))
     """
     path = Path(spec)
     if path.name == CHECKPOINTS and not (path / CONFIG_FILE).is_file():
-        return path.parent, None
+        return ResumeFrom(path.parent)
     if path.name == "latest" and path.parent.name == CHECKPOINTS:
-        return path.parent.parent, None
+        return ResumeFrom(path.parent.parent)
     if _STEP_DIR.match(path.name) and path.parent.name == CHECKPOINTS:
-        return path.parent.parent, path
-    return path, None
+        return ResumeFrom(path.parent.parent, path)
+    return ResumeFrom(path)
 
 
 def set_aside_newer(run_dir: str | os.PathLike, step: int) -> Path | None:
@@ -199,39 +219,54 @@ def _record_step(line: str) -> int | None:
         return None
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run (to resume from), or None when it has none."""
-    root = checkpoint_dir(run_dir)
-    txt = root / "latest.txt"
-    if txt.is_file():
-        candidate = root / txt.read_text(encoding="utf-8").strip()
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    ckpts = list_checkpoints(root)
-    return ckpts[-1][1] if ckpts else None
+def latest_step(run_dir_or_root: str | os.PathLike, holding: str = WEIGHTS_FILE) -> Path | None:
+    """The newest `step-N` of a run that holds the file `holding`, or None: the one rule for
+    "latest". The step the `latest` symlink names, else the one `latest.txt` names (written
+    where symlinks are not), else the highest step number; a pointer to a step without
+    `holding` (pruned, half-copied) is passed over.
 
+    Loading a model needs model.safetensors (`latest_model_dir`); resuming needs the
+    training state too (`latest_checkpoint`).
 
-def latest_model_dir(run_dir_or_root: str | os.PathLike) -> Path | None:
-    """The newest loadable model dir of a run (for generating, not resuming), or None.
-
-    Takes a run dir or its `checkpoints/` dir and tries, in order: the `latest` symlink,
-    `latest.txt`, then the highest `step-N`; each must hold model.safetensors (a training
-    state is not needed to load the model, unlike `latest_checkpoint`).
+    >>> latest_step("runs/tiny")  # doctest: +SKIP
+    PosixPath('runs/tiny/checkpoints/step-1200')
     """
-    root = _root(run_dir_or_root)
+    root = find_checkpoints(run_dir_or_root)
     if not root.is_dir():
         return None
+    for pointed in _pointed(root):
+        if (pointed / holding).is_file():
+            return pointed
+    steps = _step_dirs(root, holding, links=True)
+    return steps[-1][1] if steps else None
+
+
+def _pointed(root: Path) -> list[Path]:
+    """The step dirs `latest` and `latest.txt` name, in that order (which may not exist).
+
+    `_point_latest` writes the link first and latest.txt second, so the link is never the
+    staler of the two."""
+    found = []
     link = root / "latest"
-    if link.is_dir() and (link / WEIGHTS_FILE).is_file():
-        return link.resolve()
+    if link.is_symlink():
+        target = link.resolve()
+        # a link to a sibling reads as root/step-N, like latest.txt's name
+        found.append(root / target.name if target.parent == root.resolve() else target)
     txt = root / "latest.txt"
     if txt.is_file():
         name = txt.read_text(encoding="utf-8").strip()
-        if name and (root / name / WEIGHTS_FILE).is_file():
-            return root / name
-    steps = []
-    for child in root.iterdir():  # symlinked step dirs count here
-        m = _STEP_DIR.match(child.name)
-        if m and (child / WEIGHTS_FILE).is_file():
-            steps.append((int(m.group(1)), child))
-    return max(steps)[1] if steps else None
+        if name:
+            found.append(root / name)
+    return found
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run (to resume from: it holds the training
+    state), or None when it has none."""
+    return latest_step(run_dir, STATE_FILE)
+
+
+def latest_model_dir(run_dir_or_root: str | os.PathLike) -> Path | None:
+    """The newest loadable model dir of a run (for generating: model.safetensors is enough),
+    or None; takes a run dir or its `checkpoints/` dir."""
+    return latest_step(run_dir_or_root, WEIGHTS_FILE)

@@ -107,3 +107,48 @@ def test_run_dir_lookup_is_dtl_checkpoint_latest_model_dir(tmp_path, gpt2):
     assert same_weights(load_model(run)[0], exported)
     assert latest_checkpoint(run) == ckpts / "step-2"  # resuming still needs training state
     assert latest_model_dir(tmp_path / "nothing") is None
+
+
+def test_resuming_and_loading_agree_on_latest(tmp_path, gpt2):
+    """One "latest" rule: after a crash between the two pointer writes (the `latest` link
+    already names step-3, `latest.txt` still step-2), `--resume` and `--model RUN` both take
+    step-3; a pointer to a pruned step is passed over by both."""
+    from dtl.run_dir import latest_checkpoint, latest_model_dir
+    from dtl.train.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    for step in (1, 2, 3):
+        save_checkpoint(run, step, small_model(step), {"step": step}, tokenizer=gpt2)
+    (ckpts / "latest.txt").write_text("step-2\n")  # the link (step-3) was written first
+    assert latest_checkpoint(run) == latest_model_dir(run) == ckpts / "step-3"
+    assert same_weights(load_model(run)[0], small_model(3))
+    (ckpts / "latest").unlink()
+    os.symlink("step-9", ckpts / "latest")  # a step that is gone; latest.txt names step-2
+    assert latest_checkpoint(run) == latest_model_dir(run) == ckpts / "step-2"
+    assert latest_checkpoint(ckpts) == latest_model_dir(ckpts) == ckpts / "step-2"
+
+
+def test_read_model_config_reads_the_config_without_the_weights(tmp_path, gpt2):
+    from dtl.model.store import read_model_config
+
+    save_model_dir(tmp_path / "run" / "checkpoints" / "step-4", 4, gpt2)
+    path, config = read_model_config(tmp_path / "run")
+    assert path == tmp_path / "run" / "checkpoints" / "step-4"
+    assert config == small_model(4).config == load_model(tmp_path / "run")[0].config
+    # A legacy .pt: the sizes its shapes imply (n_heads 8 below width 768; the saved
+    # positional table's length as max_seq_length), as load_model reads them.
+    legacy = ModelConfig(vocab_size=300, d_model=24, n_heads=8, n_layers=2, d_ff=40,
+                         max_seq_length=48)  # fmt: skip
+    state = dict(TransformerLM(legacy).state_dict())
+    state["pos_encoding.pe"] = torch.zeros(48, 1, 24)  # the original scripts saved the table
+    torch.save({"model_state_dict": state}, tmp_path / "old.pt")
+    path, config = read_model_config(tmp_path / "old.pt")
+    assert (path, config) == (tmp_path / "old.pt", legacy)
+    # A file from before torch 1.6 (not a zip archive) cannot be memory-mapped: read whole.
+    torch.save({"model_state_dict": state}, tmp_path / "older.pt",
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    assert read_model_config(tmp_path / "older.pt")[1] == legacy
+    with pytest.raises(DtlError, match="not a loadable PyTorch checkpoint"):
+        (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+        read_model_config(tmp_path / "broken.pt")

@@ -1,6 +1,7 @@
 """Settings (`dtl.train.config`): TrainConfig from a dict, defaults < the saved run config
 (--resume) < a --config file < flags, the settings a resume may not change, and the defaults
-resolved once from the data: seq_len (and the 256 a raw file is prepared at), min_lr."""
+resolved once: seq_len from the data (a raw file is prepared at the model's context), then the
+lr schedule from the model's width."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from dtl.model.config import ModelConfig
 from dtl.train.config import (
     MODEL_FIELDS,
     RESUME_LOCKED,
-    ResolvedSettings,
+    LrSchedule,
     TrainConfig,
     build_config,
     prepare_length,
-    resolve_settings,
+    resolve_lr_schedule,
+    resolve_seq_len,
 )
+from dtl.train.setup import build_model_config
 
 
 def test_the_model_fields_are_model_configs_own():
@@ -103,17 +106,22 @@ def test_a_resume_may_not_change_what_fixes_the_model_or_the_data_order(tmp_path
 
 def test_seq_len_and_min_lr_are_resolved_once():
     cfg = TrainConfig(data="d", lr=1e-3, warmup_steps=7)
-    assert resolve_settings(cfg, data_max_length=64) == ResolvedSettings(
-        seq_len=64, min_lr=1e-4, lr=1e-3, warmup_steps=7
+    assert resolve_seq_len(cfg, data_max_length=64) == 64
+    assert resolve_lr_schedule(cfg, d_model=128) == LrSchedule(
+        lr=1e-3, min_lr=1e-4, warmup_steps=7, max_steps=1000, schedule="cosine"
     )
     short = TrainConfig(data="d", seq_len=32, min_lr=0.0, lr=1e-3, warmup_steps=0)
-    assert resolve_settings(short, data_max_length=64) == ResolvedSettings(32, 0.0, 1e-3, 0)
-    assert resolve_settings(TrainConfig(data="d", seq_len=64), 64).seq_len == 64
+    assert resolve_seq_len(short, data_max_length=64) == 32
+    assert resolve_lr_schedule(short, 128) == LrSchedule(1e-3, 0.0, 0, 1000, "cosine")
+    assert resolve_seq_len(TrainConfig(data="d", seq_len=64), 64) == 64
     with pytest.raises(DtlError, match=r"--seq-len 65 is longer than the data's rows \(64 tokens"):
-        resolve_settings(TrainConfig(data="d", seq_len=65), data_max_length=64)
-    # A raw --data file is prepared at --seq-len, else into rows of 256.
+        resolve_seq_len(TrainConfig(data="d", seq_len=65), data_max_length=64)
+    # A raw --data file is prepared at --seq-len, else at the model's context: the preset's
+    # max_seq_length (256 for the default, tiny; 1024 for qa), or an --init-from model's.
     assert prepare_length(TrainConfig(data="notes.txt")) == 256
-    assert prepare_length(TrainConfig(data="notes.txt", seq_len=32)) == 32
+    assert prepare_length(TrainConfig(data="notes.txt", preset="qa")) == 1024
+    assert prepare_length(TrainConfig(data="notes.txt"), context=96) == 96
+    assert prepare_length(TrainConfig(data="notes.txt", seq_len=32), context=96) == 32
     with pytest.raises(DtlError, match="--seq-len must be a positive integer, got 0"):
         TrainConfig(data="d", seq_len=0).validate()
 
@@ -165,19 +173,20 @@ def test_config_file_then_flags_resolved_and_saved(packed_data, tmp_path, capsys
 def test_lr_and_warmup_defaults_follow_the_width_and_the_run_length():
     """lr = 1e-3 * sqrt(128 / d_model); warmup = 5% of max_steps, 1 to 500 (hand-computed)."""
     narrow = TrainConfig(data="d", d_model=128, max_steps=1562)
-    got = resolve_settings(narrow, data_max_length=64)
+    got = resolve_lr_schedule(narrow, d_model=128)
     assert got.lr == pytest.approx(1e-3)
     assert got.min_lr == pytest.approx(1e-4) and got.warmup_steps == 78
-    wide = resolve_settings(TrainConfig(data="d", d_model=768, max_steps=40), 64)
+    wide = resolve_lr_schedule(TrainConfig(data="d", max_steps=40), d_model=768)
     assert wide.lr == pytest.approx(4.0825e-4, rel=1e-4) and wide.warmup_steps == 2  # /sqrt(6)
-    assert resolve_settings(TrainConfig(data="d", max_steps=1), 64).warmup_steps == 1
-    assert resolve_settings(TrainConfig(data="d", max_steps=10**6), 64).warmup_steps == 500
-    # The preset's own width when --d-model is not given: small is 256 wide.
-    small = resolve_settings(TrainConfig(data="d", preset="small"), 64)
-    assert small.lr == pytest.approx(1e-3 / math.sqrt(2))
+    assert resolve_lr_schedule(TrainConfig(data="d", max_steps=1), 128).warmup_steps == 1
+    assert resolve_lr_schedule(TrainConfig(data="d", max_steps=10**6), 128).warmup_steps == 500
+    # The width is the model's: the preset's own when --d-model is not given (small is 256).
+    small = TrainConfig(data="d", preset="small")
+    width = build_model_config(small, {"vocab_size": 512}, 64).d_model
+    assert resolve_lr_schedule(small, width).lr == pytest.approx(1e-3 / math.sqrt(2))
     # A min-lr above the resolved peak is refused, naming both.
     with pytest.raises(DtlError, match=r"--min-lr 0.01 is above the peak lr 0.001"):
-        resolve_settings(TrainConfig(data="d", d_model=128, min_lr=0.01), 64)
+        resolve_lr_schedule(TrainConfig(data="d", min_lr=0.01), d_model=128)
     with pytest.raises(DtlError, match="unknown --optimizer 'sgd'; choose adamw, muon"):
         TrainConfig(data="d", optimizer="sgd").validate()
     with pytest.raises(DtlError, match="--decay-all is AdamW's plain recipe"):

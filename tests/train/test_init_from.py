@@ -195,7 +195,7 @@ def test_a_legacy_checkpoint_is_a_source(gpt2, corpus, tmp_path):
     trainer = Trainer(cfg)
     # The default lr follows the model it trains (32 wide), not the tiny preset (128 wide):
     # 1e-3 * sqrt(128 / 32), the rule's value worked by hand.
-    assert trainer.setup.settings.lr == pytest.approx(2e-3)
+    assert trainer.resolved.schedule.lr == pytest.approx(2e-3)
     want = legacy.state_dict()
     assert all(torch.equal(trainer.model.state_dict()[k], want[k]) for k in want)
     trainer.run()
@@ -204,3 +204,53 @@ def test_a_legacy_checkpoint_is_a_source(gpt2, corpus, tmp_path):
     # Resuming keeps the source's sizes (not the tiny preset's, which no flag overrode here).
     resumed = train(dataclasses.replace(cfg, max_steps=2), resume=True)
     assert resumed["step"] == 2 and load_model(out)[0].config == model.config
+
+
+# ---------------------------------------------------------------------- a damaged source
+def _nan_model_dir(directory, tokenizer):
+    """A model dir (with GPT-2's tokenizer) whose final LayerNorm holds two NaNs."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50257, d_model=16, n_heads=2, n_layers=1, d_ff=32,
+                         max_seq_length=32)  # fmt: skip
+    model = TransformerLM(config)
+    with torch.no_grad():
+        model.ln_f.weight[:2] = float("nan")
+    model.save_pretrained(directory)
+    tokenizer.save(directory)
+    return directory
+
+
+def _nan_legacy_pt(path):
+    """A legacy .pt (the original scripts' dict) whose head bias holds an Inf."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50257, d_model=16, n_heads=8, n_layers=1, d_ff=32,
+                         max_seq_length=32)  # fmt: skip
+    state = TransformerLM(config).state_dict()
+    state["head.bias"][3] = float("inf")
+    torch.save({"model_state_dict": state, "epoch": 1}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["model_dir", "legacy_pt"])
+def test_a_source_with_non_finite_weights_is_refused_as_generate_refuses_it(
+    kind, gpt2, dtl, corpus, tmp_path
+):
+    """`dtl train --init-from` loads its source as `dtl generate` does: NaN/Inf weights are
+    refused before anything is prepared or written, with generate's own line."""
+    if kind == "model_dir":
+        source, tensor = _nan_model_dir(tmp_path / "broken", gpt2), "ln_f.weight holds 2"
+    else:
+        source, tensor = _nan_legacy_pt(tmp_path / "broken.pt"), "head.bias holds 1"
+    code, out, err = dtl("generate", "--model", source, "--prompt", "a", "--max-new-tokens", "2")
+    assert code == 2, (out, err)
+    generate_line = err.strip().splitlines()[-1].removeprefix("dtl generate: error: ")
+    assert tensor in generate_line and "non-finite" in generate_line
+    text = tmp_path / "notes.txt"
+    text.write_bytes(corpus.read_bytes()[:20_000])
+    out_dir = tmp_path / "ft"
+    code, out, err = dtl("train", "--data", text, "--out", out_dir, "--init-from", source,
+                         "--max-steps", "1", "--device", "cpu", "--no-progress")  # fmt: skip
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert lines[-1] == f"dtl train: error: {generate_line}" and "Traceback" not in err, err
+    assert not out_dir.exists()  # refused before the run dir or its data was made

@@ -1,24 +1,24 @@
 """A run's setup (`dtl.train.setup`): which data `dtl train` trains on, and on rows of what
 length. RUN_DIR/data is reused only when it was prepared from the same source, tokenizer and
 max_length (or on --resume); seq_len is --seq-len, else the data's max_length (a raw file is
-prepared at --seq-len, else 256), and the loader yields rows of exactly that; the model keeps
-its preset's context; a run resumes from any directory; a micro-batch with nothing scored
-still runs the (DDP-wrapped) forward."""
+prepared at --seq-len, else the preset's context, 256 for tiny), and the loader yields rows of
+exactly that; the model keeps its preset's context, raised to hold longer rows (no new
+parameter); `dtl prepare` then `dtl train` with their defaults trains; a run resumes from any
+directory; a micro-batch with nothing scored still runs the (DDP-wrapped) forward."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 
-import pytest
 import torch
 import yaml
 from train_helpers import cli, fails_here, tiny_config, train_argv
 
-from dtl import TransformerLM
+from dtl import ModelConfig, TransformerLM
 from dtl.data.loader import BatchLoader
-from dtl.errors import DtlError
 from dtl.model import IGNORE_INDEX
 from dtl.run_dir import latest_checkpoint
 from dtl.train import Trainer, build_model_config, train
@@ -141,30 +141,102 @@ def test_the_model_keeps_its_presets_context(packed_data, tmp_path):
     assert TransformerLM.from_pretrained(resumed["checkpoint"]).config.max_seq_length == 256
 
 
-def test_rows_longer_than_the_context_name_both_numbers():
+def _n_params(config):
+    return sum(p.numel() for p in TransformerLM(config).parameters())
+
+
+def test_rows_longer_than_the_presets_context_raise_it_without_new_parameters():
     cfg = tiny_config("data", "run")
-    with pytest.raises(DtlError) as err:
-        build_model_config(cfg, {"vocab_size": 512}, 300)
-    text = str(err.value)
-    assert "300" in text and "256" in text and "dtl prepare --max-length N" in text
-    assert "qa" in text
-    # The qa preset's context (1024) holds them.
+    raised = build_model_config(cfg, {"vocab_size": 512}, 300)
+    assert raised.max_seq_length == 300  # the tiny preset's 256 holds no row of 300
+    plain = build_model_config(cfg, {"vocab_size": 512}, 200)
+    assert plain.max_seq_length == 256  # shorter rows keep the preset's context
+    # Only the context differs: the sinusoidal table is computed, so the weights are the same
+    # tensors, shape for shape (the count is the one the 256-token model has).
+    assert dataclasses.replace(raised, max_seq_length=256) == plain
+    shapes = {k: v.shape for k, v in TransformerLM(raised).state_dict().items()}
+    assert shapes == {k: v.shape for k, v in TransformerLM(plain).state_dict().items()}
+    assert _n_params(raised) == _n_params(plain)
+    # The qa preset's context (1024) holds them as it is.
     qa = tiny_config("data", "run", preset="qa", d_model=32, n_heads=2, n_layers=1, d_ff=64)
     assert build_model_config(qa, {"vocab_size": 512}, 300).max_seq_length == 1024
 
 
 def test_long_rows_from_the_command_line(corpus, tokenizer_dir, tmp_path, capsys):
+    """--seq-len 300 on the tiny preset: the raw file is prepared into rows of 300 and the
+    model's context is raised to hold them, which the first log line says."""
     raw = _raw(corpus, tmp_path / "long.raw", 0, 60_000)
     run = tmp_path / "run"
+    code, out, err = cli(_train(raw, run, tokenizer_dir, "--seq-len", "300"), capsys)
+    assert code == 0, err
+    first = next(line for line in out.splitlines() if line.startswith("training "))
+    assert "context 300 tokens (the tiny preset's 256 raised to hold rows of 300" in first
+    assert "no new parameters" in first
+    saved = json.loads((latest_checkpoint(run) / "config.json").read_text())
+    assert (saved["max_seq_length"], saved["trained_seq_len"]) == (300, 300)
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["max_seq_length"] == 300
+
+
+def test_prepare_then_train_with_their_defaults(corpus, tokenizer_dir, tmp_path, capsys):
+    """The first hour: `dtl prepare notes.txt -o d`, then `dtl train --data d`, each with its
+    defaults (no --max-length, --seq-len or --preset), trains: the rows are the default
+    preset's context, and the run trains on them whole."""
+    notes = _raw(corpus, tmp_path / "notes.txt", 0, 60_000)
+    data = tmp_path / "d"
+    code, out, err = cli(["prepare", notes, "-o", data, "--tokenizer", tokenizer_dir], capsys)
+    assert code == 0, err
+    assert json.loads((data / "meta.json").read_text())["max_length"] == 256  # tiny's context
+    run = tmp_path / "run"
+    small = ["--d-model", "32", "--n-heads", "2", "--n-layers", "1", "--d-ff", "64"]
+    argv = ["train", "--data", data, "--out", run, "--max-steps", "1", "--batch-size", "1",
+            "--eval-batches", "1", "--no-progress", *small]  # fmt: skip
+    code, out, err = cli(argv, capsys)
+    assert code == 0, err
+    assert "done: step 1" in out
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["preset"] == "tiny" and saved["tokens_per_step"] == 256
+    assert saved["model"]["max_seq_length"] == 256 and "raised" not in out
+    # `dtl info` describes the same default model (the tiny preset, its 256-token context).
+    code, out, err = cli(["info", "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["model"] == "tiny" and info["config"]["max_seq_length"] == 256
+
+
+def test_data_prepared_longer_than_the_preset_trains_at_its_length(
+    corpus, tokenizer_dir, tmp_path, capsys
+):
+    """`dtl prepare --max-length 512` (the old default) then `dtl train --data d`: the run
+    trains on the rows of 512 with the tiny preset's context raised to 512, the same
+    parameters as at 256; a --seq-len longer than the data's rows is still refused."""
+    notes = _raw(corpus, tmp_path / "notes.txt", 0, 120_000)
+    data = tmp_path / "d"
+    code, _, err = cli(
+        ["prepare", notes, "-o", data, "--tokenizer", tokenizer_dir, "--max-length", "512"],
+        capsys,
+    )
+    assert code == 0, err
+    run = tmp_path / "run"
+    argv = ["train", "--data", data, "--out", run, "--max-steps", "1", "--batch-size", "1",
+            "--eval-batches", "1", "--no-progress", "--n-layers", "1"]  # fmt: skip
+    code, out, err = cli(argv, capsys)
+    assert code == 0, err
+    first = next(line for line in out.splitlines() if line.startswith("training "))
+    n_params = _n_params(ModelConfig.preset("tiny", vocab_size=512, n_layers=1))  # at 256
+    assert first.startswith(f"training {n_params:,} parameters on cpu (fp32), context 512 tokens")
+    assert "the tiny preset's 256 raised to hold rows of 512" in first
+    saved = json.loads((latest_checkpoint(run) / "config.json").read_text())
+    assert (saved["max_seq_length"], saved["trained_seq_len"]) == (512, 512)
+    assert _first_log(run)["tokens"] == 512
+    # Resuming rebuilds the same raised model and goes on.
+    code, out, err = cli(["train", "--resume", run, "--max-steps", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "done: step 2" in out
     fails_here(
         capsys,
-        _train(raw, run, tokenizer_dir, "--seq-len", "300"),
-        "300",
-        "256",
-        "dtl prepare --max-length N",
-        "qa",
+        [*argv[:4], tmp_path / "run2", *argv[5:], "--seq-len", "600"],
+        "--seq-len 600 is longer than the data's rows (512 tokens)",
     )
-    assert not (run / "checkpoints").exists()
 
 
 def test_too_little_text_names_dtl_prepare_max_length(corpus, tokenizer_dir, tmp_path, capsys):

@@ -102,7 +102,7 @@ def test_fp16_with_a_grad_scaler_trains_with_fp32_master_weights(
     run = tmp_path / "run"
     trainer = Trainer(tiny_config(packed_data, run, max_steps=20, precision="fp16"))
     assert trainer.prec == FP16 and trainer.scaler.is_enabled()
-    assert trainer.setup.resolved_config()["precision_resolved"] == "fp16"
+    assert trainer.resolved.to_config()["precision_resolved"] == "fp16"
     linear_out, grad_dtypes = set(), set()
     trainer.model.transformer_blocks[0].feed_forward.linear1.register_forward_hook(
         lambda mod, args, out: linear_out.add(out.dtype)

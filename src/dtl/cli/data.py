@@ -12,7 +12,7 @@ from dtl.data.prepare import prepare
 from dtl.data.qa import QA_TEMPLATE
 from dtl.data.sources import detect_kind
 from dtl.errors import DtlError
-from dtl.model.config import ModelConfig
+from dtl.model.config import DEFAULT_PRESET, preset_context
 from dtl.tokenizer import train_tokenizer
 
 KINDS_HELP = "wikipedia, wikitext, squad, jsonl, text (default: from the file name)"
@@ -131,10 +131,14 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
         "copy shipped with dtl)",
     )
     prep.add_argument(
-        "--max-length", type=int, help="tokens per row (default 512, or the --preset's limit)"
+        "--max-length",
+        type=int,
+        help=f"tokens per row (default: the --preset's max_seq_length, {preset_context()} for "
+        f"{DEFAULT_PRESET}, the preset dtl train uses by default)",
     )
     prep.add_argument(
-        "--preset", help="check --max-length against this model preset's max_seq_length"
+        "--preset",
+        help="check --max-length against this model preset's max_seq_length (its default)",
     )
     mode = prep.add_mutually_exclusive_group()
     for name, text in MODE_HELP.items():
@@ -248,11 +252,11 @@ def _extract_line(s: dict) -> str:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    model_limit = None
-    if args.preset:
-        model_limit = ModelConfig.preset(args.preset).max_seq_length
+    # --preset is a limit to check against; without it, rows of the default preset's context
+    # (what `dtl train` trains by default), so `dtl prepare` then `dtl train` fit together
+    model_limit = preset_context(args.preset) if args.preset else None
     # 0 is a mistake to report (prepare checks the range), not "unset"
-    max_length = args.max_length if args.max_length is not None else model_limit or 512
+    max_length = args.max_length if args.max_length is not None else preset_context(args.preset)
     kinds = {args.kind or detect_kind(p) for p in args.inputs}
     options = {kind: _source_options(args, kind) for kind in kinds}
     summary = prepare(

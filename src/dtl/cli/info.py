@@ -8,10 +8,11 @@ from pathlib import Path
 
 from dtl.cli import add_common, add_verb
 from dtl.errors import DtlError
-from dtl.model.config import PRESETS, SPEC_CLAIMED_PARAMS, ModelConfig
+from dtl.model.config import DEFAULT_PRESET, PRESETS, SPEC_CLAIMED_PARAMS, ModelConfig
 from dtl.train import memory
 
 EXAMPLES = """examples:
+  dtl info                                    # the preset dtl train uses by default
   dtl info --preset small
   dtl info --preset tiny --vocab-size 8192 --batch-size 32 --seq-len 256
   dtl info --preset qa --fit 8GB              # settings that train it on an 8 GB GPU
@@ -39,7 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_common(p)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=list(PRESETS), help="a named preset (default: small)")
+    src.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help=f"a named preset (default: {DEFAULT_PRESET}, as dtl train)",
+    )
     src.add_argument("--config", type=Path, help="a model config.json, or a model directory")
     p.add_argument("--vocab-size", type=int, help="override the vocabulary size")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
@@ -68,7 +73,7 @@ def load_config(args: argparse.Namespace) -> tuple[str, ModelConfig]:
         if args.vocab_size:
             config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": args.vocab_size})
         return str(path), config
-    name = args.preset or "small"
+    name = args.preset or DEFAULT_PRESET
     return name, ModelConfig.preset(name, vocab_size=args.vocab_size)
 
 

@@ -12,11 +12,11 @@ from typing import Any
 
 from dtl.cli import say_threads
 from dtl.errors import DtlError
+from dtl.model.config import DEFAULT_PRESET, preset_context
 from dtl.run_dir import resume_target
 from dtl.train import train
 from dtl.train.config import (
     LR_RULE,
-    RAW_DATA_MAX_LENGTH,
     WARMUP_RULE,
     TrainConfig,
     build_config,
@@ -29,7 +29,8 @@ HELP = {
     "data": "a prepared data dir (dtl prepare), a raw source file (prepared into RUN_DIR/data), "
     "or a dataset name (e.g. wikitext-2, needs the network)",
     "out": "the run dir (config, metrics.jsonl, checkpoints/)",
-    "preset": "model preset: tiny, small, medium, large, qa",
+    "preset": f"model preset: tiny, small, medium, large, qa (default {DEFAULT_PRESET}); its "
+    "max_seq_length is raised to hold longer rows (sinusoidal positions: no new parameters)",
     "vocab_size": "model vocabulary (default: the data's tokenizer)",
     "d_model": "model width (default: the preset's)",
     "n_heads": "attention heads (default: the preset's)",
@@ -40,7 +41,8 @@ HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "seq_len": "tokens per row trained on (default: the data's max_length); a raw --data file "
-    f"is prepared into rows of this many (default {RAW_DATA_MAX_LENGTH})",
+    "is prepared into rows of this many (default: the model's context, the --preset's "
+    f"max_seq_length: {preset_context()} for {DEFAULT_PRESET}; an --init-from model's)",
     "tokenizer": "tokenizer for a raw --data file: gpt2 or a dir from dtl tokenizer train "
     "(with --init-from: the model's own)",
     "init_from": "start a new run from this model's weights (a run dir, checkpoint dir or "
@@ -82,7 +84,8 @@ HELP = {
 
 EXAMPLES = """examples:
   dtl prepare corpus.txt -o data/corpus --tokenizer gpt2
-  dtl train --data data/corpus --out runs/tiny --preset tiny --max-steps 300
+  dtl train --data data/corpus --out runs/tiny --max-steps 300      # the tiny preset
+  dtl train --data data/corpus --out runs/small --preset small
   dtl train --data my-notes.txt --out runs/notes          # prepares the file first
   dtl train --data data/corpus --out runs/muon --optimizer muon
   dtl train --config train.yaml --lr 3e-4                  # flags override the file
@@ -152,10 +155,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     names = setting_kinds()  # the flags given (unset ones are not in args)
     flags = {name: value for name, value in vars(args).items() if name in names}
-    run_dir, checkpoint = resume_target(args.resume) if args.resume else (None, None)
-    cfg = build_config(flags, config_file=args.config, resume=run_dir and str(run_dir))
+    resume = resume_target(args.resume) if args.resume else None  # one value from here on
+    cfg = build_config(flags, config_file=args.config, resume=resume)
     say_threads(args)
-    summary = train(cfg, resume=bool(args.resume), resume_from=checkpoint)
+    summary = train(cfg, resume=resume)
     if summary.get("checkpoint"):
         ppl = summary.get("val_ppl")
         shown = (

@@ -133,6 +133,20 @@ PRESETS: dict[str, ModelConfig] = {
     "large": ModelConfig(d_model=768, n_heads=12, n_layers=12, d_ff=3072, max_seq_length=512),
     "qa": ModelConfig(d_model=512, n_heads=8, n_layers=10, d_ff=2048, max_seq_length=1024),
 }
+# The preset `dtl train`, `dtl info` and `dtl prepare` assume when none is named: the one that
+# trains on a laptop CPU. Its context is the rows `dtl prepare` cuts text into by default.
+DEFAULT_PRESET = "tiny"
+
+
+def preset_context(name: str | None = None) -> int:
+    """The max_seq_length of preset `name` (DEFAULT_PRESET when None): the rows data is
+    prepared into when no length is given (`dtl prepare`, a raw `dtl train --data FILE`).
+
+    >>> preset_context(), preset_context("qa")
+    (256, 1024)
+    """
+    return ModelConfig.preset(name or DEFAULT_PRESET).max_seq_length
+
 
 # What the spec's diagram claims for each preset (vocab 50,257), printed beside the truth.
 SPEC_CLAIMED_PARAMS: dict[str, str] = {

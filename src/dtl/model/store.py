@@ -1,12 +1,18 @@
 """Find and load a trained model (and its tokenizer) from whatever a user names.
 
 A model spec is one of:
-- a run dir (written by `dtl train`): its newest checkpoint (`checkpoints/latest`, else
-  `checkpoints/latest.txt`, else the highest `checkpoints/step-N`);
+- a run dir (written by `dtl train`), or its `checkpoints/` folder: its newest checkpoint
+  (`dtl.run_dir.latest_model_dir`: `checkpoints/latest`, else `checkpoints/latest.txt`, else
+  the highest `checkpoints/step-N`);
 - a checkpoint or model dir: `config.json` + `model.safetensors` + the tokenizer's files;
 - a `.pt` file from the original DTL scripts, read with the GPT-2 tokenizer.
 
+Every verb that loads a model (generate, ask, eval, serve, export, `dtl train --init-from`)
+goes through `load_model`, so each gets the same checks (the tokenizer fits the model, no
+NaN/Inf weights); `read_model_config` reads a model's config without its weights.
+
 >>> model, tokenizer = load_model("runs/tiny")  # doctest: +SKIP
+>>> path, config = read_model_config("runs/tiny")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from pathlib import Path
 import torch
 
 from dtl.errors import DtlError
+from dtl.model.config import ModelConfig
+from dtl.model.legacy import read_legacy_config
 from dtl.model.transformer import TransformerLM
-from dtl.run_dir import latest_model_dir
+from dtl.run_dir import CHECKPOINTS, WEIGHTS_FILE, find_checkpoints, latest_model_dir
 
 
 def resolve_model_dir(spec: str | os.PathLike) -> Path:
@@ -36,20 +44,32 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path:
             f"{path}: no such model; give a run dir (dtl train --out DIR), a checkpoint dir "
             "(DIR/checkpoints/step-N) or a legacy .pt file"
         )
-    if (path / "model.safetensors").is_file():
+    if (path / WEIGHTS_FILE).is_file():
         return path
-    checkpoints = path / "checkpoints"
-    if path.name == "checkpoints" or (path / "latest.txt").is_file():
-        checkpoints = path  # RUN_DIR/checkpoints itself
+    checkpoints = find_checkpoints(path)
     if checkpoints.is_dir():
         found = latest_model_dir(checkpoints)
         if found is None:
-            raise DtlError(f"{checkpoints}: no saved checkpoint (step-N/model.safetensors) yet")
+            raise DtlError(f"{checkpoints}: no saved checkpoint (step-N/{WEIGHTS_FILE}) yet")
         return found
     raise DtlError(
-        f"{path}: neither a model dir (no model.safetensors) nor a run dir (no checkpoints/); "
+        f"{path}: neither a model dir (no {WEIGHTS_FILE}) nor a run dir (no {CHECKPOINTS}/); "
         "has training saved a checkpoint yet?"
     )
+
+
+def read_model_config(spec: str | os.PathLike) -> tuple[Path, ModelConfig]:
+    """(the model dir or `.pt` file a spec names, its config), without loading the weights:
+    a model dir's config.json, or the shapes a legacy `.pt` file records.
+
+    >>> path, config = read_model_config("runs/tiny")  # doctest: +SKIP
+    >>> config.d_model  # doctest: +SKIP
+    128
+    """
+    path = resolve_model_dir(spec)
+    if path.is_file():
+        return path, read_legacy_config(path)
+    return path, ModelConfig.from_json(path / "config.json")
 
 
 def load_model(

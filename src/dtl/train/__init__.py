@@ -1,9 +1,9 @@
 """Training: `dtl train` as functions. The loop, and the pieces it is built from:
 
-config.py       TrainConfig; settings: defaults < saved run < --config file < flags; the
-                defaults that depend on the data (seq_len, min_lr), resolved once
-setup.py        the run's setup: processes, precision, run dir, the data (a raw file is
-                prepared into RUN_DIR/data), the model's config
+config.py       TrainConfig; settings: defaults < saved run < --config file < flags;
+                ResolvedRun, the run as decided once (context, model, lr schedule)
+setup.py        the run's setup, in one order: processes, precision, run dir, data (a raw
+                file is prepared into RUN_DIR/data) -> context -> model config -> lr
 parallelize.py  the loss as the forward, activation checkpointing, DDP/FSDP, torch.compile
 step.py         one step's arithmetic: token-weighted accumulation, clipping, evaluation
 loop.py         Trainer (the loop) and train()
@@ -20,14 +20,17 @@ plot.py         loss.png of a run
 >>> summary = train(TrainConfig(data="data/wiki", out="runs/tiny", max_steps=200))  # doctest: +SKIP
 """
 
+from dtl.run_dir import ResumeFrom
 from dtl.train.checkpoint import seed_everything
 from dtl.train.config import (
     RESUME_LOCKED,
-    ResolvedSettings,
+    LrSchedule,
+    ResolvedRun,
     TrainConfig,
     absolute_data,
     build_config,
-    resolve_settings,
+    resolve_lr_schedule,
+    resolve_seq_len,
 )
 from dtl.train.loop import MIN_LOSS_SCALE, Trainer, train
 from dtl.train.parallelize import enable_activation_checkpointing
@@ -36,7 +39,9 @@ from dtl.train.setup import RunSetup, build_model_config, setup_run
 __all__ = [
     "MIN_LOSS_SCALE",
     "RESUME_LOCKED",
-    "ResolvedSettings",
+    "LrSchedule",
+    "ResolvedRun",
+    "ResumeFrom",
     "RunSetup",
     "TrainConfig",
     "Trainer",
@@ -44,7 +49,8 @@ __all__ = [
     "build_config",
     "build_model_config",
     "enable_activation_checkpointing",
-    "resolve_settings",
+    "resolve_lr_schedule",
+    "resolve_seq_len",
     "seed_everything",
     "setup_run",
     "train",

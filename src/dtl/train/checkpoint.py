@@ -22,8 +22,8 @@ import torch
 from dtl.errors import DtlError
 from dtl.fileio import atomic_write
 from dtl.model.config import ModelConfig
-from dtl.model.transformer import TransformerLM
-from dtl.run_dir import STATE_FILE, latest_checkpoint, list_checkpoints, write_step
+from dtl.model.store import read_model_config
+from dtl.run_dir import STATE_FILE, ResumeFrom, latest_checkpoint, list_checkpoints, write_step
 
 
 def _save_state(state: dict, path: Path) -> None:
@@ -75,20 +75,18 @@ def load_training_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_latest(
-    run_dir: str | os.PathLike,
-    model_config: ModelConfig,
-    world_size: int,
-    checkpoint: str | os.PathLike | None = None,
+    resume: ResumeFrom, model_config: ModelConfig, world_size: int
 ) -> tuple[Path, dict[str, Any]]:
-    """(the checkpoint, its training state) of a run to resume: `checkpoint`, else the
-    newest. It must hold the model these settings give and have run on as many processes
-    (the data order)."""
-    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
+    """(the checkpoint, its training state) of a run to resume: `resume.checkpoint`, else
+    the run's newest. It must hold the model these settings give (its config is read, not
+    its weights) and have run on as many processes (the data order)."""
+    run_dir = resume.run_dir
+    path = resume.checkpoint if resume.checkpoint is not None else latest_checkpoint(run_dir)
     if path is None:
         raise DtlError(f"{run_dir}: no checkpoint to resume from (checkpoints/step-N)")
     if not path.is_dir():
         raise DtlError(f"--resume {path}: no such checkpoint; `ls {path.parent}` lists them")
-    saved = TransformerLM.from_pretrained(path).config
+    _, saved = read_model_config(path)
     if saved != model_config:
         raise DtlError(
             f"cannot resume {run_dir}: its model is {saved} but these settings give "

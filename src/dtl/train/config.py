@@ -2,9 +2,13 @@
 
 Settings come from four places, each overriding the one before:
 TrainConfig's defaults < the saved RUN_DIR/config.yaml (on --resume) < a --config YAML/JSON
-file < flags (`build_config`). The defaults that depend on the data or on other settings are
-resolved here too, once: `prepare_length` (the rows a raw --data file is prepared into) and
-`resolve_settings` (seq_len, lr, warmup_steps and min_lr, once the data's max_length is known).
+file < flags (`build_config`).
+
+What depends on the data or on other settings is then decided once, in one order, by
+`dtl.train.setup.setup_run`: data -> context -> model config -> lr/warmup/schedule, into one
+frozen record, `ResolvedRun`, that the Trainer, RUN_DIR/config.yaml and the first log line
+all read. The rules it applies live here: `prepare_length` (the rows a raw --data file is
+prepared into), `resolve_seq_len` (the rows trained on), `resolve_lr_schedule`.
 
 The defaults that fit the run (`LR_RULE`, `WARMUP_RULE`, shown in `dtl train --help`):
 lr = 1e-3 * sqrt(128 / d_model) (1e-3 for the `tiny` preset, measured best of 1e-3 and
@@ -14,8 +18,10 @@ most 500 steps.
 >>> cfg = TrainConfig.from_dict({"data": "data/wiki", "max-steps": "200", "lr": "1e-3"})
 >>> cfg.max_steps, cfg.lr
 (200, 0.001)
->>> resolve_settings(cfg, data_max_length=128)
-ResolvedSettings(seq_len=128, min_lr=0.0001, lr=0.001, warmup_steps=10)
+>>> resolve_seq_len(cfg, data_max_length=128)
+128
+>>> resolve_lr_schedule(cfg, d_model=128)
+LrSchedule(lr=0.001, min_lr=0.0001, warmup_steps=10, max_steps=200, schedule='cosine')
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +37,8 @@ from typing import Any
 import yaml
 
 from dtl.errors import DtlError
-from dtl.model.config import TRAINED_FIELDS, ModelConfig
-from dtl.run_dir import CONFIG_FILE
+from dtl.model.config import DEFAULT_PRESET, TRAINED_FIELDS, ModelConfig, preset_context
+from dtl.run_dir import CONFIG_FILE, ResumeFrom, resume_target
 from dtl.train import optim
 
 # The model's sizes a run may set; its context (max_seq_length) is the preset's, never a flag,
@@ -47,8 +54,6 @@ RESUME_LOCKED = (
 )  # fmt: skip
 # Overrides that hold for the launch that gives them: a resumed run checks again.
 ONE_LAUNCH = ("memory_check", "data_check")
-# The max_length a raw --data file is prepared at when no --seq-len is given.
-RAW_DATA_MAX_LENGTH = 256
 # The learning-rate and warmup defaults (see the module docstring): lr from the model's width,
 # warmup a fraction of the run, capped. Chosen with benchmarks/bench_quality.py.
 LR_REF, LR_REF_WIDTH = 1e-3, 128
@@ -73,7 +78,7 @@ class TrainConfig:
 
     data: str = ""  # a prepared data dir, a raw source file, or a dataset name
     out: str = "runs/run"
-    preset: str = "tiny"
+    preset: str = DEFAULT_PRESET
     vocab_size: int | None = None  # None: the data's vocabulary
     d_model: int | None = None  # the model fields (MODEL_FIELDS): None is the preset's
     n_heads: int | None = None
@@ -202,38 +207,63 @@ def _coerce(value: Any, kind: str, key: str, source: str) -> Any:
 
 # ---------------------------------------------------------------------- defaults < ... < flags
 def build_config(
-    flags: dict[str, Any], config_file: str | None = None, resume: str | None = None
+    flags: dict[str, Any],
+    config_file: str | None = None,
+    resume: ResumeFrom | str | os.PathLike | None = None,
 ) -> TrainConfig:
     """TrainConfig from defaults < the saved run config (`resume`) < `config_file` < `flags`.
 
-    `flags` are the settings given on the command line. On `resume` (a run dir) the run's
-    saved settings are the base, `out` is the run dir, and RESUME_LOCKED settings may not
-    change.
+    `flags` are the settings given on the command line. On `resume` (a `ResumeFrom`, or a
+    run dir) the run's saved settings are the base, `out` is the run dir, and RESUME_LOCKED
+    settings may not change.
 
     >>> cfg = build_config({"max_steps": 600}, resume="runs/tiny")  # doctest: +SKIP
     """
     settings: dict[str, Any] = {}
     saved: dict[str, Any] = {}
-    if resume and normalise_keys(flags).get("init_from"):
+    target = as_resume(resume)
+    run_dir = str(target.run_dir) if target is not None else ""
+    if target is not None and normalise_keys(flags).get("init_from"):
         raise DtlError(
-            f"give --resume or --init-from, not both: --resume {resume} continues that run from "
+            f"give --resume or --init-from, not both: --resume {run_dir} continues that run from "
             "its own checkpoints (a resumed fine-tune never reloads its source); --init-from "
             "starts a new run (with a new --out) from a model's weights"
         )
-    if resume:
-        saved = saved_config(resume)
+    if target is not None:
+        saved = saved_config(run_dir)
         names = setting_kinds()
         settings.update({k: v for k, v in saved.items() if k in names and k not in ONE_LAUNCH})
     if config_file:
         settings.update(normalise_keys(load_config_file(config_file)))
     settings.update(normalise_keys(flags))
-    if resume:
-        settings["out"] = resume
-        check_resume_locked(resume, settings, saved)
+    if target is not None:
+        settings["out"] = run_dir
+        check_resume_locked(run_dir, settings, saved)
     try:
         return TrainConfig.from_dict(settings, source=config_file or "settings")
     except TypeError as err:
         raise DtlError(f"bad settings: {err}") from None
+
+
+def as_resume(
+    resume: ResumeFrom | bool | str | os.PathLike | None, out: str | os.PathLike = ""
+) -> ResumeFrom | None:
+    """The one value a resume is, from what a caller may pass: a `ResumeFrom`; True (the run
+    dir `out`, from its newest checkpoint); a run dir or `RUN_DIR/checkpoints/step-N`; or
+    None / False (a new run).
+
+    >>> as_resume(True, "runs/tiny")
+    ResumeFrom(run_dir=PosixPath('runs/tiny'), checkpoint=None)
+    >>> as_resume(None) is as_resume(False) is None
+    True
+    """
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        return ResumeFrom(Path(out))
+    if isinstance(resume, ResumeFrom):
+        return resume
+    return resume_target(resume)
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -296,29 +326,17 @@ def absolute_data(data: str) -> str:
 
 
 # ---------------------------------------------------------------------- resolved defaults
-@dataclass(frozen=True)
-class ResolvedSettings:
-    """The settings whose default depends on the data or on another setting."""
-
-    seq_len: int  # tokens per row trained on (input_ids and targets are (B, seq_len))
-    min_lr: float  # the floor the learning rate decays to
-    lr: float  # AdamW's peak learning rate
-    warmup_steps: int
-
-
-def prepare_length(cfg: TrainConfig) -> int:
-    """The max_length a raw --data file is prepared into RUN_DIR/data at: --seq-len, else 256."""
-    return RAW_DATA_MAX_LENGTH if cfg.seq_len is None else cfg.seq_len
+def prepare_length(cfg: TrainConfig, context: int | None = None) -> int:
+    """The max_length a raw --data file is prepared into RUN_DIR/data at: --seq-len, else
+    the model's context: `context` (an --init-from source's), else the preset's
+    max_seq_length, as `dtl prepare` does."""
+    if cfg.seq_len is not None:
+        return cfg.seq_len
+    return context if context is not None else preset_context(cfg.preset)
 
 
-def resolve_settings(
-    cfg: TrainConfig, data_max_length: int, d_model: int | None = None
-) -> ResolvedSettings:
-    """seq_len (--seq-len, else the data's max_length), lr (--lr, else LR_RULE), warmup_steps
-    (--warmup-steps, else WARMUP_RULE) and min_lr (--min-lr, else lr / 10).
-
-    `d_model` is the model's width when it is not the flags' (an --init-from source's);
-    LR_RULE scales with it.
+def resolve_seq_len(cfg: TrainConfig, data_max_length: int) -> int:
+    """The tokens per row a run trains on: --seq-len, else the data's max_length.
 
     Rows are read from the data's rows of `data_max_length` tokens, so a longer --seq-len is
     an error, not a silent cut.
@@ -329,18 +347,118 @@ def resolve_settings(
             f"--seq-len {seq_len} is longer than the data's rows ({data_max_length} tokens); "
             f"re-run dtl prepare with --max-length {seq_len} or lower --seq-len"
         )
-    width = model_width(cfg) if d_model is None else d_model
-    lr = default_lr(width) if cfg.lr is None else cfg.lr
+    return seq_len
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """The learning rate of every step: linear warmup to `lr`, then `schedule` down to
+    `min_lr` at `max_steps` (`optim.lr_at`)."""
+
+    lr: float  # AdamW's peak learning rate
+    min_lr: float  # the floor the learning rate decays to
+    warmup_steps: int
+    max_steps: int
+    schedule: str  # cosine, linear, constant
+
+    def at(self, step: int) -> float:
+        """The lr of the optimizer step after `step` steps.
+
+        >>> LrSchedule(1e-3, 1e-4, 10, 100, "cosine").at(0)
+        0.0001
+        """
+        return optim.lr_at(
+            step,
+            lr=self.lr,
+            min_lr=self.min_lr,
+            warmup_steps=self.warmup_steps,
+            max_steps=self.max_steps,
+            schedule=self.schedule,
+        )
+
+
+def resolve_lr_schedule(cfg: TrainConfig, d_model: int) -> LrSchedule:
+    """lr (--lr, else LR_RULE at the model's width `d_model`), warmup_steps (--warmup-steps,
+    else WARMUP_RULE) and min_lr (--min-lr, else lr / 10). `d_model` is the model the run
+    trains: its preset's and flags', or an --init-from source's."""
+    lr = default_lr(d_model) if cfg.lr is None else cfg.lr
     min_lr = lr / 10 if cfg.min_lr is None else cfg.min_lr
     if min_lr > lr:
         raise DtlError(f"--min-lr {min_lr:g} is above the peak lr {lr:.3g}; lower --min-lr")
     warmup = default_warmup(cfg.max_steps) if cfg.warmup_steps is None else cfg.warmup_steps
-    return ResolvedSettings(seq_len=seq_len, min_lr=min_lr, lr=lr, warmup_steps=warmup)
+    return LrSchedule(lr, min_lr, warmup, cfg.max_steps, cfg.schedule)
 
 
-def model_width(cfg: TrainConfig) -> int:
-    """d_model of the run's model: --d-model, else its preset's."""
-    return ModelConfig.preset(cfg.preset, d_model=cfg.d_model).d_model
+@dataclass(frozen=True)
+class ResolvedRun:
+    """Everything a run decided before its first weight, once, in order (data -> context ->
+    model -> lr schedule): what the Trainer builds from, what RUN_DIR/config.yaml holds
+    (`to_config`) and what the first log line says (`first_line`).
+
+    >>> run = setup_run(TrainConfig(data="notes-data", out="runs/notes")).run  # doctest: +SKIP
+    >>> run.seq_len, run.model.max_seq_length, run.schedule.lr  # doctest: +SKIP
+    (512, 512, 0.001)
+    """
+
+    cfg: TrainConfig  # the settings as given (an --init-from run's tokenizer filled in)
+    run_dir: Path
+    data_dir: Path  # a prepared data dir (meta.json, shards, the tokenizer's files)
+    seq_len: int  # tokens per row trained on: input_ids and targets are (batch_size, seq_len)
+    model: ModelConfig  # its trained_seq_len is seq_len
+    schedule: LrSchedule
+    precision: str  # resolved: fp32, bf16 or fp16
+    device: str
+    world_size: int
+    resume: ResumeFrom | None = None  # None: a new run
+    init_from: Path | None = None  # the model a new run starts from (--init-from), resolved
+    # The preset's max_seq_length when the model's was raised to hold rows of seq_len
+    # (None: not raised). Sinusoidal positions are computed, not learnt: no new parameters.
+    preset_context: int | None = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step trains on, over every rank."""
+        cfg = self.cfg
+        return cfg.batch_size * cfg.grad_accum * self.world_size * self.seq_len
+
+    def to_config(self) -> dict[str, Any]:
+        """What RUN_DIR/config.yaml holds: every setting as given, and what the run resolved."""
+        settings = dataclasses.asdict(self.cfg)
+        settings["data"] = absolute_data(self.cfg.data)  # resumable from any directory
+        record = {
+            **settings,
+            "data_dir": str(Path(self.data_dir).resolve()),
+            "model": self.model.to_dict(),
+            "precision_resolved": self.precision,
+            "device_resolved": self.device,
+            "world_size": self.world_size,
+            "tokens_per_step": self.tokens_per_step,
+            "lr_resolved": self.schedule.lr,
+            "warmup_steps_resolved": self.schedule.warmup_steps,
+            "min_lr_resolved": self.schedule.min_lr,
+        }
+        if self.init_from is not None:  # the source's context is the model's max_seq_length
+            record["init_from_resolved"] = str(self.init_from)
+            record["init_from_max_seq_length"] = self.model.max_seq_length
+        return record
+
+    def first_line(self, n_params: int) -> str:
+        """The log line a new run starts with: the model, device, batch, lr schedule and,
+        when the preset's context was raised to hold the rows, that."""
+        cfg, lr = self.cfg, self.schedule
+        muon = f", muon lr {cfg.muon_lr:g}" if cfg.optimizer == "muon" else ""
+        context = ""
+        if self.preset_context is not None:
+            context = (
+                f", context {self.model.max_seq_length} tokens (the {cfg.preset} preset's "
+                f"{self.preset_context} raised to hold rows of {self.seq_len}: sinusoidal "
+                "positions, no new parameters)"
+            )
+        return (
+            f"training {n_params:,} parameters on {self.device} ({self.precision}){context}, "
+            f"{self.tokens_per_step:,} tokens per step; adamw lr {lr.lr:.3g}{muon}, warmup "
+            f"{lr.warmup_steps} steps, {lr.schedule} to {lr.min_lr:.3g}"
+        )
 
 
 def default_lr(d_model: int) -> float:

@@ -7,6 +7,10 @@ its context (max_seq_length) are the source's; the new run may train at a shorte
 The data must be tokenized with the source's tokenizer (a raw --data file is prepared with
 it), and that tokenizer is saved with the new run's checkpoints.
 
+The source is loaded by `dtl.model.store.load_model`, as `dtl generate` loads it, with the
+same checks (weights holding NaN or Inf are refused with the same line), once, before the
+run writes anything.
+
 >>> source = read_init_source("runs/pretrain")    # doctest: +SKIP
 >>> source.config.d_model, source.tokenizer.name   # doctest: +SKIP
 (128, 'bpe')
@@ -15,15 +19,15 @@ it), and that tokenizer is saved with the new run's checkpoints.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from dtl.errors import DtlError
 from dtl.model.config import ModelConfig
-from dtl.model.legacy import read_legacy_checkpoint
-from dtl.model.store import resolve_model_dir
+from dtl.model.store import load_model, read_model_config, resolve_model_dir
 from dtl.model.transformer import TransformerLM
 from dtl.tokenizer import Tokenizer, load_tokenizer
 
@@ -33,36 +37,54 @@ SHAPE_FIELDS = ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff")
 
 @dataclass
 class InitSource:
-    """The model a run starts from: where its weights are, its config and its tokenizer."""
+    """The model a run starts from: where it is, its config, its tokenizer and its weights
+    (held until the new run's model takes them: `take_weights`)."""
 
     spec: str  # as the user gave it
     path: Path  # the resolved model dir or legacy .pt file
     config: ModelConfig
     tokenizer: Tokenizer
     tokenizer_spec: str  # what load_tokenizer / prepare take: the model dir, or "gpt2"
+    weights: dict[str, Tensor] | None = field(default=None, repr=False)
 
     @property
     def is_legacy(self) -> bool:
         return self.path.is_file()
 
+    def take_weights(self) -> dict[str, Tensor]:
+        """The source's state dict, handed over once (the run does not keep a second copy)."""
+        if self.weights is None:
+            raise DtlError(f"--init-from {self.spec}: its weights were already handed over")
+        weights, self.weights = self.weights, None
+        return weights
+
 
 def read_init_source(spec: str) -> InitSource:
-    """Resolve `spec` to a model and read its config and tokenizer (not yet its weights)."""
+    """Resolve `spec` and load the model with `load_model` (config, tokenizer, weights)."""
     try:
-        path = resolve_model_dir(spec).resolve()
+        found = resolve_model_dir(spec)
     except DtlError as err:
         raise DtlError(f"--init-from {spec}: {err}") from None
-    if path.is_file():
-        config, _ = read_legacy_checkpoint(path)
-        tokenizer_spec = "gpt2"  # the original scripts all used GPT-2's BPE
-    else:
-        config = ModelConfig.from_json(path / "config.json")
-        tokenizer_spec = str(path)
+    # the original scripts' .pt files all used GPT-2's BPE; a model dir holds its own
+    tokenizer_spec = "gpt2" if found.is_file() else str(found.resolve())
     try:
         tokenizer = load_tokenizer(tokenizer_spec)
     except DtlError as err:
         raise DtlError(f"--init-from {spec}: cannot load its tokenizer ({err})") from None
-    return InitSource(str(spec), path, config, tokenizer, tokenizer_spec)
+    # `found` as load_model names it for `dtl generate --model SPEC`: the same refusals, word
+    # for word (a NaN weight names the file as generate does)
+    model, _ = load_model(found, tokenizer=tokenizer)
+    weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    return InitSource(str(spec), found.resolve(), model.config, tokenizer, tokenizer_spec, weights)
+
+
+def read_init_config(spec: str) -> ModelConfig:
+    """The source's config alone (its weights are not read): what a resumed fine-tune whose
+    checkpoint lacks config.json falls back to."""
+    try:
+        return read_model_config(spec)[1]
+    except DtlError as err:
+        raise DtlError(f"--init-from {spec}: {err}") from None
 
 
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
@@ -120,13 +142,6 @@ def _describe(tok: Tokenizer) -> str:
 
 def load_init_weights(model: TransformerLM, source: InitSource) -> None:
     """Copy the source's weights into `model` (built with `init_model_config`). Every rank
-    reads the same file, so every rank starts from identical weights."""
-    if source.is_legacy:
-        _, state = read_legacy_checkpoint(source.path)
-        model.load_weights(state, source=str(source.path))
-        return
-    from safetensors.torch import load_file
-
-    state = load_file(str(source.path / "model.safetensors"), device="cpu")
+    read the same file, so every rank starts from identical weights."""
     with torch.no_grad():
-        model.load_weights(state, source=str(source.path / "model.safetensors"))
+        model.load_weights(source.take_weights(), source=str(source.path))

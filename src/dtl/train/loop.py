@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import gc
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,8 +33,9 @@ from dtl.data.loader import BatchLoader
 from dtl.data.shards import data_fingerprint
 from dtl.errors import DtlError
 from dtl.fileio import disk_full_as_error
+from dtl.model.config import ModelConfig
 from dtl.model.transformer import TransformerLM
-from dtl.run_dir import latest_checkpoint, set_aside_newer
+from dtl.run_dir import ResumeFrom, latest_checkpoint, set_aside_newer
 from dtl.train import checkpoint as ckpt
 from dtl.train import distributed, optim, precision
 from dtl.train.config import TrainConfig
@@ -74,40 +74,54 @@ class _State:
 class Trainer:
     """The pieces of one run; `run()` is the loop, `train_step` one optimizer step.
 
-    `setup` is `setup_run(cfg, resume)`, made here unless given (`train()` makes it first).
+    Everything is built from `setup.run`, the run's resolved record: `setup` is
+    `setup_run(cfg, resume)`, made here unless given (`train()` makes it first).
 
     >>> trainer = Trainer(TrainConfig(data="data/wiki", out="runs/tiny"))  # doctest: +SKIP
     >>> loss, grad_norm, stop = trainer.train_step([next(trainer.train_loader)])  # doctest: +SKIP
     """
 
     def __init__(
-        self, cfg: TrainConfig, resume: bool = False, setup: RunSetup | None = None
+        self,
+        cfg: TrainConfig | None = None,
+        resume: ResumeFrom | bool | None = None,
+        setup: RunSetup | None = None,
     ) -> None:
-        setup = setup or setup_run(cfg, resume)
-        self.cfg, self.setup = cfg, setup
+        if setup is None:
+            if cfg is None:
+                raise TypeError("Trainer needs a TrainConfig or a RunSetup")
+            setup = setup_run(cfg, resume)
+        self.setup, self.resolved = setup, setup.run
+        self.cfg = setup.run.cfg  # the run's settings, not the caller's object
         self.dist, self.device, self.prec = setup.dist, setup.device, setup.prec
-        self.run_dir, self.tokenizer = setup.run_dir, setup.tokenizer
-        self.model_config = setup.model_config
-        self.seq_len, self.min_lr = setup.settings.seq_len, setup.settings.min_lr
+        self.run_dir, self.tokenizer = setup.run.run_dir, setup.tokenizer
         self._build_model()
         self._build_loaders()
         # The tokens this run reads, recorded in every checkpoint: a resume on other data
         # (re-prepared in another order, or edited) is refused, not trained on silently.
-        self.data_fingerprint = data_fingerprint(setup.data_dir)
+        self.data_fingerprint = data_fingerprint(setup.run.data_dir)
         self.state = _State()
         self._stop = StopFlag()
-        self.metrics = MetricsLog(self.run_dir, self.dist.is_main, tensorboard=cfg.tensorboard)
-        if resume:
+        self.metrics = MetricsLog(self.run_dir, self.dist.is_main, tensorboard=self.cfg.tensorboard)
+        if setup.run.resume is not None:
             self._load_latest()
         elif self.dist.is_main:
             self.setup.save_config()
             self.metrics.start()
 
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.resolved.model
+
+    @property
+    def seq_len(self) -> int:
+        return self.resolved.seq_len
+
     def _build_model(self) -> None:
         """The model (the same initial weights on every rank), its wrapping, the optimizer."""
         cfg = self.cfg
         ckpt.seed_everything(cfg.seed)
-        self.model = TransformerLM(self.model_config).to(self.device)
+        self.model = TransformerLM(self.resolved.model).to(self.device)
         if self.setup.init is not None:  # --init-from: its weights; the optimizer stays fresh
             load_init_weights(self.model, self.setup.init)
         if self.dist.rank > 0:  # its own dropout masks per rank
@@ -116,7 +130,7 @@ class Trainer:
         self.optimizer = optim.make_optimizer(
             self.model,
             cfg.optimizer,
-            lr=self.setup.settings.lr,
+            lr=self.resolved.schedule.lr,
             muon_lr=cfg.muon_lr,
             weight_decay=cfg.weight_decay,
             betas=(cfg.beta1, cfg.beta2),
@@ -127,7 +141,7 @@ class Trainer:
     def _build_loaders(self) -> None:
         """Batches of (batch_size, seq_len): the train split's shuffled, the val split's fixed."""
         kw = {"rank": self.dist.rank, "world_size": self.dist.world_size, "seq_len": self.seq_len}
-        data_dir, batch_size = self.setup.data_dir, self.cfg.batch_size
+        data_dir, batch_size = self.resolved.data_dir, self.cfg.batch_size
         self.train_loader = BatchLoader(data_dir, "train", batch_size, seed=self.cfg.seed, **kw)
         # A fresh val loader per evaluation: every pass reads the same first batches.
         self._val_loader = functools.partial(
@@ -220,7 +234,7 @@ class Trainer:
         """Continue from the run's newest checkpoint: weights, optimizer, scaler, data
         position, progress and every RNG, so the run goes on as if never stopped."""
         path, state = ckpt.load_latest(
-            self.run_dir, self.model_config, self.dist.world_size, self.setup.resume_from
+            self.resolved.resume, self.resolved.model, self.dist.world_size
         )
         self._check_same_data(path, state)
         load_full_model(self.net, self.model, path, self.device, fsdp=self.cfg.fsdp)
@@ -258,12 +272,12 @@ class Trainer:
             return
         if not self.cfg.data_check:
             self.metrics.print(
-                f"warning: {self.setup.data_dir} is not the data {path.name} was trained on "
+                f"warning: {self.resolved.data_dir} is not the data {path.name} was trained on "
                 "(--no-data-check): continuing on the new data"
             )
             return
         raise DtlError(
-            f"cannot resume {self.run_dir}: the data dir {self.setup.data_dir} has changed since "
+            f"cannot resume {self.run_dir}: the data dir {self.resolved.data_dir} has changed since "
             f"{path.name} was saved (its shards' fingerprint differs: re-prepared in another "
             "order, or other text); resume with the data the run was trained on, start a new "
             "--out, or pass --no-data-check to continue on the new data"
@@ -292,35 +306,22 @@ class Trainer:
         batches = iter(self.train_loader)
         window = _Window()
         last_save_step, stop = None, False
-        settings = self.setup.settings
+        run = self.resolved
         if st.step == 0 and self.setup.init is not None:
             self.metrics.print(
-                f"starting from the weights of {self.setup.init.path} (fresh optimizer, step 0)"
+                f"starting from the weights of {run.init_from} (fresh optimizer, step 0)"
             )
         if st.step == 0:
-            muon = f", muon lr {cfg.muon_lr:g}" if cfg.optimizer == "muon" else ""
-            self.metrics.print(
-                f"training {self.model.num_parameters():,} parameters on "
-                f"{self.device} ({self.prec.name}), {self.setup.tokens_per_step:,} "
-                f"tokens per step; adamw lr {settings.lr:.3g}{muon}, warmup "
-                f"{settings.warmup_steps} steps, {cfg.schedule} to {settings.min_lr:.3g}"
-            )
+            self.metrics.print(run.first_line(self.model.num_parameters()))
         while st.step < cfg.max_steps and not stop:
-            lr = optim.lr_at(
-                st.step,
-                lr=settings.lr,
-                min_lr=self.min_lr,
-                warmup_steps=settings.warmup_steps,
-                max_steps=cfg.max_steps,
-                schedule=cfg.schedule,
-            )
+            lr = run.schedule.at(st.step)
             optim.set_lr(self.optimizer, lr)
             loss, grad_norm, stop = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
             st.step += 1
             if math.isfinite(loss):
                 st.window_loss += loss
                 st.window_steps += 1
-            window.tokens += self.setup.tokens_per_step
+            window.tokens += run.tokens_per_step
             bar.update(1)
             if st.step % cfg.log_every == 0 or st.step == cfg.max_steps:
                 self._log_window(bar, window, lr, grad_norm)
@@ -355,7 +356,7 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": window.tokens / max(elapsed, 1e-9),
-            "tokens": st.step * self.setup.tokens_per_step,
+            "tokens": st.step * self.resolved.tokens_per_step,
             "peak_mem_mb": peak_mem_mb(self.device),
         }
         self.metrics.write(record)
@@ -406,19 +407,18 @@ class _Window:
 
 
 # ---------------------------------------------------------------------- train()
-def train(
-    cfg: TrainConfig, resume: bool = False, resume_from: str | os.PathLike | None = None
-) -> dict[str, Any]:
-    """Train (or resume, with `resume=True` and `cfg.out` the run dir); returns a summary.
+def train(cfg: TrainConfig, resume: ResumeFrom | bool | None = None) -> dict[str, Any]:
+    """Train, or resume; returns a summary.
 
-    `resume_from` is the checkpoint to continue from (default the newest); newer ones are
-    moved aside (`dtl.run_dir.set_aside_newer`).
+    `resume` is None (a new run), True (continue `cfg.out` from its newest checkpoint) or a
+    `dtl.run_dir.ResumeFrom(run_dir, checkpoint)`: from an older checkpoint the run goes on
+    from there, and the newer ones are moved aside (`dtl.run_dir.set_aside_newer`).
     """
     setup = trainer = None
     try:
         with disk_full_as_error(advice="free space or choose another --out"):
-            setup = setup_run(cfg, resume, resume_from)
-            trainer = Trainer(cfg, resume, setup=setup)
+            setup = setup_run(cfg, resume)
+            trainer = Trainer(setup=setup)
             return trainer.run()
     except Exception as err:
         if not is_oom(err):

@@ -1,9 +1,15 @@
-"""A run's setup, everything decided before a weight exists: the processes and precision,
-the run dir, the data (a raw --data file is prepared into RUN_DIR/data), the resolved
-settings and the model's config.
+"""A run's setup, everything decided before a weight exists, in one order:
+
+    settings checked -> processes, precision -> the --init-from source (loaded and checked)
+    -> the run dir (made and checked: a raw --data file is prepared into it)
+    -> data -> context (seq_len) -> model config -> lr schedule -> the memory check
+
+into one frozen record, `ResolvedRun` (`dtl.train.config`), that the Trainer, config.yaml
+and the first log line read. `RunSetup` adds the live objects beside it (the process group,
+the precision's autocast and scaler, the tokenizer, the --init-from weights).
 
 >>> setup = setup_run(TrainConfig(data="data/wiki", out="runs/tiny"))  # doctest: +SKIP
->>> setup.seq_len, setup.model_config.max_seq_length                   # doctest: +SKIP
+>>> setup.run.seq_len, setup.run.model.max_seq_length                  # doctest: +SKIP
 (128, 256)
 """
 
@@ -26,10 +32,12 @@ from dtl.data.shards import sha256_file
 from dtl.errors import DtlError
 from dtl.fileio import atomic_write_text
 from dtl.model.config import ModelConfig
+from dtl.model.store import read_model_config
 from dtl.run_dir import (
     CONFIG_FILE,
     DATA_DIR,
     DATA_SOURCE_FILE,
+    ResumeFrom,
     latest_checkpoint,
     list_checkpoints,
     remove_stale_temporaries,
@@ -38,32 +46,30 @@ from dtl.tokenizer import Tokenizer, load_tokenizer
 from dtl.train import distributed, memory, precision
 from dtl.train.config import (
     MODEL_FIELDS,
-    ResolvedSettings,
+    ResolvedRun,
     TrainConfig,
-    absolute_data,
-    model_width,
+    as_resume,
     prepare_length,
-    resolve_settings,
+    resolve_lr_schedule,
+    resolve_seq_len,
 )
-from dtl.train.init_from import InitSource, init_model_config, read_init_source
+from dtl.train.init_from import InitSource, init_model_config, read_init_config, read_init_source
 
 
 @dataclass
 class RunSetup:
-    """What `setup_run` decided; the Trainer builds the model, optimizer and loaders from it."""
+    """The resolved run (`run`, what every part reads) and the live objects it needs."""
 
-    cfg: TrainConfig
-    resume: bool
+    run: ResolvedRun
     dist: distributed.DistInfo
     prec: precision.Precision
-    run_dir: Path
-    data_dir: Path  # a prepared data dir (meta.json, shards, the tokenizer's files)
-    meta: dict[str, Any]  # its meta.json
-    tokenizer: Tokenizer
-    settings: ResolvedSettings
-    model_config: ModelConfig
-    init: InitSource | None = None  # --init-from: the model whose weights a new run starts from
-    resume_from: Path | None = None  # --resume RUN_DIR/checkpoints/step-N (None: the newest)
+    tokenizer: Tokenizer  # the data's (saved with every checkpoint)
+    meta: dict[str, Any]  # the data dir's meta.json
+    init: InitSource | None = None  # --init-from: the model (and weights) a new run starts from
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.run.cfg
 
     @property
     def device(self) -> torch.device:
@@ -71,71 +77,40 @@ class RunSetup:
 
     @property
     def seq_len(self) -> int:
-        return self.settings.seq_len
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Tokens one optimizer step trains on, over every rank."""
-        cfg = self.cfg
-        return cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.seq_len
-
-    def resolved_config(self) -> dict[str, Any]:
-        """What RUN_DIR/config.yaml holds: every setting as given, and what the run resolved."""
-        settings = dataclasses.asdict(self.cfg)
-        settings["data"] = absolute_data(self.cfg.data)  # resumable from any directory
-        return {
-            **settings,
-            "data_dir": str(Path(self.data_dir).resolve()),
-            "model": self.model_config.to_dict(),
-            "precision_resolved": self.prec.name,
-            "device_resolved": str(self.device),
-            "world_size": self.dist.world_size,
-            "tokens_per_step": self.tokens_per_step,
-            "lr_resolved": self.settings.lr,
-            "warmup_steps_resolved": self.settings.warmup_steps,
-            "min_lr_resolved": self.settings.min_lr,
-            **self._init_record(),
-        }
-
-    def _init_record(self) -> dict[str, Any]:
-        """Where the weights came from (--init-from), kept with the run; the source's context
-        is the model's max_seq_length, `seq_len` what this run trained at."""
-        if self.init is None:
-            return {}
-        return {
-            "init_from_resolved": str(self.init.path),
-            "init_from_max_seq_length": self.init.config.max_seq_length,
-        }
+        return self.run.seq_len
 
     def save_config(self) -> None:
         """Write RUN_DIR/config.yaml (what --resume reads back)."""
-        text = yaml.safe_dump(self.resolved_config(), sort_keys=False)
-        atomic_write_text(self.run_dir / CONFIG_FILE, text)
+        text = yaml.safe_dump(self.run.to_config(), sort_keys=False)
+        atomic_write_text(self.run.run_dir / CONFIG_FILE, text)
 
 
-def setup_run(
-    cfg: TrainConfig, resume: bool = False, resume_from: str | os.PathLike | None = None
-) -> RunSetup:
-    """Check the settings, join the processes, make the run dir and find (or prepare) the data.
+def setup_run(cfg: TrainConfig, resume: ResumeFrom | bool | None = None) -> RunSetup:
+    """Check the settings, join the processes, make the run dir, find (or prepare) the data
+    and resolve the run (see the module docs).
 
-    `resume_from` is the checkpoint a resumed run continues from (default: its newest).
-    Nothing is written before the settings, the device and --fsdp are checked.
+    `resume` is a `ResumeFrom` (its checkpoint None: the newest), True (`cfg.out`, from its
+    newest checkpoint) or None. Nothing is written before the settings, the device, --fsdp
+    and an --init-from model are checked.
     """
-    resume_from = Path(resume_from) if resume_from is not None else None
+    resume = as_resume(resume, cfg.out)
+    cfg = dataclasses.replace(cfg)  # the run's own copy: a caller's later change is not the run's
+    if resume is not None and Path(cfg.out) != resume.run_dir:
+        cfg.out = str(resume.run_dir)  # the run resumed is where it writes
     cfg.validate()
     dist = distributed.setup(cfg.device)
     if cfg.fsdp:
         distributed.check_fsdp(dist)  # before anything is written or prepared
     prec = precision.resolve_precision(cfg.precision, dist.device)
     init = None
-    if cfg.init_from and not resume:  # a resumed fine-tune continues from its own checkpoints
-        init = read_init_source(cfg.init_from)
+    if cfg.init_from and resume is None:  # a resumed fine-tune continues from its checkpoints
+        init = read_init_source(cfg.init_from)  # refused here if its weights hold NaN/Inf
         # A raw --data file is prepared with the model's tokenizer; config.yaml says so.
-        cfg = dataclasses.replace(cfg, tokenizer=init.tokenizer_spec)
+        cfg.tokenizer = init.tokenizer_spec
     created = _first_missing(Path(cfg.out)) if dist.is_main else None
     try:
-        run_dir = prepare_run_dir(cfg, resume) if dist.is_main else Path(cfg.out)
-        return _setup_in(run_dir, cfg, resume, dist, prec, init, resume_from)
+        run_dir = prepare_run_dir(cfg, resume is not None) if dist.is_main else Path(cfg.out)
+        return _setup_in(run_dir, cfg, resume, dist, prec, init)
     except BaseException:
         if created is not None:  # a failed start leaves no empty run dir of its own behind
             _remove_empty_dirs(created)
@@ -165,35 +140,38 @@ def _remove_empty_dirs(top: Path) -> None:
 def _setup_in(
     run_dir: Path,
     cfg: TrainConfig,
-    resume: bool,
+    resume: ResumeFrom | None,
     dist: distributed.DistInfo,
-    prec: Any,
-    init: Any,
-    resume_from: Path | None,
+    prec: precision.Precision,
+    init: InitSource | None,
 ) -> RunSetup:
-    """`setup_run` once the run dir exists: the data, the tokenizer and the model config."""
+    """`setup_run` once the run dir exists: data -> context -> model -> lr schedule."""
     distributed.barrier(dist)
-    data_dir = resolve_data(cfg, run_dir, dist, resume=resume)
+    context = init.config.context if init is not None else None
+    data_dir = resolve_data(cfg, run_dir, dist, resume is not None, prepare_length(cfg, context))
     meta = read_meta(data_dir)
     tokenizer = _data_tokenizer(data_dir, meta)
-    settings = resolve_settings(cfg, int(meta["max_length"]))
-    if init is not None:
-        overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS}
-        model_config = init_model_config(init, overrides, tokenizer, settings.seq_len)
-    elif resume and cfg.init_from:
-        model_config = _resumed_fine_tune(run_dir, cfg, resume_from)
-    else:
-        model_config = build_model_config(cfg, meta, settings.seq_len)
-        if resume:
-            model_config = _resumed_context(run_dir, model_config, settings.seq_len, resume_from)
-    # the saved model records the context it trains at: eval, generation and serving keep to it
-    model_config = dataclasses.replace(model_config, trained_seq_len=settings.seq_len)
-    if model_config.d_model != model_width(cfg):  # a fine-tune's width is its source's
-        settings = resolve_settings(cfg, int(meta["max_length"]), d_model=model_config.d_model)
-    setup = RunSetup(
-        cfg, resume, dist, prec, run_dir, data_dir, meta, tokenizer, settings, model_config, init,
-        resume_from,
-    )  # fmt: skip
+    seq_len = resolve_seq_len(cfg, int(meta["max_length"]))
+    model_config = resolve_model_config(cfg, meta, seq_len, tokenizer, init, resume)
+    preset_context = None
+    if not cfg.init_from:  # the preset's context, if raised to hold the rows
+        base = ModelConfig.preset(cfg.preset).max_seq_length
+        preset_context = base if model_config.max_seq_length > base else None
+    run = ResolvedRun(
+        cfg=cfg,
+        run_dir=run_dir,
+        data_dir=data_dir,
+        seq_len=seq_len,
+        model=model_config,
+        schedule=resolve_lr_schedule(cfg, model_config.d_model),
+        precision=prec.name,
+        device=str(dist.device),
+        world_size=dist.world_size,
+        resume=resume,
+        init_from=init.path if init is not None else None,
+        preset_context=preset_context,
+    )
+    setup = RunSetup(run, dist, prec, tokenizer, meta, init)
     check_memory(setup)
     return setup
 
@@ -210,7 +188,7 @@ def check_memory(setup: RunSetup) -> None:
     if available is None:
         return
     need = memory.training_need(
-        setup.model_config,
+        setup.run.model,
         cfg.batch_size,
         setup.seq_len,
         setup.prec.name,
@@ -231,15 +209,6 @@ def check_memory(setup: RunSetup) -> None:
                 f"preset {cfg.preset}, {setup.prec.name} on {device}",
             )
         )
-
-
-def _resumed_fine_tune(run_dir: Path, cfg: TrainConfig, checkpoint: Path | None) -> ModelConfig:
-    """A resumed --init-from run keeps its own model config (its sizes are the source's,
-    not the preset's): its checkpoint's (default the newest), else the source's again."""
-    path = checkpoint or latest_checkpoint(run_dir)
-    if path is not None and (path / "config.json").is_file():
-        return ModelConfig.from_json(path / "config.json")
-    return read_init_source(cfg.init_from).config
 
 
 def _data_tokenizer(data_dir: Path, meta: dict[str, Any]) -> Tokenizer:
@@ -285,9 +254,10 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
 
 # ---------------------------------------------------------------------- the data
 def resolve_data(
-    cfg: TrainConfig, run_dir: Path, dist: distributed.DistInfo, resume: bool = False
+    cfg: TrainConfig, run_dir: Path, dist: distributed.DistInfo, resume: bool, max_length: int
 ) -> Path:
-    """A prepared data dir for `cfg.data`: as given, or prepared into RUN_DIR/data.
+    """A prepared data dir for `cfg.data`: as given, or prepared into RUN_DIR/data in rows
+    of `max_length` tokens (`prepare_length`).
 
     RUN_DIR/data is reused on --resume, or when it was prepared from the same source file
     (its checksum), tokenizer and max_length; otherwise it is prepared again (atomically).
@@ -303,7 +273,6 @@ def resolve_data(
         if os.sep in name.removeprefix("hf:") or "." in source.name:
             raise DtlError(f"--data {cfg.data}: no such file or directory")
         name = name if name.startswith("hf:") else f"hf:{name}"  # a dataset name
-    max_length = prepare_length(cfg)
     # Rank 0 alone decides and prepares; the others wait at the barrier and read its result.
     if dist.is_main and not _prepared_matches(
         prepared, run_dir, source, name, cfg.tokenizer, max_length
@@ -361,11 +330,40 @@ def _same_tokenizer(saved: str, given: str) -> bool:
 
 
 # ---------------------------------------------------------------------- the model's config
-def build_model_config(cfg: TrainConfig, meta: dict[str, Any], seq_len: int) -> ModelConfig:
-    """The model of the run: the preset's sizes and context, with the flags' sizes.
+def resolve_model_config(
+    cfg: TrainConfig,
+    meta: dict[str, Any],
+    seq_len: int,
+    tokenizer: Tokenizer,
+    init: InitSource | None,
+    resume: ResumeFrom | None,
+) -> ModelConfig:
+    """context -> model: the config of the model a run trains on rows of `seq_len` tokens.
 
-    Rows of `seq_len` tokens (the resolved --seq-len) longer than the model's context are an
-    error, never a silent change of the model.
+    A new run from a model's weights has that model's sizes and context; a resumed run the
+    model its checkpoint holds (when the settings still give it); a new run its preset's,
+    with the flags' sizes and a context that holds the rows. Each records `seq_len` as the
+    context it trained at, which eval, generation and serving keep to.
+    """
+    if init is not None:
+        overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS}
+        config = init_model_config(init, overrides, tokenizer, seq_len)
+    elif resume is not None:
+        config = _resumed_model_config(cfg, meta, seq_len, resume)
+    else:
+        config = build_model_config(cfg, meta, seq_len)
+    return dataclasses.replace(config, trained_seq_len=seq_len)
+
+
+def build_model_config(cfg: TrainConfig, meta: dict[str, Any], seq_len: int) -> ModelConfig:
+    """The model of a new run: the preset's sizes with the flags' sizes, and a context
+    (max_seq_length) of the preset's, raised to `seq_len` when the rows are longer.
+
+    Raising it adds no parameter (the positions are sinusoidal, computed, not learnt), so the
+    data decides the context: `dtl prepare` at any length, then `dtl train`, trains.
+
+    >>> build_model_config(TrainConfig(data="d"), {"vocab_size": 512}, 512).max_seq_length
+    512
     """
     vocab = int(meta["vocab_size"])
     if cfg.vocab_size is not None and cfg.vocab_size < vocab:
@@ -376,29 +374,29 @@ def build_model_config(cfg: TrainConfig, meta: dict[str, Any], seq_len: int) -> 
         )
     overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) is not None}
     overrides.setdefault("vocab_size", vocab)
-    model_config = ModelConfig.preset(cfg.preset, **overrides)
-    limit = model_config.max_seq_length
-    if seq_len > limit:
-        given = "--seq-len" if cfg.seq_len else "the data's max_length"
-        raise DtlError(
-            f"rows of {seq_len} tokens ({given}) are longer than the model's context: the "
-            f"{cfg.preset} preset's max_seq_length is {limit}; re-run `dtl prepare --max-length N` "
-            f"with N <= {limit} (or pass --seq-len {limit}), or choose a preset with a longer "
-            "context such as qa"
-        )
-    return model_config
+    config = ModelConfig.preset(cfg.preset, **overrides)
+    return dataclasses.replace(config, max_seq_length=max(config.max_seq_length, seq_len))
 
 
-def _resumed_context(
-    run_dir: Path, model_config: ModelConfig, seq_len: int, checkpoint: Path | None = None
+def _resumed_model_config(
+    cfg: TrainConfig, meta: dict[str, Any], seq_len: int, resume: ResumeFrom
 ) -> ModelConfig:
-    """Runs made before the context rule have max_seq_length = the data's max_length: a
-    resumed run keeps its saved context (it fixes no weight) when the rows still fit it."""
-    path = checkpoint or latest_checkpoint(run_dir)
-    if path is None or not (path / "config.json").is_file():
-        return model_config
-    saved = ModelConfig.from_json(path / "config.json")
-    same = dataclasses.replace(saved, max_seq_length=model_config.max_seq_length) == model_config
-    if same and seq_len <= saved.max_seq_length:
-        return saved
-    return model_config
+    """The model a resumed run goes on with: its checkpoint's (`resume.checkpoint`, else the
+    newest), read without its weights.
+
+    A fine-tune (--init-from) keeps its own sizes, the source's, not the preset's (the
+    source's config again when the checkpoint has none). A preset run keeps a context saved
+    by a run from before the context rule (the data's max_length then) when the rows still
+    fit it; otherwise the settings' model, which `checkpoint.load_latest` checks it against.
+    """
+    path = resume.checkpoint or latest_checkpoint(resume.run_dir)
+    saved = None
+    if path is not None and (path / "config.json").is_file():
+        saved = read_model_config(path)[1]
+    if cfg.init_from:
+        return saved if saved is not None else read_init_config(cfg.init_from)
+    config = build_model_config(cfg, meta, seq_len)
+    if saved is None:
+        return config
+    same = dataclasses.replace(saved, max_seq_length=config.max_seq_length) == config
+    return saved if same and seq_len <= saved.max_seq_length else config
