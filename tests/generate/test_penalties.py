@@ -13,6 +13,7 @@ from dtl import ModelConfig, TransformerLM
 from dtl.errors import DtlError
 from dtl.generate import generate_tokens
 from dtl.generate.sampling import (
+    PenaltyState,
     SamplingOptions,
     apply_logit_bias,
     apply_presence_frequency,
@@ -40,9 +41,9 @@ def test_sample_next_applies_them_before_the_greedy_pick():
     logits = torch.tensor([[0.0, 3.0, 2.9]])
     counts = torch.tensor([[0.0, 1.0, 0.0]])
     plain = SamplingOptions(temperature=0)
-    assert sample_next(logits, plain, None, None, counts=counts).item() == 1
+    assert sample_next(logits, plain, PenaltyState(counts=counts), None).item() == 1
     freq = SamplingOptions(temperature=0, frequency_penalty=0.2)  # 3.0 - 0.2 = 2.8 < 2.9
-    assert sample_next(logits, freq, None, None, counts=counts).item() == 2
+    assert sample_next(logits, freq, PenaltyState(counts=counts), None).item() == 2
     biased = SamplingOptions(temperature=0, logit_bias={"0": 3.5})  # JSON keys are strings
     assert biased.logit_bias == ((0, 3.5),)
     assert sample_next(logits, biased, None, None).item() == 0
