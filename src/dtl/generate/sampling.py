@@ -115,9 +115,12 @@ class PenaltyState:
     logits (`apply`). A field is None when its penalty is off.
 
     >>> opts = SamplingOptions(temperature=0, repetition_penalty=2.0)
-    >>> state = PenaltyState.start(opts, torch.tensor([[1, 2]]), None, vocab_size=4)
-    >>> state.apply(torch.tensor([[1.0, 4.0, 3.0, 0.0]]), opts)  # token 1's 4.0 halved
+    >>> state = PenaltyState.start(opts, torch.tensor([[1]]), None, vocab_size=4)
+    >>> state.apply(torch.tensor([[1.0, 4.0, 3.0, 0.0]]), opts)  # token 1 is in the prompt
     tensor([[1., 2., 3., 0.]])
+    >>> state.update(torch.tensor([2]), live=torch.tensor([True]))  # token 2 is drawn
+    >>> state.apply(torch.tensor([[1.0, 4.0, 3.0, 0.0]]), opts)
+    tensor([[1.0000, 2.0000, 1.5000, 0.0000]])
     """
 
     seen: Tensor | None = None  # (n, V) bool: tokens in the row so far (repetition penalty)
