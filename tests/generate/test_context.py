@@ -135,3 +135,17 @@ def test_generate_tokenizes_each_prompt_once_and_cuts_to_the_room():
     assert {c.finish_reason for c in done} == {"length"}
     assert done[0].fit.note() == ("max_new_tokens cut from 64 to 11: the model's context is 16 "
                                   "tokens and the prompt takes 5")  # fmt: skip
+
+
+def test_dtl_chat_leaves_out_the_oldest_turns_whole():
+    from dtl.cli.generate import fit_chat_history
+
+    tok = CountingTokenizer()  # one word, one token
+    history = ["Question: a\nAnswer: b", "Question: c d\nAnswer: e", "Question: f\nAnswer: g"]
+    # 4 + 5 + 4 turn tokens, 3 of the question's prompt: with 5 new tokens only the last
+    # turn fits 16 (7 + 5), so the oldest two go
+    prompt, ids, left_out = fit_chat_history(tok, history, "h", 5, 16)
+    assert left_out == 2 and prompt == "Question: f\nAnswer: g\nQuestion: h\nAnswer:"
+    assert len(ids) == 7
+    assert fit_chat_history(tok, history, "h", 0, 16)[2] == 0  # all 16 fit
+    assert fit_chat_history(tok, history, "h", 20, 16)[2] == 3  # none: the rule cuts the answer

@@ -175,7 +175,7 @@ def test_dtl_chat_leaves_out_old_turns_whole_then_cuts_the_answer(run, loaded, d
           "prompt takes {}"  # fmt: skip
     assert notes(err) == [
         cut.format(CONTEXT - len(first), len(first)),
-        "note: the conversation's first 1 of 1 turns are left out so the question and 128 new "
+        "note: the oldest 1 of 1 earlier turns are left out so the question and 128 new "
         "tokens fit the model's 32-token context",
         cut.format(CONTEXT - len(second), len(second)),
     ]

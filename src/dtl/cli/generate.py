@@ -320,11 +320,11 @@ def cmd_chat(args) -> int:
                 return 0
             print(reply)
             continue
-        prompt, ids, left_out = chat_prompt(tokenizer, history, line, opts.max_new_tokens,
-                                            model.config.context)  # fmt: skip
+        prompt, ids, left_out = fit_chat_history(tokenizer, history, line, opts.max_new_tokens,
+                                                 model.config.context)  # fmt: skip
         if left_out:
-            print(f"note: the conversation's first {left_out} of {len(history)} turns are left "
-                  f"out so the question and {opts.max_new_tokens} new tokens fit the model's "
+            print(f"note: the oldest {left_out} of {len(history)} earlier turns are left out so "
+                  f"the question and {opts.max_new_tokens} new tokens fit the model's "
                   f"{model.config.context}-token context", file=sys.stderr, flush=True)  # fmt: skip
         pieces = fitted_stream(model, tokenizer, prompt, opts, prompt_ids=ids)
         sys.stdout.write("dtl> ")
@@ -336,7 +336,7 @@ def cmd_chat(args) -> int:
         history.append(format_qa(line, answer))
 
 
-def chat_prompt(
+def fit_chat_history(
     tokenizer, history: list[str], question: str, max_new_tokens: int, context: int
 ) -> tuple[str, list[int], int]:
     """The chat's next prompt: the earlier turns (answered Q&A examples), then the question.

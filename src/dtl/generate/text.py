@@ -72,6 +72,8 @@ def stream_requests(
         joining: list[Request] = []
         while waiting and batch.fits([*joining, waiting[0]]):
             joining.append(waiting.popleft())
+        if waiting and not joining and not batch:  # fitted alone, it fits an empty batch:
+            joining.append(waiting.popleft())  # never wait on nothing
         if joining:
             batch.add(joining)
         for request, item in batch.step():
