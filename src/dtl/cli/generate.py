@@ -343,12 +343,13 @@ def fit_chat_history(
     The oldest turns are left out, whole, while the prompt and max_new_tokens do not fit the
     context (then the one rule, `fit_request`, fits the question alone). Returns the prompt,
     its token ids and how many turns were left out."""
-    for first in range(len(history) + 1):
+    first = 0
+    while True:
         prompt = "\n".join([*history[first:], qa_prompt(question)])
         ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
         if first == len(history) or fits(len(ids), max_new_tokens, context):
             return prompt, ids, first
-    raise AssertionError("unreachable")
+        first += 1
 
 
 # ---------------------------------------------------------------------- eval
