@@ -13,7 +13,8 @@ Every stage is the one a user runs by hand, in the spec's order (see the README'
                of 128 tokens with the loss on the answer and its end-of-text only (RUN/data)
   4. pretrain  the `tiny` preset on the articles (RUN/pretrain, `dtl train`)
   5. fine-tune from the pretrained model on the Q&A pairs (RUN, `dtl train --init-from`)
-  6. evaluate  SQuAD exact match / F1 on the held-out questions, before and after step 5
+  6. evaluate  SQuAD exact match / F1 on the held-out questions, before and after step 5,
+               each answered as `dtl ask` answers it by default (`ask_options()`)
 """
 
 from __future__ import annotations
@@ -303,10 +304,12 @@ def score_models(
     before: str, after: str, questions: list[dict], device: str
 ) -> dict[str, dict[str, float]]:
     """SQuAD exact match and F1 (0-100) of the pretrained and the fine-tuned model on the
-    held-out questions, answered greedily from the question alone (no context passage)."""
+    held-out questions, asked alone (no context passage) and answered as `dtl ask` answers
+    by default (`evaluate_squad`'s default options: `ask_options()`), so the table measures
+    what users run."""
     scores = {}
     for name, spec in (("before", before), ("after", after)):
         model, tok = load_model(spec, device=resolve_device(device))
-        result = evaluate_squad(model, tok, questions, max_new_tokens=24)
+        result = evaluate_squad(model, tok, questions)
         scores[name] = {"exact_match": result["exact_match"], "f1": result["f1"]}
     return scores

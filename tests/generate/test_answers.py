@@ -43,7 +43,7 @@ def test_the_qa_stop_set_is_the_templates_markers():
 @pytest.mark.parametrize("run_on", RUN_ONS.values(), ids=RUN_ONS.keys())
 def test_dtl_ask_prints_only_the_answer(dtl, gpt2, monkeypatch, run_on):
     monkeypatch.setattr(
-        "dtl.cli.generate.load_model", lambda *a, **k: (scripted(gpt2, run_on), gpt2)
+        "dtl.model.store.load_model", lambda *a, **k: (scripted(gpt2, run_on), gpt2)
     )
     code, out, err = dtl("ask", "--model", "scripted", "Who was Rollo?")
     assert code == 0, err
@@ -53,7 +53,7 @@ def test_dtl_ask_prints_only_the_answer(dtl, gpt2, monkeypatch, run_on):
 @pytest.mark.parametrize("run_on", RUN_ONS.values(), ids=RUN_ONS.keys())
 def test_dtl_chat_prints_only_the_answer_and_keeps_it_as_history(dtl, gpt2, monkeypatch, run_on):
     model = scripted(gpt2, run_on)
-    monkeypatch.setattr("dtl.cli.generate.load_model", lambda *a, **k: (model, gpt2))
+    monkeypatch.setattr("dtl.model.store.load_model", lambda *a, **k: (model, gpt2))
     lines = iter(["Who was Rollo?", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     code, out, err = dtl("chat", "--model", "scripted")

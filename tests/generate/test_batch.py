@@ -110,8 +110,15 @@ def test_fits_keeps_every_request_inside_the_context(gpt2):
     model = peaky_model(context=64)
     batch = ContinuousBatch(model, gpt2, max_rows=4)
     batch.add([Request(["Hi"], SamplingOptions(max_new_tokens=50))])
-    assert batch.fits(1, 10, 10)
-    assert not batch.fits(1, 20, 10)  # 20 slots + the 50 "a" may still draw > 64
-    assert not batch.fits(4, 2, 2)  # 1 + 4 rows > max_rows
+
+    def sized(rows: int, prompt: int, max_new: int) -> Request:
+        return Request(["x"] * rows, SamplingOptions(max_new_tokens=max_new),
+                       prompt_ids=[[1] * prompt] * rows)  # fmt: skip
+
+    assert batch.fits([sized(1, 10, 10)])
+    assert not batch.fits([sized(1, 20, 10)])  # 20 slots + the 50 "Hi" may still draw > 64
+    assert not batch.fits([sized(1, 10, 10), sized(1, 20, 1)])  # together, no
+    assert not batch.fits([sized(4, 2, 2)])  # 1 + 4 rows > max_rows
     empty = ContinuousBatch(model, gpt2, max_rows=4)
-    assert empty.fits(8, 10, 10)  # alone, a request may be larger than max_rows
+    assert empty.fits([sized(8, 10, 10)])  # alone, a request may be larger than max_rows
+    assert not empty.fits([sized(4, 10, 10), sized(4, 10, 10)])  # but not with another

@@ -193,6 +193,35 @@ def test_dtl_eval_squad_end_to_end(model_dir, dtl, tmp_path):
     assert again["f1"] == pytest.approx(scores["f1"])
 
 
+def test_dtl_eval_scores_what_dtl_ask_prints(model_dir, dtl, tmp_path):
+    """The SQuAD scores are of the answers `dtl ask` gives with its defaults (repetition
+    penalty, Q&A stops, 64 new tokens), and `dtl eval` says so."""
+    questions = ["Who was Rollo?", "In what country is Normandy located?", "What is a river?",
+                 "When did the Normans arrive?"]  # fmt: skip
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "Rollo"}) + "\n"
+                            for q in questions))  # fmt: skip
+    preds = tmp_path / "preds.jsonl"
+    code, out, err = dtl("eval", "--model", model_dir, "--data", data, "--predictions", preds,
+                         "--batch-size", 3)  # fmt: skip
+    assert code == 0, err
+    assert out.splitlines()[1] == ("  answered as dtl ask: greedy, repetition penalty 1.3, at "
+                                   "most 64 new tokens, stop at end-of-text or '\\nQuestion:', "
+                                   "'\\nAnswer:'")  # fmt: skip
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    for question, row in zip(questions, rows, strict=True):
+        code, asked, err = dtl("ask", "--model", model_dir, question)
+        assert code == 0, err
+        assert row["prediction"] == asked.strip(), question
+    code, out, err = dtl("eval", "--model", model_dir, "--data", data, "--json",
+                         "--repetition-penalty", 1, "--max-new-tokens", 5)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["settings"] == {
+        "temperature": 0.0, "top_k": 50, "top_p": None, "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0, "seed": None, "max_new_tokens": 5,
+        "stop": ["\nQuestion:", "\nAnswer:"]}  # fmt: skip
+
+
 def test_dtl_eval_wikitext_end_to_end(model_dir, dtl):
     wiki = shared_path("wikitext-2-raw", "wiki.test.raw")
     code, out, err = dtl("eval", "--model", model_dir, "--data", wiki, "--max-tokens", 2000)

@@ -137,16 +137,21 @@ def test_stops_at_end_of_text_and_pads_finished_rows():
 
 
 def test_never_runs_past_max_seq_length():
+    """The one rule on token ids (context 32), against greedy by full recomputation."""
     model = tiny_model(max_seq_length=32)
     prompt = list(range(1, 41))  # 40 tokens, longer than the context
     out = generate_tokens(model, torch.tensor([prompt]), 10, temperature=0)
-    assert out.size(1) == 32  # left-truncated to the last 22 prompt tokens + 10 new
-    assert out[0, :22].tolist() == prompt[-22:]
-    assert out[0, 22:].tolist() == naive_greedy(model, prompt[-22:], 10)
-    with pytest.raises(DtlError, match="context"):
+    assert out.size(1) == 32  # the prompt fills it: its last 31 tokens + 1 new
+    assert out[0, :31].tolist() == prompt[-31:]
+    assert out[0, 31:].tolist() == naive_greedy(model, prompt[-31:], 1)
+    # a prompt that leaves room keeps every token: max_new_tokens is cut to the room, 32 - 22
+    out = generate_tokens(model, torch.tensor([prompt[:22]]), 20, temperature=0)
+    assert out[0].tolist() == prompt[:22] + naive_greedy(model, prompt[:22], 10)
+    with pytest.raises(DtlError, match="the prompt is 40 tokens but the model's context is 32"):
         generate_tokens(model, torch.tensor([prompt]), 10, truncate=False)
-    with pytest.raises(DtlError, match="below the model.s context"):
-        generate_tokens(model, torch.tensor([[1]]), 32)
+    out = generate_tokens(model, torch.tensor([prompt[:22]]), 20, temperature=0, truncate=False)
+    assert out.size(1) == 32  # truncate=False drops no prompt token, but still cuts
+    assert generate_tokens(model, torch.tensor([[1]]), 32).size(1) == 32  # 31 new, not an error
 
 
 @pytest.mark.parametrize(
@@ -374,7 +379,6 @@ def test_dtl_generate_and_ask_print_the_library_result(dtl, model_dir, gpt2):
     "args, message",
     [
         (["--temperature", "-1"], "temperature must be in"),
-        (["--max-new-tokens", "64"], "below the model's context"),
         (["--top-k", "-2"], "--top-k -2"),
         (["--top-p", "2"], "top_p must be in"),
     ],

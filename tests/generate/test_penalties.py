@@ -13,6 +13,7 @@ from dtl import ModelConfig, TransformerLM
 from dtl.errors import DtlError
 from dtl.generate import generate_tokens
 from dtl.generate.sampling import (
+    PenaltyState,
     SamplingOptions,
     apply_logit_bias,
     apply_presence_frequency,
@@ -40,12 +41,34 @@ def test_sample_next_applies_them_before_the_greedy_pick():
     logits = torch.tensor([[0.0, 3.0, 2.9]])
     counts = torch.tensor([[0.0, 1.0, 0.0]])
     plain = SamplingOptions(temperature=0)
-    assert sample_next(logits, plain, None, None, counts=counts).item() == 1
+    assert sample_next(logits, plain, PenaltyState(counts=counts), None).item() == 1
     freq = SamplingOptions(temperature=0, frequency_penalty=0.2)  # 3.0 - 0.2 = 2.8 < 2.9
-    assert sample_next(logits, freq, None, None, counts=counts).item() == 2
+    assert sample_next(logits, freq, PenaltyState(counts=counts), None).item() == 2
     biased = SamplingOptions(temperature=0, logit_bias={"0": 3.5})  # JSON keys are strings
     assert biased.logit_bias == ((0, 3.5),)
     assert sample_next(logits, biased, None, None).item() == 0
+
+
+def test_penalty_state_by_hand():
+    """One home for what the penalties remember: set up from the (left-padded) prompts,
+    updated with each draw (a finished row's padding is no generated token), applied in the
+    sampler's order: repetition, presence/frequency, no-repeat n-grams."""
+    opts = SamplingOptions(temperature=0, repetition_penalty=2.0, frequency_penalty=1.0,
+                           no_repeat_ngram_size=2)  # fmt: skip
+    ids, mask = torch.tensor([[0, 1, 2], [3, 3, 1]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    state = PenaltyState.start(opts, ids, mask, vocab_size=5)
+    assert state.seen.tolist() == [[False, True, True, False, False],
+                                   [False, True, False, True, False]]  # fmt: skip
+    assert state.history == [[1, 2], [3, 3, 1]] and state.counts.sum() == 0
+    state.update(torch.tensor([4, 3]), live=torch.tensor([True, False]))
+    assert state.counts.tolist() == [[0, 0, 0, 0, 1], [0, 0, 0, 0, 0]]
+    assert state.history == [[1, 2, 4], [3, 3, 1, 3]]
+    out = state.apply(torch.tensor([[1.0, 2, 3, 4, 5], [1.0, 2, 3, 4, 5]]), opts)
+    inf = float("-inf")
+    # row 0: 1, 2, 4 seen (halved), 4 drawn once (-1); row 1: 1 and 3 seen, and "3 ->" was
+    # followed by 3 and by 1 before: both banned
+    assert out.tolist() == [[1.0, 1.0, 1.5, 4.0, 1.5], [1.0, inf, 3.0, inf, 5.0]]
+    assert PenaltyState.start(SamplingOptions(), ids, mask, vocab_size=5) is None  # all off
 
 
 @pytest.mark.parametrize(

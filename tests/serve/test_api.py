@@ -24,7 +24,7 @@ from dtl.generate import generate
 from dtl.generate import loop as token_loop
 from dtl.generate.loop import TokenLoop
 from dtl.serve.api import chat_prompt, create_app
-from dtl.serve.scheduler import END, Batcher
+from dtl.serve.scheduler import END, Batcher, Job
 from dtl.serve.wire import parse_request
 
 NAME = "tiny-test"
@@ -99,8 +99,8 @@ def gated_server(tokenizer):
     batcher = app.state.batcher
 
     def free():
-        return not any(r.options.max_new_tokens > 50 and r.steps and not r.cancelled
-                       for r in batcher.running)
+        return not any(j.request.options.max_new_tokens > 50 and j.request.steps
+                       and not j.cancelled for j in batcher.running)  # fmt: skip
 
     with hold_worker(model, free), LiveServer(app) as live:
         yield live
@@ -347,8 +347,7 @@ def _worker_run(model, tokenizer, prompts, max_tokens=5, worker=None):
             n = max_tokens[prompt] if isinstance(max_tokens, dict) else max_tokens
             request, _ = parse_request({"temperature": 0, "max_tokens": n}, [prompt], tokenizer,
                                        128, 16)
-            request.send = got[prompt].append
-            worker.submit(request)
+            worker.submit(Job(request, got[prompt].append))
     wait_for(lambda: all(items and items[-1] is END for items in got.values()),
              "the worker did not finish every request")
     return got, worker
@@ -413,8 +412,7 @@ def test_a_request_whose_draw_fails_fails_alone(model, tokenizer, monkeypatch):
     with worker.ready:
         for prompt, seed in (("good", 1), ("bad", 13)):
             request, _ = parse_request({"max_tokens": 6, "seed": seed}, [prompt], tokenizer, 128, 16)
-            request.send = got[prompt].append
-            worker.submit(request)
+            worker.submit(Job(request, got[prompt].append))
     wait_for(lambda: all(items and items[-1] is END for items in got.values()),
              "the worker did not finish both requests")
     assert [type(x) for x in got["bad"]] == [RuntimeError, object]
@@ -435,9 +433,9 @@ def test_a_cancelled_request_at_the_head_of_the_queue_blocks_nobody(model, token
             text = long_prompt if prompt == "gone" else prompt
             request, _ = parse_request({"temperature": 0, "max_tokens": n}, [text], tokenizer, 128,
                                        16)
-            request.cancelled = prompt == "gone"  # its client left while it waited
-            request.send = lambda item, p=prompt: log.append((p, item))
-            worker.submit(request)
+            job = Job(request, lambda item, p=prompt: log.append((p, item)))
+            job.cancelled = prompt == "gone"  # its client left while it waited
+            worker.submit(job)
     wait_for(lambda: ("running", END) in log, "the requests did not finish")
     assert [item for p, item in log if p == "gone"] == [END] and state.cancelled == 1
     small_done = log.index(("small", END))

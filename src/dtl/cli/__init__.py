@@ -81,6 +81,33 @@ def add_threads(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(apply_threads=True)
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """`--model`, `--tokenizer` and `--device`: what every verb that loads a model takes
+    (generate, ask, chat, eval, serve); `load_model_args` loads it."""
+    parser.add_argument(
+        "--model", required=True, help="a run dir, a checkpoint dir, or a legacy DTL .pt file"
+    )
+    parser.add_argument("--tokenizer", help="override the model's tokenizer: 'gpt2' or a directory")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default auto: cuda, else mps, "
+                        "else cpu)")  # fmt: skip
+
+
+def load_model_args(args: argparse.Namespace, device=None):
+    """(model, tokenizer) of `add_model_args`' flags, on `device` (default: --device), after
+    the thread line (`say_threads`).
+
+    >>> model, tokenizer = load_model_args(args)  # doctest: +SKIP
+    """
+    from dtl.device import resolve_device
+    from dtl.model.store import load_model
+
+    if device is None:
+        device = resolve_device(args.device)
+    say_threads(args)
+    return load_model(args.model, device=device, tokenizer=args.tokenizer)
+
+
 def say_threads(args: argparse.Namespace) -> None:
     """Print the thread choice `main` applied, as the verb's first log line (stderr; once, and
     only on the first torchrun rank)."""

@@ -8,16 +8,17 @@ import json
 import sys
 from pathlib import Path
 
-from dtl.cli import add_common, add_threads, say_threads
-from dtl.data.qa import format_qa, qa_prompt, qa_stops
+from dtl.cli import add_common, add_model_args, add_threads, load_model_args
+from dtl.data.qa import format_qa, qa_prompt
 from dtl.data.sources import detect_kind, iter_records
-from dtl.device import resolve_device
 from dtl.errors import DtlError
 from dtl.fileio import atomic_write_text
+from dtl.generate.batch import fit_request
+from dtl.generate.context import fits
 from dtl.generate.evaluate import evaluate_lm, evaluate_squad
-from dtl.generate.sampling import ASK_DEFAULTS, SamplingOptions
-from dtl.generate.text import stream
-from dtl.model.store import load_model
+from dtl.generate.loop import Request
+from dtl.generate.sampling import ASK_DEFAULTS, SamplingOptions, ask_options
+from dtl.generate.text import stream_requests
 
 
 def register(subparsers) -> None:
@@ -32,7 +33,7 @@ def register(subparsers) -> None:
         "  dtl generate --model runs/tiny --prompt 'Once' --temperature 0   # greedy\n"
         "  dtl generate --model best_model.pt --prompt 'Hello' --top-p 0.9 --seed 1",
     )
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", required=True, help="the text to continue ('-' reads stdin)")
     _sampling_args(p, SamplingOptions(temperature=0.8, top_k=50, max_new_tokens=100))
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
@@ -57,7 +58,7 @@ def register(subparsers) -> None:
         '  dtl ask --model runs/qa "Who were the Normans?" --repetition-penalty 1   # no penalty\n'
         '  dtl ask --model runs/qa "Who were the Normans?" --temperature 0.8 --seed 1',
     )
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("question", help="the question")
     _sampling_args(p, ASK_DEFAULTS)
     add_threads(p)
@@ -73,7 +74,7 @@ def register(subparsers) -> None:
         "Type /help inside for the commands.",
         epilog="example:\n  dtl chat --model runs/qa --temperature 0.7",
     )
-    _model_args(p)
+    add_model_args(p)
     _sampling_args(p, dataclasses.replace(ASK_DEFAULTS, max_new_tokens=128))
     add_threads(p)
     add_common(p)
@@ -85,14 +86,16 @@ def register(subparsers) -> None:
         formatter_class=formatter,
         description="Score a model on a file. Text (text, wikitext, a Wikipedia dump, articles "
         "JSONL): perplexity "
-        "and bits per byte. Questions (squad, Q&A JSONL): the answer generated from the Q&A "
-        "prompt, scored by exact match and F1 with the official SQuAD normalisation against "
-        "all gold answers (unanswerable questions count as right only for an empty answer).",
+        "and bits per byte. Questions (squad, Q&A JSONL): each answered as `dtl ask` answers it "
+        "(the same flags and defaults: greedy, repetition penalty "
+        f"{ASK_DEFAULTS.repetition_penalty}, the Q&A stops), scored by exact match and F1 with "
+        "the official SQuAD normalisation against all gold answers (unanswerable questions "
+        "count as right only for an empty answer); the output says which settings it used.",
         epilog="examples:\n"
         "  dtl eval --model runs/tiny --data wiki.test.raw --kind wikitext --max-tokens 20000\n"
         "  dtl eval --model runs/qa --data squad-v2-dev-small.json --limit 100 --json",
     )
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--data", required=True, help="the file to score")
     p.add_argument(
         "--kind",
@@ -103,9 +106,7 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=_positive, help="use only the first N documents or questions")
     p.add_argument("--max-tokens", type=_positive, help="text: score at most about N tokens")
     p.add_argument("--batch-size", type=_positive, default=8, help="rows per forward (default 8)")
-    p.add_argument(
-        "--max-new-tokens", type=_positive, default=32, help="questions: answer length (32)"
-    )
+    _sampling_args(p.add_argument_group("questions: how to answer (as dtl ask)"), ASK_DEFAULTS)
     p.add_argument("--predictions", help="questions: write each prediction to this JSONL file")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     add_threads(p)
@@ -122,15 +123,6 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", required=True, help="a run dir, a checkpoint dir, or a legacy DTL .pt file"
-    )
-    p.add_argument("--tokenizer", help="override the model's tokenizer: 'gpt2' or a directory")
-    p.add_argument("--device", default="auto",
-                   help="auto, cpu, cuda, cuda:N or mps (default auto: cuda, else mps, else cpu)")  # fmt: skip
 
 
 def _sampling_args(p: argparse.ArgumentParser, defaults: SamplingOptions) -> None:
@@ -177,13 +169,6 @@ def _read_stdin() -> str:
     return sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
 
 
-def _load(args, device=None):
-    if device is None:
-        device = resolve_device(args.device)
-    say_threads(args)
-    return load_model(args.model, device=device, tokenizer=args.tokenizer)
-
-
 def sampling_options(args) -> SamplingOptions:
     """The one `SamplingOptions` of a verb's flags (checked here, before the slow load)."""
     if args.top_k is not None and args.top_k < 0:
@@ -200,13 +185,17 @@ def sampling_options(args) -> SamplingOptions:
     )
 
 
-def _note_truncation(tokenizer, prompt: str, max_new: int, context: int) -> None:
-    """Say on stderr when the prompt's oldest tokens will be dropped to fit the context."""
-    n = len(tokenizer.encode(prompt))
-    if max_new < context and n + max_new > context:
-        print(f"note: the prompt's first {n + max_new - context} of {n} tokens are dropped so "
-              f"it and {max_new} new tokens fit the model's {context}-token context",
-              file=sys.stderr)  # fmt: skip
+def fitted_stream(model, tokenizer, prompt: str, opts: SamplingOptions, use_cache: bool = True,
+                  prompt_ids: list[int] | None = None):  # fmt: skip
+    """The text pieces of one prompt's completion, fitted to the model's context by the one
+    rule (`fit_request`: max_new_tokens cut to the room the prompt leaves; a prompt that
+    fills the context alone loses its oldest tokens), with a note on stderr saying what was
+    cut. The prompt is tokenized once (not at all when its `prompt_ids` are given)."""
+    request = Request([prompt], opts, prompt_ids=None if prompt_ids is None else [prompt_ids])
+    note = fit_request(request, tokenizer, model.config.context).note()
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    return (c.text for c in stream_requests(model, tokenizer, [request], use_cache) if c.text)
 
 
 def _print_stream(pieces, strip_leading: bool = False) -> str:
@@ -229,11 +218,11 @@ def _print_stream(pieces, strip_leading: bool = False) -> str:
 def cmd_generate(args) -> int:
     prompt = user_text(_read_stdin() if args.prompt == "-" else args.prompt, "the prompt")
     opts = sampling_options(args)
-    model, tokenizer = _load(args)
-    _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.context)
+    model, tokenizer = load_model_args(args)
+    pieces = fitted_stream(model, tokenizer, prompt, opts, use_cache=not args.no_kv_cache)
     if args.echo:
         sys.stdout.write(prompt)
-    _print_stream(stream(model, tokenizer, prompt, opts, use_cache=not args.no_kv_cache))
+    _print_stream(pieces)
     return 0
 
 
@@ -241,12 +230,10 @@ def cmd_ask(args) -> int:
     args.question = user_text(args.question, "the question")
     if not args.question.strip():
         raise DtlError("the question is empty; ask something, e.g. dtl ask --model M 'Who?'")
-    opts = sampling_options(args)
-    opts = dataclasses.replace(opts, stop=qa_stops(opts.stop))
-    model, tokenizer = _load(args)
-    prompt = qa_prompt(args.question)
-    _note_truncation(tokenizer, prompt, opts.max_new_tokens, model.config.context)
-    _print_stream(stream(model, tokenizer, prompt, opts), strip_leading=True)
+    opts = ask_options(sampling_options(args))
+    model, tokenizer = load_model_args(args)
+    pieces = fitted_stream(model, tokenizer, qa_prompt(args.question), opts)
+    _print_stream(pieces, strip_leading=True)
     return 0
 
 
@@ -309,10 +296,8 @@ def cmd_chat(args) -> int:
         import readline  # noqa: F401  (line editing and history for input(); not on Windows)
     except ImportError:
         pass
-    opts = sampling_options(args)
-    model, tokenizer = _load(args)
-    limit = model.config.context
-    opts = dataclasses.replace(opts, stop=qa_stops(opts.stop))
+    opts = ask_options(sampling_options(args))
+    model, tokenizer = load_model_args(args)
     history: list[str] = []
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 reaches user_text, no crash
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -335,15 +320,36 @@ def cmd_chat(args) -> int:
                 return 0
             print(reply)
             continue
-        prompt = "\n".join([*history, qa_prompt(line)])
-        asked = dataclasses.replace(opts, max_new_tokens=min(opts.max_new_tokens, limit - 1))
+        prompt, ids, left_out = fit_chat_history(tokenizer, history, line, opts.max_new_tokens,
+                                                 model.config.context)  # fmt: skip
+        if left_out:
+            print(f"note: the oldest {left_out} of {len(history)} earlier turns are left out so "
+                  f"the question and {opts.max_new_tokens} new tokens fit the model's "
+                  f"{model.config.context}-token context", file=sys.stderr, flush=True)  # fmt: skip
+        pieces = fitted_stream(model, tokenizer, prompt, opts, prompt_ids=ids)
         sys.stdout.write("dtl> ")
         try:
-            answer = _print_stream(stream(model, tokenizer, prompt, asked), strip_leading=True)
+            answer = _print_stream(pieces, strip_leading=True)
         except KeyboardInterrupt:
             print("\n(stopped)")
             continue
         history.append(format_qa(line, answer))
+
+
+def fit_chat_history(
+    tokenizer, history: list[str], question: str, max_new_tokens: int, context: int
+) -> tuple[str, list[int], int]:
+    """The chat's next prompt: the earlier turns (answered Q&A examples), then the question.
+    The oldest turns are left out, whole, while the prompt and max_new_tokens do not fit the
+    context (then the one rule, `fit_request`, fits the question alone). Returns the prompt,
+    its token ids and how many turns were left out."""
+    first = 0
+    while True:
+        prompt = "\n".join([*history[first:], qa_prompt(question)])
+        ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+        if first == len(history) or fits(len(ids), max_new_tokens, context):
+            return prompt, ids, first
+        first += 1
 
 
 # ---------------------------------------------------------------------- eval
@@ -362,7 +368,8 @@ def cmd_eval(args) -> int:
     first = next(records, None)
     if first is None:
         raise DtlError(f"{args.data}: no records found in this {kind} file")
-    model, tokenizer = _load(args)
+    answering = ask_options(sampling_options(args))
+    model, tokenizer = load_model_args(args)
     progress = sys.stderr.isatty()
 
     def all_records():
@@ -370,8 +377,8 @@ def cmd_eval(args) -> int:
         yield from records
 
     if "question" in first:
-        scores = evaluate_squad(model, tokenizer, all_records(), args.max_new_tokens,
-                                args.batch_size, args.limit, progress)  # fmt: skip
+        scores = evaluate_squad(model, tokenizer, all_records(), None, args.batch_size,
+                                args.limit, progress, answering)  # fmt: skip
         predictions = scores.pop("predictions")
         if args.predictions:
             _write_jsonl(Path(args.predictions), predictions)
@@ -386,6 +393,7 @@ def cmd_eval(args) -> int:
     elif scores["task"] == "qa":
         print(f"{scores['count']} questions: exact match {scores['exact_match']:.2f}, "
               f"F1 {scores['f1']:.2f}")  # fmt: skip
+        print(f"  answered as dtl ask: {describe_answering(scores['settings'])}")
         for group, label in (("has_ans", "answerable"), ("no_ans", "unanswerable")):
             if scores.get(f"{group}_count"):
                 print(f"  {label} ({scores[f'{group}_count']}): exact match "
@@ -395,6 +403,29 @@ def cmd_eval(args) -> int:
               f"documents): perplexity {scores['perplexity']:.3f}, bits per byte "
               f"{scores['bits_per_byte']:.4f}")  # fmt: skip
     return 0
+
+
+def describe_answering(settings: dict) -> str:
+    """`evaluate_squad`'s "settings" in a line: how the scored answers were generated.
+
+    >>> describe_answering(answer_settings(ask_options()))  # doctest: +SKIP
+    "greedy, repetition penalty 1.3, at most 64 new tokens, stop at '\\nQuestion:', ..."
+    """
+    s = settings
+    if s["temperature"] == 0:
+        said = ["greedy"]
+    else:
+        said = [f"temperature {s['temperature']:g}"]
+        said += [f"top-k {s['top_k']}"] if s["top_k"] else []
+        said += [f"top-p {s['top_p']:g}"] if s["top_p"] is not None else []
+        said += [f"seed {s['seed']}"] if s["seed"] is not None else []
+    if s["repetition_penalty"] != 1.0:
+        said.append(f"repetition penalty {s['repetition_penalty']:g}")
+    if s["no_repeat_ngram_size"]:
+        said.append(f"no repeated {s['no_repeat_ngram_size']}-grams")
+    said.append(f"at most {s['max_new_tokens']} new tokens")
+    stops = ", ".join(repr(t) for t in s["stop"])
+    return ", ".join(said) + f", stop at end-of-text or {stops}"
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

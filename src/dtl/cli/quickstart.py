@@ -126,7 +126,8 @@ def summary_table(result: dict, out: str) -> str:
     ]
     notes = (
         f"val ppl: stage 1 on held-out article text, stage 2 on held-out answers (answer-only "
-        f"loss); EM/F1 on {n} held-out SQuAD questions, asked without their passage.\n"
+        f"loss); EM/F1 on {n} held-out SQuAD questions, asked without their passage and answered "
+        f"as `dtl ask` answers them by default.\n"
         f"done in {sec['total'] / 60:.1f} min (prepare {sec['prepare']:.0f}s, evaluate "
         f"{sec['evaluate']:.0f}s); the fine-tuned model is {result['checkpoint']}, the "
         f"pretrained one {out}/{PRETRAIN_DIR}"

@@ -11,8 +11,7 @@ from dtl.errors import DtlError
 
 
 def register(subparsers) -> None:
-    from dtl.cli import add_common
-    from dtl.cli.generate import _model_args
+    from dtl.cli import add_common, add_model_args
 
     p = subparsers.add_parser(
         "serve",
@@ -30,7 +29,7 @@ def register(subparsers) -> None:
         "  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\\n"
         '       -d \'{"prompt": "The history of", "max_tokens": 20}\'',
     )
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
@@ -67,7 +66,7 @@ def register(subparsers) -> None:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from dtl.cli.generate import _load
+    from dtl.cli import load_model_args
     from dtl.device import resolve_device
     from dtl.model.store import model_name
     from dtl.serve.api import create_app
@@ -83,7 +82,7 @@ def cmd_serve(args) -> int:
     import torch
 
     torch.set_num_threads(threads)
-    model, tokenizer = _load(args, device)
+    model, tokenizer = load_model_args(args, device)
     name = args.name or model_name(args.model)
     app = create_app(model, tokenizer, name, api_key=api_key, allowed_hosts=allowed,
                      max_body_bytes=max_body)  # fmt: skip

@@ -21,13 +21,15 @@ done, just as they do alone: what a request gets does not depend on its neighbou
 from __future__ import annotations
 
 import codecs
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from dtl.generate.loop import Request, TokenLoop, encode_rows, fit_context
+from dtl.generate.context import Fit, fit_context, fits
+from dtl.generate.loop import Request, TokenLoop, encode_rows
 from dtl.generate.score import TokenLogprob
 
 
@@ -129,11 +131,36 @@ def prompt_lengths(tokenizer, prompts: Sequence[str]) -> list[int]:
     return [len(ids) for ids in encode_prompts(tokenizer, prompts)]
 
 
+def fit_request(request: Request, tokenizer, context: int, truncate: bool = True) -> Fit:
+    """Encode the request's prompts (unless it holds their `prompt_ids` already: each prompt
+    is tokenized once) and fit them and its max_new_tokens to `context` by the one rule,
+    `fit_context`, on its longest prompt: `prompt_ids` keep their last tokens and `options`
+    the max_new_tokens that fit. Returns the `Fit` (also `request.fit`), whose `note()` says
+    what was cut; a request fitted before is left as it is.
+
+    >>> fit_request(Request(["Who is Romeo?"], ASK_DEFAULTS), tok, 16).note()  # doctest: +SKIP
+    "max_new_tokens cut from 64 to 12: the model's context is 16 tokens and the prompt takes 4"
+    """
+    if request.prompt_ids is None:
+        request.prompt_ids = encode_prompts(tokenizer, request.prompts)
+    if request.fit is not None:
+        return request.fit
+    longest = max(len(ids) for ids in request.prompt_ids)
+    fit = fit_context(longest, request.options.max_new_tokens, context, truncate)
+    if fit.dropped:
+        request.prompt_ids = [ids[-fit.prompt_tokens :] for ids in request.prompt_ids]
+    if fit.cut:
+        request.options = dataclasses.replace(request.options, max_new_tokens=fit.max_new_tokens)
+    request.fit = fit
+    return fit
+
+
 class ContinuousBatch:
     """Rows decoded together one token per step, requests joining and leaving between steps.
 
-    `max_rows` bounds the rows decoded together (a request alone may be larger); `truncate`
-    left-truncates prompts that do not fit the context with their max_new_tokens (else that
+    `max_rows` bounds the rows decoded together (a request alone may be larger). A request's
+    max_new_tokens is cut to the room its prompts leave in the context (`fit_request`);
+    `truncate` lets a prompt that fills the context alone lose its oldest tokens (else that
     is an error); `stop_at_eos=False` lets rows run past end-of-text."""
 
     def __init__(
@@ -166,28 +193,36 @@ class ContinuousBatch:
     def n_rows(self) -> int:
         return self.loop.n_rows
 
-    def fits(self, n_rows: int, longest_prompt: int, max_new_tokens: int) -> bool:
-        """Whether a request of these sizes can join now (rows and context both)."""
-        if self.n_rows + n_rows > self.max_rows and self.loop.requests:
+    def fits(self, requests: Sequence[Request]) -> bool:
+        """Whether `requests` (fitted: see `fit_request`) can join now, together: rows and
+        context both. One request may be larger than `max_rows` when it joins an empty batch
+        alone; in a running batch every row shares the cache's length, so the longest of it
+        and the new prompts plus the most tokens any request may still draw must fit."""
+        rows = sum(len(r.prompt_ids) for r in requests)
+        if self.n_rows + rows > self.max_rows and (self.loop.requests or len(requests) > 1):
             return False
         cache = self.loop.cache
-        length = max(longest_prompt, cache.length if cache is not None else 0)
-        return length + self.loop.room_needed(max_new_tokens) <= self.model.config.context
+        longest = max(len(ids) for r in requests for ids in r.prompt_ids)
+        length = max(longest, cache.length if cache is not None else 0)
+        room = self.loop.room_needed(max(r.options.max_new_tokens for r in requests))
+        return fits(length, room, self.model.config.context)
+
+    def fit(self, request: Request) -> Fit:
+        """Fit `request` to the model's context (`fit_request`, with this batch's `truncate`)."""
+        return fit_request(request, self.tokenizer, self.model.config.context, self.truncate)
 
     @torch.no_grad()
     def add(self, requests: Sequence[Request]) -> None:
         """Prefill the requests' prompts as one padded batch and let them join (raises if any
         fails, leaving the batch as it was: the caller may then add them one at a time).
-        Prompts are encoded here unless the request holds their `prompt_ids` already."""
+        Each request is fitted first (`fit`: its prompts encoded unless it holds their
+        `prompt_ids`, its max_new_tokens cut to the room they leave). The caller checks that
+        they fit beside the running ones (`fits`)."""
         for r in requests:
-            if r.prompt_ids is None:
-                r.prompt_ids = encode_prompts(self.tokenizer, r.prompts)
+            self.fit(r)
         prompt_ids = [ids for r in requests for ids in r.prompt_ids]
         device = next(self.model.parameters()).device
         ids, mask = encode_rows(prompt_ids, self.tokenizer.eos_id, device)
-        longest_new = max(r.options.max_new_tokens for r in requests)
-        context = self.model.config.context
-        ids, mask = fit_context(ids, mask, longest_new, context, self.truncate)
         self.loop.add(ids, mask, list(requests))
         for r in requests:
             r.rows = [RowText(self.tokenizer, r.options.stop) for _ in r.prompts]

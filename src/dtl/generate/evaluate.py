@@ -9,10 +9,13 @@ perplexity = exp(total NLL / tokens) and
 bits per byte = total NLL / ln 2 / UTF-8 bytes, which compares models of different
 tokenizers.
 
-SQuAD. The answer is generated greedily from the Q&A prompt ("Question: ...\\nAnswer:") and
-scored as the official SQuAD v2.0 script does: both sides lower-cased, punctuation and the
-articles a/an/the removed, whitespace collapsed; the best score over all gold answers; an
-unanswerable question's gold answer is the empty string.
+SQuAD. Each question is answered as `dtl ask` answers it by default: the Q&A prompt
+("Question: ...\\nAnswer:"), the options `ask_options()` (greedy, repetition penalty 1.3, at
+most 64 new tokens, ending at end-of-text or where the model starts another "Question:" or
+"Answer:" line), fitted to the context alone, the whitespace around it removed; so the scores
+measure what users run. The answer is scored as the official SQuAD v2.0 script does: both
+sides lower-cased, punctuation and the articles a/an/the removed, whitespace collapsed; the
+best score over all gold answers; an unanswerable question's gold answer is the empty string.
 
 >>> exact_match("The Normans", ["Normans"]), round(f1_score("in France", ["France"]), 3)
 (1.0, 0.667)
@@ -21,6 +24,7 @@ unanswerable question's gold answer is the empty string.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import re
 import string
@@ -28,9 +32,11 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from dtl.data.qa import QA_STOP, qa_prompt
+from dtl.data.qa import qa_prompt
 from dtl.errors import DtlError
-from dtl.generate.text import generate
+from dtl.generate.loop import Request
+from dtl.generate.sampling import SamplingOptions, ask_options
+from dtl.generate.text import stream_requests
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = set(string.punctuation)
@@ -99,16 +105,26 @@ def evaluate_squad(
     model: torch.nn.Module,
     tokenizer,
     records: Iterable[dict],
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     batch_size: int = 16,
     limit: int | None = None,
     progress: bool = False,
+    options: SamplingOptions | None = None,
 ) -> dict:
-    """Generate an answer for each SQuAD record's question and score it (see module docs).
+    """Answer each SQuAD record's question as `dtl ask` does and score it (see module docs).
 
     records: dicts with "question" and "answers" (all gold strings; [] when unanswerable).
-    Returns the `squad_scores` dict plus "predictions": [{"id", "question", "prediction"}].
+    `options` (default `ask_options()`, `dtl ask`'s; Q&A stops are added to any given) and
+    `max_new_tokens` (default the options') say how to answer; `batch_size` questions are
+    decoded together, each its own request, as it would be alone.
+    Returns the `squad_scores` dict plus "predictions": [{"id", "question", "prediction"}]
+    and "settings": the options' fields that shaped the answers.
+
+    >>> evaluate_squad(model, tok, [{"question": "Who?", "answers": ["Rollo"]}])  # doctest: +SKIP
     """
+    options = ask_options(options) if options is not None else ask_options()
+    if max_new_tokens is not None:
+        options = dataclasses.replace(options, max_new_tokens=max_new_tokens)
     records = list(records)[:limit] if limit is not None else list(records)
     if not records:
         raise DtlError("no SQuAD questions to evaluate (the file held none)")
@@ -116,11 +132,11 @@ def evaluate_squad(
     bar = _progress(len(records), "questions", progress)
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        prompts = [qa_prompt(r["question"]) for r in batch]
-        done = generate(
-            model, tokenizer, prompts, max_new_tokens, temperature=0.0, stop=[QA_STOP, "\n"]
-        )
-        predictions += [c.text.strip() for c in done]
+        requests = [Request([qa_prompt(r["question"])], options) for r in batch]
+        texts = [""] * len(batch)
+        for chunk in stream_requests(model, tokenizer, requests):
+            texts[chunk.index] += chunk.text
+        predictions += [t.strip() for t in texts]  # `dtl ask` prints it without the space
         bar.update(len(batch))
     bar.close()
     gold = [_gold_answers(r) for r in records]
@@ -129,7 +145,22 @@ def evaluate_squad(
         {"id": r.get("id"), "question": r["question"], "prediction": p}
         for r, p in zip(records, predictions, strict=True)
     ]
+    scores["settings"] = answer_settings(options)
     return scores
+
+
+def answer_settings(options: SamplingOptions) -> dict:
+    """The fields of `options` that shape a Q&A answer (what `dtl eval` reports it used)."""
+    return {
+        "temperature": options.temperature,
+        "top_k": options.top_k,
+        "top_p": options.top_p,
+        "repetition_penalty": options.repetition_penalty,
+        "no_repeat_ngram_size": options.no_repeat_ngram_size,
+        "seed": options.seed,
+        "max_new_tokens": options.max_new_tokens,
+        "stop": list(options.stop),
+    }
 
 
 def _gold_answers(record: dict) -> list[str]:

@@ -17,12 +17,14 @@ torch.Size([1, 8])
 Context length: a prompt never runs the model past its context, `model.config.context`: the
 tokens per row it was trained at (else, for a model saved before that was recorded, its
 `max_seq_length`); positions past it were never trained and only cost quality. When
-prompt + max_new_tokens does not fit, the prompt is left-truncated (its oldest tokens are
-dropped) so that it does, unless `truncate=False`, which raises a DtlError instead.
+prompt + max_new_tokens does not fit, max_new_tokens is cut to the room the prompt leaves, and
+a prompt that fills the context alone loses its oldest tokens (or, with `truncate=False`, is a
+DtlError): `dtl.generate.context.fit_context`, the one rule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -30,8 +32,9 @@ import torch
 from torch import Tensor
 
 from dtl.errors import DtlError
+from dtl.generate.context import Fit, fit_context
 from dtl.generate.decode import DecodePlan, plan_if_fast
-from dtl.generate.sampling import SamplingOptions, context_tokens, sample_next, seeded_generator
+from dtl.generate.sampling import PenaltyState, SamplingOptions, sample_next, seeded_generator
 from dtl.generate.score import TokenLogprob, step_logprobs
 from dtl.model.kv_cache import KVCache
 
@@ -39,7 +42,9 @@ from dtl.model.kv_cache import KVCache
 @dataclass(eq=False)
 class Request:
     """One request: its rows (one per prompt; `n` samples of a prompt repeat it) and how they
-    generate. The loop keeps its state here while it runs, so this is its only record.
+    generate. The loop keeps its state here while it runs, so this is its only record. Who
+    asked for it (a server's client, a CLI) is no part of it: a server keeps its own record
+    beside it.
 
     >>> Request(["Once upon a time"], SamplingOptions(max_new_tokens=20, seed=0))  # doctest: +SKIP
     """
@@ -50,19 +55,17 @@ class Request:
     echo: bool = False  # score the prompts' own tokens first (`prompt_logprobs`, per row)
     score_only: bool = False  # echo and generate nothing (OpenAI's max_tokens 0)
     prompt_logprobs: list[list[TokenLogprob | None]] | None = None
+    # how its prompts and answers fit the context (`fit_context`; options and prompt_ids are
+    # cut to it), once the request is fitted
+    fit: Fit | None = None
     # -- its state in a running loop
     generator: torch.Generator | None = None  # every row of the request draws from it
     logits: Tensor | None = None  # (n, V): the next-token logits of its rows
-    seen: Tensor | None = None  # (n, V) bool, the rows' context, for the repetition penalty
-    history: list[list[int]] | None = None  # each row's tokens so far, for no-repeat n-grams
-    counts: Tensor | None = None  # (n, V): tokens each row generated, presence/frequency
+    penalties: PenaltyState | None = None  # what the penalties remember of its rows
     drawn: list[TokenLogprob] | None = None  # options.logprobs: the last draw's, one per row
     done: Tensor | None = None  # (n,) bool: rows that ended (drawing on, fed padding)
     steps: int = 0  # tokens drawn so far
     rows: list = field(default_factory=list)  # text level: a `RowText` per row
-    # -- for a caller on another thread (the server): where its pieces go, and whether to stop
-    send: object = None  # callable(item), or None
-    cancelled: bool = False
 
     @property
     def finished(self) -> bool:
@@ -84,34 +87,16 @@ def last_logits(
     return model(input_ids, attention_mask, cache=cache, last_only=True, layout=plan)[:, -1]
 
 
-def fit_context(
-    input_ids: Tensor,
-    attention_mask: Tensor | None,
-    max_new_tokens: int,
-    context: int,
-    truncate: bool = True,
+def keep_last(
+    input_ids: Tensor, attention_mask: Tensor | None, n: int
 ) -> tuple[Tensor, Tensor | None]:
-    """Left-truncate (B, T) prompts so T + max_new_tokens <= context, or raise."""
-    if max_new_tokens < 1:
-        raise DtlError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if max_new_tokens >= context:
-        raise DtlError(
-            f"max_new_tokens ({max_new_tokens}) must be below the model's context ({context} "
-            "tokens, what it was trained at) so that at least one prompt token fits"
-        )
-    room = context - max_new_tokens
-    if input_ids.size(1) <= room:
+    """The last `n` columns of left-padded (B, T) prompts: what a `Fit` keeps of them."""
+    if input_ids.size(1) <= n:
         return input_ids, attention_mask
-    if not truncate:
-        raise DtlError(
-            f"prompt of {input_ids.size(1)} tokens + {max_new_tokens} new tokens exceeds the "
-            f"model's context ({context} tokens, what it was trained at); shorten the prompt or "
-            "max_new_tokens"
-        )
-    mask = None if attention_mask is None else attention_mask[:, -room:]
+    mask = None if attention_mask is None else attention_mask[:, -n:]
     if mask is not None and bool((mask.sum(1) == 0).any()):
         raise DtlError("after left-truncation a prompt has no tokens left; shorten the padding")
-    return input_ids[:, -room:], mask
+    return input_ids[:, -n:], mask
 
 
 # ---------------------------------------------------------------------- the loop
@@ -167,16 +152,8 @@ class TokenLoop:
             r.generator = seeded_generator(o.seed, device)
             r.logits, r.steps = logits[rows], 0
             r.done = torch.zeros(rows.stop - rows.start, dtype=torch.bool, device=device)
-            r.seen = None
-            if o.repetition_penalty != 1.0:
-                mask = None if attention_mask is None else attention_mask[rows]
-                r.seen = context_tokens(input_ids[rows], mask, model.config.vocab_size)
-            r.history = None
-            if o.no_repeat_ngram_size:
-                r.history = row_tokens(input_ids[rows], attention_mask, rows)
-            r.counts = None
-            if o.presence_penalty or o.frequency_penalty:
-                r.counts = torch.zeros(rows.stop - rows.start, model.config.vocab_size, device=device)
+            mask = None if attention_mask is None else attention_mask[rows]
+            r.penalties = PenaltyState.start(o, input_ids[rows], mask, model.config.vocab_size)
         if cache is None:
             self.context = (input_ids, attention_mask)
         elif self.cache is None:
@@ -188,19 +165,12 @@ class TokenLoop:
     def draw(self, request: Request) -> Tensor:
         """The request's next tokens (n,): finished rows get padding; end-of-text ends a row."""
         opts = request.options
-        token = sample_next(request.logits, opts, request.seen, request.generator,
-                            request.history, request.counts)  # fmt: skip
+        token = sample_next(request.logits, opts, request.penalties, request.generator)
         token = torch.where(request.done, torch.full_like(token, self.pad), token)
         if opts.logprobs is not None:  # of the raw logits, whatever the draw's adjustments
             request.drawn = step_logprobs(request.logits, token, opts.logprobs)
-        if request.counts is not None:  # only live rows' tokens count
-            live = (~request.done).to(request.counts.dtype)
-            request.counts[torch.arange(token.size(0), device=token.device), token] += live
-        if request.history is not None:
-            for seq, t in zip(request.history, token.tolist(), strict=True):
-                seq.append(t)
-        if request.seen is not None:
-            request.seen[torch.arange(token.size(0), device=token.device), token] = True
+        if request.penalties is not None:
+            request.penalties.update(token, ~request.done)
         if self.eos_id is not None:
             request.done |= token == self.eos_id
         request.steps += 1
@@ -259,7 +229,7 @@ def iter_tokens(
 ) -> Iterator[Tensor]:
     """Yield the next token ids (B,) once per step, at most `opts.max_new_tokens` times.
 
-    The prompt must already fit (see `fit_context`). Rows that produced `eos_id` keep
+    The prompt must already fit (see `dtl.generate.context`). Rows that produced `eos_id` keep
     yielding it as padding; the loop ends when every row is done.
     """
     loop = TokenLoop(model, eos_id, use_cache)
@@ -271,14 +241,6 @@ def iter_tokens(
         if request.finished:
             return
         loop.feed(token)
-
-
-def row_tokens(input_ids: Tensor, attention_mask: Tensor | None, rows: slice) -> list[list[int]]:
-    """The unpadded token ids of `input_ids` (the rows of one request, (n, T)) as lists."""
-    if attention_mask is None:
-        return input_ids.tolist()
-    mask = attention_mask[rows].bool()
-    return [ids[m].tolist() for ids, m in zip(input_ids, mask, strict=True)]
 
 
 def generate_tokens(
@@ -299,9 +261,10 @@ def generate_tokens(
     """Sample up to max_new_tokens after each prompt row; returns (B, T' + n) token ids.
 
     input_ids: (B, T), left-padded when rows differ in length, with attention_mask (B, T)
-    of 1 (token) / 0 (padding). The result is the (possibly left-truncated, see the module
-    docs) prompt followed by the new tokens; rows that stopped at `eos_id` are padded with it.
-    Generation stops early once every row has produced `eos_id`. `options` (a
+    of 1 (token) / 0 (padding). The result is the prompt (left-truncated only when it alone
+    fills the context) followed by the new tokens, at most max_new_tokens of them or the room
+    the prompt leaves in the context (see the module docs); rows that stopped at `eos_id` are
+    padded with it. Generation stops early once every row has produced `eos_id`. `options` (a
     `SamplingOptions`) replaces the sampling arguments when given.
 
     >>> generate_tokens(model, ids, max_new_tokens=20, top_k=50, seed=0)  # doctest: +SKIP
@@ -312,9 +275,10 @@ def generate_tokens(
     if options is None:
         options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed,
                                   max_new_tokens=max_new_tokens)  # fmt: skip
-    input_ids, attention_mask = fit_context(
-        input_ids, attention_mask, options.max_new_tokens, model.config.context, truncate
-    )
+    fit = fit_context(input_ids.size(1), options.max_new_tokens, model.config.context, truncate)
+    input_ids, attention_mask = keep_last(input_ids, attention_mask, fit.prompt_tokens)
+    if fit.cut:
+        options = dataclasses.replace(options, max_new_tokens=fit.max_new_tokens)
     steps = list(iter_tokens(model, input_ids, options, eos_id, use_cache, attention_mask))
     return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
 

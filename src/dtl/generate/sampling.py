@@ -6,6 +6,8 @@ logits, before any of these steps.
 
 `SamplingOptions` is the one object that says how a request generates: it is built once from
 `dtl generate`'s flags or an HTTP request's JSON body and travels whole to `sample_next`.
+`PenaltyState` is what the penalties remember of a request's rows (the tokens seen, drawn,
+counted): set up, updated and applied here, whoever runs the loop.
 
 >>> import torch
 >>> sample_next(torch.tensor([[0.0, 3.0, 1.0]]), SamplingOptions(temperature=0), None, None)
@@ -14,11 +16,13 @@ tensor([1])
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from dtl.data.qa import qa_stops
 from dtl.errors import DtlError
 
 
@@ -86,9 +90,88 @@ class SamplingOptions:
 # the server's GET /ask_defaults): greedy, so the same question gives the same answer, with a
 # repetition penalty, which stops the quickstart model's "the first time, the first time, ..."
 # loops (benchmarks/bench_answers.py; figures in docs/benchmarks.md). Q&A callers add
-# `qa_stops()`.
+# `qa_stops()`: `ask_options()`.
 ASK_DEFAULTS = SamplingOptions(temperature=0.0, top_k=50, repetition_penalty=1.3,
                                max_new_tokens=64)  # fmt: skip
+
+
+def ask_options(options: SamplingOptions = ASK_DEFAULTS) -> SamplingOptions:
+    """`options` as a Q&A answer uses them: the Q&A stop strings (`qa_stops`: the answer ends
+    where the model starts another "Question:" or "Answer:" line) before the options' own.
+    `ask_options()` is what `dtl ask` answers with by default, and what `dtl eval` and the
+    quickstart score: one object, so the scores measure what users run.
+
+    >>> ask_options().stop, ask_options().repetition_penalty
+    (('\\nQuestion:', '\\nAnswer:'), 1.3)
+    """
+    return dataclasses.replace(options, stop=qa_stops(options.stop))
+
+
+# ---------------------------------------------------------------------- what penalties remember
+@dataclass
+class PenaltyState:
+    """What the penalties remember of each row of a request, in one place: set up from the
+    prompts (`start`), kept up to date with each drawn token (`update`), applied to the next
+    logits (`apply`). A field is None when its penalty is off.
+
+    >>> opts = SamplingOptions(temperature=0, repetition_penalty=2.0)
+    >>> state = PenaltyState.start(opts, torch.tensor([[1]]), None, vocab_size=4)
+    >>> state.apply(torch.tensor([[1.0, 4.0, 3.0, 0.0]]), opts)  # token 1 is in the prompt
+    tensor([[1., 2., 3., 0.]])
+    >>> state.update(torch.tensor([2]), live=torch.tensor([True]))  # token 2 is drawn
+    >>> state.apply(torch.tensor([[1.0, 4.0, 3.0, 0.0]]), opts)
+    tensor([[1.0000, 2.0000, 1.5000, 0.0000]])
+    """
+
+    seen: Tensor | None = None  # (n, V) bool: tokens in the row so far (repetition penalty)
+    history: list[list[int]] | None = None  # each row's token ids so far (no-repeat n-grams)
+    counts: Tensor | None = None  # (n, V): tokens each row generated (presence/frequency)
+
+    @classmethod
+    def start(
+        cls,
+        opts: SamplingOptions,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        vocab_size: int,
+    ) -> PenaltyState | None:
+        """The state of rows about to generate after `input_ids` (n, T), left-padded with
+        `attention_mask` (n, T) or None; None when `opts` ask for no penalty."""
+        seen = history = counts = None
+        if opts.repetition_penalty != 1.0:  # the prompt counts
+            seen = context_tokens(input_ids, attention_mask, vocab_size)
+        if opts.no_repeat_ngram_size:  # so does it here
+            history = row_tokens(input_ids, attention_mask)
+        if opts.presence_penalty or opts.frequency_penalty:  # only generated tokens count
+            counts = torch.zeros(input_ids.size(0), vocab_size, device=input_ids.device)
+        if seen is None and history is None and counts is None:
+            return None
+        return cls(seen, history, counts)
+
+    def update(self, token: Tensor, live: Tensor) -> None:
+        """Remember the drawn `token` (n,) of each row; `live` (n,) bool marks rows that have
+        not ended (a finished row's padding is no generated token)."""
+        rows = torch.arange(token.size(0), device=token.device)
+        if self.counts is not None:
+            self.counts[rows, token] += live.to(self.counts.dtype)
+        if self.history is not None:
+            for seq, t in zip(self.history, token.tolist(), strict=True):
+                seq.append(t)
+        if self.seen is not None:
+            self.seen[rows, token] = True
+
+    def apply(self, logits: Tensor, opts: SamplingOptions) -> Tensor:
+        """The penalised logits (n, V): repetition penalty, then presence/frequency, then
+        no-repeat n-grams."""
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, opts.repetition_penalty)
+        if self.counts is not None:
+            logits = apply_presence_frequency(
+                logits, self.counts, opts.presence_penalty, opts.frequency_penalty
+            )
+        if self.history is not None:
+            logits = ban_repeated_ngrams(logits, self.history, opts.no_repeat_ngram_size)
+        return logits
 
 
 # ---------------------------------------------------------------------- sampling one step
@@ -163,14 +246,12 @@ def filter_top_p(logits: Tensor, p: float | None) -> Tensor:
 def sample_next(
     logits: Tensor,
     opts: SamplingOptions,
-    seen: Tensor | None,
+    penalties: PenaltyState | None,
     generator: torch.Generator | None,
-    history: list[list[int]] | None = None,
-    counts: Tensor | None = None,
 ) -> Tensor:
-    """logits (B, V) -> next token ids (B,). `seen` (B, V) bool feeds the repetition penalty,
-    `history` (each row's token ids so far) the no-repeat n-grams, `counts` (B, V) (how often
-    each row has generated each token) the presence and frequency penalties.
+    """logits (B, V) -> next token ids (B,). `penalties` (the rows' `PenaltyState`, or None
+    when the options ask for none) applies the repetition, presence/frequency and no-repeat
+    n-gram penalties after `logit_bias`.
 
     With top-k the draw is made among the k candidates only (`torch.topk` returns them
     sorted, which top-p needs): the same distribution as masking the full vocabulary, but a
@@ -178,14 +259,8 @@ def sample_next(
     of a small model's decode step).
     """
     logits = apply_logit_bias(logits.float(), opts.logit_bias)
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, opts.repetition_penalty)
-    if counts is not None:
-        logits = apply_presence_frequency(
-            logits, counts, opts.presence_penalty, opts.frequency_penalty
-        )
-    if history is not None:
-        logits = ban_repeated_ngrams(logits, history, opts.no_repeat_ngram_size)
+    if penalties is not None:
+        logits = penalties.apply(logits, opts)
     if opts.temperature == 0.0:
         return logits.argmax(-1)
     # Scaled as (logits - max) / T: the same distribution as logits / T, but a tiny T cannot
@@ -234,3 +309,11 @@ def context_tokens(input_ids: Tensor, attention_mask: Tensor | None, vocab_size:
     rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)  # (B, T) row index
     seen[rows[valid], input_ids[valid]] = True
     return seen
+
+
+def row_tokens(input_ids: Tensor, attention_mask: Tensor | None) -> list[list[int]]:
+    """The unpadded token ids of each row of `input_ids` (n, T) as lists."""
+    if attention_mask is None:
+        return input_ids.tolist()
+    mask = attention_mask.bool()
+    return [ids[m].tolist() for ids, m in zip(input_ids, mask, strict=True)]

@@ -53,7 +53,7 @@ from dtl.generate.loop import Request
 from dtl.serve.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
 from dtl.serve.logprobs import chat_logprobs, completion_logprobs
 from dtl.serve.page import add_page_routes
-from dtl.serve.scheduler import END, Batcher
+from dtl.serve.scheduler import END, Batcher, Job
 from dtl.serve.tokenize import add_tokenizer_routes
 from dtl.serve.wire import (
     ApiError,
@@ -186,19 +186,20 @@ async def _respond(
         "model": state.model_name,
     }
     tidy: Callable[[str], str] = str.lstrip if kind == "chat.completion" else _same
+    job, queue = _queued_job(request)
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        events = _sse(state.batcher, request, prompt_tokens, meta, kind, tidy, include_usage)
+        events = _sse(state.batcher, job, queue, prompt_tokens, meta, kind, tidy, include_usage)
         return StreamingResponse(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
     chunks = []
-    async with aclosing(_submit(state.batcher, request, http)) as items:
+    async with aclosing(_submit(state.batcher, job, queue, http)) as items:
         async for item in items:  # closed on the way out: its disconnect watch ends too
             if isinstance(item, Exception):
                 raise item
             chunks.append(item)
-    if request.cancelled:  # the client went away; nobody reads this
+    if job.cancelled:  # the client went away; nobody reads this
         return ApiError(
             "the client closed the request", code="client_closed", status=499
         ).response()
@@ -231,16 +232,23 @@ def _model_card(name: str, created: int, n_params: int, config) -> dict:
             "base_seq_len": config.base_seq_len}  # fmt: skip
 
 
-async def _submit(batcher: Batcher, request: Request, http: HttpRequest | None = None):
-    """Hand `request` to the generation thread; yield its chunks (or an Exception) as they
-    come. Given the `http` request, stop (marking the request cancelled, so the worker drops
-    it at its next step) when its client disconnects: the body has been read, so the next
-    ASGI message is the disconnect (`is_disconnected()` cannot see it through the HTTP
-    middleware)."""
+def _queued_job(request: Request) -> tuple[Job, asyncio.Queue]:
+    """The server's record of `request`: its pieces, sent on the generation thread, land in
+    the returned queue of the running event loop."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    request.send = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
-    batcher.submit(request)
+    return Job(request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)), queue
+
+
+async def _submit(
+    batcher: Batcher, job: Job, queue: asyncio.Queue, http: HttpRequest | None = None
+):
+    """Hand `job` (and its `queue`, from `_queued_job`) to the generation thread; yield its
+    chunks (or an Exception) as they come. Given the `http` request, stop (marking the job
+    cancelled, so the worker drops it at its next step) when its client disconnects: the
+    body has been read, so the next ASGI message is the disconnect (`is_disconnected()`
+    cannot see it through the HTTP middleware)."""
+    batcher.submit(job)
     getter = asyncio.ensure_future(queue.get())
     watcher = asyncio.ensure_future(_disconnected(http)) if http is not None else None
     try:
@@ -248,7 +256,7 @@ async def _submit(batcher: Batcher, request: Request, http: HttpRequest | None =
             waiting = {getter} if watcher is None else {getter, watcher}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if not getter.done():  # the client left
-                request.cancelled = True
+                job.cancelled = True
                 return
             item = getter.result()
             if item is END:
@@ -318,9 +326,10 @@ def _full_response(
 
 
 async def _sse(
-    batcher: Batcher, request: Request, prompt_tokens: int, meta, kind, tidy, include_usage
+    batcher: Batcher, job: Job, queue, prompt_tokens: int, meta, kind, tidy, include_usage
 ):
     """Server-sent events: OpenAI's chunk objects, then `data: [DONE]`."""
+    request = job.request
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
     started = [False] * len(request.prompts)  # chat: whether a row's leading space is gone
@@ -333,7 +342,7 @@ async def _sse(
                 first = {"index": i, "delta": {"role": "assistant", "content": ""},
                          "finish_reason": None, "logprobs": None}  # fmt: skip
                 yield _event({**meta, "object": obj, "choices": [first]})
-        async for item in _submit(batcher, request):
+        async for item in _submit(batcher, job, queue):
             if isinstance(item, Exception):
                 message = f"generation failed: {item}"
                 yield _event({"error": {"message": message, "type": "server_error",
@@ -368,7 +377,7 @@ async def _sse(
             )
         yield "data: [DONE]\n\n"
     finally:  # the client went away (or we are done): the worker drops its rows next step
-        request.cancelled = True
+        job.cancelled = True
 
 
 def _event(payload: dict) -> str:

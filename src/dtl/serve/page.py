@@ -17,8 +17,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, Response
 
-from dtl.data.qa import qa_stops
-from dtl.generate.sampling import ASK_DEFAULTS, SamplingOptions
+from dtl.generate.sampling import ASK_DEFAULTS, SamplingOptions, ask_options
 
 STATIC_DIR = Path(__file__).resolve().with_name("static")
 
@@ -57,6 +56,7 @@ def ask_defaults(options: SamplingOptions = ASK_DEFAULTS) -> dict:
     >>> ask_defaults()["temperature"], ask_defaults()["stop"]
     (0.0, ['\\nQuestion:', '\\nAnswer:'])
     """
+    options = ask_options(options)
     return {
         "temperature": options.temperature,
         "top_k": options.top_k or 0,
@@ -64,7 +64,7 @@ def ask_defaults(options: SamplingOptions = ASK_DEFAULTS) -> dict:
         "repetition_penalty": options.repetition_penalty,
         "no_repeat_ngram_size": options.no_repeat_ngram_size,
         "max_tokens": options.max_new_tokens,
-        "stop": list(qa_stops(options.stop)),  # informative: chat completions add them anyway
+        "stop": list(options.stop),  # informative: chat completions add them anyway
     }
 
 

@@ -7,7 +7,9 @@ alternatives; chat: `logprobs: true` and `top_logprobs` 0..20), plus the extensi
 `repetition_penalty` and `no_repeat_ngram_size`, all gathered into the request's one
 `SamplingOptions`; completions also take `echo` (the prompt's tokens scored, with
 `max_tokens: 0` for nothing more) and prompts as token ids. A `max_tokens` beyond the room
-the longest prompt leaves in the context is cut to that room (see `_max_tokens`). Any other
+the longest prompt leaves in the context is cut to that room, and a prompt that leaves none is
+a 400: `dtl.generate.context.fit_context`, the rule every path follows, with `truncate=False`
+(the server never drops prompt tokens; see `_max_tokens` for why it cuts). Any other
 field is a 400 that names it (`dtl.serve.params`). A request makes at most
 MAX_REQUEST_ROWS (64) rows: its prompts times `n`. Everything is checked here, before the
 request is queued, so none should fail in the worker.
@@ -27,6 +29,7 @@ from fastapi.responses import JSONResponse
 from dtl.data.qa import format_qa, qa_prompt
 from dtl.errors import DtlError
 from dtl.generate.batch import encode_prompts
+from dtl.generate.context import fit_context
 from dtl.generate.loop import Request
 from dtl.generate.sampling import SamplingOptions
 from dtl.serve.params import field_problem
@@ -246,9 +249,13 @@ def parse_request(
     prompt_ids = _prompt_ids(tokenizer, prompts)  # once: the batch reuses them
     texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
     longest = max(len(ids) for ids in prompt_ids)
-    max_tokens = _max_tokens(body, longest, context, default_max_tokens, echo)
+    max_tokens = _max_tokens(body, default_max_tokens, echo)
+    try:  # the one rule: cut to the room the longest prompt leaves; no room is a 400
+        fit = fit_context(longest, max_tokens, context, truncate=False)
+    except DtlError as err:
+        raise ApiError(str(err), "prompt", "context_length_exceeded") from None
     try:  # built here, so a bad combination is a 400 and never fails in the worker
-        options = SamplingOptions(**sampling, max_new_tokens=max(1, max_tokens),
+        options = SamplingOptions(**sampling, max_new_tokens=max(1, fit.max_new_tokens),
                                   stop=(*stop_first, *stop), logprobs=logprobs)  # fmt: skip
     except DtlError as err:
         raise ApiError(str(err), code="invalid_value") from None
@@ -258,6 +265,7 @@ def parse_request(
         prompt_ids=[ids for ids in prompt_ids for _ in range(n)],
         echo=echo,
         score_only=max_tokens == 0,
+        fit=fit,
     )
     return request, sum(len(ids) for ids in prompt_ids)
 
@@ -383,20 +391,18 @@ def _stop_strings(body: dict) -> list[str]:
     return stop
 
 
-def _max_tokens(
-    body: dict, longest: int, context: int, default: int | None, echo: bool = False
-) -> int:
-    """`max_tokens` (or `max_completion_tokens`), cut to the room the longest prompt leaves
-    in the context (the row then ends with finish_reason "length"); chat's default is
-    CHAT_DEFAULT_MAX_TOKENS, or what the context leaves. 0 (with `echo` only) scores the
-    prompt and generates nothing; a prompt may then fill the whole context.
+def _max_tokens(body: dict, default: int | None, echo: bool = False) -> int:
+    """`max_tokens` (or `max_completion_tokens`); chat's default is CHAT_DEFAULT_MAX_TOKENS.
+    0 (with `echo` only) scores the prompt and generates nothing; a prompt may then fill the
+    whole context.
 
-    Cut, not refused: OpenAI ("This model's maximum context length is 4097 tokens, however you
-    requested 4116 tokens (3860 in your prompt; 256 for the completion)") and vLLM answer 400
-    when prompt + max_tokens passes the context, but lm-evaluation-harness sends one
-    max_tokens (256 by default) whatever the context and gives up after three retries of a
-    400, so its generate_until tasks could not run on a 128- or 256-token model. A prompt
-    that leaves no room is still a 400."""
+    What fits is `fit_context`'s: cut to the room the longest prompt leaves (the row then ends
+    with finish_reason "length"), not refused. OpenAI ("This model's maximum context length is
+    4097 tokens, however you requested 4116 tokens (3860 in your prompt; 256 for the
+    completion)") and vLLM answer 400 when prompt + max_tokens passes the context, but
+    lm-evaluation-harness sends one max_tokens (256 by default) whatever the context and gives
+    up after three retries of a 400, so its generate_until tasks could not run on a 128- or
+    256-token model. A prompt that leaves no room is still a 400."""
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     if max_tokens is None and default is None:
         max_tokens = CHAT_DEFAULT_MAX_TOKENS
@@ -407,13 +413,4 @@ def _max_tokens(
         raise ApiError("'max_tokens' 0 generates nothing: it is only allowed with 'echo': true "
                        "(to score the prompt); ask for at least 1", "max_tokens",
                        "invalid_value")  # fmt: skip
-    room = context - longest
-    if room < (0 if max_tokens == 0 else 1):
-        raise ApiError(
-            f"the prompt is {longest} tokens but the model's context is {context}"
-            + ("" if max_tokens == 0 else ", with no room left to generate")
-            + "; shorten the prompt",
-            "prompt",
-            "context_length_exceeded",
-        )
-    return min(max_tokens, room)
+    return max_tokens
