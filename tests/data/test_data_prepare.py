@@ -187,3 +187,16 @@ def test_pack_qa_rows_end_each_answer_with_a_counted_end_of_text(
     assert first_eos <= 8 * len(data)
     row, col = divmod(first_eos - 1, 8)
     assert data[row]["targets"][col] == 50256
+
+
+def test_python_prepare_defaults_to_the_length_dtl_train_assumes(gpt2, tmp_path):
+    """`prepare()` with no max_length makes rows `dtl train`'s default model holds (issue 20.1):
+    the tiny preset's context, 256 tokens, as `dtl prepare` does (it was 512 here)."""
+    from dtl import ModelConfig
+
+    path = tmp_path / "notes.txt"
+    notes = [f"Note {i}: the river by town {i} floods every spring." for i in range(600)]
+    path.write_text("\n\n".join(notes), encoding="utf-8")
+    summary = prepare([path], tmp_path / "d", progress=False)
+    assert summary["max_length"] == ModelConfig.preset("tiny").max_seq_length == 256
+    assert read_meta(tmp_path / "d")["max_length"] == 256

@@ -35,6 +35,7 @@ from dtl.data.sources import check_inputs, detect_kind, is_hub_name, iter_record
 from dtl.data.split import SPLITS, Splitter, count_rows
 from dtl.errors import DtlError
 from dtl.fileio import disk_full_as_error
+from dtl.model.config import preset_context
 from dtl.tokenizer import Tokenizer, load_tokenizer
 
 MODES = ("pack", "pad")
@@ -131,7 +132,7 @@ def prepare(
     out_dir: str | os.PathLike,
     tokenizer: str | os.PathLike | Tokenizer = "gpt2",
     kind: str | None = None,
-    max_length: int = 512,
+    max_length: int | None = None,
     mode: str | None = None,
     val_fraction: float = 0.05,
     seed: int = 0,
@@ -148,9 +149,12 @@ def prepare(
 
     `source_options` are each source kind's reader options, by kind (see `iter_records`),
     e.g. `{"wikipedia": {"processes": 2}, "squad": {"unanswerable": ""}}`: an input gets
-    only its own kind's.
+    only its own kind's. `max_length` defaults to the default preset's context (what
+    `dtl prepare` and `dtl train` assume: `dtl.model.config.preset_context`).
     """
     started = time.perf_counter()
+    if max_length is None:
+        max_length = preset_context()
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not inputs:
         raise DtlError("no inputs given; pass one or more source files or records.jsonl")
