@@ -140,10 +140,14 @@ def read_index(index: Path, dump: Path, size: int) -> list[int]:
     if not offsets:
         raise DtlError(f"{index}: not a multistream index (no 'offset:page_id:title' lines)")
     mismatch = f"{index} does not match {dump.name}"
-    if any(b <= a for a, b in pairwise(offsets)) or offsets[-1] >= size:
+    if any(b <= a for a, b in pairwise(offsets)):
         raise DtlError(
-            f"{mismatch}: its offsets are not inside this file in order; use the index "
-            "published with this dump"
+            f"{mismatch}: its offsets are not in order; use the index published with this dump"
+        )
+    if offsets[-1] >= size:
+        raise DtlError(
+            f"{dump}: the file ends at byte {size:,} but its index lists a stream at byte "
+            f"{offsets[-1]:,} (truncated download?); download the dump again"
         )
     with open(dump, "rb") as f:
         for offset in offsets:

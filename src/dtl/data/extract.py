@@ -32,7 +32,7 @@ from dtl.data.dumps import dump_files, dump_units
 from dtl.data.sources import check_inputs, detect_kind, iter_records_counting
 from dtl.data.wikipedia import COUNTS, Settings, iter_wikipedia, site_namespaces, wikipedia_batches
 from dtl.errors import DtlError
-from dtl.fileio import disk_full_as_error, remove_stale
+from dtl.fileio import DiskFullError, disk_full_as_error, remove_stale
 
 COMMIT_SECONDS = 1.0  # how often a Wikipedia extract syncs its output and records its progress
 LOG_SECONDS = 30.0  # how often progress is a plain line when stderr is not a terminal
@@ -171,9 +171,13 @@ def _extract_wikipedia(
                     f"{names}: no records came out of this wikipedia source; check --kind"
                 )
             os.replace(partial, path)
-        except BaseException:
-            if not record.exists():  # nothing committed: leave nothing behind
+        except BaseException as err:
+            # A bad input fails the same way again: leave nothing behind. A stop (Ctrl-C, a
+            # full disk) keeps what was committed for the rerun to continue from.
+            bad_input = isinstance(err, DtlError) and not isinstance(err, DiskFullError)
+            if bad_input or not record.exists():
                 partial.unlink(missing_ok=True)
+                record.unlink(missing_ok=True)
                 if spool:
                     shutil.rmtree(spool, ignore_errors=True)
             raise

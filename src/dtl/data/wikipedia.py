@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import xml.etree.ElementTree as ET
 from collections import deque
@@ -372,7 +373,7 @@ def _in_order(fn: Any, tasks: Iterable[tuple[Any, Any]], processes: int) -> Iter
     # __main__ guard; they run only pure-Python reading and cleaning.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(processes) as pool:
+    with context.Pool(processes, initializer=_die_with_parent) as pool:
         pending: deque = deque()
         for info, task in tasks:
             pending.append((info, pool.apply_async(fn, (task,))))
@@ -382,6 +383,18 @@ def _in_order(fn: Any, tasks: Iterable[tuple[Any, Any]], processes: int) -> Iter
         while pending:
             info, result = pending.popleft()
             yield info, result.get()
+
+
+def _die_with_parent() -> None:
+    """Worker start: on Linux, die when the parent dies (a SIGKILLed extract leaves no idle
+    workers behind)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 def iter_wikipedia(
