@@ -272,6 +272,7 @@ def _tidy(line: str) -> str:
 _EMPTY_PARENS_LINES = re.compile(r"\([^\S\n]*(?:[,;:.]|[^\S\n])*\)|\[[^\S\n]*\]")
 _PAREN_LEAD_LINES = re.compile(r"\([^\S\n]*[,;:][^\S\n]*")
 _PAREN_TAIL_LINES = re.compile(r"[^\S\n]*[,;:][^\S\n]*\)")
+_PAREN_TAIL_HINT = re.compile(r"[,;:][^\S\n]*\)")  # what every _PAREN_TAIL_LINES match ends with
 _SPACE_PUNCT_LINES = re.compile(r"[^\S\n]+([,.;:!?)])")
 _WORD = re.compile(r"\w")
 
@@ -283,7 +284,8 @@ def _tidy_lines(lines: list[str]) -> list[str]:
     text = _SPACES.sub(" ", text)
     text = _EMPTY_PARENS_LINES.sub("", text)
     text = _PAREN_LEAD_LINES.sub("(", text)
-    text = _PAREN_TAIL_LINES.sub(")", text)
+    if _PAREN_TAIL_HINT.search(text):  # rare; the rule's leading spaces make a full scan slow
+        text = _PAREN_TAIL_LINES.sub(")", text)
     text = _SPACE_PUNCT_LINES.sub(r"\1", text)
     return [line.strip() for line in _SPACES.sub(" ", text).split("\n")]
 
