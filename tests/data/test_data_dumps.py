@@ -183,26 +183,34 @@ def test_sigkill_at_random_points_then_finish(export, reference, tmp_path):
     write_multistream(header, copies, dump, per_stream=10)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     out = tmp_path / "wiki.jsonl"
-    started = time.monotonic()
+    record = tmp_path / ".wiki.jsonl.progress.json"
     subprocess.run(_dtl("extract", str(dump), "-o", str(tmp_path / "ref.jsonl"), "--processes", "2"),
                    env=env, check=True, capture_output=True)  # fmt: skip
-    unbroken = time.monotonic() - started
     rng = random.Random(22)
     continued = 0
-    for _ in range(3):
-        if out.exists():
+    # The first kill at a random moment (perhaps before anything is committed); the others a
+    # random moment after the run's next commit, so that each rerun has something to continue.
+    for attempt in range(3):
+        if out.exists():  # a run finished before its kill
             break
         run = subprocess.Popen(_dtl("extract", str(dump), "-o", str(out), "--processes", "2"),
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                start_new_session=True)  # fmt: skip
-        try:
-            run.wait(timeout=rng.uniform(0.4, 0.8) * unbroken)
-        except subprocess.TimeoutExpired:
-            run.send_signal(signal.SIGKILL)  # the main process only, as the OOM killer would
-            run.wait()
-            time.sleep(0.2)
-            with contextlib.suppress(ProcessLookupError):  # workers die with it; make sure
-                os.killpg(run.pid, signal.SIGKILL)
+        before = record.read_bytes() if record.exists() else b""
+        deadline = time.monotonic() + 120
+        if attempt == 0:
+            time.sleep(rng.uniform(0.2, 2.0))
+        else:
+            while run.poll() is None and time.monotonic() < deadline:
+                if record.exists() and record.read_bytes() != before:
+                    break
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.6))
+        run.send_signal(signal.SIGKILL)  # the main process only, as the OOM killer would
+        run.wait()
+        time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):  # workers die with it; make sure
+            os.killpg(run.pid, signal.SIGKILL)
         continued += b"continuing the stopped run" in run.stderr.read()
         run.stdout.close()
         run.stderr.close()
@@ -240,6 +248,9 @@ def test_other_arguments_over_a_stopped_run_are_refused(multistream, tmp_path, m
     code, _, err = _cli(capsys, "extract", multistream, "-o", out, "--keep-disambiguation")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "a stopped extract of other inputs or options is here" in err and "--force" in err
+    # The refusal kept the stopped run: with its own arguments it still continues.
+    assert (tmp_path / ".wiki.jsonl.partial").exists()
+    assert json.loads((tmp_path / ".wiki.jsonl.progress.json").read_text())["position"] == [4, 0]
     code, stdout, _ = _cli(
         capsys, "extract", multistream, "-o", out, "--keep-disambiguation", "--force"
     )
@@ -314,3 +325,13 @@ def test_progress_lines_in_a_log(multistream, tmp_path, monkeypatch, capsys):
     )
     assert len(lines) >= 10 and all(line.match(x) for x in lines), lines
     assert lines[-1].startswith("extract: 1.") and "(100.0%)" in lines[-1]
+
+
+def test_prepare_reads_a_multistream_dump_without_its_index_as_one_stream(
+    multistream, reference, tmp_path
+):
+    """`dtl prepare` (iter_wikipedia) has no --index: the index is used when beside the dump,
+    and a dump without one is read from its start like any other."""
+    alone = tmp_path / "x-multistream.xml.bz2"
+    alone.write_bytes(multistream.read_bytes())
+    assert list(iter_wikipedia(alone, processes=2)) == reference[0]

@@ -94,10 +94,11 @@ def dump_units(
     inputs: Iterable[str | os.PathLike], index: str | os.PathLike | None = None
 ) -> list[Unit]:
     """The units of a dump, in dump order: one per stream of a multistream file with its
-    index, one per file otherwise. `index`: the index of a single multistream file when it is
-    not beside it, or "none" to read a multistream file as one document."""
+    index, one per file otherwise. `index`: None (a multistream file's index must be beside
+    it), "auto" (beside it if there, else read the file as one document), "none" (always read
+    it as one document), or the path of a single multistream file's index."""
     files = dump_files(inputs)
-    if index is not None and str(index) != "none" and len(files) != 1:
+    if index is not None and str(index) not in ("none", "auto") and len(files) != 1:
         raise DtlError(
             f"--index names the index of one dump file, but {len(files)} were given; with "
             "several, put each index beside its file under Wikimedia's name"
@@ -107,6 +108,9 @@ def dump_units(
         size = path.stat().st_size
         if str(index) == "none":
             found = None
+        elif str(index) == "auto":
+            found = index_beside(path)
+            found = found if found is not None and found.is_file() else None
         elif index is not None:
             found = Path(index)
             if not found.is_file():

@@ -161,8 +161,9 @@ def _extract_wikipedia(
     advice = "free space or choose another -o (a rerun continues where this one stopped)"
     with disk_full_as_error(path, advice), open(partial, "ab+") as f:
         _lock(f, path, partial)
+        # Before the try: a refusal leaves the stopped run's files for the rerun it asks for.
+        state = _resume_state(record, partial, fingerprint, force, path)
         try:
-            state = _resume_state(record, partial, fingerprint, force, path)
             if spool:
                 spool.mkdir(exist_ok=True)
             count = _write_batches(f, units, settings, processes, state, counts, progress, record)

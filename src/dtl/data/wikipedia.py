@@ -403,12 +403,12 @@ def iter_wikipedia(
     stats: dict | None = None,
     keep_disambiguation: bool = False,
     min_chars: int = 1,
-    index: str | os.PathLike | None = None,
+    index: str | os.PathLike | None = "auto",
 ) -> Iterator[dict]:
     """Clean `{title, text, sections}` records of a dump's articles, in dump order.
 
-    `path`: a dump file, a folder of parts, or a list of them; a multistream dump's index
-    is found beside it (or named by `index`). `stats` (if given) is filled with pages /
+    `path`: a dump file, a folder of parts, or a list of them; a multistream dump is read
+    stream by stream when its index is beside it (`index`: see `dtl.data.dumps.dump_units`). `stats` (if given) is filled with pages /
     articles / redirects / other_namespace / disambiguation / failed / empty counts and the
     failed titles.
     """
