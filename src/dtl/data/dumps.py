@@ -30,6 +30,7 @@ from dtl.errors import DtlError
 BLOCK = 64 * 1024  # bytes read (and decompressed) at a time: memory stays flat
 _DUMP_NAME = re.compile(r"\.xml(\.bz2)?$|\.xml-p\d+p\d+\.bz2$|\.bz2$")
 _INDEX_NAME = re.compile(r"-index\d*\.txt")
+_INDEX_LINE = re.compile(rb"(?m)^(\d+):\d+:")  # offset:page_id:title
 
 
 @dataclass(frozen=True)
@@ -136,11 +137,9 @@ def read_index(index: Path, dump: Path, size: int) -> list[int]:
     """The stream offsets a multistream index lists, checked against the dump: increasing,
     inside the file, and each at the start of a bz2 stream."""
     try:
-        data = bz2.decompress(index.read_bytes()) if _is_bz2(index) else index.read_bytes()
+        offsets = _index_offsets(index)
     except (OSError, EOFError, ValueError) as err:
         raise DtlError(f"{index}: cannot read this index ({err}); download it again") from None
-    # Consecutive pages share their stream's offset: keep each offset once, in order.
-    offsets = [int(x) for x in dict.fromkeys(re.findall(rb"(?m)^(\d+):\d+:", data))]
     if not offsets:
         raise DtlError(f"{index}: not a multistream index (no 'offset:page_id:title' lines)")
     mismatch = f"{index} does not match {dump.name}"
@@ -161,6 +160,29 @@ def read_index(index: Path, dump: Path, size: int) -> list[int]:
                     f"{mismatch}: no bz2 stream starts at byte {offset}; use the index "
                     "published with this dump"
                 )
+    return offsets
+
+
+def _index_offsets(index: Path) -> list[int]:
+    """The distinct stream offsets of an index, in order, read block by block (the English
+    index is ~1 GB of text: its 24M lines are never held at once)."""
+    offsets: list[int] = []
+    last, tail = b"", b""
+    with open(index, "rb") as f:
+        raw = iter(lambda: f.read(1 << 20), b"")
+        for block in bz2_blocks(raw) if _is_bz2(index) else raw:
+            data = tail + block
+            cut = data.rfind(b"\n") + 1
+            data, tail = data[:cut], data[cut:]
+            # Consecutive pages share their stream's offset: keep each offset once, in order.
+            for offset in dict.fromkeys(_INDEX_LINE.findall(data)):
+                if offset != last:
+                    offsets.append(int(offset))
+                    last = offset
+    for offset in _INDEX_LINE.findall(tail + b"\n"):
+        if offset != last:
+            offsets.append(int(offset))
+            last = offset
     return offsets
 
 
