@@ -307,6 +307,10 @@ def test_bad_dumps_give_one_line_and_leave_nothing(multistream, export, tmp_path
     (tmp_path / "empty-folder").mkdir()
     err = _error(capsys, "extract", tmp_path / "empty-folder", "-o", out)
     assert "no dump files" in err
+    err = _error(capsys, "extract", alone, cut, "--kind", "text", "-o", out)
+    assert "only a Wikipedia dump can be several files or a folder" in err
+    err = _error(capsys, "extract", alone, cut, "-o", out, "--index", index_beside(other))
+    assert "--index names the index of one dump file, but 2 were given" in err
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["alone", "cut", "empty-folder", "other", "out.jsonl", "shifted.txt.bz2"]
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == [
