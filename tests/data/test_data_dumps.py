@@ -20,9 +20,10 @@ from data_helpers import run_cli
 
 from dtl.corpus import corpus_files
 from dtl.data import extract as extract_module
+from dtl.data import wikipedia
 from dtl.data.dumps import dump_units, index_beside, split_export, write_multistream
 from dtl.data.extract import extract
-from dtl.data.wikipedia import iter_wikipedia
+from dtl.data.wikipedia import WorkerLost, iter_wikipedia
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,6 +158,34 @@ def test_a_stopped_run_continues_to_the_same_bytes(multistream, reference, tmp_p
     assert len(written) == len(dump_units([multistream])) - 8  # only what was left
     assert out.read_bytes() == reference[1] and summary["records"] == 98
     assert summary["skipped"]["disambiguation"] == 8  # the counts carried over the stop
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wiki.jsonl"]
+
+
+_UNIT_JOB = wikipedia._unit_job
+
+
+def _unit_job_dying_at_unit_6(task):
+    """A worker's task that kills its process at unit 6 (as the OOM killer would)."""
+    if task[0] == 6:
+        os._exit(1)
+    return _UNIT_JOB(task)
+
+
+def test_a_worker_killed_stops_the_run_and_the_rerun_continues(
+    multistream, reference, tmp_path, monkeypatch
+):
+    """A dead worker is one clear error, not a run that waits forever for its task; what was
+    committed stays, and the rerun finishes with the unbroken run's bytes."""
+    out = tmp_path / "wiki.jsonl"
+    monkeypatch.setattr(extract_module, "COMMIT_SECONDS", 0.0)
+    monkeypatch.setattr(wikipedia, "_unit_job", _unit_job_dying_at_unit_6)
+    with pytest.raises(WorkerLost, match="a worker process died"):
+        extract(multistream, out, processes=2, progress=False)
+    record = json.loads((tmp_path / ".wiki.jsonl.progress.json").read_text())
+    assert 1 <= record["position"][0] <= 6
+    monkeypatch.setattr(wikipedia, "_unit_job", _UNIT_JOB)
+    extract(multistream, out, processes=2, progress=False)
+    assert out.read_bytes() == reference[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wiki.jsonl"]
 
 
@@ -339,3 +368,23 @@ def test_prepare_reads_a_multistream_dump_without_its_index_as_one_stream(
     alone = tmp_path / "x-multistream.xml.bz2"
     alone.write_bytes(multistream.read_bytes())
     assert list(iter_wikipedia(alone, processes=2)) == reference[0]
+
+
+def test_a_second_extract_to_the_same_output_stops_at_once(multistream, tmp_path, capsys):
+    out = tmp_path / "wiki.jsonl"
+    partial = tmp_path / ".wiki.jsonl.partial"
+    holder = subprocess.Popen(  # another process writing -o: it holds the partial file's lock
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'ab+'); "
+         "fcntl.lockf(f.fileno(), fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+         str(partial)],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        err = _error(capsys, "extract", multistream, "-o", out)
+        assert "another dtl extract is writing it" in err
+        assert partial.exists()  # the other run's file is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()

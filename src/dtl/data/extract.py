@@ -30,7 +30,14 @@ from tqdm import tqdm
 
 from dtl.data.dumps import dump_files, dump_units
 from dtl.data.sources import check_inputs, detect_kind, iter_records_counting
-from dtl.data.wikipedia import COUNTS, Settings, iter_wikipedia, site_namespaces, wikipedia_batches
+from dtl.data.wikipedia import (
+    COUNTS,
+    Settings,
+    WorkerLost,
+    iter_wikipedia,
+    site_namespaces,
+    wikipedia_batches,
+)
 from dtl.errors import DtlError
 from dtl.fileio import DiskFullError, disk_full_as_error, remove_stale
 
@@ -174,8 +181,10 @@ def _extract_wikipedia(
             os.replace(partial, path)
         except BaseException as err:
             # A bad input fails the same way again: leave nothing behind. A stop (Ctrl-C, a
-            # full disk) keeps what was committed for the rerun to continue from.
-            bad_input = isinstance(err, DtlError) and not isinstance(err, DiskFullError)
+            # full disk, a worker killed) keeps what was committed for the rerun to continue.
+            bad_input = isinstance(err, DtlError) and not isinstance(
+                err, (DiskFullError, WorkerLost)
+            )
             if bad_input or not record.exists():
                 partial.unlink(missing_ok=True)
                 record.unlink(missing_ok=True)
@@ -266,7 +275,9 @@ def _lock(f: Any, path: Path, partial: Path) -> None:
     except ImportError:  # Windows: no advisory locks; one run at a time is up to the user
         return
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A POSIX record lock: this process's own, not inherited by the forked workers (an
+        # flock would live on in them), and gone when it dies, SIGKILL included.
+        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         raise DtlError(
             f"-o {path}: another dtl extract is writing it ({partial.name} is locked); wait for "

@@ -29,6 +29,8 @@ import sys
 import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -362,27 +364,49 @@ def _reader_chunks(units: list[Unit], settings: Settings, start: tuple[int, int]
             yield (number, position, offset, counts), (pages, settings)
 
 
+class WorkerLost(DtlError):
+    """A worker process died mid-task (killed, or out of memory): the run stops, a rerun of
+    `dtl extract` continues from its last commit."""
+
+
 def _in_order(fn: Any, tasks: Iterable[tuple[Any, Any]], processes: int) -> Iterator:
     """(info, fn(task)) for each (info, task), in order, `processes` at a time."""
     if processes <= 1:
         for info, task in tasks:
             yield info, fn(task)
         return
-    # A bounded window of tasks in flight (Pool.imap would run ahead of the writer without
-    # bound). fork where there is one: workers start at once and a user's script needs no
-    # __main__ guard; they run only pure-Python reading and cleaning.
+    # A bounded window of tasks in flight (map would run ahead of the writer without bound).
+    # fork where there is one: workers start at once and a user's script needs no __main__
+    # guard; they run only pure-Python reading and cleaning. An executor, not a Pool: a
+    # worker that dies is an error here, where a Pool would wait for its task forever.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(processes, initializer=_die_with_parent) as pool:
+    pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_die_with_parent)
+    finished = False
+    try:
         pending: deque = deque()
         for info, task in tasks:
-            pending.append((info, pool.apply_async(fn, (task,))))
+            pending.append((info, pool.submit(fn, task)))
             if len(pending) >= 4 * processes:
-                info, result = pending.popleft()
-                yield info, result.get()
+                info, future = pending.popleft()
+                yield info, future.result()
         while pending:
-            info, result = pending.popleft()
-            yield info, result.get()
+            info, future = pending.popleft()
+            yield info, future.result()
+        finished = True
+    except BrokenProcessPool:
+        raise WorkerLost(
+            "a worker process died (killed, or out of memory?); run the same command again to "
+            "continue from the last commit, with fewer --processes if memory ran out"
+        ) from None
+    finally:
+        pool.shutdown(wait=finished, cancel_futures=True)
+        if not finished:  # stopped early (an error, Ctrl-C, a consumer that broke off)
+            workers = list((getattr(pool, "_processes", None) or {}).values())
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.join(timeout=10)
 
 
 def _die_with_parent() -> None:
