@@ -7,8 +7,8 @@
    reused when it is already there at that size.
 2. `dtl extract DUMP --processes P` and `python -m wikiextractor.WikiExtractor DUMP
    --processes P --no-templates --json` on the same file, one after the other: wall time,
-   compressed MB/s, articles/s, peak memory (the PSS of the whole process tree, sampled
-   from /proc), the
+   compressed MB/s, articles/s, peak memory of the whole process tree sampled from /proc
+   (RSS, and PSS, which counts the pages forked workers share once), the
    remnant count of each output, and the hours the full English dump would take at that rate
    (ENWIKI_BZ2_GB of bz2, ENWIKI_ARTICLES articles: enwiki-20240601-pages-articles-multistream).
 3. `dtl prepare RECORDS --tokenizer gpt2` beside bare tiktoken (`encode_ordinary_batch` of the
@@ -94,32 +94,38 @@ def build_dump(mb: float, work: Path, processes: int) -> tuple[Path, int]:
 # --- measuring a command ------------------------------------------------------------------------
 
 
-def _tree_memory(pid: int) -> int:
-    """Proportional set size (PSS: shared pages split between their sharers, so forked workers'
-    common pages count once) of a process and all its descendants, from /proc."""
-    total, todo = 0, [pid]
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes of a process and all its descendants, from /proc. RSS counts the
+    pages forked workers share once per worker; PSS splits them between their sharers."""
+    rss = pss = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
-                total += next(int(x.split()[1]) for x in f if x.startswith("Pss:")) * 1024
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo += [int(c) for c in f.read().split()]
-        except (OSError, ValueError, StopIteration):
+        except (OSError, ValueError):
             continue
-    return total
+    return rss, pss
 
 
 def timed(cmd: list[str], **kw) -> dict:
     """Run `cmd`: wall seconds and the peak memory of its process tree (sampled every 0.1 s)."""
-    peak = [0]
+    peak = [0, 0]  # RSS, PSS
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_memory(proc.pid))
+            rss, pss = _tree_memory(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -129,7 +135,8 @@ def timed(cmd: list[str], **kw) -> dict:
     sampler.join()
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{err.decode()[-2000:]}")
-    return {"seconds": seconds, "peak_rss": peak[0], "stdout": out.decode(), "stderr": err.decode()}
+    return {"seconds": seconds, "peak_rss": peak[0], "peak_pss": peak[1], "stdout": out.decode(),
+            "stderr": err.decode()}  # fmt: skip
 
 
 def report(name: str, run: dict, dump_bytes: int, articles: int, remnants: int) -> None:
@@ -138,7 +145,7 @@ def report(name: str, run: dict, dump_bytes: int, articles: int, remnants: int) 
     hours_bytes = ENWIKI_BZ2_GB * 1e9 / rate / 3600
     hours_articles = ENWIKI_ARTICLES / (articles / s) / 3600
     print(f"{name:15s} {s:8.1f} s  {rate / 1e6:6.2f} MB/s  {articles / s:8.1f} articles/s  "
-          f"peak PSS {run['peak_rss'] / 1e6:7.0f} MB  remnants {remnants:,}  | full enwiki "
+          f"peak RSS {run['peak_rss'] / 1e6:5.0f} MB (PSS {run['peak_pss'] / 1e6:5.0f})  remnants {remnants:,}  | full enwiki "
           f"({ENWIKI_BZ2_GB:.0f} GB bz2, {ENWIKI_ARTICLES / 1e6:.1f}M articles): "
           f"{hours_bytes:.1f} h by bytes, {hours_articles:.1f} h by articles")  # fmt: skip
 
@@ -203,7 +210,7 @@ def bench_prepare(records: Path, work: Path, env: dict) -> None:
     bare = time.perf_counter() - start
     mb = records.stat().st_size / 1e6
     print(f"dtl prepare     {ours['seconds']:8.1f} s  {mb / ours['seconds']:6.2f} MB/s of JSONL  "
-          f"{tokens / ours['seconds'] / 1e6:.2f} M tokens/s  peak PSS {ours['peak_rss'] / 1e6:.0f} MB"
+          f"{tokens / ours['seconds'] / 1e6:.2f} M tokens/s  peak RSS {ours['peak_rss'] / 1e6:.0f} MB (PSS {ours['peak_pss'] / 1e6:.0f})"
           f"  ({tokens:,} tokens, with the articles' titles)")  # fmt: skip
     print(f"bare tiktoken   {bare:8.1f} s  {mb / bare:6.2f} MB/s of JSONL  "
           f"{bare_tokens / bare / 1e6:.2f} M tokens/s  (read + encode_ordinary_batch, no writing)")  # fmt: skip
