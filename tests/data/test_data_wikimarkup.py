@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from dtl.data.wikimarkup import clean_wikitext, prepass
+from dtl.data import wikimarkup
+from dtl.data.wikimarkup import _tidy, _tidy_lines, clean_wikitext, prepass
 
 
 def test_cleaning_by_hand():
@@ -51,3 +54,60 @@ def test_reference_sections_go_with_their_subsections_and_empty_headings_go():
         "== Empty ==\n{{main|X}}\n== Life ==\nShown."
     )
     assert clean_wikitext(wikitext) == ("Lead.\nLife\nShown.", ["Life"])
+
+
+# --- the fast paths give what the parser's path gives ----------------------------------------
+
+LINK_CASES = [
+    "A [[cat]] sat.",
+    "A [[Felis catus|cat]] sat on [[ mat ]] and [[rug| the rug ]].",
+    "''[[Iliad|the Iliad]]'' and '''[[Odyssey]]''' and [[Alzheimer's disease]].",
+    "'''[[Foo']]''' then [[a|''b'']] then [[a|b'']]''x''.",
+    "[[a|]] [[a#b|c]] [[#Section]] [[a|b|c]] [[ |x]]",
+    "* [[List]] item\n# [[Numbered]]\n; [[Term]] : [[Def]]\n[[*not a list]]\n[[#a]] b",
+    "<nowiki>[[kept as text]]</nowiki> and [[gone|shown]]",
+    "[[[tri]]] and [[a]]] and [[[b]] and [[fr:Paris]] [[Category:X]] [[:en:Y|z]]",
+    "[[a|see http://example.org now]] [[a|b----c]] [[a|__NOTOC__]] [[a|~~~~]]",
+    "=[[Heading link]]=\n== [[A|Real]] heading ==\ntext under it\n[[----]]",
+    "[[a|b&amp;c]] [[a&b]] [[a|<b>bold</b>]] [[a|{{x}}]] [[a\nb]] [[a|b\nc]]",
+]
+
+
+@pytest.mark.parametrize("wikitext", LINK_CASES)
+def test_plain_links_replaced_early_read_as_the_parser_reads_them(wikitext, monkeypatch):
+    fast = clean_wikitext(wikitext)
+    monkeypatch.setattr(wikimarkup, "_PLAIN_LINK", re.compile(r"(?!x)x"))  # never matches
+    assert fast == clean_wikitext(wikitext)
+
+
+def test_the_fast_paths_change_no_real_article(monkeypatch):
+    """Real pages of the embedded dump excerpt: the same text with the fast paths (plain links
+    before the parse, tidying all lines at once) as with the parser and a line at a time."""
+    from dtl.corpus import corpus_files
+    from dtl.data.wikipedia import iter_pages
+
+    texts = [p["text"] for p in iter_pages(corpus_files()[0])][::4]
+    fast = [clean_wikitext(t) for t in texts]
+    monkeypatch.setattr(wikimarkup, "_PLAIN_LINK", re.compile(r"(?!x)x"))
+    monkeypatch.setattr(wikimarkup, "_tidy_lines", lambda lines: [_tidy(x) for x in lines])
+    assert fast == [clean_wikitext(t) for t in texts]
+
+
+def test_tidying_all_lines_at_once_equals_a_line_at_a_time():
+    lines = [
+        "a  b\t\tc\u00a0d \u2009 e",
+        "( , born 1900 ; )",
+        "(  ) and [ ] and ( ; ) and (.,)",
+        "x , ) y (; z",
+        "end ,",
+        "  ( ",
+        " ) start",
+        "''Iliad'''s hero '''bold''' it''s",
+        "\x00mark\x00 and\x85(\u2028)",
+        "",
+        "word .",
+    ]
+    assert _tidy_lines(lines) == [_tidy(x) for x in lines]
+    # and the lone-space-sparing run rule is the plain one
+    for text in ("a  b", "a \tb", "\u00a0a", "a b", " ", "  ", "a\u200b\u200bb", "a \u2009 b"):
+        assert wikimarkup._SPACES.sub(" ", text) == re.sub(r"[ \t\u00a0\u2009\u200b]+", " ", text)

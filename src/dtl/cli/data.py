@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from dtl.cli import add_common, add_verb
 from dtl.data.extract import extract
@@ -25,6 +26,8 @@ TOKENIZER_EXAMPLES = """examples:
 
 EXTRACT_EXAMPLES = """examples:
   dtl extract enwiki-latest-pages-articles1.xml.bz2 -o wiki.jsonl
+  dtl extract enwiki-latest-pages-articles-multistream.xml.bz2 -o wiki.jsonl   # its index beside it
+  dtl extract dumps/enwiki-parts/ -o wiki.jsonl --processes 16     # a folder of parts
   dtl extract wiki.train.raw --kind wikitext -o wt.jsonl
   dtl extract train-v2.0.json -o squad.jsonl --unanswerable "unanswerable"
   dtl extract notes.txt --split blank -o notes.jsonl
@@ -103,10 +106,26 @@ def _register_extract(subparsers: argparse._SubParsersAction) -> None:
         examples=EXTRACT_EXAMPLES,
     )
     ext.add_argument(
-        "input", help="the source file, or hf:NAME (wikitext-2, wikitext-103, squad, squad_v2)"
+        "inputs",
+        nargs="+",
+        metavar="input",
+        help="the source file, or hf:NAME (wikitext-2, wikitext-103, squad, squad_v2); a "
+        "Wikipedia dump may be several parts or a folder of them",
     )
     ext.add_argument("-o", "--out", required=True, help="records JSONL to write ('-' for stdout)")
     _add_source_flags(ext)
+    ext.add_argument(
+        "--index",
+        metavar="PATH",
+        help="wikipedia: the multistream dump's index when it is not beside it (X-multistream-"
+        "index.txt.bz2), or 'none' to read the dump as one stream",
+    )
+    ext.add_argument(
+        "--force",
+        action="store_true",
+        help="wikipedia: start over instead of continuing a stopped run into -o",
+    )
+    ext.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     add_common(ext)
     ext.set_defaults(func=run_extract)
 
@@ -237,9 +256,16 @@ def run_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    kind = args.kind or detect_kind(args.input)
+    several = len(args.inputs) > 1 or any(Path(p).is_dir() for p in args.inputs)
+    kind = args.kind or ("wikipedia" if several else detect_kind(args.inputs[0]))
     options = _source_options(args, kind)
-    summary = extract(args.input, args.out, kind, progress=sys.stderr.isatty(), **options)
+    if kind == "wikipedia":
+        options.update(index=args.index, force=args.force)
+    elif args.index or args.force:
+        raise DtlError(f"--index and --force are for Wikipedia dumps, not --kind {kind}")
+    source = args.inputs if several else args.inputs[0]
+    progress = False if args.no_progress else True
+    summary = extract(source, args.out, kind, progress=progress, **options)
     out = sys.stderr if args.out == "-" else sys.stdout
     print(_extract_line(summary), file=out)
     return 0

@@ -1,6 +1,7 @@
 """The data pipeline, one module per stage of the spec's "Training Data Flow".
 
 sources.py                  raw files -> clean records (`dtl extract`, with extract.py)
+dumps.py                    a dump's files, multistream index and units (byte ranges)
 wikipedia.py                a Wikipedia XML dump -> article pages, cleaned on all cores
 wikimarkup.py               one page's wikitext -> plain text and section headings
 qa.py                       the Q&A template; articles -> Q&A pairs

@@ -21,6 +21,7 @@ from typing import Any
 
 import mwparserfromhell as mwp
 from mwparserfromhell import nodes
+from mwparserfromhell.definitions import PARSER_BLACKLIST
 
 from dtl.data.qa import SKIP_SECTIONS
 
@@ -86,14 +87,40 @@ def _drop_file_links(text: str) -> str:
     return "".join(out)
 
 
+# A plain [[title]] or [[title|text]]: no markup inside, nothing next to it that could make
+# the brackets mean something else. Most of a page's links; the parser gets the rest.
+_PLAIN_LINK = re.compile(r"(?<!\[)\[\[([^\[\]{}<>|\n&:=]+)(?:\|([^\[\]{}<>|\n&=]*))?\]\](?!\])")
+# Tags whose contents the parser leaves unparsed (<nowiki>, <pre>, ...): a link inside stays text.
+_UNPARSED_TAG = re.compile(r"<\s*(?:" + "|".join(map(re.escape, PARSER_BLACKLIST)) + r")\b", re.I)
+_RISKY_TEXT = ("://", "__", "~~~", "----", "''")
+
+
+def _plain_link_text(match: re.Match) -> str:
+    """The visible text of a plain link, the same as the parser's walk gives (`_link_text`)."""
+    title, text = match.group(1), match.group(2)
+    shown = title.strip() if text is None else text
+    if (
+        not title.strip()
+        or shown[:1] in ("*", "#", ";", " ", "-", "'")
+        or shown[-1:] == "'"  # next to bold/italic quotes it would change them
+        or any(r in shown for r in _RISKY_TEXT)
+    ):
+        return match.group(0)  # let the parser decide
+    return shown
+
+
 def prepass(text: str) -> str:
-    """Remove comments, refs, block tags, templates, tables and file links (nested) by regex."""
+    """Remove comments, refs, block tags, templates, tables and file links (nested) by regex,
+    and replace plain links by their text (the parse is then far smaller)."""
     text = _MAGIC_WORD.sub("", _COMMENT.sub("", text))
     text = _REF.sub("", text)
     text = _DROP_TAG_BLOCK.sub("", text)
     text = _remove_innermost(_TEMPLATE, text, _template_text)
     text = _remove_innermost(_TABLE, text)
-    return _drop_file_links(text)
+    text = _drop_file_links(text)
+    if "[[" in text and not _UNPARSED_TAG.search(text):
+        text = _PLAIN_LINK.sub(_plain_link_text, text)
+    return text
 
 
 # --- 2. the parse and walk ------------------------------------------------------------------
@@ -178,7 +205,8 @@ def _tag_text(tag: nodes.Tag) -> str:
 
 
 # --- 3. lines and sections ------------------------------------------------------------------
-_SPACES = re.compile(r"[ \t\u00a0\u2009\u200b]+")
+# A run of spaces -> one space; a lone " " is left alone (the same result, far fewer matches).
+_SPACES = re.compile(r"(?: [ \t\u00a0\u2009\u200b]|[\t\u00a0\u2009\u200b])[ \t\u00a0\u2009\u200b]*")
 _EMPTY_PARENS = re.compile(r"\(\s*[,;:.\s]*\)|\[\s*\]")
 _PAREN_LEAD = re.compile(r"\(\s*[,;:]\s*")
 _PAREN_TAIL = re.compile(r"\s*[,;:]\s*\)")
@@ -191,7 +219,10 @@ _HEADING_MARK = re.compile(r"^\x00(\d)\x00(.*)$")
 
 
 def _finish(text: str) -> tuple[str, list[str]]:
-    lines: list[str] = []
+    entries: list[
+        tuple[bool, Any]
+    ] = []  # (True, a heading's title) or (False, a body line's number)
+    body: list[str] = []
     sections: list[str] = []
     skip_level = 0  # > 0 while inside a dropped section
     for raw in text.split("\n"):
@@ -202,24 +233,31 @@ def _finish(text: str) -> tuple[str, list[str]]:
                 continue
             skip_level = level if title.lower() in SKIP_SECTIONS else 0
             if not skip_level and title:
-                lines.append(title)
+                entries.append((True, title))
                 sections.append(title)
             continue
-        if skip_level:
-            continue
-        line = _tidy(raw)
-        if re.search(r"\w", line):
+        if not skip_level:
+            entries.append((False, len(body)))
+            body.append(raw)
+    tidied = _tidy_lines(body)
+    lines: list[str] = []
+    for is_heading, value in entries:
+        line = value if is_heading else tidied[value]
+        if is_heading or _WORD.search(line):
             lines.append(line)
     # A heading left with nothing under it (its body was all templates) is dropped.
+    headings = set(sections)
     kept = [
         ln
         for i, ln in enumerate(lines)
-        if not (ln in sections and (i + 1 == len(lines) or lines[i + 1] in sections))
+        if not (ln in headings and (i + 1 == len(lines) or lines[i + 1] in headings))
     ]
-    return "\n".join(kept), [s for s in sections if s in kept]
+    kept_set = set(kept)
+    return "\n".join(kept), [s for s in sections if s in kept_set]
 
 
 def _tidy(line: str) -> str:
+    """One line's spaces, quotes and punctuation put right."""
     line = _QUOTES.sub("", _QUOTE_S.sub("'", line.replace("\x00", "")))
     line = _SPACES.sub(" ", line)
     line = _EMPTY_PARENS.sub("", line)
@@ -227,6 +265,29 @@ def _tidy(line: str) -> str:
     line = _PAREN_TAIL.sub(")", line)
     line = _SPACE_PUNCT.sub(r"\1", line)
     return _SPACES.sub(" ", line).strip()
+
+
+# `_tidy`'s rules with `\s` made "a space but not a newline", so that each runs once over all
+# of a page's lines joined (one pass in C instead of one call a line), with the same result.
+_EMPTY_PARENS_LINES = re.compile(r"\([^\S\n]*(?:[,;:.]|[^\S\n])*\)|\[[^\S\n]*\]")
+_PAREN_LEAD_LINES = re.compile(r"\([^\S\n]*[,;:][^\S\n]*")
+_PAREN_TAIL_LINES = re.compile(r"[^\S\n]*[,;:][^\S\n]*\)")
+_PAREN_TAIL_HINT = re.compile(r"[,;:][^\S\n]*\)")  # what every _PAREN_TAIL_LINES match ends with
+_SPACE_PUNCT_LINES = re.compile(r"[^\S\n]+([,.;:!?)])")
+_WORD = re.compile(r"\w")
+
+
+def _tidy_lines(lines: list[str]) -> list[str]:
+    """`[_tidy(line) for line in lines]`, computed over the joined lines at once."""
+    text = "\n".join(lines).replace("\x00", "")
+    text = _QUOTES.sub("", _QUOTE_S.sub("'", text))
+    text = _SPACES.sub(" ", text)
+    text = _EMPTY_PARENS_LINES.sub("", text)
+    text = _PAREN_LEAD_LINES.sub("(", text)
+    if _PAREN_TAIL_HINT.search(text):  # rare; the rule's leading spaces make a full scan slow
+        text = _PAREN_TAIL_LINES.sub(")", text)
+    text = _SPACE_PUNCT_LINES.sub(r"\1", text)
+    return [line.strip() for line in _SPACES.sub(" ", text).split("\n")]
 
 
 def clean_wikitext(text: str) -> tuple[str, list[str]]:

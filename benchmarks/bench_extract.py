@@ -1,0 +1,240 @@
+"""A Wikipedia dump at scale: `dtl extract` beside wikiextractor on one multistream dump, then
+`dtl prepare` of the records beside bare tiktoken.
+
+1. Builds `--mb` MB of `X-multistream.xml.bz2` (Wikimedia's layout: 100 pages a bz2 stream,
+   `<siteinfo>` in the first, with its `X-multistream-index.txt.bz2`) from the embedded
+   excerpt's real pages (dtl.corpus), repeated under new ids and titles. Kept in `--work` and
+   reused when it is already there at that size.
+2. `dtl extract DUMP --processes P` and `python -m wikiextractor.WikiExtractor DUMP
+   --processes P --no-templates --json` on the same file, one after the other: wall time,
+   compressed MB/s, articles/s, peak memory of the whole process tree sampled from /proc
+   (RSS, and PSS, which counts the pages forked workers share once), the
+   remnant count of each output, and the hours the full English dump would take at that rate
+   (ENWIKI_BZ2_GB of bz2, ENWIKI_ARTICLES articles: enwiki-20240601-pages-articles-multistream).
+3. `dtl prepare RECORDS --tokenizer gpt2` beside bare tiktoken (`encode_ordinary_batch` of the
+   same texts, GPT-2 built by tiktoken's own loader from the package's encoder.json + vocab.bpe).
+
+    pip install wikiextractor            # the peer (benchmarks/requirements.txt); pure Python
+    python benchmarks/bench_extract.py --mb 5             # a smoke run
+    python benchmarks/bench_extract.py --mb 1000 --processes 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENWIKI_BZ2_GB = 22.0  # the English multistream dump, compressed
+ENWIKI_ARTICLES = 6.9e6  # its articles (namespace 0, not redirects)
+REMNANTS = ("{{", "}}", "[[", "]]", "{|", "|}", "<ref", "&lt;", "'''")
+DTL = [sys.executable, "-c", "import sys; from dtl.cli import main; sys.exit(main())"]
+
+
+# --- the dump -----------------------------------------------------------------------------------
+
+
+def _copy_streams(task: tuple[int, list]) -> tuple[list[bytes], list[list[str]]]:
+    """One copy of the pages under new ids and titles, compressed 100 pages a stream."""
+    copy, pages = task
+    streams, index = [], []
+    for start in range(0, len(pages), 100):
+        xml, lines = [], []
+        for page_id, title, page in pages[start : start + 100]:
+            new_id, new_title = copy * 10_000_000 + page_id, f"{title} ({copy})"
+            page = page.replace(f"<title>{title}</title>", f"<title>{new_title}</title>", 1)
+            page = page.replace(f"<id>{page_id}</id>", f"<id>{new_id}</id>", 1)
+            xml.append(page)
+            lines.append(f"{new_id}:{new_title}")
+        streams.append(bz2.compress("".join(xml).encode("utf-8")))
+        index.append(lines)
+    return streams, index
+
+
+def build_dump(mb: float, work: Path, processes: int) -> tuple[Path, int]:
+    """(the dump, its pages): `mb` MB of multistream bz2 and its index, built in parallel."""
+    from dtl.corpus import corpus_files
+    from dtl.data.dumps import index_beside, split_export
+
+    header, pages = split_export(bz2.decompress(corpus_files()[0].read_bytes()).decode("utf-8"))
+    copy_mb = sum(len(bz2.compress(p.encode())) for _, _, p in pages[:20]) * len(pages) / 20 / 1e6
+    copies = max(1, math.ceil(mb / copy_mb))
+    path = work / f"enwiki-bench{copies}-pages-articles-multistream.xml.bz2"
+    index = index_beside(path)
+    count = copies * len(pages)
+    if path.exists() and index.exists():
+        return path, count
+    print(f"building {path.name}: {copies} copies of {len(pages)} real pages ...", flush=True)
+    tmp = path.with_name(path.name + ".tmp")
+    lines: list[str] = []
+    with open(tmp, "wb") as out, multiprocessing.Pool(processes) as pool:
+        out.write(bz2.compress(header.encode("utf-8")))
+        tasks = ((c, pages) for c in range(copies))
+        for streams, index_lines in pool.imap(_copy_streams, tasks):
+            for stream, stream_lines in zip(streams, index_lines, strict=True):
+                offset = out.tell()
+                out.write(stream)
+                lines += [f"{offset}:{line}\n" for line in stream_lines]
+        out.write(bz2.compress(b"\n</mediawiki>\n"))
+    index.write_bytes(bz2.compress("".join(lines).encode("utf-8")))
+    os.replace(tmp, path)
+    return path, count
+
+
+# --- measuring a command ------------------------------------------------------------------------
+
+
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes of a process and all its descendants, from /proc. RSS counts the
+    pages forked workers share once per worker; PSS splits them between their sharers."""
+    rss = pss = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return rss, pss
+
+
+def timed(cmd: list[str], **kw) -> dict:
+    """Run `cmd`: wall seconds and the peak memory of its process tree (sampled every 0.1 s)."""
+    peak = [0, 0]  # RSS, PSS
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+    def sample() -> None:
+        while proc.poll() is None:
+            rss, pss = _tree_memory(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - start
+    sampler.join()
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{err.decode()[-2000:]}")
+    return {"seconds": seconds, "peak_rss": peak[0], "peak_pss": peak[1], "stdout": out.decode(),
+            "stderr": err.decode()}  # fmt: skip
+
+
+def report(name: str, run: dict, dump_bytes: int, articles: int, remnants: int) -> None:
+    s = run["seconds"]
+    rate = dump_bytes / s
+    hours_bytes = ENWIKI_BZ2_GB * 1e9 / rate / 3600
+    hours_articles = ENWIKI_ARTICLES / (articles / s) / 3600
+    print(f"{name:15s} {s:8.1f} s  {rate / 1e6:6.2f} MB/s  {articles / s:8.1f} articles/s  "
+          f"peak RSS {run['peak_rss'] / 1e6:5.0f} MB (PSS {run['peak_pss'] / 1e6:5.0f})  remnants {remnants:,}  | full enwiki "
+          f"({ENWIKI_BZ2_GB:.0f} GB bz2, {ENWIKI_ARTICLES / 1e6:.1f}M articles): "
+          f"{hours_bytes:.1f} h by bytes, {hours_articles:.1f} h by articles")  # fmt: skip
+
+
+def count_remnants(texts) -> int:
+    return sum(t.count(m) for t in texts for m in REMNANTS)
+
+
+# --- the steps ----------------------------------------------------------------------------------
+
+
+def bench_extract(dump: Path, work: Path, processes: int, env: dict) -> Path:
+    size = dump.stat().st_size
+    out = work / "dtl.jsonl"
+    out.unlink(missing_ok=True)
+    cmd = [*DTL, "extract", str(dump), "-o", str(out), "--processes", str(processes), "--force"]
+    ours = timed(cmd, env=env)
+    texts = [json.loads(line)["text"] for line in out.open(encoding="utf-8")]
+    report("dtl extract", ours, size, len(texts), count_remnants(texts))
+    peer_dir = work / "wikiextractor"
+    shutil.rmtree(peer_dir, ignore_errors=True)
+    try:
+        import wikiextractor  # noqa: F401
+    except ImportError:
+        print("wikiextractor: not installed (pip install wikiextractor); skipped")
+        return out
+    peer = timed([sys.executable, "-m", "wikiextractor.WikiExtractor", str(dump), "--processes",
+                  str(processes), "--no-templates", "--json", "-q", "-b", "100M", "-o",
+                  str(peer_dir)], env=env)  # fmt: skip
+    peer_texts = [json.loads(line)["text"] for f in sorted(peer_dir.rglob("wiki_*"))
+                  for line in f.open(encoding="utf-8")]  # fmt: skip
+    peer_texts = [t for t in peer_texts if t.strip()]
+    report("wikiextractor", peer, size, len(peer_texts), count_remnants(peer_texts))
+    print(f"dtl / wikiextractor speed (same file, --processes {processes}): "
+          f"{peer['seconds'] / ours['seconds']:.2f}x")  # fmt: skip
+    return out
+
+
+def bench_prepare(records: Path, work: Path, env: dict) -> None:
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    data = work / "data"
+    shutil.rmtree(data, ignore_errors=True)
+    ours = timed([*DTL, "prepare", str(records), "-o", str(data), "--tokenizer", "gpt2"], env=env)
+    meta = json.loads((data / "meta.json").read_text())
+    tokens = meta["train"]["tokens"] + meta["val"]["tokens"]
+    gpt2 = ROOT / "src" / "dtl" / "assets" / "gpt2"
+    ranks = data_gym_to_mergeable_bpe_ranks(str(gpt2 / "vocab.bpe"), str(gpt2 / "encoder.json"))
+    enc = tiktoken.Encoding("gpt2-bare", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": 50256})  # fmt: skip
+    start = time.perf_counter()
+    bare_tokens, batch = 0, []
+    with records.open(encoding="utf-8") as f:
+        for line in f:
+            batch.append(json.loads(line)["text"])
+            if len(batch) == 256:
+                bare_tokens += sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(batch))
+                batch = []
+    bare_tokens += sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(batch))
+    bare = time.perf_counter() - start
+    mb = records.stat().st_size / 1e6
+    print(f"dtl prepare     {ours['seconds']:8.1f} s  {mb / ours['seconds']:6.2f} MB/s of JSONL  "
+          f"{tokens / ours['seconds'] / 1e6:.2f} M tokens/s  peak RSS {ours['peak_rss'] / 1e6:.0f} MB (PSS {ours['peak_pss'] / 1e6:.0f})"
+          f"  ({tokens:,} tokens, with the articles' titles)")  # fmt: skip
+    print(f"bare tiktoken   {bare:8.1f} s  {mb / bare:6.2f} MB/s of JSONL  "
+          f"{bare_tokens / bare / 1e6:.2f} M tokens/s  (read + encode_ordinary_batch, no writing)")  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=1000, help="dump size in MB of bz2 (1000)")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--work", default="/tmp/bench-extract", help="where the dump is kept")
+    parser.add_argument("--no-prepare", action="store_true", help="skip the prepare step")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    dump, pages = build_dump(args.mb, work, args.processes)
+    size = dump.stat().st_size
+    print(f"dump {dump.name}: {size / 1e6:.1f} MB bz2, {pages:,} pages; --processes "
+          f"{args.processes}, {os.cpu_count()} cores here")  # fmt: skip
+    records = bench_extract(dump, work, args.processes, env)
+    if not args.no_prepare:
+        bench_prepare(records, work, env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
