@@ -172,7 +172,7 @@ def main() -> None:
 
         hf, hf_step = hf_step_fn(cfg)
         low = auto.prec.dtype or torch.float32  # the dtype auto's matmuls run in
-        peaks = {dt: matmul_peak(dt) for dt in {torch.float32, low}}
+        peaks = {dt: matmul_peak(dt) for dt in dict.fromkeys((torch.float32, low))}
         steps = {
             "fp32": one_step(fp32),
             "auto": one_step(auto),
