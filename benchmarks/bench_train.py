@@ -1,15 +1,23 @@
-"""Training throughput: `dtl train`'s own step vs Hugging Face GPT2LMHeadModel, same run.
+"""Training throughput: `dtl train`'s default precision vs its fp32, and vs Hugging Face
+GPT2LMHeadModel, same run.
 
 The `small` preset (d_model 256, 8 heads, 6 layers, d_ff 1024, vocab 50,257) at batch 8 x 256
-tokens, fp32 on CPU. The peer is a GPT2LMHeadModel of the same dimensions, trained with the
-same AdamW settings on the same batches. MFU = achieved model FLOP/s over the peak FLOP/s of
-a large fp32 matmul measured in this same run (so it is this machine's real peak, not a
+tokens on CPU, three step functions on the same batches:
+- dtl fp32: `--precision fp32`, eager (exact fp32);
+- dtl auto: the default `--precision auto` (bf16 on a CPU with AVX512-BF16 or AMX, else fp32:
+  `dtl.train.precision`), eager;
+- HF: a GPT2LMHeadModel of the same dimensions, fp32, with the same AdamW settings.
+MFU = achieved model FLOP/s over the peak FLOP/s of a large matmul in the dtype the step's
+matmuls run in (fp32 or bf16), measured in this same run (this machine's real peak, not a
 datasheet's). Model FLOPs per token = 6 x (matmul parameters) + 12 x layers x T x d_model
 (attention scores and values, the PaLM convention), counted from the config.
 
-Each step is timed in turns with the peer's and the best time of each is kept.
+The steps are timed in turns (fp32, auto, HF, fp32, ...) so a busy machine slows all alike,
+and the best time of each is kept. With --loss-steps N (e.g. 300) it then trains N steps of
+`dtl train` at fp32 and at auto from the same seed on the same batches and prints both losses
+at the same steps (the goal of issue 21: within 0.02; ~15 minutes for 300 on 2 cores).
 
-    python benchmarks/bench_train.py [--steps 6] [--threads 2]
+    python benchmarks/bench_train.py [--steps 6] [--threads 2] [--loss-steps 300]
 """
 
 from __future__ import annotations
@@ -27,9 +35,9 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 GPT2_DIR = ROOT.parent / "shared" / "data" / "gpt2"
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of an n x n fp32 matmul, the best of `repeats`."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an n x n matmul in `dtype`, the best of `repeats`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm up
     best = float("inf")
     for _ in range(repeats):
@@ -59,23 +67,54 @@ def time_interleaved(steps: dict, batches, n: int) -> dict[str, float]:
     return best
 
 
-def dtl_trainer(data_dir: Path, out: Path):
-    from dtl.train import TrainConfig, Trainer
+def dtl_config(data_dir: Path, out: Path, precision: str, **settings):
+    from dtl.train import TrainConfig
 
-    cfg = TrainConfig(
-        data=str(data_dir),
-        out=str(out),
-        preset="small",
-        seq_len=256,
-        batch_size=8,
-        lr=6e-4,
-        warmup_steps=0,
-        device="cpu",
-        precision="fp32",
-        progress=False,
-        max_steps=1000,
+    base = {"preset": "small", "seq_len": 256, "batch_size": 8, "lr": 6e-4, "warmup_steps": 0,
+            "device": "cpu", "progress": False, "max_steps": 1000}  # fmt: skip
+    return TrainConfig(
+        data=str(data_dir), out=str(out), precision=precision, **{**base, **settings}
     )
-    return Trainer(cfg)
+
+
+def dtl_trainer(data_dir: Path, out: Path, precision: str):
+    from dtl.train import Trainer
+
+    return Trainer(dtl_config(data_dir, out, precision))
+
+
+def one_step(trainer):
+    """A step function of one batch: the trainer's optimizer step."""
+    return lambda batch: trainer.train_step([batch])
+
+
+def loss_comparison(data_dir: Path, tmp: Path, steps: int) -> None:
+    """`dtl train` for `steps` steps at fp32 and at auto (same seed, same batches, the default
+    lr schedule): both losses at the same steps, and the largest difference."""
+    import json
+
+    from dtl.train import train
+
+    losses = {}
+    for precision in ("fp32", "auto"):
+        out = tmp / f"loss-{precision}"
+        cfg = dtl_config(data_dir, out, precision, lr=None, warmup_steps=None, max_steps=steps,
+                         log_every=1, eval_every=steps, save_every=steps)  # fmt: skip
+        start = time.perf_counter()
+        train(cfg)
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        losses[precision] = {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+        print(f"{steps} steps at {precision}: {time.perf_counter() - start:.0f} s", flush=True)
+    fp32, auto = losses["fp32"], losses["auto"]
+    shown = sorted({1, 10, 50, 100, 200, steps} & set(fp32))
+    print("step   loss fp32   loss auto   |difference|")
+    for step in shown:
+        print(
+            f"{step:4d}   {fp32[step]:9.4f}   {auto[step]:9.4f}   {abs(fp32[step] - auto[step]):.4f}"
+        )
+    last = [s for s in fp32 if s > steps - 10]
+    mean_diff = sum(auto[s] - fp32[s] for s in last) / len(last)
+    print(f"mean difference over the last {len(last)} steps (auto - fp32): {mean_diff:+.4f}")
 
 
 def hf_step_fn(config, lr: float = 6e-4):
@@ -103,6 +142,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="timed steps per model")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--loss-steps", type=int, default=0,
+                        help="then train this many steps at fp32 and at auto, and compare "
+                        "their losses (0: skip)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import os
@@ -121,38 +163,52 @@ def main() -> None:
             val_fraction=0.1,
             progress=False,
         )
-        trainer = dtl_trainer(data, Path(tmp) / "run")
-        it = iter(trainer.train_loader)
+        fp32 = dtl_trainer(data, Path(tmp) / "fp32", "fp32")
+        auto = dtl_trainer(data, Path(tmp) / "auto", "auto")
+        it = iter(fp32.train_loader)
         batches = [next(it) for _ in range(2 + args.steps)]
-        cfg = trainer.model_config
+        cfg = fp32.model_config
         tokens = 8 * 256
 
         hf, hf_step = hf_step_fn(cfg)
-        peak = matmul_peak()
-        best = time_interleaved(
-            {"dtl": lambda b: trainer.train_step([b]), "hf": hf_step}, batches, args.steps
-        )
-        dtl_s, hf_s = best["dtl"], best["hf"]
-        peak = max(peak, matmul_peak())  # the better of before and after (noisy machine)
+        low = auto.prec.dtype or torch.float32  # the dtype auto's matmuls run in
+        peaks = {dt: matmul_peak(dt) for dt in dict.fromkeys((torch.float32, low))}
+        steps = {
+            "fp32": one_step(fp32),
+            "auto": one_step(auto),
+            "hf": hf_step,
+        }
+        best = time_interleaved(steps, batches, args.steps)
+        for dt in peaks:  # the better of before and after (noisy machine)
+            peaks[dt] = max(peaks[dt], matmul_peak(dt))
 
-    fpt = flops_per_token(cfg.d_model, cfg.n_layers, cfg.d_ff, cfg.vocab_size, 256)
-    dtl_tps, hf_tps = tokens / dtl_s, tokens / hf_s
-    print(
-        f"torch {torch.__version__}, {args.threads} threads, small preset, B=8 T=256 "
-        f"vocab {cfg.vocab_size}, fp32 CPU"
-    )
-    print(f"matmul peak (2048^3 fp32): {peak / 1e9:.1f} GFLOP/s")
-    print(f"model FLOPs per token: {fpt / 1e6:.1f} M")
-    print(
-        f"dtl train step:      {dtl_s * 1e3:8.1f} ms  {dtl_tps:8,.0f} tokens/s  "
-        f"MFU {dtl_tps * fpt / peak:5.1%}  ({trainer.model.num_parameters():,} params)"
-    )
-    print(
-        f"HF GPT2LMHeadModel:  {hf_s * 1e3:8.1f} ms  {hf_tps:8,.0f} tokens/s  "
-        f"MFU {hf_tps * fpt / peak:5.1%}  ({sum(p.numel() for p in hf.parameters()):,} params, "
-        "tied embeddings)"
-    )
-    print(f"ratio dtl / HF tokens/s: {dtl_tps / hf_tps:.2f}x")
+        fpt = flops_per_token(cfg.d_model, cfg.n_layers, cfg.d_ff, cfg.vocab_size, 256)
+        tps = {name: tokens / s for name, s in best.items()}
+        print(
+            f"torch {torch.__version__}, {args.threads} threads, small preset, B=8 T=256 "
+            f"vocab {cfg.vocab_size}, CPU; auto = {auto.prec.name} ({auto.prec.why})"
+        )
+        for dt, peak in peaks.items():
+            print(
+                f"matmul peak (2048^3 {str(dt).removeprefix('torch.')}): {peak / 1e9:.1f} GFLOP/s"
+            )
+        print(f"model FLOPs per token: {fpt / 1e6:.1f} M")
+        rows = [
+            ("dtl fp32 (eager)", "fp32", torch.float32, fp32.model.num_parameters()),
+            (f"dtl auto ({auto.prec.name})", "auto", low, auto.model.num_parameters()),
+            ("HF GPT2LMHeadModel", "hf", torch.float32, sum(p.numel() for p in hf.parameters())),
+        ]
+        for label, name, dt, n_params in rows:
+            print(
+                f"{label:20s} {best[name] * 1e3:8.1f} ms  {tps[name]:8,.0f} tokens/s  MFU "
+                f"{tps[name] * fpt / peaks[dt]:5.1%} of the {str(dt).removeprefix('torch.')} "
+                f"peak  ({n_params:,} params{', tied embeddings' if name == 'hf' else ''})"
+            )
+        print(f"ratio dtl auto / dtl fp32 tokens/s: {tps['auto'] / tps['fp32']:.2f}x")
+        print(f"ratio dtl fp32 / HF tokens/s: {tps['fp32'] / tps['hf']:.2f}x")
+        del fp32, auto, hf
+        if args.loss_steps:
+            loss_comparison(data, Path(tmp), args.loss_steps)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,14 @@ def tiny_disk(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)  # lazily: a file may be open
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_without_native_bf16():
+    """Every test, and every process it starts (module fixtures' runs included: hence the
+    session scope), sees a CPU without native bf16 units, so `--precision auto` is fp32 and
+    results do not depend on the machine; the bf16 tests ask for bf16 by name or change this
+    (tests/train/test_train_precision.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DTL_CPU_BF16", "0")
+        yield

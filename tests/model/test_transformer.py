@@ -440,3 +440,36 @@ def test_head_loss_sum_equals_torch_sum_and_its_gradients():
                                                                                  rel=1e-6)  # fmt: skip
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(h, w, b, t, reduction="none")
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_bf16_head_loss_is_fp32_cross_entropy_within_bf16_rounding(autocast):
+    """The bf16 path (under autocast, or with bf16 weights as a bf16 model has): its loss and
+    gradients against torch's fp32 cross-entropy, in unequal chunks, with ignored targets and
+    a chunk with none scored; its loss is fp32 whatever the inputs."""
+    h = torch.randn(70, 16, requires_grad=True)
+    w = (torch.randn(300, 16) * 0.3).requires_grad_()
+    b = (torch.randn(300) * 0.1).requires_grad_()
+    t = torch.randint(0, 300, (70,))
+    t[::6] = -100
+    t[:20] = -100  # the first chunk of 20 scores nothing
+    plain = F.cross_entropy(h @ w.T + b, t, ignore_index=-100)
+    ref = torch.autograd.grad(plain, (h, w, b))
+    for chunk in (20, 33, 1000):
+        if autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fused = linear_cross_entropy(h, w, b, t, chunk_size=chunk)
+            inputs = (h, w, b)
+        else:
+            inputs = tuple(x.detach().bfloat16().requires_grad_() for x in (h, w, b))
+            fused = linear_cross_entropy(*inputs, t, chunk_size=chunk)
+        assert fused.dtype == torch.float32
+        assert fused.item() == pytest.approx(plain.item(), abs=5e-3)
+        grads = torch.autograd.grad(fused * 2, inputs)
+        for g, r, x in zip(grads, ref, inputs, strict=True):
+            assert g.dtype == x.dtype
+            assert ((g.float() / 2 - r).norm() / r.norm()).item() < 1e-2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        summed = linear_cross_entropy(h, w, b, t, chunk_size=33, reduction="sum")
+    want = F.cross_entropy(h @ w.T + b, t, reduction="sum").item()
+    assert summed.item() == pytest.approx(want, rel=1e-3)

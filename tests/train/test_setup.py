@@ -223,7 +223,9 @@ def test_data_prepared_longer_than_the_preset_trains_at_its_length(
     assert code == 0, err
     first = next(line for line in out.splitlines() if line.startswith("training "))
     n_params = _n_params(ModelConfig.preset("tiny", vocab_size=512, n_layers=1))  # at 256
-    assert first.startswith(f"training {n_params:,} parameters on cpu (fp32), context 512 tokens")
+    assert first.startswith(
+        f"training {n_params:,} parameters on cpu (fp32, auto: DTL_CPU_BF16=0), context 512 tokens"
+    )
     assert "the tiny preset's 256 raised to hold rows of 512" in first
     saved = json.loads((latest_checkpoint(run) / "config.json").read_text())
     assert (saved["max_seq_length"], saved["trained_seq_len"]) == (512, 512)

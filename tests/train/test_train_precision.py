@@ -2,20 +2,62 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
+from train_helpers import cli, tiny_config
 
 from dtl.device import resolve_device
 from dtl.errors import DtlError
-from dtl.train.precision import autocast, grad_scaler, resolve_precision
+from dtl.train import train
+from dtl.train.precision import (
+    autocast,
+    cpu_native_bf16,
+    fit_precisions,
+    grad_scaler,
+    resolve_precision,
+)
 
 CPU = torch.device("cpu")
 
 
-def test_auto_on_cpu_is_plain_fp32():
+def test_auto_on_cpu_is_plain_fp32_without_native_bf16(monkeypatch):
+    monkeypatch.delenv("DTL_CPU_BF16")
+    monkeypatch.setattr("dtl.train.precision.cpu_native_bf16", lambda: None)
     p = resolve_precision("auto", CPU)
     assert (p.name, p.dtype, p.use_scaler) == ("fp32", None, False)
+    assert p.why == "auto: no AVX512-BF16 or AMX on this CPU"
     assert not grad_scaler(p, CPU).is_enabled()
+    assert fit_precisions("cpu") == ("fp32",)
+
+
+def test_auto_on_cpu_is_bf16_with_native_bf16(monkeypatch):
+    monkeypatch.delenv("DTL_CPU_BF16")
+    monkeypatch.setattr("dtl.train.precision.cpu_native_bf16", lambda: "AMX")
+    p = resolve_precision("auto", CPU)
+    assert (p.name, p.dtype, p.use_scaler) == ("bf16", torch.bfloat16, False)
+    assert p.why.startswith("auto: AMX on this CPU")
+    assert fit_precisions("cpu") == ("bf16", "fp32")
+    assert resolve_precision("fp32", CPU).name == "fp32"  # named: exact fp32 stays
+    assert resolve_precision("auto", torch.device("mps")).name == "fp32"
+
+
+def test_native_bf16_detection_agrees_with_the_cpus_flags(monkeypatch):
+    """Torch's own check and the /proc/cpuinfo fallback both say what the kernel's CPU flags
+    say; DTL_CPU_BF16 overrides either way."""
+    monkeypatch.delenv("DTL_CPU_BF16")
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    native = bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert (cpu_native_bf16() is not None) == native
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert (cpu_native_bf16() is not None) == native
+    monkeypatch.setenv("DTL_CPU_BF16", "1")
+    assert cpu_native_bf16() is not None
+    monkeypatch.setenv("DTL_CPU_BF16", "0")
+    assert cpu_native_bf16() is None
 
 
 def test_bf16_autocast_on_cpu_really_computes_in_bf16():
@@ -40,3 +82,54 @@ def test_unknown_names():
         resolve_precision("fp8", CPU)
     with pytest.raises(DtlError, match="auto, cpu, cuda, mps"):
         resolve_device("tpu")
+
+
+def _losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+def test_auto_trains_in_bf16_where_the_cpu_has_it_and_says_so(packed_data, tmp_path, capsys):
+    """A run with the default --precision on a CPU with native bf16: its first line says bf16
+    and why, config.yaml records it, and its losses follow an fp32 run's."""
+    argv = ["train", "--data", str(packed_data), "--preset", "tiny", "--d-model", "32",
+            "--n-heads", "2", "--n-layers", "2", "--d-ff", "64", "--max-steps", "8",
+            "--batch-size", "4", "--log-every", "1", "--eval-every", "1000", "--dropout", "0",
+            "--lr", "3e-3", "--no-progress"]  # fmt: skip
+    code, out, err = cli([*argv, "--out", str(tmp_path / "fp32")], capsys)
+    assert code == 0, err
+    assert "(fp32, auto: DTL_CPU_BF16=0)" in out
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DTL_CPU_BF16", "1")
+        code, out, err = cli([*argv, "--out", str(tmp_path / "auto")], capsys)
+    assert code == 0, err
+    first = next(line for line in out.splitlines() if line.startswith("training "))
+    assert "on cpu (bf16, auto: DTL_CPU_BF16=1 on this CPU; --precision fp32 for exact fp32)" in first
+    config = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
+    assert (config["precision"], config["precision_resolved"]) == ("auto", "bf16")
+    fp32, bf16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "auto")
+    assert len(fp32) == len(bf16) == 8 and fp32 != bf16
+    assert max(abs(a - b) for a, b in zip(fp32, bf16, strict=True)) < 0.05
+
+
+def test_bf16_resume_is_exact(packed_data, tmp_path):
+    """Within bf16, a run stopped and resumed logs the losses of one never stopped, bit for
+    bit (the weights and optimizer state saved are the fp32 masters)."""
+    kw = {"precision": "bf16", "schedule": "constant", "save_every": 3, "max_steps": 6}
+    train(tiny_config(packed_data, tmp_path / "whole", **kw))
+    train(tiny_config(packed_data, tmp_path / "split", **{**kw, "max_steps": 3}))
+    train(tiny_config(packed_data, tmp_path / "split", **kw), resume=True)
+    whole, split = _losses(tmp_path / "whole"), _losses(tmp_path / "split")
+    assert len(whole) == 6 and whole == split
+
+
+@pytest.mark.parametrize("env, want", [("1", ["bf16", "fp32"]), ("0", ["fp32"])])
+def test_info_fit_weighs_bf16_on_a_cpu_with_native_bf16(monkeypatch, capsys, env, want):
+    monkeypatch.setenv("DTL_CPU_BF16", env)
+    code, out, err = cli(["info", "--preset", "tiny", "--device", "cpu", "--fit", "2GB",
+                          "--json"], capsys)  # fmt: skip
+    assert code == 0, err
+    fit = json.loads(out)["fit"]
+    assert {o["precision"] for o in fit["options"]} == set(want)
+    assert fit["recommended"]["precision"] == want[0]

@@ -10,6 +10,7 @@ from dtl.cli import add_common, add_verb
 from dtl.errors import DtlError
 from dtl.model.config import DEFAULT_PRESET, PRESETS, SPEC_CLAIMED_PARAMS, ModelConfig
 from dtl.train import memory
+from dtl.train.precision import fit_precisions
 
 EXAMPLES = """examples:
   dtl info                                    # the preset dtl train uses by default
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_report(name, config, params, result["memory"], fit))
     if fit is not None and fit["recommended"] is None:
-        tried = "16-bit precision and " if device == "cuda" else ""
+        tried = "16-bit precision and " if len(fit_precisions(device)) > 1 else ""
         raise DtlError(
             f"{name} does not fit in {args.fit} even with batch 1, {tried}activation "
             f"checkpointing at seq_len {seq_len}; try a shorter --seq-len or a smaller preset"
@@ -126,7 +127,7 @@ def _fit(args: argparse.Namespace, config: ModelConfig, seq_len: int, device: st
         budget = memory.parse_size(args.fit)
     except ValueError as err:
         raise DtlError(f"--fit: {err}") from None
-    precisions = ("bf16", "fp16", "fp32") if device == "cuda" else ("fp32",)  # CPU: fp32
+    precisions = fit_precisions(device)  # CPU: bf16 only where it has native bf16 units
     options = memory.fit_options(
         config, budget, seq_len, args.target_batch, precisions=precisions, device=device
     )

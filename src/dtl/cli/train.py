@@ -67,7 +67,8 @@ HELP = {
     "eval_batches": "validation batches per pass (a fixed set)",
     "save_every": "steps between checkpoints",
     "keep_last": "checkpoints kept (plus the best by val loss)",
-    "precision": "auto, fp32, bf16, fp16 (auto: bf16/fp16 autocast on CUDA, fp32 on CPU)",
+    "precision": "auto, fp32, bf16, fp16 (auto: bf16/fp16 autocast on CUDA; bf16 on a CPU "
+    "with AVX512-BF16 or AMX, else fp32; fp32: exact fp32)",
     "device": "auto, cpu, cuda, mps",
     "compile": "torch.compile the model",
     "activation_checkpointing": "recompute each block in backward (less memory, ~30%% slower)",

@@ -69,11 +69,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             low = torch.get_autocast_dtype(device_type)
         else:
             low = torch.promote_types(hidden.dtype, weight.dtype)
-        # The logits matmul runs in `low` (the autocast dtype); softmax is always fp32. The two
-        # gradient matmuls run in bf16 under bf16, else in fp32: these gradients are computed
-        # here, before a GradScaler can scale them, and fp16 (smallest normal 6e-5) would
-        # flush most of them (softmax / n_tokens, ~1e-8) to zero.
-        grad_dtype = torch.bfloat16 if low == torch.bfloat16 else torch.float32
+        if low == torch.bfloat16:
+            with torch.autocast(device_type, enabled=False):  # dtypes chosen here, by hand
+                total, grad_hidden, grad_weight, grad_bias = _bf16_chunks(
+                    hidden, weight, bias, targets, valid, chunk_size, scale, need_grad
+                )
+            ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+            return total * scale
+        # The logits matmul runs in `low` (the autocast dtype, fp32 or fp16); softmax is always
+        # fp32. The two gradient matmuls run in fp32: these gradients are computed here, before
+        # a GradScaler can scale them, and fp16 (smallest normal 6e-5) would flush most of them
+        # (softmax / n_tokens, ~1e-8) to zero.
+        grad_dtype = torch.float32
         w_grad = weight if weight.dtype == grad_dtype else weight.to(grad_dtype)  # once
         grad_hidden = None
         if need_grad:
@@ -121,15 +129,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dlogits.scatter_add_(1, t_safe, -row_scale)
             if grad_bias is not None:
                 grad_bias += dlogits.sum(0)
-            if grad_dtype == torch.float32:  # accumulate in place, fp32 even inside autocast
-                with torch.autocast(device_type, enabled=False):
-                    h32 = h if h.dtype == torch.float32 else h.float()
-                    torch.mm(dlogits, w_grad, out=grad_hidden[start : start + chunk_size])
-                    grad_weight.addmm_(dlogits.t(), h32)
-            else:  # bf16: the two matmuls in bf16, accumulated in fp32
-                d = dlogits.to(grad_dtype)
-                grad_hidden[start : start + chunk_size] = d @ w_grad
-                grad_weight += (d.t() @ h.to(grad_dtype)).float()
+            with torch.autocast(device_type, enabled=False):  # accumulate in place, in fp32
+                h32 = h if h.dtype == torch.float32 else h.float()
+                torch.mm(dlogits, w_grad, out=grad_hidden[start : start + chunk_size])
+                grad_weight.addmm_(dlogits.t(), h32)
             del logits, probs, dlogits  # free this chunk before the next one is made
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -146,3 +149,79 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = grad_weight.to(w_dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(b_dtype)
         return grad_hidden.to(h_dtype), grad_weight, grad_bias, None, None, None, None
+
+
+def _bf16_chunks(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    valid: Tensor,
+    chunk_size: int,
+    scale: float,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The bf16 path: (the loss summed over scored rows, fp32; the gradients of the mean,
+    already times `scale`, or None without `need_grad`).
+
+    The three matmuls run in bf16 (fp32 accumulation inside the kernels; the weight is cast
+    once per call, not per chunk); the chunks' dW add up in the last matmul's own fp32
+    accumulator, rounded to bf16 once per chunk (as one chunk's product always was). The
+    log-softmax, so the loss and its logsumexp, is fp32. On a CPU the passes over a (C, V)
+    chunk, not the matmuls, are what autocast left slow: each fresh 100 MB tensor costs its
+    page faults and each op a full pass. So the chunk lives in two buffers made once per call,
+    every op writes into them, the fused row-wise log_softmax kernel replaces five separate
+    passes, and the 1 / n_valid scale goes on the small (C, D) operands instead of the chunk.
+    """
+    bf16, f32 = torch.bfloat16, torch.float32
+    n, d = hidden.shape
+    vocab = weight.size(0)
+    w = weight.to(bf16)  # (V, D), once
+    b = None if bias is None else bias.to(bf16)
+    chunk_size = -(-n // -(-n // chunk_size))  # equal chunks: 3 x 683 rows, not 3 x 667 + 47
+    rows = min(chunk_size, n)
+    low = hidden.new_empty(rows, vocab, dtype=bf16)  # a chunk's logits, then its dlogits
+    full = hidden.new_empty(rows, vocab, dtype=f32)  # the chunk's log-probabilities
+    total = torch.zeros((), dtype=f32, device=hidden.device)
+    grad_hidden = grad_weight = grad_bias = part = None
+    if need_grad:
+        grad_hidden = hidden.new_empty(n, d, dtype=torch.promote_types(hidden.dtype, bf16))
+        grad_bias = None if bias is None else torch.zeros(vocab, dtype=f32, device=weight.device)
+        part = weight.new_empty(vocab, d, dtype=bf16)  # dW, summed over the chunks
+    for start in range(0, n, chunk_size):
+        h = hidden[start : start + chunk_size]  # (C, D)
+        t_safe = targets[start : start + chunk_size].clamp(min=0).unsqueeze(1)  # (C, 1)
+        v = valid[start : start + chunk_size]  # (C,)
+        c = h.size(0)
+        h_low = h.to(bf16)
+        logits = low[:c]  # (C, V) bf16
+        if b is None:
+            torch.mm(h_low, w.t(), out=logits)
+        else:
+            torch.addmm(b, h_low, w.t(), out=logits)
+        logp = full[:c].copy_(logits)  # (C, V) fp32
+        torch.log_softmax(logp, dim=1, out=logp)  # row by row, in place
+        total -= (logp.gather(1, t_safe).squeeze(1) * v).sum()
+        if not need_grad:
+            continue
+        # dlogits = softmax - onehot (unscaled), 0 on rows whose target is ignored: each op
+        # in fp32 and in place (an op mixing dtypes would copy the chunk first), then one cast.
+        probs = logp.exp_()  # (C, V) fp32
+        picked = torch.arange(c, device=h.device) * vocab + t_safe.squeeze(1)
+        probs.view(-1).index_add_(0, picked, probs.new_full((c,), -1.0))
+        if not bool(v.all()):
+            probs.index_fill_(0, (~v).nonzero().squeeze(1), 0.0)
+        if grad_bias is not None:
+            grad_bias += probs.sum(0).mul_(scale)
+        dlogits = logits.copy_(probs)  # (C, V) bf16
+        grad_hidden[start : start + c] = (dlogits @ w).to(f32).mul_(scale)  # (C, D)
+        h_scaled = (h.to(f32) * scale).to(bf16)  # (C, D): the scale before the one rounding
+        # (V, D): the chunks' sum in one bf16 buffer (each matmul adds into it in fp32 and
+        # rounds once), cast once at the end: no fp32 pass over (V, D) per chunk.
+        if start == 0:
+            torch.mm(dlogits.t(), h_scaled, out=part)
+        else:
+            part.addmm_(dlogits.t(), h_scaled)
+    if part is not None:
+        grad_weight = part.to(f32)
+    return total, grad_hidden, grad_weight, grad_bias

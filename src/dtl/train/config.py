@@ -406,7 +406,7 @@ class ResolvedRun:
     seq_len: int  # tokens per row trained on: input_ids and targets are (batch_size, seq_len)
     model: ModelConfig  # its trained_seq_len is seq_len
     schedule: LrSchedule
-    precision: str  # resolved: fp32, bf16 or fp16
+    precision: str  # resolved: fp32, bf16 or fp16 (`dtl.train.precision.resolve_precision`)
     device: str
     world_size: int
     resume: ResumeFrom | None = None  # None: a new run
@@ -414,6 +414,7 @@ class ResolvedRun:
     # The preset's max_seq_length when the model's was raised to hold rows of seq_len
     # (None: not raised). Sinusoidal positions are computed, not learnt: no new parameters.
     preset_context: int | None = None
+    precision_why: str = ""  # what --precision auto saw, said in the first line ("" if named)
 
     @property
     def tokens_per_step(self) -> int:
@@ -454,8 +455,9 @@ class ResolvedRun:
                 f"{self.preset_context} raised to hold rows of {self.seq_len}: sinusoidal "
                 "positions, no new parameters)"
             )
+        why = f", {self.precision_why}" if self.precision_why else ""
         return (
-            f"training {n_params:,} parameters on {self.device} ({self.precision}){context}, "
+            f"training {n_params:,} parameters on {self.device} ({self.precision}{why}){context}, "
             f"{self.tokens_per_step:,} tokens per step; adamw lr {lr.lr:.3g}{muon}, warmup "
             f"{lr.warmup_steps} steps, {lr.schedule} to {lr.min_lr:.3g}"
         )

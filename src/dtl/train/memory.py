@@ -123,6 +123,8 @@ def estimate_memory(
     # The peak is at the forward's end (the head's gradient is made there; all gradients when
     # accumulating) or in backward (all gradients, plus a recomputed block with checkpointing).
     head_gradient = parameter_breakdown(config)["head"] * 4
+    if precision == "bf16":  # the head's dW is summed in a bf16 buffer, then cast to fp32
+        head_gradient += parameter_breakdown(config)["head"] * 2
     at_forward_end = (gradients if grad_accum > 1 else head_gradient) + activations + head_workspace
     in_backward = gradients + (activations + recomputed if activation_checkpointing else 0)
     train_total = weights + optimizer + weight_casts + max(at_forward_end, in_backward)

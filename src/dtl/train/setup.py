@@ -165,6 +165,7 @@ def _setup_in(
         model=model_config,
         schedule=resolve_lr_schedule(cfg, model_config.d_model),
         precision=prec.name,
+        precision_why=prec.why,
         device=str(dist.device),
         world_size=dist.world_size,
         resume=resume,
