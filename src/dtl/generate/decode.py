@@ -18,6 +18,10 @@ these products in place of its nn.Linear layers, and the last position's head us
 (results agree with the plain forward to float32 rounding, tested). The copy takes as much
 memory as those weights.
 
+The plan is in the model's dtype (`dtl.model.dtype`, `--dtype`): a bf16 model's blocks are
+bf16, and an int8 model's plan is its own packed int8 layers (Q, K and V fused), so a step
+runs the quantized weights, never an fp32 copy.
+
 >>> import torch
 >>> from dtl import ModelConfig, TransformerLM
 >>> model = TransformerLM(ModelConfig.preset("tiny", vocab_size=100)).eval()
@@ -30,11 +34,13 @@ torch.Size([1, 1, 100])
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from dtl.model.dtype import fuse_int8_linears, is_int8_linear
 from dtl.model.transformer import TransformerLM
 
 
@@ -124,23 +130,27 @@ def split_for(
     return SplitLinear.of(weights, biases, max(1, cols * threads // 2), by_rows=False)
 
 
+# (B, in) -> (B, out): a `SplitLinear` (fp32, bf16), or an int8 model's packed linear layer
+Product = Callable[[Tensor], Tensor]
+
+
 @dataclass
 class BlockPlan:
     """One block's linear layers, laid out (`MultiHeadAttention` / `FeedForward` take it)."""
 
-    qkv: SplitLinear  # d -> 3d: [q | k | v]
-    w_o: SplitLinear
-    linear1: SplitLinear
-    linear2: SplitLinear
+    qkv: Product  # d -> 3d: [q | k | v]
+    w_o: Product
+    linear1: Product
+    linear2: Product
 
 
 @dataclass
 class DecodePlan:
     key: tuple  # (data_ptr, _version, dtype) of every parameter when it was built
     blocks: list[BlockPlan]
-    head_weight: Tensor  # the model's head, for the layout of several rows
-    head_bias: Tensor
-    one_row_head: SplitLinear  # for one row: a column block per thread
+    head_weight: Tensor | None  # the model's head, for the layout of several rows (not int8)
+    head_bias: Tensor | None
+    one_row_head: Product  # for one row: a column block per thread (int8: the packed head)
     samples: list[Tensor] = field(default_factory=list)  # see `plan_for`
     batch_head: SplitLinear | None = None  # for several rows, made on first use
 
@@ -148,12 +158,12 @@ class DecodePlan:
         """The vocabulary head: hidden (B, d) -> logits (B, V)."""
         return self.head_for(hidden.size(0))(hidden)
 
-    def head_for(self, rows: int) -> SplitLinear:
+    def head_for(self, rows: int) -> Product:
         """The head's layout for `rows` rows. With several, the product is no longer a
         matrix-vector one, and 8 column blocks per thread ran a batch-8 step 5-13% faster
         than the one-row layout (median, best of 6 A/B runs), which is 8% faster at batch 1:
         generating or serving batches keeps a second copy of the head (51 MB for `small`)."""
-        if rows == 1:
+        if rows == 1 or self.head_weight is None:
             return self.one_row_head
         if self.batch_head is None:
             parts = 8 * max(2, torch.get_num_threads())
@@ -163,6 +173,12 @@ class DecodePlan:
 
     @classmethod
     def build(cls, model: TransformerLM, key: tuple, threads: int) -> DecodePlan:
+        """The plan of `model`'s weights in their own dtype: fp32 or bf16 cut into blocks
+        (a bf16 model's plan is bf16: half the bytes per step), an int8 model's packed
+        layers as they are (`int8_plan`)."""
+        if is_int8_linear(model.head):
+            return cls.int8_plan(model, key)
+
         def split(*linears: nn.Linear) -> SplitLinear:
             return split_for([x.weight for x in linears], [_bias(x) for x in linears], threads)
 
@@ -177,6 +193,19 @@ class DecodePlan:
         head = SplitLinear.of([weight], [bias], threads, by_rows=False)
         return cls(key, blocks, weight, bias, head)
 
+    @classmethod
+    def int8_plan(cls, model: TransformerLM, key: tuple) -> DecodePlan:
+        """An int8 model's plan (`dtl.model.dtype`): the step runs on its int8 weights, in
+        fbgemm's packed layout (there is no int8 batched product to cut them into blocks
+        for, and fbgemm's kernel already streams a quarter of fp32's bytes). Q, K and V are
+        fused into one int8 layer of their own int8 values and scales."""
+        blocks = []
+        for block in model.transformer_blocks:
+            a, ff = block.attention, block.feed_forward
+            qkv = fuse_int8_linears([a.w_q, a.w_k, a.w_v])
+            blocks.append(BlockPlan(qkv, a.w_o, ff.linear1, ff.linear2))
+        return cls(key, blocks, None, None, model.head)
+
 
 def _bias(linear: nn.Linear) -> Tensor:
     return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
@@ -189,7 +218,7 @@ def uses_fast_path(model: nn.Module) -> bool:
     """The plan serves CPU models in eval mode (or without dropout): its step has no dropout."""
     return (
         isinstance(model, TransformerLM)
-        and model.head.weight.device.type == "cpu"
+        and model.embedding.weight.device.type == "cpu"
         and (not model.training or model.config.dropout == 0.0)
     )
 
