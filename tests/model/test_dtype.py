@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dtl import DtlError, ModelConfig, TransformerLM
 from dtl.device import cpu_has_native_bf16  # the real one: conftest fakes the module's name
 from dtl.generate import generate_tokens
-from dtl.generate.decode import SplitLinear, plan_for
+from dtl.generate.decode import PackedLinear, plan_for
 from dtl.generate.evaluate import evaluate_lm
 from dtl.model.dtype import (
     inference_dtype_of,
@@ -65,12 +65,12 @@ def test_bf16_runs_weights_and_cache_in_bf16_and_returns_fp32_logits():
     logits = model(ids)
     assert logits.dtype == torch.float32  # sampling and log-probs are computed in fp32
     torch.testing.assert_close(logits, ref(ids), atol=0.05, rtol=0.05)
-    # the decode plan is laid out in bf16 (half the bytes a step streams) and gives what the
-    # bf16 model's own layers give, to bf16 rounding
+    # the decode plan holds bf16 weights (half the bytes a step streams), packed for oneDNN,
+    # and gives what the bf16 model's own layers give, to bf16 rounding
     plan = plan_for(model)
-    split = plan.blocks[0].qkv
-    assert isinstance(split, SplitLinear) and split.weight.dtype == torch.bfloat16
-    assert plan.one_row_head.weight.dtype == torch.bfloat16
+    for product in (plan.blocks[0].qkv, plan.blocks[1].linear2, plan.head_for(1)):
+        assert isinstance(product, PackedLinear) and product.weight.dtype == torch.bfloat16
+    assert plan.head_for(8) is plan.head_for(1)  # no second copy of the head
     a, b = model.allocate_cache(1, 8), model.allocate_cache(1, 8)
     with torch.no_grad():
         model(ids, cache=a), model(ids, cache=b)

@@ -18,9 +18,9 @@ these products in place of its nn.Linear layers, and the last position's head us
 (results agree with the plain forward to float32 rounding, tested). The copy takes as much
 memory as those weights.
 
-The plan is in the model's dtype (`dtl.model.dtype`, `--dtype`): a bf16 model's blocks are
-bf16, and an int8 model's plan is its own packed int8 layers (Q, K and V fused), so a step
-runs the quantized weights, never an fp32 copy.
+The plan is in the model's dtype (`dtl.model.dtype`, `--dtype`): a bf16 model's products are
+bf16 weights packed for oneDNN (`PackedLinear`), and an int8 model's plan is its own packed
+int8 layers (Q, K and V fused), so a step runs the quantized weights, never an fp32 copy.
 
 >>> import torch
 >>> from dtl import ModelConfig, TransformerLM
@@ -98,6 +98,35 @@ class SplitLinear:
         return y.transpose(0, 1).reshape(B, p * c)[:, : self.out_features]  # (B, out)
 
 
+@dataclass
+class PackedLinear:
+    """y = x @ W.T + b for bf16 x (B, in) through oneDNN, W packed once into its blocked layout.
+
+    A bf16 model's products go here, not through a `SplitLinear`: torch's CPU `baddbmm`/`bmm`
+    in bf16 ran a decode step 2.5-3.4x slower than in fp32 (profiled, small preset), while
+    oneDNN's prepacked bf16 linear (the kernel `torch.compile` freezes CPU linears into) ran
+    the small preset's products at B = 1 as fast as the fp32 blocks and the vocabulary head
+    and every product at B = 8 faster (`benchmarks/bench_onnx.py`, docs/benchmarks.md)."""
+
+    weight: Tensor  # (out, in) bf16 in oneDNN's packed layout: opaque, only oneDNN reads it
+    bias: Tensor  # (out,)
+
+    @classmethod
+    def of(cls, weights: list[Tensor], biases: list[Tensor]) -> PackedLinear:
+        """From nn.Linear weights (out_i, in) stacked along out (several fuse into one)."""
+        w = torch.cat([x.detach() for x in weights])  # (out, in)
+        # 1: the batch size the layout is tuned for (any B runs on it)
+        return cls(torch.ops.mkldnn._reorder_linear_weight(w, 1), torch.cat(biases).detach())
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def packs_bf16() -> bool:
+    """Whether oneDNN's bf16 linear runs here (a torch built with it, a CPU it supports)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 SLAB = 256  # rows per transposed copy: fits the cache on both sides, measured fastest
 
 
@@ -130,7 +159,8 @@ def split_for(
     return SplitLinear.of(weights, biases, max(1, cols * threads // 2), by_rows=False)
 
 
-# (B, in) -> (B, out): a `SplitLinear` (fp32, bf16), or an int8 model's packed linear layer
+# (B, in) -> (B, out): a `SplitLinear` (fp32), a `PackedLinear` (bf16), or an int8 model's
+# packed linear layer
 Product = Callable[[Tensor], Tensor]
 
 
@@ -173,11 +203,13 @@ class DecodePlan:
 
     @classmethod
     def build(cls, model: TransformerLM, key: tuple, threads: int) -> DecodePlan:
-        """The plan of `model`'s weights in their own dtype: fp32 or bf16 cut into blocks
-        (a bf16 model's plan is bf16: half the bytes per step), an int8 model's packed
-        layers as they are (`int8_plan`)."""
+        """The plan of `model`'s weights in their own dtype: fp32 cut into blocks, bf16
+        packed for oneDNN (`bf16_plan`; blocks too where oneDNN's bf16 is missing), an int8
+        model's packed layers as they are (`int8_plan`)."""
         if is_int8_linear(model.head):
             return cls.int8_plan(model, key)
+        if model.head.weight.dtype == torch.bfloat16 and packs_bf16():
+            return cls.bf16_plan(model, key)
 
         def split(*linears: nn.Linear) -> SplitLinear:
             return split_for([x.weight for x in linears], [_bias(x) for x in linears], threads)
@@ -192,6 +224,22 @@ class DecodePlan:
         weight, bias = model.head.weight, _bias(model.head)
         head = SplitLinear.of([weight], [bias], threads, by_rows=False)
         return cls(key, blocks, weight, bias, head)
+
+    @classmethod
+    def bf16_plan(cls, model: TransformerLM, key: tuple) -> DecodePlan:
+        """A bf16 model's plan: every product (Q, K and V fused, the head too) a
+        `PackedLinear`, for one row and several alike."""
+
+        def pack(*linears: nn.Linear) -> PackedLinear:
+            return PackedLinear.of([x.weight for x in linears], [_bias(x) for x in linears])
+
+        blocks = []
+        for block in model.transformer_blocks:
+            a, ff = block.attention, block.feed_forward
+            blocks.append(BlockPlan(
+                pack(a.w_q, a.w_k, a.w_v), pack(a.w_o), pack(ff.linear1), pack(ff.linear2)
+            ))  # fmt: skip
+        return cls(key, blocks, None, None, pack(model.head))
 
     @classmethod
     def int8_plan(cls, model: TransformerLM, key: tuple) -> DecodePlan:

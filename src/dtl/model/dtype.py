@@ -85,7 +85,7 @@ def to_inference_dtype(model: nn.Module, dtype: str) -> nn.Module:
     A model's decode plan (`dtl.generate.decode`) follows: it is laid out from the converted
     weights on its next use.
 
-    >>> model = to_inference_dtype(load_model("runs/tiny"), "int8")  # doctest: +SKIP
+    >>> model = to_inference_dtype(load_model("runs/tiny")[0], "int8")  # doctest: +SKIP
     """
     if dtype == "fp32":
         return model
