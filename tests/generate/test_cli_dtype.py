@@ -74,7 +74,7 @@ def test_eval_says_the_dtype_beside_its_perplexity(dtl, trained_run, dtype):
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_follows_the_cpu(dtl, trained_run, monkeypatch, native):
     monkeypatch.setattr("dtl.device.cpu_has_native_bf16", lambda cpuinfo=None: native)
-    want = "bf16" if native else "fp32"
+    want = "int8" if native else "fp32"
     code, out, err = dtl("generate", "--model", trained_run, "--prompt", PROMPT,
                          "--max-new-tokens", 8, "--temperature", 0)  # fmt: skip
     assert code == 0, err

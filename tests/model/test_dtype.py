@@ -31,9 +31,9 @@ def tiny(vocab_size: int = 211) -> TransformerLM:
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_elsewhere(monkeypatch, native):
+def test_auto_is_int8_on_a_cpu_with_native_bf16_and_fp32_elsewhere(monkeypatch, native):
     monkeypatch.setattr("dtl.device.cpu_has_native_bf16", lambda cpuinfo=None: native)
-    assert resolve_inference_dtype("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_inference_dtype("auto", "cpu") == ("int8" if native else "fp32")
     assert resolve_inference_dtype("auto", torch.device("cuda")) == "fp32"  # CPU flags only
     assert resolve_inference_dtype("auto", "mps") == "fp32"
     for name in ("fp32", "bf16", "int8"):  # asked for: as asked, whatever the CPU

@@ -92,9 +92,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="auto, cpu, cuda, cuda:N or mps (default auto: cuda, else mps, "
                         "else cpu)")  # fmt: skip
     parser.add_argument("--dtype", default="auto", metavar="{auto,fp32,bf16,int8}",
-                        help="the format the model runs in (default auto: bf16 on a CPU with "
-                        "native bf16 (AVX512-BF16/AMX), else fp32; int8: dynamically quantized "
-                        "linear layers, CPU only; fp32: exact). Logits are always fp32; "
+                        help="the format the model runs in (default auto: int8 on a CPU with "
+                        "native bf16 (AVX512-BF16/AMX), measured fastest there, else fp32; "
+                        "int8: dynamically quantized linear layers, CPU only; fp32: exact). "
+                        "Logits are always fp32; "
                         "docs/benchmarks.md has the speed and quality of each")  # fmt: skip
 
 
