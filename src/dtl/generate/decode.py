@@ -178,9 +178,10 @@ class BlockPlan:
 class DecodePlan:
     key: tuple  # (data_ptr, _version, dtype) of every parameter when it was built
     blocks: list[BlockPlan]
-    head_weight: Tensor | None  # the model's head, for the layout of several rows (not int8)
+    head_weight: Tensor | None  # the model's head, for the layout of several rows (fp32)
     head_bias: Tensor | None
-    one_row_head: Product  # for one row: a column block per thread (int8: the packed head)
+    # for one row: a column block per thread; bf16 and int8: their packed head, for any rows
+    one_row_head: Product
     samples: list[Tensor] = field(default_factory=list)  # see `plan_for`
     batch_head: SplitLinear | None = None  # for several rows, made on first use
 
