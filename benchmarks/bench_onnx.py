@@ -1,19 +1,29 @@
-"""Decode speed of the ONNX export under onnxruntime beside DTL's own KV-cached decode.
+"""Decode speed of the ONNX export under onnxruntime beside DTL's own KV-cached decode,
+DTL in fp32, bf16 and int8 (`--dtype`, `dtl.model.dtype`).
 
-The `small` preset with random weights (d_model 256, 6 layers, d_ff 1024, GPT-2 vocabulary),
-fp32 on the CPU: a 16-token prompt and 128 new tokens, greedy, at batch 1 and 8, in one run.
-DTL: `generate_tokens(..., temperature=0)` (its KV cache and CPU decode plan). onnxruntime:
-the graph `dtl export --format onnx` writes, the prompt in one call and then one token per
-call with the previous call's present keys/values as the past. Both draw the same tokens
-(checked), so the ratio compares the same work.
+The `small` preset with random weights (d_model 256, 6 layers, d_ff 1024, GPT-2 vocabulary)
+on the CPU: a 16-token prompt and 128 new tokens, greedy, at batch 1 and 8, in one run.
+DTL: `generate_tokens(..., temperature=0)` (its KV cache and CPU decode plan, in the model's
+dtype). onnxruntime: the fp32 graph `dtl export --format onnx` writes, the prompt in one call
+and then one token per call with the previous call's present keys/values as the past. DTL
+fp32 and onnxruntime draw the same tokens (checked), so their ratio compares the same work;
+bf16 and int8 are timed on the same prompts, and the share of their tokens that match fp32's
+is printed (random weights give near-tied logits, so this is a stress test, not a quality
+figure). Every ratio is against onnxruntime fp32.
+
+Quality on a trained model: `--model RUN_DIR --text HELD_OUT.txt` also prints each dtype's
+perplexity on the text (as `dtl eval` computes it) and how many of 32 greedy tokens after
+each of the text's first prompts match fp32's.
 
     python benchmarks/bench_onnx.py                    # batch 1 and 8, 2 threads
     python benchmarks/bench_onnx.py --batches 1 --repeats 1 --new 16   # a smoke run
+    python benchmarks/bench_onnx.py --model runs/quickstart --text held-out.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -26,8 +36,10 @@ import torch
 from dtl import ModelConfig, TransformerLM
 from dtl.export.onnx import export_onnx
 from dtl.generate import generate_tokens
+from dtl.model.dtype import to_inference_dtype
 
 PROMPT = 16
+DTYPES = ("fp32", "bf16", "int8")
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -62,6 +74,35 @@ def ort_greedy(session, ids: np.ndarray, new: int) -> np.ndarray:
     return np.concatenate(out_tokens, axis=1)
 
 
+def quality(spec: str, text_path: str, continuations: int = 8, new: int = 32) -> dict:
+    """Each dtype's perplexity on the held-out text, and how many of `new` greedy tokens after
+    each of the text's first `continuations` 32-token prompts agree with fp32's (up to the
+    first difference, and in all)."""
+    from dtl.generate.evaluate import evaluate_lm
+    from dtl.model.store import load_model
+
+    text = Path(text_path).read_text(encoding="utf-8")
+    out: dict = {}
+    reference = None
+    for dtype in DTYPES:
+        model, tok = load_model(spec, dtype=dtype)
+        ppl = evaluate_lm(model, tok, [text], 8, None, False)["perplexity"]
+        ids = tok.encode(text)
+        prompts = [ids[i * 32 : (i + 1) * 32] for i in range(continuations)]
+        greedy = [generate_tokens(model, torch.tensor([p]), new, temperature=0)[0, 32:].tolist()
+                  for p in prompts if len(p) == 32]  # fmt: skip
+        reference = reference or greedy
+        prefix = [next((i for i, (a, b) in enumerate(zip(g, r, strict=True)) if a != b), len(g))
+                  for g, r in zip(greedy, reference, strict=True)]  # fmt: skip
+        same = sum(a == b for g, r in zip(greedy, reference, strict=True) for a, b in zip(g, r, strict=True))
+        out[dtype] = {"perplexity": ppl, "same_tokens": same, "of": sum(map(len, greedy)),
+                      "same_prefix": prefix}  # fmt: skip
+        base = out["fp32"]["perplexity"]
+        print(f"{dtype}: perplexity {ppl:.3f} ({100 * (ppl / base - 1):+.2f}% vs fp32); greedy "
+              f"tokens as fp32's: {same}/{out[dtype]['of']}, identical prefixes {prefix}")  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -69,13 +110,18 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new", type=int, default=128, help="new tokens per row (default 128)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--model", help="a trained model: also report each dtype's quality")
+    parser.add_argument("--text", help="with --model: held-out text to measure it on")
     args = parser.parse_args()
+    if bool(args.model) != bool(args.text):
+        parser.error("--model and --text go together")
 
     import onnxruntime as ort
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = TransformerLM(ModelConfig.preset("small")).eval()
+    models = {d: to_inference_dtype(copy.deepcopy(model), d) for d in DTYPES}
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
@@ -83,25 +129,38 @@ def main() -> None:
         path = Path(tmp) / "model.onnx"
         export_onnx(model, path)
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads, "
-          f"fp32; small preset, prompt {PROMPT}, {args.new} new tokens, greedy")  # fmt: skip
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads; "
+          f"small preset, prompt {PROMPT}, {args.new} new tokens, greedy")  # fmt: skip
     figures: dict = {"threads": args.threads, "new_tokens": args.new, "rows": []}
     for batch in args.batches:
         g = torch.Generator().manual_seed(batch)
         ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), generator=g)
-        dtl_s, dtl_out = timed(
-            lambda ids=ids: generate_tokens(model, ids, args.new, temperature=0), args.repeats
-        )
         ort_s, ort_out = timed(lambda ids=ids: ort_greedy(session, ids.numpy(), args.new),
                                args.repeats)  # fmt: skip
-        same = np.array_equal(dtl_out.numpy(), ort_out)
-        row = {"batch": batch, "dtl_tokens_per_s": batch * args.new / dtl_s,
-               "ort_tokens_per_s": batch * args.new / ort_s, "same_tokens": bool(same)}  # fmt: skip
+        row = {"batch": batch, "ort_tokens_per_s": batch * args.new / ort_s}
+        line = [f"batch {batch}: onnxruntime fp32 {row['ort_tokens_per_s']:7.1f} tok/s"]
+        outs = {}
+        for dtype, m in models.items():
+            s, outs[dtype] = timed(
+                lambda ids=ids, m=m: generate_tokens(m, ids, args.new, temperature=0), args.repeats
+            )
+            rate = batch * args.new / s
+            row[f"dtl_{dtype}_tokens_per_s"] = rate
+            row[f"dtl_{dtype}_vs_ort"] = rate / row["ort_tokens_per_s"]
+            new_tokens = outs[dtype][:, PROMPT:]
+            row[f"dtl_{dtype}_same_as_fp32"] = float(
+                (new_tokens == outs["fp32"][:, PROMPT:]).float().mean()
+            )
+            line.append(f"dtl {dtype} {rate:7.1f} tok/s ({row[f'dtl_{dtype}_vs_ort']:.2f}x)")
+        row["same_tokens"] = bool(np.array_equal(outs["fp32"].numpy(), ort_out))
+        row["dtl_tokens_per_s"] = row["dtl_fp32_tokens_per_s"]  # the names before bf16/int8
         row["ort_vs_dtl"] = row["ort_tokens_per_s"] / row["dtl_tokens_per_s"]
         figures["rows"].append(row)
-        print(f"batch {batch}: dtl KV cache {row['dtl_tokens_per_s']:8.1f} tok/s   onnxruntime "
-              f"{row['ort_tokens_per_s']:8.1f} tok/s   onnxruntime/dtl {row['ort_vs_dtl']:.2f}x"
-              f"   same tokens: {same}")  # fmt: skip
+        print("   ".join(line) + f"   fp32 same tokens as onnxruntime: {row['same_tokens']}; "
+              f"bf16/int8 tokens as fp32's: {row['dtl_bf16_same_as_fp32']:.0%}/"
+              f"{row['dtl_int8_same_as_fp32']:.0%}")  # fmt: skip
+    if args.model:
+        figures["quality"] = quality(args.model, args.text)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
 

@@ -47,6 +47,45 @@ def _seed_and_one_thread(monkeypatch):
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _auto_dtype_is_fp32(monkeypatch):
+    """`--dtype auto` picks bf16 on a CPU with native bf16 (`dtl.model.dtype`): the tests
+    fake a CPU without it, so their CLI answers are fp32's on every machine. The tests of
+    that choice (tests/model/test_dtype.py) fake each answer themselves."""
+    monkeypatch.setattr("dtl.device.cpu_has_native_bf16", lambda cpuinfo=None: False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A run dir of a tiny model (2 layers, d_model 64, a 512-token BPE) trained 200 steps on
+    wikitext-2's test text, and held-out text from the same file beside it
+    (`held_out.txt`): a model whose perplexity means something (seconds)."""
+    import contextlib
+    import io
+
+    from dtl.cli import main
+
+    work = tmp_path_factory.mktemp("trained")
+    raw = shared_path("wikitext-2-raw", "wiki.test.raw").read_bytes()
+    (work / "train.raw").write_bytes(raw[:150_000])
+    (work / "held_out.txt").write_bytes(raw[150_000:165_000])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for args in (
+        ["tokenizer", "train", work / "train.raw", "--vocab-size", 512, "-o", work / "tok"],
+        ["prepare", work / "train.raw", "--kind", "wikitext", "--max-length", 64,
+         "--tokenizer", work / "tok", "-o", work / "data"],
+        ["train", "--data", work / "data", "--out", work / "run", "--seq-len", 64, "--preset",
+         "tiny", "--d-model", 64, "--n-heads", 2, "--n-layers", 2, "--d-ff", 128, "--lr", 3e-3,
+         "--max-steps", 200, "--batch-size", 8, "--device", "cpu", "--no-progress",
+         "--threads", 1, "--eval-batches", 2],
+    ):  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert main([str(a) for a in args]) == 0, args
+    torch.set_num_threads(before)
+    return work / "run"
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 2 MB tmpfs to fill (the disk-full tests of data and train; skipped where mounting is

@@ -38,10 +38,24 @@ def sha256(path: Path) -> str:
 def cli(*args) -> tuple[int, str]:
     from dtl.cli import main
 
+    # the fingerprint is of fp32 inference: where the verbs take --dtype (default auto, which
+    # is bf16 on a CPU with native bf16), ask for fp32, so old and new code run the same maths
+    model_verbs = ("generate", "ask", "chat", "eval", "serve")
+    if args[0] in model_verbs and "--dtype" in _verb_help(args[0]):
+        args = (*args, "--dtype", "fp32")
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         code = main([str(a) for a in args])
     return code, out.getvalue()
+
+
+def _verb_help(verb: str) -> str:
+    from dtl.cli import build_parser
+
+    for action in build_parser()._subparsers._group_actions:
+        if verb in action.choices:
+            return action.choices[verb].format_help()
+    return ""
 
 
 def corpus_text(work: Path) -> Path:

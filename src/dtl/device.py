@@ -44,3 +44,31 @@ def resolve_device(name: str) -> torch.device:
                 f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
             )
     return device
+
+
+# CPU flags that mean bf16 arithmetic in hardware: AVX512-BF16 (Cooper Lake, Zen 4 and later)
+# and AMX (Sapphire Rapids and later). Without them torch emulates bf16 through fp32 and gains
+# nothing; with them oneDNN's bf16 kernels run (`dtl.model.dtype` decides from this).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (a `NATIVE_BF16_FLAGS` flag in Linux's
+    /proc/cpuinfo; False where that file is missing, as on macOS and Windows).
+
+    >>> cpu_has_native_bf16("flags : fpu avx2 avx512f avx512_bf16")
+    True
+    >>> cpu_has_native_bf16("flags : fpu avx2")
+    False
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)

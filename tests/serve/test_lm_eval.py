@@ -63,7 +63,7 @@ def served(tmp_path_factory):
         port = probe.getsockname()[1]
     server = subprocess.Popen(
         [sys.executable, "-m", "dtl", "serve", "--model", str(model_dir), "--port", str(port),
-         "--name", "tiny", "--threads", "1"],
+         "--name", "tiny", "--threads", "1", "--dtype", "fp32"],  # the model's own scores
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -82,8 +82,8 @@ def add_threads(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """`--model`, `--tokenizer` and `--device`: what every verb that loads a model takes
-    (generate, ask, chat, eval, serve); `load_model_args` loads it."""
+    """`--model`, `--tokenizer`, `--device` and `--dtype`: what every verb that loads a model
+    takes (generate, ask, chat, eval, serve); `load_model_args` loads it."""
     parser.add_argument(
         "--model", required=True, help="a run dir, a checkpoint dir, or a legacy DTL .pt file"
     )
@@ -91,21 +91,33 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="auto, cpu, cuda, cuda:N or mps (default auto: cuda, else mps, "
                         "else cpu)")  # fmt: skip
+    parser.add_argument("--dtype", default="auto", metavar="{auto,fp32,bf16,int8}",
+                        help="the format the model runs in (default auto: int8 on a CPU with "
+                        "native bf16 (AVX512-BF16/AMX), measured fastest there, else fp32; "
+                        "int8: dynamically quantized linear layers, CPU only; fp32: exact). "
+                        "Logits are always fp32; "
+                        "docs/benchmarks.md has the speed and quality of each")  # fmt: skip
 
 
 def load_model_args(args: argparse.Namespace, device=None):
-    """(model, tokenizer) of `add_model_args`' flags, on `device` (default: --device), after
-    the thread line (`say_threads`).
+    """(model, tokenizer) of `add_model_args`' flags, on `device` (default: --device) and
+    in --dtype's format (`dtl.model.dtype`), after the thread line (`say_threads`) and a line
+    saying the format (stderr); `args.dtype_used` is set to it.
 
     >>> model, tokenizer = load_model_args(args)  # doctest: +SKIP
     """
     from dtl.device import resolve_device
+    from dtl.model.dtype import dtype_line, resolve_inference_dtype
     from dtl.model.store import load_model
 
     if device is None:
         device = resolve_device(args.device)
+    asked = getattr(args, "dtype", "fp32")
+    args.dtype_used = resolve_inference_dtype(asked, device)
     say_threads(args)
-    return load_model(args.model, device=device, tokenizer=args.tokenizer)
+    if os.environ.get("RANK", "0") == "0":
+        print(dtype_line(asked, args.dtype_used), file=sys.stderr, flush=True)
+    return load_model(args.model, device=device, tokenizer=args.tokenizer, dtype=args.dtype_used)
 
 
 def say_threads(args: argparse.Namespace) -> None:

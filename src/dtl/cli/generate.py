@@ -388,11 +388,12 @@ def cmd_eval(args) -> int:
         scores = {"task": "lm", "data": args.data,
                   **evaluate_lm(model, tokenizer, texts, args.batch_size, args.max_tokens,
                                 progress)}  # fmt: skip
+    scores["dtype"] = args.dtype_used  # the format the figures were computed in
     if args.json:
         print(json.dumps(scores))
     elif scores["task"] == "qa":
         print(f"{scores['count']} questions: exact match {scores['exact_match']:.2f}, "
-              f"F1 {scores['f1']:.2f}")  # fmt: skip
+              f"F1 {scores['f1']:.2f} ({args.dtype_used})")  # fmt: skip
         print(f"  answered as dtl ask: {describe_answering(scores['settings'])}")
         for group, label in (("has_ans", "answerable"), ("no_ans", "unanswerable")):
             if scores.get(f"{group}_count"):
@@ -401,7 +402,7 @@ def cmd_eval(args) -> int:
     else:
         print(f"{scores['tokens']:,} tokens ({scores['bytes']:,} bytes, {scores['documents']} "
               f"documents): perplexity {scores['perplexity']:.3f}, bits per byte "
-              f"{scores['bits_per_byte']:.4f}")  # fmt: skip
+              f"{scores['bits_per_byte']:.4f} ({args.dtype_used})")  # fmt: skip
     return 0
 
 

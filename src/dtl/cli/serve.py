@@ -68,6 +68,7 @@ def cmd_serve(args) -> int:
 
     from dtl.cli import load_model_args
     from dtl.device import resolve_device
+    from dtl.model.dtype import resolve_inference_dtype
     from dtl.model.store import model_name
     from dtl.serve.api import create_app
 
@@ -77,6 +78,7 @@ def cmd_serve(args) -> int:
     max_body = max_body_bytes(args.max_body_mb)
     allowed = allowed_hosts(args.allowed_hosts, args.host)
     device = resolve_device(args.device)  # before the slow load
+    resolve_inference_dtype(args.dtype, device)  # a bad --dtype too
     threads = serve_threads(args.threads, os.cpu_count() or 1)
     _check_port_free(args.host, args.port)
     import torch
@@ -88,8 +90,8 @@ def cmd_serve(args) -> int:
                      max_body_bytes=max_body)  # fmt: skip
     where = f"http://{args.host}:{args.port}"
     auth = " (API key required)" if api_key else ""
-    print(f"dtl serve: {name} ({model.num_parameters():,} parameters) at {where}/ "
-          f"and {where}/v1{auth}; Ctrl-C stops", flush=True)  # fmt: skip
+    print(f"dtl serve: {name} ({model.num_parameters():,} parameters, {args.dtype_used}) at "
+          f"{where}/ and {where}/v1{auth}; Ctrl-C stops", flush=True)  # fmt: skip
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"dtl serve: warning: listening on {args.host} without --api-key; anyone who can "
               "reach this port can use the model", file=sys.stderr, flush=True)  # fmt: skip

@@ -18,6 +18,10 @@ these products in place of its nn.Linear layers, and the last position's head us
 (results agree with the plain forward to float32 rounding, tested). The copy takes as much
 memory as those weights.
 
+The plan is in the model's dtype (`dtl.model.dtype`, `--dtype`): a bf16 model's products are
+bf16 weights packed for oneDNN (`PackedLinear`), and an int8 model's plan is its own packed
+int8 layers (Q, K and V fused), so a step runs the quantized weights, never an fp32 copy.
+
 >>> import torch
 >>> from dtl import ModelConfig, TransformerLM
 >>> model = TransformerLM(ModelConfig.preset("tiny", vocab_size=100)).eval()
@@ -30,11 +34,13 @@ torch.Size([1, 1, 100])
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from dtl.model.dtype import fuse_int8_linears, is_int8_linear
 from dtl.model.transformer import TransformerLM
 
 
@@ -92,6 +98,35 @@ class SplitLinear:
         return y.transpose(0, 1).reshape(B, p * c)[:, : self.out_features]  # (B, out)
 
 
+@dataclass
+class PackedLinear:
+    """y = x @ W.T + b for bf16 x (B, in) through oneDNN, W packed once into its blocked layout.
+
+    A bf16 model's products go here, not through a `SplitLinear`: torch's CPU `baddbmm`/`bmm`
+    in bf16 ran a decode step 2.5-3.4x slower than in fp32 (profiled, small preset), while
+    oneDNN's prepacked bf16 linear (the kernel `torch.compile` freezes CPU linears into) ran
+    the small preset's products at B = 1 as fast as the fp32 blocks and the vocabulary head
+    and every product at B = 8 faster (`benchmarks/bench_onnx.py`, docs/benchmarks.md)."""
+
+    weight: Tensor  # (out, in) bf16 in oneDNN's packed layout: opaque, only oneDNN reads it
+    bias: Tensor  # (out,)
+
+    @classmethod
+    def of(cls, weights: list[Tensor], biases: list[Tensor]) -> PackedLinear:
+        """From nn.Linear weights (out_i, in) stacked along out (several fuse into one)."""
+        w = torch.cat([x.detach() for x in weights])  # (out, in)
+        # 1: the batch size the layout is tuned for (any B runs on it)
+        return cls(torch.ops.mkldnn._reorder_linear_weight(w, 1), torch.cat(biases).detach())
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def packs_bf16() -> bool:
+    """Whether oneDNN's bf16 linear runs here (a torch built with it, a CPU it supports)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 SLAB = 256  # rows per transposed copy: fits the cache on both sides, measured fastest
 
 
@@ -124,23 +159,29 @@ def split_for(
     return SplitLinear.of(weights, biases, max(1, cols * threads // 2), by_rows=False)
 
 
+# (B, in) -> (B, out): a `SplitLinear` (fp32), a `PackedLinear` (bf16), or an int8 model's
+# packed linear layer
+Product = Callable[[Tensor], Tensor]
+
+
 @dataclass
 class BlockPlan:
     """One block's linear layers, laid out (`MultiHeadAttention` / `FeedForward` take it)."""
 
-    qkv: SplitLinear  # d -> 3d: [q | k | v]
-    w_o: SplitLinear
-    linear1: SplitLinear
-    linear2: SplitLinear
+    qkv: Product  # d -> 3d: [q | k | v]
+    w_o: Product
+    linear1: Product
+    linear2: Product
 
 
 @dataclass
 class DecodePlan:
     key: tuple  # (data_ptr, _version, dtype) of every parameter when it was built
     blocks: list[BlockPlan]
-    head_weight: Tensor  # the model's head, for the layout of several rows
-    head_bias: Tensor
-    one_row_head: SplitLinear  # for one row: a column block per thread
+    head_weight: Tensor | None  # the model's head, for the layout of several rows (fp32)
+    head_bias: Tensor | None
+    # for one row: a column block per thread; bf16 and int8: their packed head, for any rows
+    one_row_head: Product
     samples: list[Tensor] = field(default_factory=list)  # see `plan_for`
     batch_head: SplitLinear | None = None  # for several rows, made on first use
 
@@ -148,12 +189,12 @@ class DecodePlan:
         """The vocabulary head: hidden (B, d) -> logits (B, V)."""
         return self.head_for(hidden.size(0))(hidden)
 
-    def head_for(self, rows: int) -> SplitLinear:
+    def head_for(self, rows: int) -> Product:
         """The head's layout for `rows` rows. With several, the product is no longer a
         matrix-vector one, and 8 column blocks per thread ran a batch-8 step 5-13% faster
         than the one-row layout (median, best of 6 A/B runs), which is 8% faster at batch 1:
         generating or serving batches keeps a second copy of the head (51 MB for `small`)."""
-        if rows == 1:
+        if rows == 1 or self.head_weight is None:
             return self.one_row_head
         if self.batch_head is None:
             parts = 8 * max(2, torch.get_num_threads())
@@ -163,6 +204,14 @@ class DecodePlan:
 
     @classmethod
     def build(cls, model: TransformerLM, key: tuple, threads: int) -> DecodePlan:
+        """The plan of `model`'s weights in their own dtype: fp32 cut into blocks, bf16
+        packed for oneDNN (`bf16_plan`; blocks too where oneDNN's bf16 is missing), an int8
+        model's packed layers as they are (`int8_plan`)."""
+        if is_int8_linear(model.head):
+            return cls.int8_plan(model, key)
+        if model.head.weight.dtype == torch.bfloat16 and packs_bf16():
+            return cls.bf16_plan(model, key)
+
         def split(*linears: nn.Linear) -> SplitLinear:
             return split_for([x.weight for x in linears], [_bias(x) for x in linears], threads)
 
@@ -177,6 +226,35 @@ class DecodePlan:
         head = SplitLinear.of([weight], [bias], threads, by_rows=False)
         return cls(key, blocks, weight, bias, head)
 
+    @classmethod
+    def bf16_plan(cls, model: TransformerLM, key: tuple) -> DecodePlan:
+        """A bf16 model's plan: every product (Q, K and V fused, the head too) a
+        `PackedLinear`, for one row and several alike."""
+
+        def pack(*linears: nn.Linear) -> PackedLinear:
+            return PackedLinear.of([x.weight for x in linears], [_bias(x) for x in linears])
+
+        blocks = []
+        for block in model.transformer_blocks:
+            a, ff = block.attention, block.feed_forward
+            blocks.append(BlockPlan(
+                pack(a.w_q, a.w_k, a.w_v), pack(a.w_o), pack(ff.linear1), pack(ff.linear2)
+            ))  # fmt: skip
+        return cls(key, blocks, None, None, pack(model.head))
+
+    @classmethod
+    def int8_plan(cls, model: TransformerLM, key: tuple) -> DecodePlan:
+        """An int8 model's plan (`dtl.model.dtype`): the step runs on its int8 weights, in
+        fbgemm's packed layout (there is no int8 batched product to cut them into blocks
+        for, and fbgemm's kernel already streams a quarter of fp32's bytes). Q, K and V are
+        fused into one int8 layer of their own int8 values and scales."""
+        blocks = []
+        for block in model.transformer_blocks:
+            a, ff = block.attention, block.feed_forward
+            qkv = fuse_int8_linears([a.w_q, a.w_k, a.w_v])
+            blocks.append(BlockPlan(qkv, a.w_o, ff.linear1, ff.linear2))
+        return cls(key, blocks, None, None, model.head)
+
 
 def _bias(linear: nn.Linear) -> Tensor:
     return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
@@ -189,7 +267,7 @@ def uses_fast_path(model: nn.Module) -> bool:
     """The plan serves CPU models in eval mode (or without dropout): its step has no dropout."""
     return (
         isinstance(model, TransformerLM)
-        and model.head.weight.device.type == "cpu"
+        and model.embedding.weight.device.type == "cpu"
         and (not model.training or model.config.dropout == 0.0)
     )
 

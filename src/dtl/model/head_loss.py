@@ -56,6 +56,31 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, reduction, grad)
 
 
+def module_cross_entropy(
+    hidden: Tensor, head: torch.nn.Module, targets: Tensor, reduction: str = "mean"
+) -> Tensor:
+    """`linear_cross_entropy` for a head that is a module without a weight to fuse (an int8
+    one, `dtl.model.dtype`): its logits a chunk of rows at a time, in fp32; no gradient.
+    hidden: (N, D), targets: (N,) int64 with IGNORE_INDEX rows left out.
+
+    >>> module_cross_entropy(h, model.head, t, reduction="sum")  # doctest: +SKIP
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    chunk = max(1, CHUNK_ELEMENTS // max(1, head(hidden[:1]).size(-1)))
+    with torch.no_grad():
+        for start in range(0, hidden.size(0), chunk):
+            logits = head(hidden[start : start + chunk]).float()  # (C, V)
+            total += torch.nn.functional.cross_entropy(
+                logits, targets[start : start + chunk], ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )  # fmt: skip
+    if reduction == "mean":
+        total = total / max(int((targets != IGNORE_INDEX).sum()), 1)
+    return total
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, reduction, grad):  # noqa: D102

@@ -24,6 +24,7 @@ import torch
 
 from dtl.errors import DtlError
 from dtl.model.config import ModelConfig
+from dtl.model.dtype import resolve_inference_dtype, to_inference_dtype
 from dtl.model.legacy import read_legacy_config
 from dtl.model.transformer import TransformerLM
 from dtl.run_dir import CHECKPOINTS, WEIGHTS_FILE, find_checkpoints, latest_model_dir
@@ -77,12 +78,17 @@ def load_model(
     device: str | torch.device = "cpu",
     tokenizer=None,
     gpt2_dir: str | os.PathLike | None = None,
+    dtype: str = "fp32",
 ) -> tuple[TransformerLM, object]:
     """(model in eval mode, tokenizer) for a run dir, checkpoint dir or legacy `.pt` file.
 
     `tokenizer` overrides the one saved with the model: a Tokenizer, or a spec for
-    `load_tokenizer` ("gpt2" or a directory).
+    `load_tokenizer` ("gpt2" or a directory). `dtype` is the format it runs inference in
+    (`dtl.model.dtype`: fp32, bf16, int8 or auto; the CLI's `--dtype`).
+
+    >>> model, tokenizer = load_model("runs/tiny", dtype="int8")  # doctest: +SKIP
     """
+    dtype = resolve_inference_dtype(dtype, device)  # a bad name fails before the load
     from dtl.tokenizer import load_tokenizer
 
     path = resolve_model_dir(spec)
@@ -107,7 +113,7 @@ def load_model(
             f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model "
             f"{path} only {model.config.vocab_size}; they were not trained together"
         )
-    return model.eval(), tokenizer
+    return to_inference_dtype(model.eval(), dtype), tokenizer
 
 
 def check_finite(model: torch.nn.Module, source: str | os.PathLike) -> None:

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from dtl.errors import DtlError
 from dtl.fileio import atomic_write, atomic_write_text
 from dtl.model.config import ModelConfig
-from dtl.model.head_loss import IGNORE_INDEX, linear_cross_entropy
+from dtl.model.dtype import is_int8_linear
+from dtl.model.head_loss import IGNORE_INDEX, linear_cross_entropy, module_cross_entropy
 from dtl.model.kv_cache import KVCache
 from dtl.model.legacy import read_legacy_checkpoint
 
@@ -215,8 +216,12 @@ class TransformerLM(nn.Module):
             input_ids, attention_mask, cache=cache, layout=layout if step else None
         )
         if last_only and layout is not None:
-            return layout.head(hidden[:, -1]).unsqueeze(1)  # (B, 1, V)
-        return self.head(hidden[:, -1:] if last_only else hidden)
+            logits = layout.head(hidden[:, -1]).unsqueeze(1)  # (B, 1, V)
+        else:
+            logits = self.head(hidden[:, -1:] if last_only else hidden)
+        # a bf16 model's logits come out in fp32 (a no-op for fp32 and int8): sampling,
+        # log-probabilities and perplexity are computed in fp32 whatever the weights' format
+        return logits.float()
 
     def hidden_states(
         self,
@@ -268,6 +273,10 @@ class TransformerLM(nn.Module):
                 f"{tuple(input_ids.shape)}"
             )
         hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, d)
+        if not isinstance(self.head, nn.Linear):  # an int8 head (`dtl.model.dtype`): eval only
+            return module_cross_entropy(
+                hidden.reshape(-1, hidden.size(-1)), self.head, targets.reshape(-1), reduction
+            )
         # The head and the loss together, a chunk of tokens at a time: no (B*T, vocab) logits.
         return linear_cross_entropy(
             hidden.reshape(-1, hidden.size(-1)),
@@ -319,11 +328,17 @@ class TransformerLM(nn.Module):
 
     # ------------------------------------------------------------------ conveniences
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters())
+        # an int8 model's linear layers (`dtl.model.dtype`) hold packed weights, not parameters
+        for m in self.modules():
+            if is_int8_linear(m):
+                n += m.weight().numel() + m.bias().numel()
+        return n
 
     def allocate_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache on this model's device and dtype."""
-        p = self.head.weight
+        """An empty KV cache on this model's device and in its activations' dtype (the
+        embedding's: an int8 model's head has no float weight)."""
+        p = self.embedding.weight
         return KVCache.allocate(self.config, batch_size, max_len, p.device, p.dtype)
 
     # ------------------------------------------------------------------ saving and loading

@@ -4,7 +4,8 @@
                                  set, the model is named only to a keyed call)
     GET  /v1/models              OpenAI's model list, plus "parameters", "context_length" (the
                                  tokens it trained at, which requests must fit; vLLM's
-                                 "max_model_len" too) and "max_seq_length" (its position table)
+                                 "max_model_len" too), "max_seq_length" (its position table)
+                                 and "dtype" (fp32, bf16 or int8: `dtl serve --dtype`)
     POST /v1/completions         prompt -> text; `stream: true` sends server-sent events
     POST /v1/chat/completions    messages -> the Q&A template (the last user message is the
                                  question, earlier user/assistant pairs come before it); the
@@ -50,6 +51,7 @@ from dtl.data.qa import qa_stops
 from dtl.generate.batch import StreamChunk
 from dtl.generate.decode import plan_if_fast
 from dtl.generate.loop import Request
+from dtl.model.dtype import inference_dtype_of
 from dtl.serve.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
 from dtl.serve.logprobs import chat_logprobs, completion_logprobs
 from dtl.serve.page import add_page_routes
@@ -130,6 +132,7 @@ def _add_auth_and_errors(app: FastAPI, api_key: str | None) -> None:
 
 def _add_model_routes(app: FastAPI, model, model_name: str) -> None:
     card = _model_card(model_name, int(time.time()), model.num_parameters(), model.config)
+    card["dtype"] = inference_dtype_of(model)  # the format it runs in (`--dtype`)
 
     @app.get("/health")
     async def health(http: HttpRequest):  # open to probes; the model's name needs the key
