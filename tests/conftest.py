@@ -47,14 +47,6 @@ def _seed_and_one_thread(monkeypatch):
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def _auto_dtype_is_fp32(monkeypatch):
-    """`--dtype auto` picks bf16 on a CPU with native bf16 (`dtl.model.dtype`): the tests
-    fake a CPU without it, so their CLI answers are fp32's on every machine. The tests of
-    that choice (tests/model/test_dtype.py) fake each answer themselves."""
-    monkeypatch.setattr("dtl.device.cpu_has_native_bf16", lambda cpuinfo=None: False)
-
-
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A run dir of a tiny model (2 layers, d_model 64, a 512-token BPE) trained 200 steps on
@@ -105,8 +97,8 @@ def tiny_disk(tmp_path):
 @pytest.fixture(autouse=True, scope="session")
 def _cpu_without_native_bf16():
     """Every test, and every process it starts (module fixtures' runs included: hence the
-    session scope), sees a CPU without native bf16 units, so `--precision auto` is fp32 and
-    results do not depend on the machine; the bf16 tests ask for bf16 by name or change this
+    session scope), sees a CPU without native bf16 units (`dtl.device.cpu_native_bf16`), so
+    `--precision auto` and `--dtype auto` are fp32 and results do not depend on the machine; the bf16 tests ask for bf16 by name or change this
     (tests/train/test_train_precision.py)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DTL_CPU_BF16", "0")

@@ -6,6 +6,8 @@ device(type='cpu')
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dtl.errors import DtlError
@@ -48,27 +50,49 @@ def resolve_device(name: str) -> torch.device:
 
 # CPU flags that mean bf16 arithmetic in hardware: AVX512-BF16 (Cooper Lake, Zen 4 and later)
 # and AMX (Sapphire Rapids and later). Without them torch emulates bf16 through fp32 and gains
-# nothing; with them oneDNN's bf16 kernels run (`dtl.model.dtype` decides from this).
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# nothing; with them oneDNN's bf16 kernels run. Training's `--precision auto`
+# (`dtl.train.precision`) and inference's `--dtype auto` (`dtl.model.dtype`) both ask here.
+NATIVE_BF16_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes bf16 natively (a `NATIVE_BF16_FLAGS` flag in Linux's
-    /proc/cpuinfo; False where that file is missing, as on macOS and Windows).
+def cpu_native_bf16(cpuinfo: str | None = None) -> str | None:
+    """The CPU's native bf16 units ("AMX" or "AVX512-BF16"), or None when it has none.
 
-    >>> cpu_has_native_bf16("flags : fpu avx2 avx512f avx512_bf16")
+    With `cpuinfo` (the text of Linux's /proc/cpuinfo), from its flags alone. Without it: the
+    environment variable DTL_CPU_BF16=0 (or 1) decides when set (the test suite sets 0, so
+    results do not depend on the machine); else PyTorch's own checks (the ones its oneDNN
+    kernels go by) where it has them; else /proc/cpuinfo; else None (macOS, Windows).
+
+    >>> cpu_native_bf16("flags : fpu avx2 avx512f avx512_bf16")
+    'AVX512-BF16'
+    >>> cpu_native_bf16("flags : fpu avx2") is None
     True
-    >>> cpu_has_native_bf16("flags : fpu avx2")
-    False
     """
     if cpuinfo is None:
+        forced = os.environ.get("DTL_CPU_BF16", "").strip()
+        if forced in ("0", "1"):
+            return "DTL_CPU_BF16=1" if forced == "1" else None
+        cpu = getattr(torch, "cpu", None)
+        amx = getattr(cpu, "_is_amx_tile_supported", None)
+        avx = getattr(cpu, "_is_avx512_bf16_supported", None)
+        if amx is not None and avx is not None:
+            return "AMX" if amx() else "AVX512-BF16" if avx() else None
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
                 cpuinfo = f.read()
         except OSError:
-            return False
+            return None
     flags = set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags.update(line.partition(":")[2].split())
-    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+    return next((name for flag, name in NATIVE_BF16_FLAGS.items() if flag in flags), None)
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (`cpu_native_bf16` is not None).
+
+    >>> cpu_has_native_bf16("flags : fpu amx_bf16 amx_tile")
+    True
+    """
+    return cpu_native_bf16(cpuinfo) is not None

@@ -22,10 +22,10 @@ import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from dtl.device import cpu_native_bf16  # the one detection, shared with --dtype
 from dtl.errors import DtlError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -37,30 +37,6 @@ class Precision:
     dtype: torch.dtype | None  # the autocast dtype, None for plain fp32
     use_scaler: bool  # fp16 needs loss scaling so small gradients do not flush to zero
     why: str = ""  # what `auto` saw ("auto: this CPU has AVX512-BF16"); "" when named
-
-
-def cpu_native_bf16() -> str | None:
-    """The CPU's native bf16 matmul units ("AMX" or "AVX512-BF16"), or None when it has none
-    (bf16 is then emulated, slower than fp32). PyTorch's own checks (the ones its oneDNN
-    kernels go by) where it has them, else the flags in /proc/cpuinfo. The environment
-    variable DTL_CPU_BF16=0 (or 1) overrides what is found: `auto` then picks fp32 (or bf16).
-
-    >>> cpu_native_bf16() in ("AMX", "AVX512-BF16", "DTL_CPU_BF16=1", None)
-    True
-    """
-    forced = os.environ.get("DTL_CPU_BF16", "").strip()
-    if forced in ("0", "1"):
-        return "DTL_CPU_BF16=1" if forced == "1" else None
-    cpu = getattr(torch, "cpu", None)
-    amx = getattr(cpu, "_is_amx_tile_supported", None)
-    avx = getattr(cpu, "_is_avx512_bf16_supported", None)
-    if amx is not None and avx is not None:
-        return "AMX" if amx() else "AVX512-BF16" if avx() else None
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:  # not Linux: no way to tell, so the safe choice
-        return None
-    return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
