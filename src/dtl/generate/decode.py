@@ -18,6 +18,14 @@ these products in place of its nn.Linear layers, and the last position's head us
 (results agree with the plain forward to float32 rounding, tested). The copy takes as much
 memory as those weights.
 
+Several rows (a batch) make each product a small matrix-matrix one, where the split layouts
+lose: MKL's kernel runs the batch-8 head at ~17 GFLOP/s a core here (12 ms on one thread,
+against onnxruntime's 4 ms for the same product). So the first step of more than one row
+lays the weights out a second way (`DecodePlan.for_rows`): packed once in oneDNN's blocked
+format (`PackedLinear`), the FFN's ReLU fused into its up-projection (a batch-8 step 2x
+faster, docs/benchmarks.md). Where this torch has no oneDNN, several rows use the one-row
+layout with the head in 8 column blocks per thread.
+
 >>> import torch
 >>> from dtl import ModelConfig, TransformerLM
 >>> model = TransformerLM(ModelConfig.preset("tiny", vocab_size=100)).eval()
@@ -25,11 +33,14 @@ memory as those weights.
 >>> logits = model(torch.tensor([[1, 2, 3]]), cache=cache, last_only=True, layout=plan)
 >>> model(torch.tensor([[4]]), cache=cache, last_only=True, layout=plan).shape  # one token
 torch.Size([1, 1, 100])
+>>> plan.for_rows(8) is plan.for_rows(1)  # 8 rows: another layout, made on first use
+False
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -110,6 +121,40 @@ def _fill_transposed(dst: Tensor, weights: list[Tensor], start: int) -> int:
     return filled
 
 
+@dataclass
+class PackedLinear:
+    """y = x @ W.T + b (then ReLU when `relu`) for x (B, in) of several rows: oneDNN's matrix
+    product on W packed once in its own blocked layout. For B = 8 it ran the small preset's
+    products 1.3-2x faster than the split layouts or MKL (`F.linear`), the head 2.0 vs 3.2 ms
+    on two threads, where MKL's kernel is slow for so few rows. `of` gives None where this
+    torch has no oneDNN (the caller keeps another layout).
+    """
+
+    weight: Tensor  # oneDNN's packed copy of W (out, in): an opaque `torch._mkldnn` tensor
+    bias: Tensor  # (out,)
+    relu: bool = False  # fused: the FFN's up-projection and its ReLU in one kernel
+
+    @classmethod
+    def of(
+        cls, weights: list[Tensor], biases: list[Tensor], relu: bool = False
+    ) -> PackedLinear | None:
+        """From nn.Linear weights (out_i, in), stacked along out (several fuse into one)."""
+        ops = torch.ops.mkldnn
+        if not torch.backends.mkldnn.is_available() or not hasattr(ops, "_linear_pointwise"):
+            return None
+        w = torch.cat([x.detach() for x in weights])  # (out, in)
+        b = torch.cat([x.detach() for x in biases])
+        try:
+            return cls(ops._reorder_linear_weight(w), b, relu)
+        except RuntimeError:  # a torch built with oneDNN that cannot pack this dtype
+            return None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(
+            x, self.weight, self.bias, "relu" if self.relu else "none", [], ""
+        )  # (B, out)
+
+
 def split_for(
     weights: list[Tensor], biases: list[Tensor], threads: int, rows: int = 2, cols: int = 8
 ) -> SplitLinear:
@@ -124,58 +169,101 @@ def split_for(
     return SplitLinear.of(weights, biases, max(1, cols * threads // 2), by_rows=False)
 
 
+Product = Callable[[Tensor], Tensor]  # x (B, in) -> (B, out): a `SplitLinear` or `PackedLinear`
+
+
+@dataclass
+class ReluAfter:
+    """A product followed by ReLU (in place): the FFN's up-projection in the one-row layout."""
+
+    product: SplitLinear
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.product(x).relu_()
+
+
 @dataclass
 class BlockPlan:
     """One block's linear layers, laid out (`MultiHeadAttention` / `FeedForward` take it)."""
 
-    qkv: SplitLinear  # d -> 3d: [q | k | v]
-    w_o: SplitLinear
-    linear1: SplitLinear
-    linear2: SplitLinear
+    qkv: Product  # d -> 3d: [q | k | v]
+    w_o: Product
+    up: Product  # FFN up-projection (linear1) and its ReLU: d -> d_ff
+    linear2: Product
+
+
+@dataclass
+class Layout:
+    """Every product of the model laid out one way: what its forward takes as `layout`."""
+
+    blocks: list[BlockPlan]
+    head: Product  # the vocabulary head: hidden (B, d) -> logits (B, V)
+
+    def for_rows(self, rows: int) -> Layout:
+        return self
 
 
 @dataclass
 class DecodePlan:
+    """The model's weights laid out for one row (`one_row`, made with the plan) and for
+    several (`several`, made on the first step of more than one row: generating or serving
+    batches keeps a second copy of the weights, 70 MB for `small`). The plan itself is a
+    layout too: the model's forward asks it `for_rows(B)`."""
+
     key: tuple  # (data_ptr, _version, dtype) of every parameter when it was built
-    blocks: list[BlockPlan]
-    head_weight: Tensor  # the model's head, for the layout of several rows
-    head_bias: Tensor
-    one_row_head: SplitLinear  # for one row: a column block per thread
+    one_row: Layout
+    linears: list[list[nn.Linear]]  # per block: [q, k, v], [w_o], [linear1], [linear2]
+    head_linear: nn.Linear
     samples: list[Tensor] = field(default_factory=list)  # see `plan_for`
-    batch_head: SplitLinear | None = None  # for several rows, made on first use
+    several: Layout | None = None
+
+    @property
+    def blocks(self) -> list[BlockPlan]:
+        return self.one_row.blocks
 
     def head(self, hidden: Tensor) -> Tensor:
         """The vocabulary head: hidden (B, d) -> logits (B, V)."""
-        return self.head_for(hidden.size(0))(hidden)
+        return self.for_rows(hidden.size(0)).head(hidden)
 
-    def head_for(self, rows: int) -> SplitLinear:
-        """The head's layout for `rows` rows. With several, the product is no longer a
-        matrix-vector one, and 8 column blocks per thread ran a batch-8 step 5-13% faster
-        than the one-row layout (median, best of 6 A/B runs), which is 8% faster at batch 1:
-        generating or serving batches keeps a second copy of the head (51 MB for `small`)."""
+    def for_rows(self, rows: int) -> Layout:
+        """The layout for steps of `rows` rows: one row, or several (made on first use)."""
         if rows == 1:
-            return self.one_row_head
-        if self.batch_head is None:
+            return self.one_row
+        if self.several is None:
+            self.several = self._several()
+        return self.several
+
+    def _several(self) -> Layout:
+        """oneDNN-packed products (`PackedLinear`), or without oneDNN the one-row blocks and
+        the head in 8 column blocks per thread (5-13% faster than one row's at batch 8)."""
+        def packed(linears: list[nn.Linear], relu: bool = False) -> PackedLinear | None:
+            return PackedLinear.of([x.weight for x in linears], [_bias(x) for x in linears], relu)
+
+        head = packed([self.head_linear])
+        if head is None:
             parts = 8 * max(2, torch.get_num_threads())
-            self.batch_head = SplitLinear.of([self.head_weight], [self.head_bias], parts,
-                                             by_rows=False)  # fmt: skip
-        return self.batch_head
+            h = self.head_linear
+            return Layout(self.one_row.blocks,
+                          SplitLinear.of([h.weight], [_bias(h)], parts, by_rows=False))  # fmt: skip
+        blocks = [BlockPlan(packed(qkv), packed(w_o), packed(up, relu=True), packed(down))
+                  for qkv, w_o, up, down in self.linears]  # fmt: skip
+        return Layout(blocks, head)
 
     @classmethod
     def build(cls, model: TransformerLM, key: tuple, threads: int) -> DecodePlan:
-        def split(*linears: nn.Linear) -> SplitLinear:
+        def split(linears: list[nn.Linear]) -> SplitLinear:
             return split_for([x.weight for x in linears], [_bias(x) for x in linears], threads)
 
-        blocks = []
+        linears, blocks = [], []
         for block in model.transformer_blocks:
             a, ff = block.attention, block.feed_forward
-            blocks.append(BlockPlan(
-                split(a.w_q, a.w_k, a.w_v), split(a.w_o), split(ff.linear1), split(ff.linear2)
-            ))  # fmt: skip
+            qkv, w_o, up, down = [a.w_q, a.w_k, a.w_v], [a.w_o], [ff.linear1], [ff.linear2]
+            linears.append([qkv, w_o, up, down])
+            blocks.append(BlockPlan(split(qkv), split(w_o), ReluAfter(split(up)), split(down)))
         # the head (vocab x d) for one row: whole columns per core measured fastest here
         weight, bias = model.head.weight, _bias(model.head)
         head = SplitLinear.of([weight], [bias], threads, by_rows=False)
-        return cls(key, blocks, weight, bias, head)
+        return cls(key, Layout(blocks, head), linears, model.head)
 
 
 def _bias(linear: nn.Linear) -> Tensor:
