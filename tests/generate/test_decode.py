@@ -78,6 +78,19 @@ def test_several_rows_take_their_own_layout_and_one_row_keeps_its_own():
         assert torch.equal(plan.head(h[:1]), one.head(h[:1]))
 
 
+def test_without_onednn_a_batch_keeps_the_split_blocks(monkeypatch):
+    """A torch without oneDNN (or one that cannot pack the dtype): batches step on the one-row
+    blocks with a head of column blocks, and still equal the model's own head."""
+    monkeypatch.setattr(PackedLinear, "of", classmethod(lambda cls, *a, **k: None))
+    model = odd_model()
+    plan = plan_for(model)
+    several = plan.for_rows(4)
+    assert several.blocks is plan.one_row.blocks and isinstance(several.head, SplitLinear)
+    with torch.no_grad():
+        h = model.hidden_states(torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]]))[:, -1]
+        torch.testing.assert_close(several.head(h), model.head(h), rtol=1e-5, atol=1e-5)
+
+
 def test_split_for_cuts_rows_only_where_they_divide():
     widening = split_for([torch.randn(30, 8)], [torch.zeros(30)], threads=2)
     narrowing = split_for([torch.randn(8, 30)], [torch.zeros(8)], threads=2)

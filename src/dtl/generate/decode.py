@@ -240,13 +240,13 @@ class DecodePlan:
             return PackedLinear.of([x.weight for x in linears], [_bias(x) for x in linears], relu)
 
         head = packed([self.head_linear])
-        if head is None:
+        blocks = [BlockPlan(packed(qkv), packed(w_o), packed(up, relu=True), packed(down))
+                  for qkv, w_o, up, down in self.linears] if head is not None else []  # fmt: skip
+        if head is None or any(p is None for b in blocks for p in vars(b).values()):
             parts = 8 * max(2, torch.get_num_threads())
             h = self.head_linear
             return Layout(self.one_row.blocks,
                           SplitLinear.of([h.weight], [_bias(h)], parts, by_rows=False))  # fmt: skip
-        blocks = [BlockPlan(packed(qkv), packed(w_o), packed(up, relu=True), packed(down))
-                  for qkv, w_o, up, down in self.linears]  # fmt: skip
         return Layout(blocks, head)
 
     @classmethod
