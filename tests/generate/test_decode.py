@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 from dtl import ModelConfig, TransformerLM
 from dtl.errors import DtlError
-from dtl.generate.decode import SplitLinear, plan_for, split_for, uses_fast_path
+from dtl.generate.decode import (
+    PackedLinear,
+    SplitLinear,
+    plan_for,
+    split_for,
+    uses_fast_path,
+)
 
 
 def decode_step(model: TransformerLM, tokens: torch.Tensor, cache) -> torch.Tensor:
@@ -39,6 +45,50 @@ def test_split_linear_equals_f_linear(by_rows, parts, batch, outs):
     got = SplitLinear.of(weights, biases, parts, by_rows=by_rows)(x)
     assert got.shape == (batch, sum(outs))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("batch", [2, 5])
+def test_packed_linear_equals_f_linear(relu, batch):
+    torch.manual_seed(batch)
+    weights = [torch.randn(n, 24) for n in (13, 300)]  # two fused along out, in 24
+    biases = [torch.randn(n) for n in (13, 300)]
+    x = torch.randn(batch, 24)
+    want = F.linear(x, torch.cat(weights), torch.cat(biases))  # the oracle: PyTorch's own
+    packed = PackedLinear.of(weights, biases, relu=relu)
+    assert packed is not None  # this torch has oneDNN (torch's CPU wheels do)
+    torch.testing.assert_close(packed(x), want.relu() if relu else want, rtol=1e-5, atol=1e-5)
+
+
+def test_several_rows_take_their_own_layout_and_one_row_keeps_its_own():
+    """A batch steps on the oneDNN-packed products, made on first use; one row on the split
+    layouts, bit for bit what it was."""
+    model = odd_model()
+    plan = plan_for(model)
+    assert plan.several is None  # nothing made for batches until one comes
+    one, several = plan.for_rows(1), plan.for_rows(3)
+    assert one is plan.one_row and plan.for_rows(8) is several
+    assert isinstance(one.head, SplitLinear) and isinstance(several.head, PackedLinear)
+    assert all(isinstance(b.qkv, PackedLinear) and b.up.relu for b in several.blocks)
+    ids = torch.tensor([[4, 8, 15], [16, 23, 42]])
+    with torch.no_grad():
+        h = model.hidden_states(ids)[:, -1]  # (2, d)
+        want = model.head(h)
+        torch.testing.assert_close(plan.head(h), want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(plan.head(h[:1]), one.head(h[:1]))
+
+
+def test_without_onednn_a_batch_keeps_the_split_blocks(monkeypatch):
+    """A torch without oneDNN (or one that cannot pack the dtype): batches step on the one-row
+    blocks with a head of column blocks, and still equal the model's own head."""
+    monkeypatch.setattr(PackedLinear, "of", classmethod(lambda cls, *a, **k: None))
+    model = odd_model()
+    plan = plan_for(model)
+    several = plan.for_rows(4)
+    assert several.blocks is plan.one_row.blocks and isinstance(several.head, SplitLinear)
+    with torch.no_grad():
+        h = model.hidden_states(torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]]))[:, -1]
+        torch.testing.assert_close(several.head(h), model.head(h), rtol=1e-5, atol=1e-5)
 
 
 def test_split_for_cuts_rows_only_where_they_divide():

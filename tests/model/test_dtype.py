@@ -68,9 +68,11 @@ def test_bf16_runs_weights_and_cache_in_bf16_and_returns_fp32_logits():
     # the decode plan holds bf16 weights (half the bytes a step streams), packed for oneDNN,
     # and gives what the bf16 model's own layers give, to bf16 rounding
     plan = plan_for(model)
-    for product in (plan.blocks[0].qkv, plan.blocks[1].linear2, plan.head_for(1)):
+    for product in (plan.blocks[0].qkv, plan.blocks[1].up, plan.blocks[1].linear2,
+                    plan.for_rows(1).head):  # fmt: skip
         assert isinstance(product, PackedLinear) and product.weight.dtype == torch.bfloat16
-    assert plan.head_for(8) is plan.head_for(1)  # no second copy of the head
+    assert plan.blocks[1].up.relu  # the FFN's ReLU fused into its up-projection
+    assert plan.for_rows(8) is plan.for_rows(1)  # one packed layout for any rows: no 2nd copy
     a, b = model.allocate_cache(1, 8), model.allocate_cache(1, 8)
     with torch.no_grad():
         model(ids, cache=a), model(ids, cache=b)
@@ -112,13 +114,14 @@ def test_int8_one_token_steps_run_the_int8_weights():
     model = to_inference_dtype(tiny(), "int8")
     plan = plan_for(model)
     for bp, block in zip(plan.blocks, model.transformer_blocks, strict=True):
-        assert all(is_int8_linear(m) for m in (bp.qkv, bp.w_o, bp.linear1, bp.linear2))
+        assert all(is_int8_linear(m) for m in (bp.qkv, bp.w_o, bp.up.product, bp.linear2))
+        assert bp.up.product is block.feed_forward.linear1  # then its ReLU
         assert bp.w_o is block.attention.w_o  # the model's own int8 layers, not a copy
         x = torch.randn(3, 32)
         a = block.attention  # Q, K and V fused: each part is its own int8 layer's output
         torch.testing.assert_close(bp.qkv(x), torch.cat([a.w_q(x), a.w_k(x), a.w_v(x)], 1),
                                    atol=0, rtol=0)  # fmt: skip
-    assert plan.head_for(1) is model.head and plan.head_for(8) is model.head
+    assert plan.for_rows(1).head is model.head and plan.for_rows(8) is plan.for_rows(1)
     prompt = torch.tensor([[3, 1, 4], [1, 5, 9]])
     caches = [m.allocate_cache(2, 8) for m in (model, model, fp32)]
     with torch.no_grad():

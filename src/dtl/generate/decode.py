@@ -18,9 +18,17 @@ these products in place of its nn.Linear layers, and the last position's head us
 (results agree with the plain forward to float32 rounding, tested). The copy takes as much
 memory as those weights.
 
+Several rows (a batch) make each product a small matrix-matrix one, where the split layouts
+lose: MKL's kernel runs the batch-8 head at ~17 GFLOP/s a core here (12 ms on one thread,
+against onnxruntime's 4 ms for the same product). So the first step of more than one row
+lays the weights out a second way (`DecodePlan.for_rows`): packed once in oneDNN's blocked
+format (`PackedLinear`), the FFN's ReLU fused into its up-projection (a batch-8 step 2x
+faster, docs/benchmarks.md). Where this torch has no oneDNN, several rows use the one-row
+layout with the head in 8 column blocks per thread.
+
 The plan is in the model's dtype (`dtl.model.dtype`, `--dtype`): a bf16 model's products are
-bf16 weights packed for oneDNN (`PackedLinear`), and an int8 model's plan is its own packed
-int8 layers (Q, K and V fused), so a step runs the quantized weights, never an fp32 copy.
+bf16 weights packed for oneDNN (`PackedLinear`, one layout for any rows), and an int8 model's plan is its own packed
+int8 layers (Q, K and V fused; one layout for any rows), so a step runs the quantized weights, never an fp32 copy.
 
 >>> import torch
 >>> from dtl import ModelConfig, TransformerLM
@@ -29,6 +37,8 @@ int8 layers (Q, K and V fused), so a step runs the quantized weights, never an f
 >>> logits = model(torch.tensor([[1, 2, 3]]), cache=cache, last_only=True, layout=plan)
 >>> model(torch.tensor([[4]]), cache=cache, last_only=True, layout=plan).shape  # one token
 torch.Size([1, 1, 100])
+>>> plan.for_rows(8) is plan.for_rows(1)  # 8 rows: another layout, made on first use
+False
 """
 
 from __future__ import annotations
@@ -98,30 +108,6 @@ class SplitLinear:
         return y.transpose(0, 1).reshape(B, p * c)[:, : self.out_features]  # (B, out)
 
 
-@dataclass
-class PackedLinear:
-    """y = x @ W.T + b for bf16 x (B, in) through oneDNN, W packed once into its blocked layout.
-
-    A bf16 model's products go here, not through a `SplitLinear`: torch's CPU `baddbmm`/`bmm`
-    in bf16 ran a decode step 2.5-3.4x slower than in fp32 (profiled, small preset), while
-    oneDNN's prepacked bf16 linear (the kernel `torch.compile` freezes CPU linears into) ran
-    the small preset's products at B = 1 as fast as the fp32 blocks and the vocabulary head
-    and every product at B = 8 faster (`benchmarks/bench_onnx.py`, docs/benchmarks.md)."""
-
-    weight: Tensor  # (out, in) bf16 in oneDNN's packed layout: opaque, only oneDNN reads it
-    bias: Tensor  # (out,)
-
-    @classmethod
-    def of(cls, weights: list[Tensor], biases: list[Tensor]) -> PackedLinear:
-        """From nn.Linear weights (out_i, in) stacked along out (several fuse into one)."""
-        w = torch.cat([x.detach() for x in weights])  # (out, in)
-        # 1: the batch size the layout is tuned for (any B runs on it)
-        return cls(torch.ops.mkldnn._reorder_linear_weight(w, 1), torch.cat(biases).detach())
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-
 def packs_bf16() -> bool:
     """Whether oneDNN's bf16 linear runs here (a torch built with it, a CPU it supports)."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -145,6 +131,47 @@ def _fill_transposed(dst: Tensor, weights: list[Tensor], start: int) -> int:
     return filled
 
 
+@dataclass
+class PackedLinear:
+    """y = x @ W.T + b (then ReLU when `relu`) for x (B, in) of several rows: oneDNN's matrix
+    product on W packed once in its own blocked layout. For B = 8 it ran the small preset's
+    products 1.3-2x faster than the split layouts or MKL (`F.linear`): the head 2.0 ms on two
+    threads, against 4.7 in column blocks and 3.2 in MKL's best form (MKL's kernel is slow for
+    so few rows on this CPU). A bf16 model's products all go here too, at any B: torch's CPU
+    `baddbmm`/`bmm` in bf16 ran a decode step 2.5-3.4x slower than in fp32, while oneDNN's
+    prepacked bf16 linear ran the one-row products as fast as the fp32 blocks and the head
+    and every batch-8 product faster (`benchmarks/bench_onnx.py`, docs/benchmarks.md). `of`
+    gives None where this torch has no oneDNN (the caller keeps another layout).
+    """
+
+    weight: Tensor  # oneDNN's packed copy of W (out, in): an opaque `torch._mkldnn` tensor
+    bias: Tensor  # (out,)
+    relu: bool = False  # fused: the FFN's up-projection and its ReLU in one kernel
+
+    @classmethod
+    def of(
+        cls, weights: list[Tensor], biases: list[Tensor], relu: bool = False,
+        rows: int | None = None,
+    ) -> PackedLinear | None:
+        """From nn.Linear weights (out_i, in), stacked along out (several fuse into one);
+        `rows`: the batch size oneDNN tunes the layout for (any B runs on it)."""
+        ops = torch.ops.mkldnn
+        if not torch.backends.mkldnn.is_available() or not hasattr(ops, "_linear_pointwise"):
+            return None
+        w = torch.cat([x.detach() for x in weights])  # (out, in)
+        b = torch.cat([x.detach() for x in biases])
+        try:
+            packed = ops._reorder_linear_weight(w) if rows is None else ops._reorder_linear_weight(w, rows)
+            return cls(packed, b, relu)
+        except RuntimeError:  # a torch built with oneDNN that cannot pack this dtype
+            return None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(
+            x, self.weight, self.bias, "relu" if self.relu else "none", [], ""
+        )  # (B, out)
+
+
 def split_for(
     weights: list[Tensor], biases: list[Tensor], threads: int, rows: int = 2, cols: int = 8
 ) -> SplitLinear:
@@ -159,9 +186,20 @@ def split_for(
     return SplitLinear.of(weights, biases, max(1, cols * threads // 2), by_rows=False)
 
 
-# (B, in) -> (B, out): a `SplitLinear` (fp32), a `PackedLinear` (bf16), or an int8 model's
-# packed linear layer
+# x (B, in) -> (B, out): a `SplitLinear` (fp32), a `PackedLinear` (several fp32 rows, bf16),
+# or an int8 model's packed linear layer
 Product = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class ReluAfter:
+    """A product followed by ReLU (in place): the FFN's up-projection where its kernel does
+    not fuse it (the one-row fp32 blocks, int8's layer)."""
+
+    product: Product
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.product(x).relu_()
 
 
 @dataclass
@@ -170,77 +208,113 @@ class BlockPlan:
 
     qkv: Product  # d -> 3d: [q | k | v]
     w_o: Product
-    linear1: Product
+    up: Product  # FFN up-projection (linear1) and its ReLU: d -> d_ff
     linear2: Product
 
 
 @dataclass
-class DecodePlan:
-    key: tuple  # (data_ptr, _version, dtype) of every parameter when it was built
+class Layout:
+    """Every product of the model laid out one way: what its forward takes as `layout`."""
+
     blocks: list[BlockPlan]
-    head_weight: Tensor | None  # the model's head, for the layout of several rows (fp32)
-    head_bias: Tensor | None
-    # for one row: a column block per thread; bf16 and int8: their packed head, for any rows
-    one_row_head: Product
+    head: Product  # the vocabulary head: hidden (B, d) -> logits (B, V)
+
+    def for_rows(self, rows: int) -> Layout:
+        return self
+
+
+@dataclass
+class DecodePlan:
+    """The model's weights laid out for one row (`one_row`, made with the plan) and for
+    several (`several`, made on the first step of more than one row: generating or serving
+    batches keeps a second copy of the weights, 70 MB for `small`). The plan itself is a
+    layout too: the model's forward asks it `for_rows(B)`."""
+
+    key: tuple  # (data_ptr, _version, dtype) of every parameter when it was built
+    one_row: Layout
+    linears: list[list[nn.Linear]]  # per block: [q, k, v], [w_o], [linear1], [linear2]
+    head_linear: nn.Linear
     samples: list[Tensor] = field(default_factory=list)  # see `plan_for`
-    batch_head: SplitLinear | None = None  # for several rows, made on first use
+    several: Layout | None = None
+
+    @property
+    def blocks(self) -> list[BlockPlan]:
+        return self.one_row.blocks
 
     def head(self, hidden: Tensor) -> Tensor:
         """The vocabulary head: hidden (B, d) -> logits (B, V)."""
-        return self.head_for(hidden.size(0))(hidden)
+        return self.for_rows(hidden.size(0)).head(hidden)
 
-    def head_for(self, rows: int) -> Product:
-        """The head's layout for `rows` rows. With several, the product is no longer a
-        matrix-vector one, and 8 column blocks per thread ran a batch-8 step 5-13% faster
-        than the one-row layout (median, best of 6 A/B runs), which is 8% faster at batch 1:
-        generating or serving batches keeps a second copy of the head (51 MB for `small`)."""
-        if rows == 1 or self.head_weight is None:
-            return self.one_row_head
-        if self.batch_head is None:
+    def for_rows(self, rows: int) -> Layout:
+        """The layout for steps of `rows` rows: one row, or several (made on first use)."""
+        if rows == 1:
+            return self.one_row
+        if self.several is None:
+            self.several = self._several()
+        return self.several
+
+    def _several(self) -> Layout:
+        """oneDNN-packed products (`PackedLinear`), or without oneDNN the one-row blocks and
+        the head in 8 column blocks per thread (5-13% faster than one row's at batch 8)."""
+        def packed(linears: list[nn.Linear], relu: bool = False) -> PackedLinear | None:
+            return PackedLinear.of([x.weight for x in linears], [_bias(x) for x in linears], relu)
+
+        head = packed([self.head_linear])
+        blocks = [BlockPlan(packed(qkv), packed(w_o), packed(up, relu=True), packed(down))
+                  for qkv, w_o, up, down in self.linears] if head is not None else []  # fmt: skip
+        if head is None or any(p is None for b in blocks for p in vars(b).values()):
             parts = 8 * max(2, torch.get_num_threads())
-            self.batch_head = SplitLinear.of([self.head_weight], [self.head_bias], parts,
-                                             by_rows=False)  # fmt: skip
-        return self.batch_head
+            h = self.head_linear
+            return Layout(self.one_row.blocks,
+                          SplitLinear.of([h.weight], [_bias(h)], parts, by_rows=False))  # fmt: skip
+        return Layout(blocks, head)
 
     @classmethod
     def build(cls, model: TransformerLM, key: tuple, threads: int) -> DecodePlan:
-        """The plan of `model`'s weights in their own dtype: fp32 cut into blocks, bf16
-        packed for oneDNN (`bf16_plan`; blocks too where oneDNN's bf16 is missing), an int8
-        model's packed layers as they are (`int8_plan`)."""
+        """The plan of `model`'s weights in their own dtype: fp32 cut into blocks for one
+        row (and packed for several, on first use), bf16 packed for oneDNN (`bf16_plan`;
+        blocks too where oneDNN's bf16 is missing), an int8 model's packed layers as they are
+        (`int8_plan`)."""
         if is_int8_linear(model.head):
             return cls.int8_plan(model, key)
         if model.head.weight.dtype == torch.bfloat16 and packs_bf16():
             return cls.bf16_plan(model, key)
 
-        def split(*linears: nn.Linear) -> SplitLinear:
+        def split(linears: list[nn.Linear]) -> SplitLinear:
             return split_for([x.weight for x in linears], [_bias(x) for x in linears], threads)
 
-        blocks = []
+        linears, blocks = [], []
         for block in model.transformer_blocks:
             a, ff = block.attention, block.feed_forward
-            blocks.append(BlockPlan(
-                split(a.w_q, a.w_k, a.w_v), split(a.w_o), split(ff.linear1), split(ff.linear2)
-            ))  # fmt: skip
+            qkv, w_o, up, down = [a.w_q, a.w_k, a.w_v], [a.w_o], [ff.linear1], [ff.linear2]
+            linears.append([qkv, w_o, up, down])
+            blocks.append(BlockPlan(split(qkv), split(w_o), ReluAfter(split(up)), split(down)))
         # the head (vocab x d) for one row: whole columns per core measured fastest here
         weight, bias = model.head.weight, _bias(model.head)
         head = SplitLinear.of([weight], [bias], threads, by_rows=False)
-        return cls(key, blocks, weight, bias, head)
+        return cls(key, Layout(blocks, head), linears, model.head)
 
     @classmethod
     def bf16_plan(cls, model: TransformerLM, key: tuple) -> DecodePlan:
         """A bf16 model's plan: every product (Q, K and V fused, the head too) a
         `PackedLinear`, for one row and several alike."""
 
-        def pack(*linears: nn.Linear) -> PackedLinear:
-            return PackedLinear.of([x.weight for x in linears], [_bias(x) for x in linears])
+        def pack(*linears: nn.Linear, relu: bool = False) -> PackedLinear:
+            packed = PackedLinear.of(
+                [x.weight for x in linears], [_bias(x) for x in linears], relu, rows=1
+            )
+            assert packed is not None  # `packs_bf16()` said oneDNN packs bf16 here
+            return packed
 
         blocks = []
         for block in model.transformer_blocks:
             a, ff = block.attention, block.feed_forward
             blocks.append(BlockPlan(
-                pack(a.w_q, a.w_k, a.w_v), pack(a.w_o), pack(ff.linear1), pack(ff.linear2)
+                pack(a.w_q, a.w_k, a.w_v), pack(a.w_o), pack(ff.linear1, relu=True),
+                pack(ff.linear2),
             ))  # fmt: skip
-        return cls(key, blocks, None, None, pack(model.head))
+        layout = Layout(blocks, pack(model.head))
+        return cls(key, layout, [], model.head, several=layout)
 
     @classmethod
     def int8_plan(cls, model: TransformerLM, key: tuple) -> DecodePlan:
@@ -252,8 +326,9 @@ class DecodePlan:
         for block in model.transformer_blocks:
             a, ff = block.attention, block.feed_forward
             qkv = fuse_int8_linears([a.w_q, a.w_k, a.w_v])
-            blocks.append(BlockPlan(qkv, a.w_o, ff.linear1, ff.linear2))
-        return cls(key, blocks, None, None, model.head)
+            blocks.append(BlockPlan(qkv, a.w_o, ReluAfter(ff.linear1), ff.linear2))
+        layout = Layout(blocks, model.head)
+        return cls(key, layout, [], model.head, several=layout)
 
 
 def _bias(linear: nn.Linear) -> Tensor:

@@ -118,7 +118,7 @@ class FeedForward(nn.Module):
         if layout is None:
             return self.linear2(F.relu(self.linear1(x)))
         B, T, D = x.shape  # the block's weights laid out for one-token steps, as above
-        return layout.linear2(layout.linear1(x.view(B * T, D)).relu_()).view(B, T, D)
+        return layout.linear2(layout.up(x.view(B * T, D))).view(B, T, D)  # up: linear1, ReLU
 
 
 class TransformerBlock(nn.Module):
@@ -211,6 +211,8 @@ class TransformerLM(nn.Module):
         generation): they stand in for the blocks' linear layers in a one-token step through
         the cache, and for the head of the last position. The maths is the same.
         """
+        if layout is not None:  # the layout for this many rows (one row, or several)
+            layout = layout.for_rows(input_ids.size(0))
         step = cache is not None and input_ids.size(1) == 1 and attention_mask is None
         hidden = self.hidden_states(
             input_ids, attention_mask, cache=cache, layout=layout if step else None

@@ -84,7 +84,7 @@ def create_app(
                   docs_url=None, redoc_url=None)  # both load scripts from a CDN
     model.eval()  # no dropout while serving
     if (plan := plan_if_fast(model)) is not None:  # lay the weights out now, not on the
-        plan.head_for(rows=2)  # first request (~0.3 s)
+        plan.for_rows(2)  # first request (~0.3 s)
     app.state.model, app.state.tokenizer, app.state.model_name = model, tokenizer, model_name
     app.state.cancelled = 0  # requests stopped early because their client went away
     app.state.largest_batch = 0  # the most rows decoded together so far
