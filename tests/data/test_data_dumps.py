@@ -210,31 +210,32 @@ def test_sigkill_at_random_points_then_finish(export, reference, tmp_path):
         for pid, title, page in pages
     ]
     write_multistream(header, copies, dump, per_stream=10)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    # A commit after every batch, so the kills below land between commits however fast the
+    # machine is (at the default 1 s, a quiet machine finished before the first kill).
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DTL_EXTRACT_COMMIT_SECONDS": "0"}
     out = tmp_path / "wiki.jsonl"
     record = tmp_path / ".wiki.jsonl.progress.json"
     subprocess.run(_dtl("extract", str(dump), "-o", str(tmp_path / "ref.jsonl"), "--processes", "2"),
                    env=env, check=True, capture_output=True)  # fmt: skip
     rng = random.Random(22)
     continued = 0
-    # The first kill at a random moment (perhaps before anything is committed); the others a
-    # random moment after the run's next commit, so that each rerun has something to continue.
-    for attempt in range(3):
+    # Each run killed at a random point: after a random number (1-3) of its commits, then a
+    # random few milliseconds, so that each rerun has something to continue.
+    for _attempt in range(3):
         if out.exists():  # a run finished before its kill
             break
         run = subprocess.Popen(_dtl("extract", str(dump), "-o", str(out), "--processes", "2"),
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                start_new_session=True)  # fmt: skip
-        before = record.read_bytes() if record.exists() else b""
+        last = record.read_bytes() if record.exists() else b""
+        commits, seen = rng.randint(1, 3), 0
         deadline = time.monotonic() + 120
-        if attempt == 0:
-            time.sleep(rng.uniform(0.2, 2.0))
-        else:
-            while run.poll() is None and time.monotonic() < deadline:
-                if record.exists() and record.read_bytes() != before:
-                    break
-                time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.6))
+        while run.poll() is None and seen < commits and time.monotonic() < deadline:
+            now = record.read_bytes() if record.exists() else b""
+            if now != last:
+                seen, last = seen + 1, now
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.02))
         run.send_signal(signal.SIGKILL)  # the main process only, as the OOM killer would
         run.wait()
         time.sleep(0.2)
