@@ -130,22 +130,29 @@ def test_parts_and_a_folder_of_them(export, reference, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no spool left
 
 
+def _stop_after(monkeypatch, dump, out, batches: int, processes: int):
+    """Run `extract` committing after every batch and stop it (Ctrl-C) as it is about to write
+    batch `batches` + 1; returns the real `_write_payload` (patched out until restored)."""
+    monkeypatch.setattr(extract_module, "COMMIT_SECONDS", 0.0)  # commit after every batch
+    real, calls = extract_module._write_payload, []
+
+    def stop(payload, f):
+        calls.append(1)
+        if len(calls) == batches + 1:
+            raise KeyboardInterrupt
+        return real(payload, f)
+
+    monkeypatch.setattr(extract_module, "_write_payload", stop)
+    with pytest.raises(KeyboardInterrupt):
+        extract(dump, out, processes=processes, progress=False)
+    return real
+
+
 def test_a_stopped_run_continues_to_the_same_bytes(multistream, reference, tmp_path, monkeypatch):
     """A run stopped after some commits leaves a partial file and a progress record; the rerun
     continues from there (not from the start) and ends with the unbroken run's bytes."""
     out = tmp_path / "wiki.jsonl"
-    monkeypatch.setattr(extract_module, "COMMIT_SECONDS", 0.0)  # commit after every batch
-    real, calls = extract_module._write_payload, []
-
-    def stop_after_8(payload, f):
-        calls.append(1)
-        if len(calls) == 9:
-            raise KeyboardInterrupt
-        return real(payload, f)
-
-    monkeypatch.setattr(extract_module, "_write_payload", stop_after_8)
-    with pytest.raises(KeyboardInterrupt):
-        extract(multistream, out, processes=2, progress=False)
+    real = _stop_after(monkeypatch, multistream, out, batches=8, processes=2)
     record = json.loads((tmp_path / ".wiki.jsonl.progress.json").read_text())
     assert record["position"] == [8, 0]  # units 0..7 written (unit 0: the siteinfo stream)
     assert not out.exists()
@@ -261,19 +268,7 @@ def test_sigkill_at_random_points_then_finish(export, reference, tmp_path):
 
 def test_other_arguments_over_a_stopped_run_are_refused(multistream, tmp_path, monkeypatch, capsys):
     out = tmp_path / "wiki.jsonl"
-    monkeypatch.setattr(extract_module, "COMMIT_SECONDS", 0.0)
-    real = extract_module._write_payload
-    calls = []
-
-    def stop(payload, f):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(payload, f)
-
-    monkeypatch.setattr(extract_module, "_write_payload", stop)
-    with pytest.raises(KeyboardInterrupt):
-        extract(multistream, out, processes=1, progress=False)
+    real = _stop_after(monkeypatch, multistream, out, batches=4, processes=1)
     monkeypatch.setattr(extract_module, "_write_payload", real)
     code, _, err = _cli(capsys, "extract", multistream, "-o", out, "--keep-disambiguation")
     assert code == 2 and len(err.strip().splitlines()) == 1
