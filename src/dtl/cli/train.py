@@ -16,13 +16,17 @@ from dtl.model.config import DEFAULT_PRESET, preset_context
 from dtl.run_dir import resume_target
 from dtl.train import train
 from dtl.train.config import (
+    DEFAULT_MAX_STEPS,
     LR_RULE,
+    TIME_WARMUP_RULE,
     WARMUP_RULE,
     TrainConfig,
     build_config,
     flag_name,
+    minutes,
     setting_kinds,
 )
+from dtl.train.loop import count
 from dtl.train.plot import plot_run
 
 HELP = {
@@ -48,7 +52,12 @@ HELP = {
     "init_from": "start a new run from this model's weights (a run dir, checkpoint dir or "
     "legacy .pt): fresh optimizer, schedule and step 0; its sizes, context and tokenizer are "
     "kept (a flag that changes a size is an error); not with --resume",
-    "max_steps": "optimizer steps to train",
+    "max_steps": f"optimizer steps to train (default {DEFAULT_MAX_STEPS}; with --max-time, none "
+    "unless given: then the run stops at whichever comes first)",
+    "max_time": "train for this many minutes (a float: 0.5 is 30 s) on the training clock, which "
+    "counts the steps (the first one's warm-up too) but not evaluation or saving; the lr "
+    f"schedule follows the time (warmup {TIME_WARMUP_RULE.replace('%', '%%')}, then the decay "
+    "to the end); it evaluates and saves at the end; --resume continues the same budget",
     "batch_size": "rows per micro-batch (per process)",
     "grad_accum": "micro-batches accumulated per optimizer step",
     "optimizer": "adamw, or muon: Muon (orthogonalised momentum) for the blocks' Q/K/V/out and "
@@ -57,7 +66,7 @@ HELP = {
     "muon_lr": "peak Muon learning rate with --optimizer muon, same schedule (default 0.02)",
     "min_lr": "learning-rate floor of the decay (default lr/10)",
     "warmup_steps": f"linear warmup steps (default {WARMUP_RULE.replace('%', '%%')}: 2 at --max-steps 40, "
-    "50 at 1000)",
+    "50 at 1000; not with --max-time, which warms up by time)",
     "schedule": "lr schedule after warmup: cosine, linear, constant",
     "weight_decay": "AdamW weight decay (weight matrices only)",
     "decay_all": "decay every parameter (the spec's plain recipe; worse)",
@@ -87,6 +96,7 @@ EXAMPLES = """examples:
   dtl prepare corpus.txt -o data/corpus --tokenizer gpt2
   dtl train --data data/corpus --out runs/tiny --max-steps 300      # the tiny preset
   dtl train --data data/corpus --out runs/small --preset small
+  dtl train --data data/corpus --out runs/10min --max-time 10  # 10 minutes of training
   dtl train --data my-notes.txt --out runs/notes          # prepares the file first
   dtl train --data data/corpus --out runs/muon --optimizer muon
   dtl train --config train.yaml --lr 3e-4                  # flags override the file
@@ -143,6 +153,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         extra: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         if f.name == "init_from":
             extra["metavar"] = "MODEL"
+        if f.name == "max_time":  # read by parse_max_time: a bad value is one line, no usage
+            kind, extra["metavar"] = str, "MINUTES"
         text = HELP.get(f.name, f.name.replace("_", " "))
         if kind is bool:
             action = argparse.BooleanOptionalAction
@@ -165,7 +177,12 @@ def run_train(args: argparse.Namespace) -> int:
         shown = (
             f"val_loss {summary['val_loss']:.4f}, val perplexity {ppl:.2f}" if ppl else "no eval"
         )
-        print(f"done: step {summary['step']}, {shown}; checkpoint {summary['checkpoint']}")
+        trained = ""
+        if cfg.max_time is not None:  # what the budget bought
+            trained = (
+                f" ({minutes(summary['trained_s'])} of training, {count(summary['tokens'])} tokens)"
+            )
+        print(f"done: step {summary['step']}{trained}, {shown}; checkpoint {summary['checkpoint']}")
     return 130 if summary.get("interrupted") else 0
 
 

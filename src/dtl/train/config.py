@@ -13,7 +13,7 @@ prepared into), `resolve_seq_len` (the rows trained on), `resolve_lr_schedule`.
 The defaults that fit the run (`LR_RULE`, `WARMUP_RULE`, shown in `dtl train --help`):
 lr = 1e-3 * sqrt(128 / d_model) (1e-3 for the `tiny` preset, measured best of 1e-3 and
 1.5e-3 there; 4.1e-4 at GPT-2 small's width 768), warmup = 5% of max_steps, at least 1 and at
-most 500 steps.
+most 500 steps; under --max-time, 5% of the budget (`TIME_WARMUP_RULE`).
 
 >>> cfg = TrainConfig.from_dict({"data": "data/wiki", "max-steps": "200", "lr": "1e-3"})
 >>> cfg.max_steps, cfg.lr
@@ -21,7 +21,7 @@ most 500 steps.
 >>> resolve_seq_len(cfg, data_max_length=128)
 128
 >>> resolve_lr_schedule(cfg, d_model=128)
-LrSchedule(lr=0.001, min_lr=0.0001, warmup_steps=10, max_steps=200, schedule='cosine')
+LrSchedule(lr=0.001, min_lr=0.0001, warmup_steps=10, max_steps=200, schedule='cosine', warmup_fraction=None)
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from dtl.errors import DtlError
 from dtl.model.config import DEFAULT_PRESET, TRAINED_FIELDS, ModelConfig, preset_context
 from dtl.run_dir import CONFIG_FILE, ResumeFrom, resume_target
 from dtl.train import optim
+from dtl.train.clock import Progress
 
 # The model's sizes a run may set; its context (max_seq_length) is the preset's, never a flag,
 # and what it trained at (TRAINED_FIELDS) is recorded by training.
@@ -60,6 +61,10 @@ LR_REF, LR_REF_WIDTH = 1e-3, 128
 WARMUP_FRACTION, WARMUP_CAP = 0.05, 500
 LR_RULE = f"{LR_REF:g} * sqrt({LR_REF_WIDTH} / d_model)"
 WARMUP_RULE = f"{WARMUP_FRACTION:.0%} of max_steps, 1 to {WARMUP_CAP} steps"
+# Under --max-time the schedule follows the training clock (`dtl.train.clock`): the warmup is
+# the same share of the run, counted in time.
+TIME_WARMUP_RULE = f"{WARMUP_FRACTION:.0%} of the --max-time budget"
+DEFAULT_MAX_STEPS = 1000  # without --max-time; with it, --max-steps is a cap only when given
 OPTIMIZERS = ("adamw", "muon")
 POSITIVE = (
     "max_steps",
@@ -88,7 +93,8 @@ class TrainConfig:
     seq_len: int | None = None  # tokens per row trained on; None: the data's max_length
     init_from: str | None = None  # a model whose weights a new run starts from (init_from.py)
     tokenizer: str = "gpt2"  # for a raw --data file or dataset name
-    max_steps: int = 1000
+    max_steps: int | None = None  # None: DEFAULT_MAX_STEPS, or no step cap under max_time
+    max_time: float | None = None  # minutes of training (dtl.train.clock); None: by steps
     batch_size: int = 8
     grad_accum: int = 1
     optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW the rest)
@@ -120,6 +126,12 @@ class TrainConfig:
     memory_check: bool = True  # refuse a run whose memory plan exceeds the free memory
     data_check: bool = True  # refuse a resume whose data differs from the checkpoint's
 
+    def __post_init__(self) -> None:
+        # A run by steps trains DEFAULT_MAX_STEPS unless told; a run by time has no step cap
+        # unless one is given (then it stops at whichever comes first).
+        if self.max_steps is None and self.max_time is None:
+            self.max_steps = DEFAULT_MAX_STEPS
+
     def validate(self) -> None:
         if not self.data:
             raise DtlError(
@@ -128,8 +140,16 @@ class TrainConfig:
             )
         for name in POSITIVE:
             value = getattr(self, name)
+            if name == "max_steps" and value is None and self.max_time is not None:
+                continue  # bounded by time alone
             if not isinstance(value, int) or value < 1:
                 raise DtlError(f"{flag_name(name)} must be a positive integer, got {value!r}")
+        parse_max_time(self.max_time)  # set from Python: the same check as the flag's
+        if self.max_time is not None and self.warmup_steps is not None:
+            raise DtlError(
+                f"--warmup-steps counts steps, and a --max-time run warms up over "
+                f"{TIME_WARMUP_RULE}: drop --warmup-steps (or train by --max-steps)"
+            )
         if self.seq_len is not None and self.seq_len < 1:
             raise DtlError(f"--seq-len must be a positive integer, got {self.seq_len!r}")
         for name in ("warmup_steps", "keep_last", "skip_nonfinite"):
@@ -165,7 +185,32 @@ class TrainConfig:
         unknown = sorted(set(data) - set(kinds))
         if unknown:
             raise DtlError(f"{source}: unknown setting(s) {unknown}; valid keys: {sorted(kinds)}")
-        return cls(**{k: _coerce(v, kinds[k], k, source) for k, v in data.items()})
+        coerce = {"max_time": lambda v, *_: parse_max_time(v)}  # its own clear messages
+        return cls(**{k: coerce.get(k, _coerce)(v, kinds[k], k, source) for k, v in data.items()})
+
+
+def parse_max_time(value: Any) -> float | None:
+    """--max-time as minutes: a positive, finite number (a flag's or a file's text, or a
+    number), or None (not given); anything else is one clear error.
+
+    >>> parse_max_time("2.5"), parse_max_time(None)
+    (2.5, None)
+    >>> parse_max_time("ten")
+    Traceback (most recent call last):
+    dtl.errors.DtlError: --max-time must be a positive number of minutes (e.g. --max-time 10 or 0.5), got 'ten'
+    """
+    if value is None:
+        return None
+    try:
+        minutes = float(value)
+        if isinstance(value, bool) or not (math.isfinite(minutes) and minutes > 0):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise DtlError(
+            "--max-time must be a positive number of minutes (e.g. --max-time 10 or 0.5), "
+            f"got {value!r}"
+        ) from None
+    return minutes
 
 
 def setting_kinds() -> dict[str, str]:
@@ -352,27 +397,36 @@ def resolve_seq_len(cfg: TrainConfig, data_max_length: int) -> int:
 
 @dataclass(frozen=True)
 class LrSchedule:
-    """The learning rate of every step: linear warmup to `lr`, then `schedule` down to
-    `min_lr` at `max_steps` (`optim.lr_at`)."""
+    """The learning rate at each point of a run: linear warmup to `lr`, then `schedule` down
+    to `min_lr` at the end (`optim.lr_at`), read off the run's progress
+    (`dtl.train.clock.run_progress`: steps, or the share of a --max-time budget)."""
 
     lr: float  # AdamW's peak learning rate
     min_lr: float  # the floor the learning rate decays to
-    warmup_steps: int
-    max_steps: int
+    warmup_steps: int  # by steps; unused under a time budget
+    max_steps: int | None  # None: bounded by time alone
     schedule: str  # cosine, linear, constant
+    # Under --max-time: the warmup's share of the run (TIME_WARMUP_RULE); None: by steps.
+    warmup_fraction: float | None = None
 
-    def at(self, step: int) -> float:
-        """The lr of the optimizer step after `step` steps.
+    def at(self, progress: Progress) -> float:
+        """The lr of the optimizer step taken at `progress` (`dtl.train.clock.run_progress`).
 
-        >>> LrSchedule(1e-3, 1e-4, 10, 100, "cosine").at(0)
+        >>> LrSchedule(1e-3, 1e-4, 10, 100, "cosine").at(Progress(0, 100))
         0.0001
+        >>> LrSchedule(1e-3, 1e-4, 0, None, "cosine", warmup_fraction=0.05).at(
+        ...     Progress(525_000, 1_000_000))  # halfway through the decay after 5% of warmup
+        0.00055
         """
+        warmup = self.warmup_steps
+        if self.warmup_fraction is not None:
+            warmup = self.warmup_fraction * progress.total
         return optim.lr_at(
-            step,
+            progress.done,
             lr=self.lr,
             min_lr=self.min_lr,
-            warmup_steps=self.warmup_steps,
-            max_steps=self.max_steps,
+            warmup_steps=warmup,
+            max_steps=progress.total,
             schedule=self.schedule,
         )
 
@@ -385,6 +439,8 @@ def resolve_lr_schedule(cfg: TrainConfig, d_model: int) -> LrSchedule:
     min_lr = lr / 10 if cfg.min_lr is None else cfg.min_lr
     if min_lr > lr:
         raise DtlError(f"--min-lr {min_lr:g} is above the peak lr {lr:.3g}; lower --min-lr")
+    if cfg.max_time is not None:  # the warmup is a share of the budget (validate: no steps)
+        return LrSchedule(lr, min_lr, 0, cfg.max_steps, cfg.schedule, WARMUP_FRACTION)
     warmup = default_warmup(cfg.max_steps) if cfg.warmup_steps is None else cfg.warmup_steps
     return LrSchedule(lr, min_lr, warmup, cfg.max_steps, cfg.schedule)
 
@@ -417,6 +473,11 @@ class ResolvedRun:
     precision_why: str = ""  # what --precision auto saw, said in the first line ("" if named)
 
     @property
+    def budget_s(self) -> float | None:
+        """--max-time in seconds of training (None: a run by steps)."""
+        return None if self.cfg.max_time is None else self.cfg.max_time * 60.0
+
+    @property
     def tokens_per_step(self) -> int:
         """Tokens one optimizer step trains on, over every rank."""
         cfg = self.cfg
@@ -438,6 +499,9 @@ class ResolvedRun:
             "warmup_steps_resolved": self.schedule.warmup_steps,
             "min_lr_resolved": self.schedule.min_lr,
         }
+        if self.schedule.warmup_fraction is not None:  # a --max-time run warms up by time
+            record["warmup_steps_resolved"] = None
+            record["warmup_fraction_resolved"] = self.schedule.warmup_fraction
         if self.init_from is not None:  # the source's context is the model's max_seq_length
             record["init_from_resolved"] = str(self.init_from)
             record["init_from_max_seq_length"] = self.model.max_seq_length
@@ -456,11 +520,31 @@ class ResolvedRun:
                 "positions, no new parameters)"
             )
         why = f", {self.precision_why}" if self.precision_why else ""
+        warmup = f"{lr.warmup_steps} steps"
+        budget = ""
+        if self.budget_s is not None:
+            warmup = f"{lr.warmup_fraction:.0%} of the time"
+            cap = f" or {cfg.max_steps:,} steps, whichever comes first" if cfg.max_steps else ""
+            budget = (
+                f"; training for {minutes(self.budget_s)}{cap} (evaluation and saving not "
+                "counted; the steps that buys are estimated after the first few)"
+            )
         return (
             f"training {n_params:,} parameters on {self.device} ({self.precision}{why}){context}, "
             f"{self.tokens_per_step:,} tokens per step; adamw lr {lr.lr:.3g}{muon}, warmup "
-            f"{lr.warmup_steps} steps, {lr.schedule} to {lr.min_lr:.3g}"
+            f"{warmup}, {lr.schedule} to {lr.min_lr:.3g}{budget}"
         )
+
+
+def minutes(seconds: float) -> str:
+    """A span of training time as the log says it.
+
+    >>> minutes(600), minutes(90), minutes(2.5)
+    ('10 min', '1.5 min', '2.5 s')
+    """
+    if seconds < 60:
+        return f"{seconds:.3g} s"
+    return f"{seconds / 60:.3g} min"
 
 
 def default_lr(d_model: int) -> float:

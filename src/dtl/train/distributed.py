@@ -224,3 +224,17 @@ def gather_objects(obj, dist: DistInfo) -> list:
     out = [None] * dist.world_size
     td.all_gather_object(out, obj)
     return out
+
+
+def broadcast_from_main(value: float, dist: DistInfo) -> float:
+    """Rank 0's `value` on every rank: one clock for all (a --max-time run's ranks take rank
+    0's training time, so they agree on the lr and on the step they stop at).
+
+    >>> broadcast_from_main(1.5, DistInfo())  # a single process: its own value
+    1.5
+    """
+    if not dist.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=dist.device)
+    td.broadcast(tensor, src=0)
+    return float(tensor.item())

@@ -6,8 +6,12 @@ the window's scored tokens, so the accumulated gradient is exactly that of one b
 (padding and masked tokens included), and gradients are zeroed after every step, so a partial
 window never leaks into the next one.
 
+A run ends at `--max-steps`, or after `--max-time` minutes on the training clock (`clock`:
+evaluation and saving not counted), whichever comes first; the lr schedule reads the same
+progress (`clock.run_progress`), and the last step evaluates and saves either way.
+
 The pieces beside the loop: `config` (settings), `setup` (run dir, data, model config),
-`parallelize` (DDP/FSDP, compile), `optim`, `precision`, `checkpoint`, `metrics`.
+`parallelize` (DDP/FSDP, compile), `optim`, `precision`, `checkpoint`, `metrics`, `clock`.
 
 >>> from dtl.train import TrainConfig, train
 >>> summary = train(TrainConfig(data="data/wiki", out="runs/tiny", preset="tiny",
@@ -23,6 +27,7 @@ import gc
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,8 @@ from dtl.model.transformer import TransformerLM
 from dtl.run_dir import ResumeFrom, latest_checkpoint, set_aside_newer
 from dtl.train import checkpoint as ckpt
 from dtl.train import distributed, optim, precision
-from dtl.train.config import TrainConfig
+from dtl.train.clock import Progress, TrainClock, run_progress
+from dtl.train.config import TrainConfig, minutes
 from dtl.train.init_from import load_init_weights
 from dtl.train.interrupt import StopFlag
 from dtl.train.memory import is_oom, oom_advice
@@ -57,6 +63,9 @@ from dtl.train.step import Batch, clip_gradients, evaluate_batches, forward_back
 # skip (scaling down cannot help): it counts as non-finite, so the guard stops a run that the
 # scaler would otherwise skip forever, its scale halving towards 0.
 MIN_LOSS_SCALE = 1.0
+# A --max-time run estimates the steps its budget buys from the steps after a launch's first
+# (which pays for warm-up or compile): this many of them, then one log line says it.
+ESTIMATE_AFTER_STEPS = 5
 
 
 @dataclass
@@ -69,6 +78,7 @@ class _State:
     skipped_nonfinite: int = 0
     window_loss: float = 0.0  # sum of step losses since the last log line
     window_steps: int = 0
+    trained_s: float = 0.0  # seconds on the training clock (what --max-time counts)
 
 
 class Trainer:
@@ -76,6 +86,9 @@ class Trainer:
 
     Everything is built from `setup.run`, the run's resolved record: `setup` is
     `setup_run(cfg, resume)`, made here unless given (`train()` makes it first).
+
+    `now` is the training clock's time source (a monotonic clock in seconds; tests give a
+    fake one to run a --max-time run without waiting).
 
     >>> trainer = Trainer(TrainConfig(data="data/wiki", out="runs/tiny"))  # doctest: +SKIP
     >>> loss, grad_norm, stop = trainer.train_step([next(trainer.train_loader)])  # doctest: +SKIP
@@ -86,6 +99,7 @@ class Trainer:
         cfg: TrainConfig | None = None,
         resume: ResumeFrom | bool | None = None,
         setup: RunSetup | None = None,
+        now: Callable[[], float] = time.perf_counter,
     ) -> None:
         if setup is None:
             if cfg is None:
@@ -101,6 +115,8 @@ class Trainer:
         # (re-prepared in another order, or edited) is refused, not trained on silently.
         self.data_fingerprint = data_fingerprint(setup.run.data_dir)
         self.state = _State()
+        self._now = now
+        self.clock = TrainClock(now=now)  # replaced when the loop starts (a resume's time)
         self._stop = StopFlag()
         self.metrics = MetricsLog(self.run_dir, self.dist.is_main, tensorboard=self.cfg.tensorboard)
         if setup.run.resume is not None:
@@ -246,7 +262,8 @@ class Trainer:
         if state["scaler"]:  # empty when saved without a scaler (fp32/bf16): start a fresh one
             self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["loader"])
-        self.state = _State(**state["progress"])
+        self.state = _State(**state["progress"])  # trained_s: 0 in checkpoints from before it
+        self._check_budget_left(path)
         ranks = state.get("rng_ranks")
         ckpt.set_rng_state(ranks[self.dist.rank] if ranks else state["rng"])
         if self.dist.is_main:
@@ -263,6 +280,18 @@ class Trainer:
                     flush=True,
                 )
         distributed.barrier(self.dist)
+
+    def _check_budget_left(self, path: Path) -> None:
+        """A resumed --max-time run trains what is left of its budget (the time trained is
+        in the checkpoint); one with nothing left is refused, not evaluated and saved again."""
+        budget, trained = self.resolved.budget_s, self.state.trained_s
+        if budget is None or trained < budget:
+            return
+        raise DtlError(
+            f"{self.run_dir} has trained {minutes(trained)} by {path.name}: its --max-time "
+            f"{self.cfg.max_time:g} (minutes) is spent. Continue with a larger --max-time (the "
+            f"total, e.g. --max-time {2 * self.cfg.max_time:g}) or start a new --out"
+        )
 
     def _check_same_data(self, path: Path, state: dict[str, Any]) -> None:
         """Refuse to resume on data other than the checkpoint's (unless --no-data-check);
@@ -285,7 +314,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
-        """Train to `max_steps` (or until Ctrl-C, which saves first); the run's summary."""
+        """Train to `max_steps` or for `max_time` minutes, whichever comes first (or until
+        Ctrl-C, which saves first); the run's summary."""
         with self._stop:
             try:
                 return self._loop()
@@ -304,7 +334,6 @@ class Trainer:
         )
         self.net.train()
         batches = iter(self.train_loader)
-        window = _Window()
         last_save_step, stop = None, False
         run = self.resolved
         if st.step == 0 and self.setup.init is not None:
@@ -313,24 +342,41 @@ class Trainer:
             )
         if st.step == 0:
             self.metrics.print(run.first_line(self.model.num_parameters()))
-        while st.step < cfg.max_steps and not stop:
-            lr = run.schedule.at(st.step)
+        elif run.budget_s is not None:
+            self.metrics.print(
+                f"{minutes(run.budget_s - st.trained_s)} of the {minutes(run.budget_s)} budget "
+                f"(--max-time {cfg.max_time:g}) left; {minutes(st.trained_s)} trained by step "
+                f"{st.step}"
+            )
+        self.clock = clock = TrainClock(st.trained_s, now=self._now)
+        clock.start()  # the first step's warm-up (or compile) is training time: it is real
+        window = _Window(start=clock.seconds())
+        estimate = _Estimate()
+        progress = self._progress()
+        while not progress.finished and not stop:
+            lr = run.schedule.at(progress)
             optim.set_lr(self.optimizer, lr)
             loss, grad_norm, stop = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
             st.step += 1
+            progress = self._progress()  # every rank: rank 0's clock
+            last = progress.finished
             if math.isfinite(loss):
                 st.window_loss += loss
                 st.window_steps += 1
             window.tokens += run.tokens_per_step
             bar.update(1)
-            if st.step % cfg.log_every == 0 or st.step == cfg.max_steps:
+            if run.budget_s is not None:
+                self._say_estimate(estimate, bar)
+            if st.step % cfg.log_every == 0 or last:
                 self._log_window(bar, window, lr, grad_norm)
-            if st.step % cfg.eval_every == 0 or st.step == cfg.max_steps:
-                if self._eval_and_log():
+            with clock.paused():  # evaluating and saving is not training time
+                if st.step % cfg.eval_every == 0 or last:
+                    if self._eval_and_log():
+                        last_save_step = self._save_at(last_save_step)
+                if st.step % cfg.save_every == 0 or stop:
                     last_save_step = self._save_at(last_save_step)
-            if st.step % cfg.save_every == 0 or stop:
-                last_save_step = self._save_at(last_save_step)
-        self._save_at(last_save_step)
+        with clock.paused():
+            self._save_at(last_save_step)
         bar.close()
         if stop:
             self.metrics.print(
@@ -338,6 +384,43 @@ class Trainer:
                 f"`dtl train --resume {self.run_dir}`"
             )
         return self._summary(stop)
+
+    def _progress(self) -> Progress:
+        """How far the run is (`run_progress`), from the training clock: under --max-time
+        rank 0's, so every rank takes the same lr and stops at the same step. The time is
+        recorded in the state (saved with each checkpoint, what a resume continues from)."""
+        st, run = self.state, self.resolved
+        st.trained_s = self.clock.seconds()
+        if run.budget_s is not None:
+            st.trained_s = distributed.broadcast_from_main(st.trained_s, self.dist)
+        return run_progress(st.step, st.trained_s, self.cfg.max_steps, run.budget_s)
+
+    def _say_estimate(self, estimate: _Estimate, bar: tqdm) -> None:
+        """Once ESTIMATE_AFTER_STEPS steps after this launch's first are timed: the steps and
+        tokens the budget is likely to buy, at the rate measured."""
+        st, run = self.state, self.resolved
+        if estimate.said:
+            return
+        if estimate.first_s is None:  # the launch's first step (warm-up) is not in the rate
+            estimate.first_step, estimate.first_s = st.step, st.trained_s
+            return
+        timed = st.step - estimate.first_step
+        if timed < ESTIMATE_AFTER_STEPS:
+            return
+        estimate.said = True
+        step_s = (st.trained_s - estimate.first_s) / timed
+        left = max(0.0, run.budget_s - st.trained_s)
+        steps = st.step + int(left / step_s) if step_s > 0 else st.step
+        if self.cfg.max_steps is not None:
+            steps = min(steps, self.cfg.max_steps)
+        tokens_per_s = run.tokens_per_step / step_s if step_s > 0 else math.inf
+        bar.total = steps
+        bar.refresh()
+        self.metrics.print(
+            f"--max-time {minutes(run.budget_s)}: ~{steps:,} steps (~"
+            f"{count(steps * run.tokens_per_step)} tokens) at {tokens_per_s:,.0f} tokens/s "
+            f"(timed over steps {estimate.first_step + 1}-{st.step}: {step_s:.3g} s a step)"
+        )
 
     def _save_at(self, last_save_step: int | None) -> int:
         """Save this step unless it is saved already; the step saved."""
@@ -347,8 +430,8 @@ class Trainer:
 
     def _log_window(self, bar: tqdm, window: _Window, lr: float, grad_norm: float) -> None:
         """Log the steps since the last log line: their mean loss and throughput."""
-        st = self.state
-        elapsed = time.perf_counter() - window.start
+        st, run = self.state, self.resolved
+        elapsed = self.clock.seconds() - window.start  # training time: no eval, no saves
         record = {
             "step": st.step,
             # NaN, not 0, when every step of the window was skipped as non-finite.
@@ -359,16 +442,27 @@ class Trainer:
             "tokens": st.step * self.resolved.tokens_per_step,
             "peak_mem_mb": peak_mem_mb(self.device),
         }
+        budget = ""
+        if run.budget_s is not None:  # the time used, and the tokens the budget will reach
+            left = max(0.0, run.budget_s - st.trained_s)
+            projected = record["tokens"] + record["tokens_per_s"] * left
+            if self.cfg.max_steps is not None:
+                projected = min(projected, self.cfg.max_steps * run.tokens_per_step)
+            record["trained_s"], record["projected_tokens"] = st.trained_s, int(projected)
+            budget = (
+                f" | {minutes(st.trained_s)} of {minutes(run.budget_s)}, "
+                f"~{count(projected)} tokens by the end"
+            )
         self.metrics.write(record)
         bar.set_postfix(
             loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}"
         )
         self.metrics.print(
             f"step {st.step} | loss {record['loss']:.6f} | lr {lr:.3e} | "
-            f"{record['tokens_per_s']:,.0f} tokens/s"
+            f"{record['tokens_per_s']:,.0f} tokens/s{budget}"
         )
         st.window_loss, st.window_steps = 0.0, 0
-        window.start, window.tokens = time.perf_counter(), 0
+        window.start, window.tokens = self.clock.seconds(), 0
 
     def _eval_and_log(self) -> bool:
         """Evaluate, log, and say whether this is a new best (then it is saved and kept)."""
@@ -395,15 +489,42 @@ class Trainer:
             "best_val_loss": self.state.best_val_loss,
             "best_step": self.state.best_step,
             "checkpoint": str(checkpoint) if self.dist.is_main else None,
+            "trained_s": self.state.trained_s,  # on the training clock (--max-time counts it)
+            "tokens": self.state.step * self.resolved.tokens_per_step,
         }
 
 
 @dataclass
 class _Window:
-    """The tokens and time since the last log line (tokens per second)."""
+    """The tokens and training time since the last log line (tokens per second)."""
 
-    start: float = dataclasses.field(default_factory=time.perf_counter)
+    start: float  # the training clock's seconds at the window's start
     tokens: int = 0
+
+
+@dataclass
+class _Estimate:
+    """What a --max-time run's estimate of its steps is measured from: the step and the
+    training time after the launch's first step."""
+
+    first_step: int = 0
+    first_s: float | None = None
+    said: bool = False
+
+
+def count(n: float) -> str:
+    """A number of tokens as a log line says it.
+
+    >>> count(1_234_567), count(45_600), count(512)
+    ('1.23M', '45.6k', '512')
+    """
+    if n >= 1e9:
+        return f"{n / 1e9:.3g}G"
+    if n >= 1e6:
+        return f"{n / 1e6:.3g}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.3g}k"
+    return f"{n:.0f}"
 
 
 # ---------------------------------------------------------------------- train()
