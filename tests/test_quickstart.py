@@ -124,9 +124,28 @@ def test_quickstart_names_what_an_unfinished_one_left(tmp_path, capsys):
     [
         (["--vocab-size", "100"], "--vocab-size 100 must be between 257"),
         (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--max-time", "0"], "--max-time must be a positive number of minutes"),
+        (["--max-time", "ten"], "--max-time must be a positive number of minutes"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):
     code, _, err = run_cli(["quickstart", "--out", tmp_path / "new", *flags], capsys)
     assert code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "new").exists()
+
+
+def test_max_time_bounds_the_pretraining_by_time_and_keeps_the_fine_tune(tmp_path):
+    """--max-time: the pretraining trains for that long (no step cap, warmup by time), the
+    fine-tune keeps its steps; without it the recipe is the one it always was."""
+    from dtl.quickstart import FINETUNE, RECIPE, finetune_config, train_config
+
+    plain = train_config(tmp_path / "pretrain")
+    assert (plain.max_steps, plain.max_time, plain.warmup_steps) == (1100, None, 100)
+    assert (plain.eval_every, plain.save_every) == (275, 275)
+    timed = train_config(tmp_path / "pretrain", max_time=10.0)
+    assert (timed.max_steps, timed.max_time, timed.warmup_steps) == (None, 10.0, None)
+    assert (timed.eval_every, timed.lr, timed.batch_size) == (275, RECIPE["lr"], 16)
+    capped = train_config(tmp_path / "pretrain", max_time=10.0, max_steps=50)
+    assert (capped.max_steps, capped.eval_every, capped.save_every) == (50, 50, 50)
+    fine = finetune_config(tmp_path, FINETUNE["max_steps"], timed)
+    assert (fine.max_steps, fine.max_time, fine.warmup_steps) == (100, None, 10)

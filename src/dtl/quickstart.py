@@ -11,7 +11,8 @@ Every stage is the one a user runs by hand, in the spec's order (see the README'
   3. prepare   the articles as text, packed into rows of 128 tokens (RUN/pretrain/data), and
                the Q&A pairs (the articles' generated pairs + the rest of SQuAD), one per row
                of 128 tokens with the loss on the answer and its end-of-text only (RUN/data)
-  4. pretrain  the `tiny` preset on the articles (RUN/pretrain, `dtl train`)
+  4. pretrain  the `tiny` preset on the articles (RUN/pretrain, `dtl train`), for RECIPE's
+               steps or, with `max_time`, for that many minutes (`dtl train --max-time`)
   5. fine-tune from the pretrained model on the Q&A pairs (RUN, `dtl train --init-from`)
   6. evaluate  SQuAD exact match / F1 on the held-out questions, before and after step 5,
                each answered as `dtl ask` answers it by default (`ask_options()`)
@@ -94,8 +95,9 @@ def check_out_dir(run_dir: Path) -> None:
 def quickstart(
     out: str | os.PathLike = "runs/demo",
     *,
-    max_steps: int = RECIPE["max_steps"],
+    max_steps: int | None = None,
     finetune_steps: int = FINETUNE["max_steps"],
+    max_time: float | None = None,
     vocab_size: int = VOCAB_SIZE,
     device: str = "auto",
     seed: int = 0,
@@ -108,6 +110,9 @@ def quickstart(
     Returns {"pretrain": summary, "finetune": summary, "squad": {"before", "after"},
     "seconds": {...}, ...}. `train_overrides` are `dtl train` settings of the pretraining
     (e.g. d_model=32 for a smaller model); `eval_questions` caps the held-out questions scored.
+    The pretraining trains `max_steps` (None: RECIPE's), or for `max_time` minutes (then
+    `max_steps` is a cap only when given); the fine-tune trains `finetune_steps` either way
+    (its best length is a number of passes over the Q&A pairs, not a time).
     """
     started = time.perf_counter()
     run_dir = Path(out)
@@ -115,7 +120,8 @@ def quickstart(
     check_vocab_size(vocab_size)
     resolve_device(device)
     common = {"device": device, "seed": seed, "progress": progress}
-    pre_cfg = train_config(run_dir / PRETRAIN_DIR, max_steps=max_steps, **common, **train_overrides)
+    budget = {"max_steps": max_steps, "max_time": max_time}
+    pre_cfg = train_config(run_dir / PRETRAIN_DIR, **budget, **common, **train_overrides)
     ft_cfg = finetune_config(run_dir, finetune_steps, pre_cfg, **common)
     check_out_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,9 +140,11 @@ def quickstart(
     prepare_text(articles, run_dir / PRETRAIN_DIR / DATA_DIR, run_dir, seed, progress)
     prepare_qa([articles, squad_train], run_dir / DATA_DIR, run_dir, seed, progress)
     seconds: dict[str, float] = {"prepare": round(time.perf_counter() - started, 1)}
-    print(
-        f"4/6 pretrain: the {pre_cfg.preset} preset, {max_steps} steps -> {pre_cfg.out}", flush=True
-    )
+    length = f"{pre_cfg.max_steps} steps"
+    if pre_cfg.max_time is not None:
+        cap = f" (at most {pre_cfg.max_steps} steps)" if pre_cfg.max_steps else ""
+        length = f"{pre_cfg.max_time:g} minutes of training{cap}"
+    print(f"4/6 pretrain: the {pre_cfg.preset} preset, {length} -> {pre_cfg.out}", flush=True)
     pre = _timed(seconds, "pretrain", lambda: train(pre_cfg))
     if pre.get("interrupted"):
         return {
@@ -178,10 +186,17 @@ def _timed(seconds: dict[str, float], name: str, work: Any) -> Any:
 
 def train_config(run_dir: Path, **settings: Any) -> TrainConfig:
     """The RECIPE with `settings` over it, on RUN_DIR/data into RUN_DIR, checked; a run shorter
-    than the recipe's evaluates and saves at its end."""
-    settings = {**RECIPE, **settings}
-    for key in ("save_every", "eval_every"):
-        settings[key] = min(int(settings[key]), int(settings["max_steps"]))
+    than the recipe's evaluates and saves at its end. With `max_time` (minutes) the run is
+    bounded by time: no step cap unless `max_steps` is given, and the warmup is the time
+    rule's (`dtl train --max-time`), not RECIPE's steps."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    settings = {**RECIPE, **given}
+    if given.get("max_time") is not None:
+        settings.pop("warmup_steps", None)
+        settings["max_steps"] = given.get("max_steps")
+    if settings["max_steps"] is not None:
+        for key in ("save_every", "eval_every"):
+            settings[key] = min(int(settings[key]), int(settings["max_steps"]))
     cfg = TrainConfig.from_dict({**settings, "data": str(run_dir / DATA_DIR), "out": str(run_dir)})
     cfg.validate()
     return cfg

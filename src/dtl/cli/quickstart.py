@@ -18,10 +18,12 @@ from dtl.quickstart import (
     check_vocab_size,
     quickstart,
 )
+from dtl.train.config import parse_max_time
 
 EXAMPLES = """examples:
   dtl quickstart                          # runs/demo (about 4 minutes on two free cores)
   dtl quickstart --out runs/demo2 --max-steps 1200 --finetune-steps 400
+  dtl quickstart --out runs/demo10 --max-time 10   # pretrain for 10 minutes
 then:
   dtl ask --model runs/demo "What is anarchism?"
   dtl serve --model runs/demo
@@ -51,7 +53,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="the run dir to create (default runs/demo)")
     steps = RECIPE["max_steps"]
     p.add_argument(
-        "--max-steps", type=int, default=steps, help=f"pretraining steps (default {steps})"
+        "--max-steps",
+        type=int,
+        help=f"pretraining steps (default {steps}; with --max-time: none unless given, then the "
+        "pretraining stops at whichever comes first)",
+    )
+    p.add_argument(
+        "--max-time",
+        metavar="MINUTES",
+        help="pretrain for this many minutes of training (dtl train --max-time: evaluation and "
+        "saving not counted, the lr schedule follows the time) instead of a number of steps; "
+        "the fine-tune keeps its --finetune-steps",
     )
     ft_steps = FINETUNE["max_steps"]
     p.add_argument(
@@ -76,8 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_quickstart(args: argparse.Namespace) -> int:
     for flag, value in (("--max-steps", args.max_steps), ("--finetune-steps", args.finetune_steps)):
-        if value < 1:
+        if value is not None and value < 1:
             raise DtlError(f"{flag} must be a positive integer, got {value}")
+    max_time = parse_max_time(args.max_time)  # a bad value: one line, before anything runs
     # the library checks these again; here first, so a bad one stays a single line
     check_vocab_size(args.vocab_size)
     resolve_device(args.device)
@@ -87,6 +100,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
         args.out,
         max_steps=args.max_steps,
         finetune_steps=args.finetune_steps,
+        max_time=max_time,
         vocab_size=args.vocab_size,
         device=args.device,
         seed=args.seed,
