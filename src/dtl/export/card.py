@@ -172,7 +172,7 @@ def _training_lines(facts: RunFacts) -> list[str]:
     else:
         lines.append("- no validation figure was logged")
     settings = facts.settings or {}
-    keys = ("preset", "seq_len", "batch_size", "grad_accum", "lr", "max_steps", "optimizer",
+    keys = ("preset", "seq_len", "batch_size", "grad_accum", "lr", "max_steps", "max_time", "optimizer",
             "precision_resolved", "device_resolved")  # fmt: skip
     shown = [f"{k}={settings[k]}" for k in keys if settings.get(k) is not None]
     if shown:
