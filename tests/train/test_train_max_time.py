@@ -127,6 +127,8 @@ def test_stops_when_the_budget_is_spent_then_evaluates_and_saves(packed_data, tm
     for k, record in enumerate(steps):  # the lr of the step taken after k steps
         assert record["lr"] == pytest.approx(cosine_lr(k / 6), rel=1e-9), k
         assert record["trained_s"] == pytest.approx(2.5 * (k + 1))
+        # 128 tokens in 2.5 s: the evaluation and the save after step 4 are not in step 5's rate
+        assert record["tokens_per_s"] == pytest.approx(4 * 32 / 2.5)
     assert [r["step"] for r in evals] == [4, 6]  # the interval's, then the end's
     assert latest_checkpoint(run).name == "step-6"
     assert load_training_state(latest_checkpoint(run))["progress"]["trained_s"] == 15.0
