@@ -26,6 +26,12 @@ format (`PackedLinear`), the FFN's ReLU fused into its up-projection (a batch-8 
 faster, docs/benchmarks.md). Where this torch has no oneDNN, several rows use the one-row
 layout with the head in 8 column blocks per thread.
 
+The token loop runs each step through `DecodePlan.step` (`decode_step`): the forward's
+kernels for that one case (one new token per row through the cache), in the same order, so
+the logits are the same bit for bit, without what the general forward needs and a step does
+not (module calls, input checks with their host syncs, (B, T, d) views, dropout calls): a
+third fewer dispatcher calls per step (docs/benchmarks.md).
+
 The plan is in the model's dtype (`dtl.model.dtype`, `--dtype`): a bf16 model's products are
 bf16 weights packed for oneDNN (`PackedLinear`, one layout for any rows), and an int8 model's plan is its own packed
 int8 layers (Q, K and V fused; one layout for any rows), so a step runs the quantized weights, never an fp32 copy.
@@ -37,6 +43,8 @@ int8 layers (Q, K and V fused; one layout for any rows), so a step runs the quan
 >>> logits = model(torch.tensor([[1, 2, 3]]), cache=cache, last_only=True, layout=plan)
 >>> model(torch.tensor([[4]]), cache=cache, last_only=True, layout=plan).shape  # one token
 torch.Size([1, 1, 100])
+>>> plan.step(model, torch.tensor([5]), cache).shape  # the loop's step: (B,) -> (B, V)
+torch.Size([1, 100])
 >>> plan.for_rows(8) is plan.for_rows(1)  # 8 rows: another layout, made on first use
 False
 """
@@ -404,9 +412,9 @@ def decode_step(frame: StepFrame, layout: Layout, tokens: Tensor, cache: KVCache
     What goes is what a general forward needs and a step does not: the module calls, the
     input checks (two host syncs: the loop feeds its own sampler's tokens), the (B, T, d)
     views and transposes around every product, the dropout calls (a no-op in eval), the
-    per-step cast of the positional rows. A batch-1 step of `small` went from ~300 dispatcher
-    calls to ~110 (docs/benchmarks.md); at ~2-4 us each on this CPU that is Python the step no
-    longer waits on.
+    per-step cast of the positional rows. A batch-1 fp32 step of `small` went from 280
+    top-level operator calls to 187, a batch-8 one from 211 to 118
+    (`benchmarks/bench_decode_step.py`); each is a few us of Python and dispatch on this CPU.
 
     tokens: (B,) ids, the sampler's (checked only against the cache's size and room).
     """

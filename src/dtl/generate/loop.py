@@ -181,10 +181,12 @@ class TokenLoop:
         """One forward of `tokens` (B,), a token per row of the requests in order; each
         request's `logits` become its rows' next-token logits."""
         step = tokens[:, None]  # (B, 1)
-        if self.cache is not None and self.plan is not None:  # the CPU plan's lean step
+        if self.cache is not None and self.plan is not None:
+            # the CPU plan's one-token step: the forward's kernels, bit for bit, without its
+            # generality (module calls, input checks, views): `DecodePlan.step`
             logits = self.plan.step(self.model, tokens, self.cache)
         elif self.cache is not None:
-            logits = last_logits(self.model, step, None, self.cache, self.plan)
+            logits = last_logits(self.model, step, None, self.cache)
         else:  # recompute the whole context: the reference the cache must equal
             ids, mask = self.context
             ids = torch.cat([ids, step], dim=1)
