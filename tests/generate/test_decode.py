@@ -209,3 +209,27 @@ def test_the_lean_step_is_the_forward_bit_for_bit(dtype, rows):
             assert torch.equal(a, b)
         with pytest.raises(DtlError, match="KV cache is full"):
             plan.step(model, token, lean)
+
+
+def test_the_lean_step_syncs_nothing_and_copies_no_cache():
+    """A step reads no value back to the host (the forward's input check did, twice) and
+    writes the KV cache in place (no cat, no new cache tensors): the loop's one host sync
+    per step is its own end-of-text check."""
+    from torch.profiler import profile
+
+    model = odd_model()
+    plan = plan_for(model)
+    with torch.no_grad():
+        cache = model.allocate_cache(2, 12)
+        model(torch.tensor([[0, 5, 9], [3, 1, 4]]), torch.tensor([[0, 1, 1], [1, 1, 1]]),
+              cache=cache, layout=plan)  # fmt: skip
+        plan.step(model, torch.tensor([7, 8]), cache)  # the frame is made on the first step
+        with profile() as lean:
+            plan.step(model, torch.tensor([7, 8]), cache)
+        with profile() as full:
+            model(torch.tensor([[7], [8]]), cache=cache, last_only=True, layout=plan)
+    names = [e.name for e in lean.events()]
+    assert "aten::_local_scalar_dense" not in names and "aten::cat" not in names
+    assert "aten::_local_scalar_dense" in [e.name for e in full.events()]  # the check's syncs
+    top = [e for e in lean.events() if e.cpu_parent is None]
+    assert len(top) < 0.75 * sum(e.cpu_parent is None for e in full.events())
