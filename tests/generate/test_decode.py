@@ -179,3 +179,57 @@ def test_training_mode_with_dropout_keeps_the_models_path():
                                       d_ff=32, max_seq_length=8, dropout=0.1))  # fmt: skip
     assert not uses_fast_path(model.train())
     assert uses_fast_path(model.eval())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_lean_step_is_the_forward_bit_for_bit(dtype, rows):
+    """`DecodePlan.step` (what the token loop calls) against the model's own forward with the
+    plan as its layout: the same logits and the same cache, bit for bit, step after step,
+    with left padding in the batch (its mask and positions) and without (one row)."""
+    from dtl.model.dtype import to_inference_dtype
+
+    model = to_inference_dtype(odd_model(d_model=24), dtype)
+    plan = plan_for(model)
+    ids = torch.tensor([[0, 0, 5, 9, 14], [3, 1, 4, 1, 5], [0, 0, 0, 0, 7]])[:rows]
+    mask = (torch.arange(5)[None] >= torch.tensor([[2], [0], [4]])[:rows]).long()
+    mask = None if rows == 1 else mask
+    with torch.no_grad():
+        lean, full = model.allocate_cache(rows, 12), model.allocate_cache(rows, 12)
+        for cache in (lean, full):
+            model(ids, mask, cache=cache, last_only=True, layout=plan)
+        for t in range(7):
+            token = torch.tensor([11, 40, 2])[:rows] + t
+            got = plan.step(model, token, lean)
+            want = model(token[:, None], cache=full, last_only=True, layout=plan)[:, -1]
+            assert got.dtype == torch.float32 and torch.equal(got, want), f"step {t}"
+        assert lean.length == full.length == 12 and lean.has_padding == (rows > 1)
+        assert torch.equal(lean.key_mask, full.key_mask)
+        for a, b in zip(lean.keys + lean.values, full.keys + full.values, strict=True):
+            assert torch.equal(a, b)
+        with pytest.raises(DtlError, match="KV cache is full"):
+            plan.step(model, token, lean)
+
+
+def test_the_lean_step_syncs_nothing_and_copies_no_cache():
+    """A step reads no value back to the host (the forward's input check did, twice) and
+    writes the KV cache in place (no cat, no new cache tensors): the loop's one host sync
+    per step is its own end-of-text check."""
+    from torch.profiler import profile
+
+    model = odd_model()
+    plan = plan_for(model)
+    with torch.no_grad():
+        cache = model.allocate_cache(2, 12)
+        model(torch.tensor([[0, 5, 9], [3, 1, 4]]), torch.tensor([[0, 1, 1], [1, 1, 1]]),
+              cache=cache, layout=plan)  # fmt: skip
+        plan.step(model, torch.tensor([7, 8]), cache)  # the frame is made on the first step
+        with profile() as lean:
+            plan.step(model, torch.tensor([7, 8]), cache)
+        with profile() as full:
+            model(torch.tensor([[7], [8]]), cache=cache, last_only=True, layout=plan)
+    names = [e.name for e in lean.events()]
+    assert "aten::_local_scalar_dense" not in names and "aten::cat" not in names
+    assert "aten::_local_scalar_dense" in [e.name for e in full.events()]  # the check's syncs
+    top = [e for e in lean.events() if e.cpu_parent is None]
+    assert len(top) < 0.75 * sum(e.cpu_parent is None for e in full.events())

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dtl import DtlError, ModelConfig, TransformerLM
 from dtl.device import cpu_has_native_bf16  # the real one: conftest fakes the module's name
 from dtl.generate import generate_tokens
-from dtl.generate.decode import PackedLinear, plan_for
+from dtl.generate.decode import Int8Linear, PackedLinear, plan_for
 from dtl.generate.evaluate import evaluate_lm
 from dtl.model.dtype import (
     inference_dtype_of,
@@ -109,19 +109,31 @@ def test_int8_quantizes_every_linear_layer_and_the_head_per_channel():
     torch.testing.assert_close(total, oracle)
 
 
+def _packed(layer: torch.nn.Module):
+    assert is_int8_linear(layer)
+    return layer._packed_params._packed_params
+
+
 def test_int8_one_token_steps_run_the_int8_weights():
     fp32 = tiny()
     model = to_inference_dtype(tiny(), "int8")
     plan = plan_for(model)
     for bp, block in zip(plan.blocks, model.transformer_blocks, strict=True):
-        assert all(is_int8_linear(m) for m in (bp.qkv, bp.w_o, bp.up.product, bp.linear2))
-        assert bp.up.product is block.feed_forward.linear1  # then its ReLU
-        assert bp.w_o is block.attention.w_o  # the model's own int8 layers, not a copy
+        # the model's own int8 layers' packed weights, called as their fbgemm op, not a copy
+        own = [block.attention.w_o, block.feed_forward.linear1, block.feed_forward.linear2]
+        for product, layer in zip((bp.w_o, bp.up, bp.linear2), own, strict=True):
+            assert isinstance(product, Int8Linear) and product.packed is _packed(layer)
+        assert bp.up.relu and not bp.w_o.relu  # the FFN's ReLU fused into its up-projection
+        x = torch.randn(3, 32)
+        f = block.feed_forward
+        assert torch.equal(bp.up(x), f.linear1(x).relu())
+        assert torch.equal(bp.linear2(bp.up(x)), f.linear2(f.linear1(x).relu()))
         x = torch.randn(3, 32)
         a = block.attention  # Q, K and V fused: each part is its own int8 layer's output
         torch.testing.assert_close(bp.qkv(x), torch.cat([a.w_q(x), a.w_k(x), a.w_v(x)], 1),
                                    atol=0, rtol=0)  # fmt: skip
-    assert plan.for_rows(1).head is model.head and plan.for_rows(8) is plan.for_rows(1)
+    assert plan.for_rows(1).head.packed is _packed(model.head)
+    assert plan.for_rows(8) is plan.for_rows(1)
     prompt = torch.tensor([[3, 1, 4], [1, 5, 9]])
     caches = [m.allocate_cache(2, 8) for m in (model, model, fp32)]
     with torch.no_grad():

@@ -26,6 +26,12 @@ format (`PackedLinear`), the FFN's ReLU fused into its up-projection (a batch-8 
 faster, docs/benchmarks.md). Where this torch has no oneDNN, several rows use the one-row
 layout with the head in 8 column blocks per thread.
 
+The token loop runs each step through `DecodePlan.step` (`decode_step`): the forward's
+kernels for that one case (one new token per row through the cache), in the same order, so
+the logits are the same bit for bit, without what the general forward needs and a step does
+not (module calls, input checks with their host syncs, (B, T, d) views, dropout calls): a
+third fewer dispatcher calls per step (docs/benchmarks.md).
+
 The plan is in the model's dtype (`dtl.model.dtype`, `--dtype`): a bf16 model's products are
 bf16 weights packed for oneDNN (`PackedLinear`, one layout for any rows), and an int8 model's plan is its own packed
 int8 layers (Q, K and V fused; one layout for any rows), so a step runs the quantized weights, never an fp32 copy.
@@ -37,6 +43,8 @@ int8 layers (Q, K and V fused; one layout for any rows), so a step runs the quan
 >>> logits = model(torch.tensor([[1, 2, 3]]), cache=cache, last_only=True, layout=plan)
 >>> model(torch.tensor([[4]]), cache=cache, last_only=True, layout=plan).shape  # one token
 torch.Size([1, 1, 100])
+>>> plan.step(model, torch.tensor([5]), cache).shape  # the loop's step: (B,) -> (B, V)
+torch.Size([1, 100])
 >>> plan.for_rows(8) is plan.for_rows(1)  # 8 rows: another layout, made on first use
 False
 """
@@ -48,9 +56,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dtl.errors import DtlError
 from dtl.model.dtype import fuse_int8_linears, is_int8_linear
+from dtl.model.kv_cache import KVCache
 from dtl.model.transformer import TransformerLM
 
 
@@ -101,11 +112,13 @@ class SplitLinear:
         B = x.size(0)
         if self.by_rows:
             p, chunk, out = self.weight.shape
-            x_parts = x.view(B, p, chunk).transpose(0, 1)  # (p, B, in / p)
+            # (p, B, in / p); one row needs no transpose (one view op less, the same product)
+            x_parts = x.view(p, 1, chunk) if B == 1 else x.view(B, p, chunk).transpose(0, 1)
             return torch.bmm(x_parts, self.weight).sum(0).add_(self.bias)  # (B, out)
         p, n_in, c = self.weight.shape
         y = torch.baddbmm(self.bias, x.expand(p, B, n_in), self.weight)  # (p, B, c)
-        return y.transpose(0, 1).reshape(B, p * c)[:, : self.out_features]  # (B, out)
+        y = y.view(1, p * c) if B == 1 else y.transpose(0, 1).reshape(B, p * c)
+        return y if p * c == self.out_features else y[:, : self.out_features]  # (B, out)
 
 
 def packs_bf16() -> bool:
@@ -186,15 +199,35 @@ def split_for(
     return SplitLinear.of(weights, biases, max(1, cols * threads // 2), by_rows=False)
 
 
+@dataclass
+class Int8Linear:
+    """An int8 model's linear layer (`dtl.model.dtype`) called as its fbgemm op: what the
+    layer's forward calls, less the module call around it (a few us, 25 times a step), and
+    with the FFN's ReLU fused into its up-projection (the same values: ReLU is exact)."""
+
+    packed: object  # the layer's packed int8 weight and fp32 bias (a torch ScriptObject)
+    reduce_range: bool  # as the layer calls it: its version 4+ quantizes inputs to 7 bits
+    relu: bool = False
+
+    @classmethod
+    def of(cls, layer: nn.Module, relu: bool = False) -> Int8Linear:
+        return cls(layer._packed_params._packed_params, (layer.version or 0) >= 4, relu)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        ops = torch.ops.quantized
+        op = ops.linear_relu_dynamic if self.relu else ops.linear_dynamic
+        return op(x, self.packed, reduce_range=self.reduce_range)  # (B, out), fp32
+
+
 # x (B, in) -> (B, out): a `SplitLinear` (fp32), a `PackedLinear` (several fp32 rows, bf16),
-# or an int8 model's packed linear layer
+# or an `Int8Linear`
 Product = Callable[[Tensor], Tensor]
 
 
 @dataclass
 class ReluAfter:
     """A product followed by ReLU (in place): the FFN's up-projection where its kernel does
-    not fuse it (the one-row fp32 blocks, int8's layer)."""
+    not fuse it (the one-row fp32 blocks)."""
 
     product: Product
 
@@ -236,6 +269,7 @@ class DecodePlan:
     head_linear: nn.Linear
     samples: list[Tensor] = field(default_factory=list)  # see `plan_for`
     several: Layout | None = None
+    frame: StepFrame | None = None  # what `step` reads of the model, made on its first call
 
     @property
     def blocks(self) -> list[BlockPlan]:
@@ -244,6 +278,14 @@ class DecodePlan:
     def head(self, hidden: Tensor) -> Tensor:
         """The vocabulary head: hidden (B, d) -> logits (B, V)."""
         return self.for_rows(hidden.size(0)).head(hidden)
+
+    def step(self, model: TransformerLM, tokens: Tensor, cache: KVCache) -> Tensor:
+        """The next-token logits (B, V), fp32, after one new token per row (`tokens` (B,))
+        through `cache`: `model(tokens[:, None], cache=cache, last_only=True, layout=self)`,
+        bit for bit, in a third of its dispatcher calls (`decode_step`)."""
+        if self.frame is None:
+            self.frame = StepFrame.of(model)
+        return decode_step(self.frame, self.for_rows(tokens.size(0)), tokens, cache)
 
     def for_rows(self, rows: int) -> Layout:
         """The layout for steps of `rows` rows: one row, or several (made on first use)."""
@@ -326,9 +368,79 @@ class DecodePlan:
         for block in model.transformer_blocks:
             a, ff = block.attention, block.feed_forward
             qkv = fuse_int8_linears([a.w_q, a.w_k, a.w_v])
-            blocks.append(BlockPlan(qkv, a.w_o, ReluAfter(ff.linear1), ff.linear2))
-        layout = Layout(blocks, model.head)
+            blocks.append(BlockPlan(
+                Int8Linear.of(qkv), Int8Linear.of(a.w_o), Int8Linear.of(ff.linear1, relu=True),
+                Int8Linear.of(ff.linear2),
+            ))  # fmt: skip
+        layout = Layout(blocks, Int8Linear.of(model.head))
         return cls(key, layout, [], model.head, several=layout)
+
+
+@dataclass
+class StepFrame:
+    """What a decode step reads of the model besides its products, looked up once per plan:
+    each LayerNorm's (weight, bias, eps), the positional table in the activations' dtype
+    (the forward casts its rows every step), the sizes."""
+
+    embedding: Tensor  # (V, d)
+    scale: float
+    pe: Tensor  # (max_seq_length, d), in the embedding's dtype
+    norms: list[tuple[tuple, tuple]]  # per block: norm1's and norm2's (weight, bias, eps)
+    ln_f: tuple
+    n_heads: int
+    d_k: int
+
+    @classmethod
+    def of(cls, model: TransformerLM) -> StepFrame:
+        def norm(ln: nn.LayerNorm) -> tuple:
+            return ln.weight, ln.bias, ln.eps
+
+        weight = model.embedding.weight
+        return cls(
+            weight, model.embed_scale, model.pos_encoding.pe.to(weight.dtype),
+            [(norm(b.norm1), norm(b.norm2)) for b in model.transformer_blocks], norm(model.ln_f),
+            model.config.n_heads, model.config.d_k,
+        )  # fmt: skip
+
+
+def decode_step(frame: StepFrame, layout: Layout, tokens: Tensor, cache: KVCache) -> Tensor:
+    """One token per row through the cache: the next-token logits (B, V) in fp32.
+
+    The model's forward for this case (`TransformerLM.forward` with T = 1, no new padding and
+    a layout), kernel for kernel, so the logits are the same bit for bit (tested): the same
+    products, `scaled_dot_product_attention` on the same keys and mask, the same LayerNorms.
+    What goes is what a general forward needs and a step does not: the module calls, the
+    input checks (two host syncs: the loop feeds its own sampler's tokens), the (B, T, d)
+    views and transposes around every product, the dropout calls (a no-op in eval), the
+    per-step cast of the positional rows. A batch-1 fp32 step of `small` went from 280
+    top-level operator calls to 187, a batch-8 one from 211 to 118
+    (`benchmarks/bench_decode_step.py`); each is a few us of Python and dispatch on this CPU.
+
+    tokens: (B,) ids, the sampler's (checked only against the cache's size and room).
+    """
+    B, L = tokens.size(0), cache.length
+    if B != cache.batch_size:
+        raise DtlError(f"KV cache holds {cache.batch_size} rows but the batch has {B}")
+    if L >= cache.max_len:
+        raise DtlError(f"the KV cache is full: its {cache.max_len} positions are all used")
+    key_valid = cache.write_mask(None, 1)  # (B, L + 1), or None without padding
+    x = torch.embedding(frame.embedding, tokens).mul_(frame.scale)  # (B, d)
+    if key_valid is None:  # every row at position L; the new token may see every key
+        x = x + frame.pe[L]
+        mask = None
+    else:  # a row's position: the real tokens before it (the forward's rule, for T = 1)
+        x = x + frame.pe.index_select(0, key_valid.narrow(1, 0, L).sum(1))
+        mask = key_valid[:, None, None]  # (B, 1, 1, L + 1): the new slot is always True
+    H, d_k = frame.n_heads, frame.d_k
+    d = H * d_k
+    for i, (p, (n1, n2)) in enumerate(zip(layout.blocks, frame.norms, strict=True)):
+        q, k, v = p.qkv(x).view(B, 3, H, 1, d_k).unbind(1)  # each (B, H, 1, d_k)
+        keys, values = cache.append(i, k, v)  # (B, H, L + 1, d_k)
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, d_k)
+        x = torch.layer_norm(x + p.w_o(a.reshape(B, d)), (d,), *n1)
+        x = torch.layer_norm(x + p.linear2(p.up(x)), (d,), *n2)
+    cache.advance(1)
+    return layout.head(torch.layer_norm(x, (d,), *frame.ln_f)).float()  # (B, V)
 
 
 def _bias(linear: nn.Linear) -> Tensor:

@@ -83,7 +83,11 @@ def last_logits(
     """The next-token logits (B, V) after `input_ids`: only the last position goes through
     the vocabulary head. With a `DecodePlan` (CPU models, `dtl.generate.decode`) the model's
     forward runs one-token steps and the head on weights laid out for memory speed; the loop
-    gets the plan once, not every step."""
+    gets the plan once, not every step. One new token per row through the cache takes the
+    plan's lean step (`DecodePlan.step`): the forward's kernels, bit for bit, without its
+    module calls, input checks and views."""
+    if plan is not None and cache is not None and attention_mask is None and input_ids.size(1) == 1:
+        return plan.step(model, input_ids[:, 0], cache)  # (B, V)
     return model(input_ids, attention_mask, cache=cache, last_only=True, layout=plan)[:, -1]
 
 
@@ -166,7 +170,7 @@ class TokenLoop:
         """The request's next tokens (n,): finished rows get padding; end-of-text ends a row."""
         opts = request.options
         token = sample_next(request.logits, opts, request.penalties, request.generator)
-        token = torch.where(request.done, torch.full_like(token, self.pad), token)
+        token = token.masked_fill(request.done, self.pad)  # one op, not full_like + where
         if opts.logprobs is not None:  # of the raw logits, whatever the draw's adjustments
             request.drawn = step_logprobs(request.logits, token, opts.logprobs)
         if request.penalties is not None:

@@ -74,19 +74,24 @@ class KVCache:
         bool, or None: all of them). Returns which of all keys so far are real tokens,
         (B, length + n_new) bool, or None when none ever was padding (the fast paths)."""
         end = self.length + n_new
-        self.key_mask[:, self.length : end] = True if new_mask is None else new_mask
+        slots = self.key_mask.narrow(1, self.length, n_new)  # (B, n_new); narrow and fill_,
+        if new_mask is None:  # not `[:, a:b] = ...`: a decode step counts its dispatcher calls
+            slots.fill_(True)
+        else:
+            slots.copy_(new_mask)
         if new_mask is not None and not self.has_padding:
             self.has_padding = bool((~new_mask).any())
-        return self.key_mask[:, :end] if self.has_padding else None
+        return self.key_mask.narrow(1, 0, end) if self.has_padding else None
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store layer `layer`'s new keys and values (B, H, T, d_k) after the `length` cached
         ones; returns all of that layer's keys and values, (B, H, length + T, d_k) each.
         `length` moves on once every layer has appended (`advance`)."""
-        end = self.length + k.size(2)
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        keys, values, n = self.keys[layer], self.values[layer], k.size(2)
+        keys.narrow(2, self.length, n).copy_(k)  # written in place: no cat, no new tensor
+        values.narrow(2, self.length, n).copy_(v)
+        end = self.length + n
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, n: int) -> None:
         """`n` more tokens are cached (after their `write_mask` and every layer's `append`)."""
