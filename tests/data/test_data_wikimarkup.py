@@ -118,7 +118,7 @@ TOKEN_CASES = [
     "'''Bold''' and ''italic'' and '''''both''''' and ''unclosed\nnext line",
     "* item ''one''\n** nested\n# number\n; term : definition\n----\nafter",
     "== A ''heading'' ==\ntext\n=== [[Link|Sub]] &amp; more ===\n= top =",
-    'a<br>b<br/>c</br>d<span class="x" style=\'y\' flag>kept</span><div\nid=a>block</div>',
+    "a<br>b<br/>c</br>d<span class=\"x\" style='y' flag>kept</span><div\nid=a>block</div>",
     "<small>small <b>bold <i>both</i></b></small> <sup>2</sup> <ref name=a>r</ref> <math>x</math>",
     "<gallery>\nFile:X.jpg|cap\n</gallery> <nowiki>''not bold''</nowiki> <pre>[[x]]</pre>",
     "[http://example.org shown text] [http://example.org] http://bare.example.org/x",
