@@ -96,7 +96,7 @@ def _drop_file_links(text: str) -> str:
 _PLAIN_LINK = re.compile(r"(?<!\[)\[\[([^\[\]{}<>|\n&:=]+)(?:\|([^\[\]{}<>|\n&=]*))?\]\](?!\])")
 # Tags whose contents the parser leaves unparsed (<nowiki>, <pre>, ...): a link inside stays text.
 _UNPARSED_TAG = re.compile(r"<\s*(?:" + "|".join(map(re.escape, PARSER_BLACKLIST)) + r")\b", re.I)
-_RISKY_TEXT = ("://", "__", "~~~", "----", "''")
+_RISKY_TEXT = re.compile(r"://|__|~~~|----|''")
 
 
 def _plain_link_text(match: re.Match) -> str:
@@ -107,7 +107,7 @@ def _plain_link_text(match: re.Match) -> str:
         not title.strip()
         or shown[:1] in ("*", "#", ";", " ", "-", "'")
         or shown[-1:] == "'"  # next to bold/italic quotes it would change them
-        or any(r in shown for r in _RISKY_TEXT)
+        or _RISKY_TEXT.search(shown)
     ):
         return match.group(0)  # let the parser decide
     return shown
@@ -305,7 +305,7 @@ def _finish(text: str) -> tuple[str, list[str]]:
     sections: list[str] = []
     skip_level = 0  # > 0 while inside a dropped section
     for raw in text.split("\n"):
-        heading = _HEADING_MARK.match(raw.strip())
+        heading = _HEADING_MARK.match(raw.strip()) if "\x00" in raw else None
         if heading:
             level, title = int(heading.group(1)), _tidy(heading.group(2))
             if skip_level and level > skip_level:
@@ -359,7 +359,8 @@ _WORD = re.compile(r"\w")
 def _tidy_lines(lines: list[str]) -> list[str]:
     """`[_tidy(line) for line in lines]`, computed over the joined lines at once."""
     text = "\n".join(lines).replace("\x00", "")
-    text = _QUOTES.sub("", _QUOTE_S.sub("'", text))
+    if "''" in text:  # most pages: the parser took every bold and italic
+        text = _QUOTES.sub("", _QUOTE_S.sub("'", text))
     text = _SPACES.sub(" ", text)
     text = _EMPTY_PARENS_LINES.sub("", text)
     text = _PAREN_LEAD_LINES.sub("(", text)
