@@ -369,7 +369,8 @@ _EMPTY_PARENS_LINES = re.compile(r"\([^\S\n]*(?:[,;:.]|[^\S\n])*\)|\[[^\S\n]*\]"
 _PAREN_LEAD_LINES = re.compile(r"\([^\S\n]*[,;:][^\S\n]*")
 _PAREN_TAIL_LINES = re.compile(r"[^\S\n]*[,;:][^\S\n]*\)")
 _PAREN_TAIL_HINT = re.compile(r"[,;:][^\S\n]*\)")  # what every _PAREN_TAIL_LINES match ends with
-_SPACE_PUNCT_LINES = re.compile(r"[^\S\n]+([,.;:!?)])")
+# (a space, then any more: a first set the search skips to, ~1.3x faster than `[^\S\n]+`)
+_SPACE_PUNCT_LINES = re.compile(r"[^\S\n][^\S\n]*([,.;:!?)])")
 _WORD = re.compile(r"\w")
 
 
