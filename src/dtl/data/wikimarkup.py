@@ -235,7 +235,9 @@ def _parse_text(text: str) -> str:
     builder._tokens = tokens  # the fallback builds its nodes off the same list
     out = []
     while tokens:
-        out.append(_token_text(tokens.pop(), tokens, builder))
+        token = tokens.pop()
+        # Text, most tokens, read here: a call saved per token
+        out.append(token["text"] if type(token) is tk.Text else _token_text(token, tokens, builder))
     return "".join(out)
 
 
@@ -266,7 +268,9 @@ def _tag_tokens(opening: Any, tokens: list, builder: Builder) -> str:
     while tokens:
         token = tokens.pop()
         kind = type(token)
-        if kind is tk.TagAttrStart:
+        if kind is tk.Text:  # the name's source or the contents' text alike
+            part.append(token["text"])
+        elif kind is tk.TagAttrStart:
             builder._handle_attribute(token)  # consumes the attribute: no visible text
         elif kind is tk.TagCloseOpen:
             name, part, in_contents = "".join(part), [], True
@@ -279,8 +283,6 @@ def _tag_tokens(opening: Any, tokens: list, builder: Builder) -> str:
             return _tag_text(name, opening.get("wiki_markup") or None, self_closing, contents)
         elif in_contents:
             part.append(_token_text(token, tokens, builder))
-        elif kind is tk.Text:
-            part.append(token["text"])
         else:  # markup in a tag's name: its source, as str() of the Builder's node gives it
             part.append(str(builder._handle_token(token)))
     raise ParserError("_handle_tag() missed a close token")
