@@ -167,3 +167,24 @@ def test_the_token_reader_changes_no_real_page():
         for text in (page["text"], prepass(page["text"])):
             tree = wikimarkup.mwp.parse(text, skip_style_tags=False)
             assert wikimarkup._parse_text(text) == wikimarkup._walk(tree), page["title"]
+
+
+# Pieces of markup, joined at random: unbalanced and nested quotes, tags, links, templates,
+# tables, headings and lists, so the tokens come in every order the tokenizer makes.
+MARKUP_PIECES = (
+    ["'''", "''", "[[", "]]", "[[a|b]]", "[[File:x.jpg|c]]", "{{", "}}", "{{cite|x}}", "{|", "|}"]
+    + ["|-", "||", "|", "\n", "\n*", "\n#", "\n;", "\n:", "\n----\n", "\n== H ==\n", "=="]
+    + ["\n=== ''I'' ===\n", "<br>", "<br/>", "</br>", "<b>", "</b>", "<span class=x>", "</span>"]
+    + ["<ref>", "</ref>", "<ref name=a/>", "<!--", "-->", "&amp;", "&nbsp;", "&#x41;", "&bogus;"]
+    + ["[http://x.org t]", "http://y.org", "[", "]", "<nowiki>", "</nowiki>", "<math>", "</math>"]
+    + [" ", "\t", "(", ")", ",", "word", "s", "=", "{{{a}}}", "<div\nid=a>", "</div>", "<{{x}}>"]
+    + ["<span {{y}}>", "[[a|''b'']]", "[[:Category:c|d]]", "[[fr:z]]"]
+)
+
+
+def test_the_token_reader_gives_the_builders_text_on_random_markup():
+    rng = random.Random(0)
+    for _ in range(1500):
+        text = "".join(rng.choice(MARKUP_PIECES) for _ in range(rng.randint(1, 50)))
+        tree = wikimarkup.mwp.parse(text, skip_style_tags=False)
+        assert wikimarkup._parse_text(text) == wikimarkup._walk(tree), repr(text)
