@@ -19,7 +19,7 @@ from dtl.fileio import DiskFullError, is_disk_full
 
 # One module per group of verbs, in the order `dtl --help` lists them, with the verbs each
 # registers: `dtl VERB ...` imports VERB's module alone, so a verb that runs no model (`dtl
-# extract`) never loads torch, which the others' modules import (tests/test_cli_imports.py
+# extract`) never loads torch, which the others' modules import (tests/test_lazy_imports.py
 # checks this table against what the modules register).
 COMMAND_MODULES = {
     "dtl.cli.quickstart": ("quickstart",),
