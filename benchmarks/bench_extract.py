@@ -44,9 +44,16 @@ DTL = [sys.executable, "-c", "import sys; from dtl.cli import main; sys.exit(mai
 # --- the dump -----------------------------------------------------------------------------------
 
 
-def _copy_streams(task: tuple[int, list]) -> tuple[list[bytes], list[list[str]]]:
+_PAGES: list = []  # the excerpt's pages, handed to each builder process once
+
+
+def _set_pages(pages: list) -> None:
+    _PAGES[:] = pages
+
+
+def _copy_streams(copy: int) -> tuple[list[bytes], list[list[str]]]:
     """One copy of the pages under new ids and titles, compressed 100 pages a stream."""
-    copy, pages = task
+    pages = _PAGES
     streams, index = [], []
     for start in range(0, len(pages), 100):
         xml, lines = [], []
@@ -75,12 +82,13 @@ def build_dump(mb: float, work: Path, processes: int) -> tuple[Path, int]:
     if path.exists() and index.exists():
         return path, count
     print(f"building {path.name}: {copies} copies of {len(pages)} real pages ...", flush=True)
+    started = time.perf_counter()
     tmp = path.with_name(path.name + ".tmp")
     lines: list[str] = []
-    with open(tmp, "wb") as out, multiprocessing.Pool(processes) as pool:
+    pool = multiprocessing.Pool(processes, initializer=_set_pages, initargs=(pages,))
+    with open(tmp, "wb") as out, pool:
         out.write(bz2.compress(header.encode("utf-8")))
-        tasks = ((c, pages) for c in range(copies))
-        for streams, index_lines in pool.imap(_copy_streams, tasks):
+        for streams, index_lines in pool.imap(_copy_streams, range(copies)):
             for stream, stream_lines in zip(streams, index_lines, strict=True):
                 offset = out.tell()
                 out.write(stream)
@@ -88,6 +96,7 @@ def build_dump(mb: float, work: Path, processes: int) -> tuple[Path, int]:
         out.write(bz2.compress(b"\n</mediawiki>\n"))
     index.write_bytes(bz2.compress("".join(lines).encode("utf-8")))
     os.replace(tmp, path)
+    print(f"built in {time.perf_counter() - started:.0f} s ({processes} processes)", flush=True)
     return path, count
 
 

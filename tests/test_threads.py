@@ -26,6 +26,7 @@ class Spy:  # reports the environment at the moment torch is first imported
         return None
 sys.meta_path.insert(0, Spy())
 import dtl.cli
+dtl.TransformerLM  # torch loads with the model's names (dtl.lazy), after `import dtl`
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
@@ -111,3 +112,79 @@ def test_tidying_all_lines_at_once_equals_a_line_at_a_time():
     # and the lone-space-sparing run rule is the plain one
     for text in ("a  b", "a \tb", "\u00a0a", "a b", " ", "  ", "a\u200b\u200bb", "a \u2009 b"):
         assert wikimarkup._SPACES.sub(" ", text) == re.sub(r"[ \t\u00a0\u2009\u200b]+", " ", text)
+
+
+def test_the_fast_rules_equal_their_plain_forms_on_random_markup():
+    """The rules as first written, one character at a time, are the oracle for the faster
+    forms (possessive runs, "[[" searched before its look-behind, str.replace for spaces)."""
+    template = re.compile(r"\{\{(?:[^{}]|\{(?!\{)|\}(?!\}))*\}\}")
+    table = re.compile(r"\{\|(?:(?!\{\||\|\}).)*\|\}", re.S)
+    link = re.compile(r"(?<!\[)\[\[([^\[\]{}<>|\n&:=]+)(?:\|([^\[\]{}<>|\n&=]*))?\]\](?!\])")
+    spaces = re.compile(r"[ \t\u00a0\u2009\u200b]+")
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice("{{}}||[[]]ab: \n\t\u00a0=") for _ in range(rng.randint(0, 40)))
+        assert wikimarkup._remove_innermost(wikimarkup._TEMPLATE, text, "T") == (
+            wikimarkup._remove_innermost(template, text, "T")
+        )
+        assert wikimarkup._remove_innermost(wikimarkup._TABLE, text, "T") == (
+            wikimarkup._remove_innermost(table, text, "T")
+        )
+        assert wikimarkup._PLAIN_LINK.sub(r"<\1>", text) == link.sub(r"<\1>", text)
+        assert wikimarkup._squeeze_spaces(text) == spaces.sub(" ", text)
+
+
+# Markup the token reader (`_parse_text`) reads itself or hands to mwparserfromhell's Builder.
+TOKEN_CASES = [
+    "'''Bold''' and ''italic'' and '''''both''''' and ''unclosed\nnext line",
+    "* item ''one''\n** nested\n# number\n; term : definition\n----\nafter",
+    "== A ''heading'' ==\ntext\n=== [[Link|Sub]] &amp; more ===\n= top =",
+    "a<br>b<br/>c</br>d<span class=\"x\" style='y' flag>kept</span><div\nid=a>block</div>",
+    "<small>small <b>bold <i>both</i></b></small> <sup>2</sup> <ref name=a>r</ref> <math>x</math>",
+    "<gallery>\nFile:X.jpg|cap\n</gallery> <nowiki>''not bold''</nowiki> <pre>[[x]]</pre>",
+    "[http://example.org shown text] [http://example.org] http://bare.example.org/x",
+    "&nbsp;&#8212;&#x2014;&amp;&bogus; {{template|a=''b''}} {{{argument|d}}} <!-- c -->",
+    "{| class=wikitable\n|-\n! head\n|-\n| ''cell'' || [[cell]]\n|}",
+    "<{{x}}>odd tag name</{{x}}> <span {{y}}>attr template</span> <b>unclosed",
+    "[[File:X.jpg|thumb|A [[cat]]]] [[a|b]] [[fr:Chat]] [[:Category:C|c]] ''[[a|''b'']]''",
+]
+
+
+@pytest.mark.parametrize("wikitext", TOKEN_CASES)
+def test_the_token_reader_gives_the_builders_text(wikitext):
+    """The oracle: mwparserfromhell's own tree of the same text, walked node by node."""
+    tree = wikimarkup.mwp.parse(wikitext, skip_style_tags=False)
+    assert wikimarkup._parse_text(wikitext) == wikimarkup._walk(tree)
+
+
+def test_the_token_reader_changes_no_real_page():
+    """Every page of the embedded excerpt, raw (templates, tables, refs: the Builder's paths)
+    and pre-passed (what the cleaning parses): the same text as the Builder's tree."""
+    from dtl.corpus import corpus_files
+    from dtl.data.wikipedia import iter_pages
+
+    for page in list(iter_pages(corpus_files()[0]))[::3]:
+        for text in (page["text"], prepass(page["text"])):
+            tree = wikimarkup.mwp.parse(text, skip_style_tags=False)
+            assert wikimarkup._parse_text(text) == wikimarkup._walk(tree), page["title"]
+
+
+# Pieces of markup, joined at random: unbalanced and nested quotes, tags, links, templates,
+# tables, headings and lists, so the tokens come in every order the tokenizer makes.
+MARKUP_PIECES = (
+    ["'''", "''", "[[", "]]", "[[a|b]]", "[[File:x.jpg|c]]", "{{", "}}", "{{cite|x}}", "{|", "|}"]
+    + ["|-", "||", "|", "\n", "\n*", "\n#", "\n;", "\n:", "\n----\n", "\n== H ==\n", "=="]
+    + ["\n=== ''I'' ===\n", "<br>", "<br/>", "</br>", "<b>", "</b>", "<span class=x>", "</span>"]
+    + ["<ref>", "</ref>", "<ref name=a/>", "<!--", "-->", "&amp;", "&nbsp;", "&#x41;", "&bogus;"]
+    + ["[http://x.org t]", "http://y.org", "[", "]", "<nowiki>", "</nowiki>", "<math>", "</math>"]
+    + [" ", "\t", "(", ")", ",", "word", "s", "=", "{{{a}}}", "<div\nid=a>", "</div>", "<{{x}}>"]
+    + ["<span {{y}}>", "[[a|''b'']]", "[[:Category:c|d]]", "[[fr:z]]"]
+)
+
+
+def test_the_token_reader_gives_the_builders_text_on_random_markup():
+    rng = random.Random(0)
+    for _ in range(1500):
+        text = "".join(rng.choice(MARKUP_PIECES) for _ in range(rng.randint(1, 50)))
+        tree = wikimarkup.mwp.parse(text, skip_style_tags=False)
+        assert wikimarkup._parse_text(text) == wikimarkup._walk(tree), repr(text)

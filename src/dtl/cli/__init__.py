@@ -17,19 +17,26 @@ import sys
 from dtl.errors import DtlError
 from dtl.fileio import DiskFullError, is_disk_full
 
-# One module per group of verbs, in the order `dtl --help` lists them.
-COMMAND_MODULES = [
-    "dtl.cli.quickstart",
-    "dtl.cli.info",
-    "dtl.cli.data",
-    "dtl.cli.train",
-    "dtl.cli.generate",
-    "dtl.cli.serve",
-    "dtl.cli.export",
-]
+# One module per group of verbs, in the order `dtl --help` lists them, with the verbs each
+# registers: `dtl VERB ...` imports VERB's module alone, so a verb that runs no model (`dtl
+# extract`) never loads torch, which the others' modules import (tests/test_lazy_imports.py
+# checks this table against what the modules register).
+COMMAND_MODULES = {
+    "dtl.cli.quickstart": ("quickstart",),
+    "dtl.cli.info": ("info",),
+    "dtl.cli.data": ("tokenizer", "extract", "prepare"),
+    "dtl.cli.train": ("train", "plot"),
+    "dtl.cli.generate": ("generate", "ask", "chat", "eval"),
+    "dtl.cli.serve": ("serve",),
+    "dtl.cli.export": ("export",),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `dtl` parser: every verb's, or (given the command line) the named verb's only.
+
+    >>> args = build_parser(["extract", "dump.xml.bz2"]).parse_args(["extract", "dump.xml.bz2"])  # doctest: +SKIP
+    """
     parser = argparse.ArgumentParser(
         prog="dtl",
         description="Train decoder-only transformer language models from scratch, then "
@@ -38,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="VERB")
-    for name in COMMAND_MODULES:
+    # The top level takes no option with a value, so the first word is the verb (if any).
+    verb = next((a for a in argv or [] if not a.startswith("-")), None)
+    modules = [m for m, verbs in COMMAND_MODULES.items() if verb in verbs] or COMMAND_MODULES
+    for name in modules:
         importlib.import_module(name).register(subparsers)
     return parser
 
@@ -156,7 +166,8 @@ def _reject_unknown(parser: argparse.ArgumentParser, args, extras: list[str]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args, extras = parser.parse_known_args(argv)
     if extras:
         _reject_unknown(parser, args, extras)

@@ -9,12 +9,10 @@ from pathlib import Path
 
 from dtl.cli import add_common, add_verb
 from dtl.data.extract import extract
-from dtl.data.prepare import prepare
 from dtl.data.qa import QA_TEMPLATE
 from dtl.data.sources import detect_kind
 from dtl.errors import DtlError
 from dtl.model.config import DEFAULT_PRESET, preset_context
-from dtl.tokenizer import train_tokenizer
 
 KINDS_HELP = "wikipedia, wikitext, squad, jsonl, text (default: from the file name)"
 
@@ -231,6 +229,8 @@ def _source_options(args: argparse.Namespace, kind: str) -> dict:
 
 
 def run_tokenizer_train(args: argparse.Namespace) -> int:
+    from dtl.tokenizer import train_tokenizer  # here: `dtl extract` loads neither tokenizers
+
     started = time.perf_counter()
     tok = train_tokenizer(
         args.files,
@@ -278,6 +278,8 @@ def _extract_line(s: dict) -> str:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    from dtl.data.prepare import prepare  # here: it loads torch, which `dtl extract` never needs
+
     # --preset is a limit to check against; without it, rows of the default preset's context
     # (what `dtl train` trains by default), so `dtl prepare` then `dtl train` fit together
     model_limit = preset_context(args.preset) if args.preset else None

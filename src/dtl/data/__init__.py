@@ -14,10 +14,23 @@ loader.py                   shards -> batches (`TokenDataset`, `BatchLoader`)
 >>> batch = next(iter(BatchLoader("data/wt2", "train", batch_size=4)))  # doctest: +SKIP
 """
 
-from dtl.data.loader import BatchLoader, TokenDataset, read_meta
-from dtl.data.prepare import prepare
-from dtl.data.qa import QA_STOP, QA_TEMPLATE, format_qa, qa_prompt
-from dtl.data.sources import iter_records
+from dtl.lazy import lazy_exports
+
+# Imported on first use: `dtl extract` (dumps, wikipedia, wikimarkup) never loads torch.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "BatchLoader": "dtl.data.loader",
+        "TokenDataset": "dtl.data.loader",
+        "read_meta": "dtl.data.loader",
+        "prepare": "dtl.data.prepare",
+        "QA_STOP": "dtl.data.qa",
+        "QA_TEMPLATE": "dtl.data.qa",
+        "format_qa": "dtl.data.qa",
+        "qa_prompt": "dtl.data.qa",
+        "iter_records": "dtl.data.sources",
+    },
+)
 
 __all__ = [
     "QA_STOP",
