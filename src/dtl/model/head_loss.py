@@ -247,6 +247,6 @@ def _bf16_chunks(
             torch.mm(dlogits.t(), h_scaled, out=part)
         else:
             part.addmm_(dlogits.t(), h_scaled)
-    if part is not None:
-        grad_weight = part.to(f32)
+    if part is not None:  # a bf16 weight's gradient stays bf16 (backward returns its dtype)
+        grad_weight = part if weight.dtype == bf16 else part.to(f32)
     return total, grad_hidden, grad_weight, grad_bias
