@@ -135,13 +135,13 @@ class WeightCopies:
     """
 
     def __init__(self, master: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
-        self.model = copy.deepcopy(master)
-        for name, p in list(self.model.named_parameters()):
-            if _kept_fp32(name):  # the master's own tensor, not a copy
-                module_name, _, attr = name.rpartition(".")
-                setattr(self.model.get_submodule(module_name), attr, master.get_parameter(name))
-            else:
-                p.data = p.data.to(dtype)
+        # deepcopy's memo gives each parameter its bf16 copy (or, for the embedding, itself),
+        # so no second fp32 model is ever made
+        memo = {
+            id(p): p if _kept_fp32(name) else nn.Parameter(p.detach().to(dtype), p.requires_grad)
+            for name, p in master.named_parameters()
+        }
+        self.model = copy.deepcopy(master, memo)
         self.pairs = [  # (fp32 master, bf16 copy) in the masters' order
             (m, c)
             for m, c in zip(master.parameters(), self.model.parameters(), strict=True)
