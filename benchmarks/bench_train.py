@@ -5,14 +5,17 @@ The `small` preset (d_model 256, 8 heads, 6 layers, d_ff 1024, vocab 50,257) at 
 tokens on CPU, three step functions on the same batches:
 - dtl fp32: `--precision fp32`, eager (exact fp32);
 - dtl auto: the default `--precision auto` (bf16 on a CPU with AVX512-BF16 or AMX, else fp32:
-  `dtl.train.precision`), eager;
+  `dtl.train.precision`), eager; on such a CPU that is bf16 weight copies of fp32 masters;
+- dtl bf16 autocast: where auto trains bf16 weight copies, the same run with plain bf16
+  autocast instead (what auto was before, and what FSDP still uses), so the copies' gain is
+  measured in the same run;
 - HF: a GPT2LMHeadModel of the same dimensions, fp32, with the same AdamW settings.
 MFU = achieved model FLOP/s over the peak FLOP/s of a large matmul in the dtype the step's
 matmuls run in (fp32 or bf16), measured in this same run (this machine's real peak, not a
 datasheet's). Model FLOPs per token = 6 x (matmul parameters) + 12 x layers x T x d_model
 (attention scores and values, the PaLM convention), counted from the config.
 
-The steps are timed in turns (fp32, auto, HF, fp32, ...) so a busy machine slows all alike,
+The steps are timed in turns (fp32, auto, autocast, HF, fp32, ...) so a busy machine slows all alike,
 and the best time of each is kept. With --loss-steps N (e.g. 300) it then trains N steps of
 `dtl train` at fp32 and at auto from the same seed on the same batches and prints both losses
 at the same steps (the goal of issue 21: within 0.02; ~15 minutes for 300 on 2 cores).
@@ -81,6 +84,18 @@ def dtl_trainer(data_dir: Path, out: Path, precision: str):
     from dtl.train import Trainer
 
     return Trainer(dtl_config(data_dir, out, precision))
+
+
+def autocast_trainer(data_dir: Path, out: Path):
+    """The auto run with bf16 autocast instead of bf16 weight copies (else the same)."""
+    import dataclasses
+
+    from dtl.train import Trainer
+    from dtl.train.setup import setup_run
+
+    setup = setup_run(dtl_config(data_dir, out, "auto"))
+    prec = dataclasses.replace(setup.prec, weight_copies=False, why="bf16 autocast")
+    return Trainer(setup=dataclasses.replace(setup, prec=prec))
 
 
 def one_step(trainer):
@@ -165,6 +180,7 @@ def main() -> None:
         )
         fp32 = dtl_trainer(data, Path(tmp) / "fp32", "fp32")
         auto = dtl_trainer(data, Path(tmp) / "auto", "auto")
+        amp = autocast_trainer(data, Path(tmp) / "amp") if auto.prec.weight_copies else None
         it = iter(fp32.train_loader)
         batches = [next(it) for _ in range(2 + args.steps)]
         cfg = fp32.model_config
@@ -176,6 +192,7 @@ def main() -> None:
         steps = {
             "fp32": one_step(fp32),
             "auto": one_step(auto),
+            **({"amp": one_step(amp)} if amp is not None else {}),
             "hf": hf_step,
         }
         best = time_interleaved(steps, batches, args.steps)
@@ -196,6 +213,7 @@ def main() -> None:
         rows = [
             ("dtl fp32 (eager)", "fp32", torch.float32, fp32.model.num_parameters()),
             (f"dtl auto ({auto.prec.name})", "auto", low, auto.model.num_parameters()),
+            *([("dtl bf16 autocast", "amp", low, amp.model.num_parameters())] if amp else []),
             ("HF GPT2LMHeadModel", "hf", torch.float32, sum(p.numel() for p in hf.parameters())),
         ]
         for label, name, dt, n_params in rows:
@@ -205,8 +223,10 @@ def main() -> None:
                 f"peak  ({n_params:,} params{', tied embeddings' if name == 'hf' else ''})"
             )
         print(f"ratio dtl auto / dtl fp32 tokens/s: {tps['auto'] / tps['fp32']:.2f}x")
+        if amp is not None:
+            print(f"ratio dtl bf16 autocast / dtl fp32 tokens/s: {tps['amp'] / tps['fp32']:.2f}x")
         print(f"ratio dtl fp32 / HF tokens/s: {tps['fp32'] / tps['hf']:.2f}x")
-        del fp32, auto, hf
+        del fp32, auto, amp, hf
         if args.loss_steps:
             loss_comparison(data, Path(tmp), args.loss_steps)
 

@@ -473,3 +473,25 @@ def test_bf16_head_loss_is_fp32_cross_entropy_within_bf16_rounding(autocast):
         summed = linear_cross_entropy(h, w, b, t, chunk_size=33, reduction="sum")
     want = F.cross_entropy(h @ w.T + b, t, reduction="sum").item()
     assert summed.item() == pytest.approx(want, rel=1e-3)
+
+
+def test_bf16_head_loss_gradient_scaled_by_the_fp32_weight_not_a_rounded_one():
+    """Gradient accumulation weights a micro-batch's loss by its token share (0.4987...): a
+    bf16 model's (training's bf16 weight copies) hidden-state gradient is the unweighted one
+    times that fp32 weight, rounded once (not times the weight rounded to bf16 first); the
+    head weight's gradient stays in the weight's dtype."""
+    from dtl.model.head_loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(64, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(40, 16) * 0.3).to(torch.bfloat16).requires_grad_()
+    b = torch.zeros(40, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 40, (64,))
+    linear_cross_entropy(h, w, b, t).backward()
+    g1, gw1 = h.grad.clone(), w.grad.clone()
+    assert g1.dtype == gw1.dtype == torch.bfloat16
+    h.grad = w.grad = b.grad = None
+    weight = 0.4987
+    (linear_cross_entropy(h, w, b, t) * weight).backward()
+    assert torch.equal(h.grad, (g1.float() * weight).to(torch.bfloat16))
+    assert torch.equal(w.grad, (gw1.float() * weight).to(torch.bfloat16))

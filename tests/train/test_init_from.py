@@ -55,6 +55,22 @@ def _first_logged_loss(run: Path) -> float:
     return next(r["loss"] for r in records if r.get("step") == 1 and "loss" in r)
 
 
+def test_a_bf16_fine_tune_runs_on_the_source_weights_rounded(source_run, packed_data, tmp_path):
+    """bf16 on a CPU: the fp32 masters are the source's weights, and the bf16 copies the
+    forward runs on are those rounded to bf16 (the embedding shared, fp32)."""
+    source, _ = load_model(source_run)
+    cfg = tiny_config(packed_data, tmp_path / "ft", init_from=str(source_run), max_steps=1,
+                      precision="bf16")  # fmt: skip
+    trainer = Trainer(cfg)
+    want = source.state_dict()
+    masters = dict(trainer.model.named_parameters())
+    for name, low in trainer.copies.model.named_parameters():
+        assert torch.equal(masters[name], want[name])
+        expected = want[name] if name.startswith("embedding.") else want[name].to(torch.bfloat16)
+        assert low.dtype == expected.dtype and torch.equal(low, expected), name
+    assert trainer.run()["step"] == 1
+
+
 def test_a_fine_tune_starts_from_the_source_weights_with_a_fresh_optimizer(
     source_run, packed_data, tmp_path
 ):

@@ -59,17 +59,22 @@ def test_training_memory_estimate_within_25_percent_of_measured(
     assert 0.75 * measured <= estimate <= 1.25 * measured, (estimate / 2**20, measured / 2**20)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_activation_estimate_equals_the_tensors_autograd_saves(precision, dropout):
-    """Count every tensor autograd keeps for backward (by storage, once) in a real forward."""
+    """Count every tensor autograd keeps for backward (by storage, once) in a real forward:
+    fp32; bf16 autocast (CUDA's and FSDP's way); bf16 weight copies (a CPU run's way: the
+    estimate `dtl info` gives for bf16 on a CPU)."""
     import torch
 
     from dtl import TransformerLM
     from dtl.train.memory import _activation_bytes
+    from dtl.train.precision import WeightCopies
 
     cfg = ModelConfig.preset("tiny", vocab_size=500, dropout=dropout, n_layers=3)
     model = TransformerLM(cfg).train()
+    if precision == "bf16":
+        model = WeightCopies(model).model
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -78,19 +83,38 @@ def test_activation_estimate_equals_the_tensors_autograd_saves(precision, dropou
         return t
 
     x = torch.randint(0, 500, (4, 64))
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
         model.hidden_states(x)
     saved = sum(n for ptr, n in storages.items() if ptr not in params)
-    kept, _ = _activation_bytes(cfg, 4 * 64, precision, False, "cpu")
+    if precision == "bf16-autocast":
+        kept, _ = _activation_bytes(cfg, 4 * 64, "bf16", False, "cpu", weight_copies=False)
+    else:
+        kept, _ = _activation_bytes(cfg, 4 * 64, precision, False, "cpu")
     weight_casts = 0
-    if precision == "bf16":  # autocast's 16-bit copies of the block weights, counted apart
+    if precision == "bf16-autocast":  # autocast's 16-bit copies of the block weights, apart
         weight_casts = 2 * sum(
             p.numel()
             for n, p in model.named_parameters()
             if n.endswith("weight") and "norm" not in n and "transformer_blocks" in n
         )
     assert saved - weight_casts == kept
+
+
+def test_bf16_cpu_plan_counts_the_weight_copies_a_run_keeps():
+    """bf16 on a CPU: the plan's 16-bit weights are the bf16 copies a run holds (counted from
+    a real WeightCopies), and its activations are the all-bf16 ones."""
+    from dtl import TransformerLM
+    from dtl.train.precision import WeightCopies
+
+    cfg = ModelConfig.preset("tiny", vocab_size=500)
+    copies = WeightCopies(TransformerLM(cfg))
+    held = sum(c.numel() * c.element_size() for _, c in copies.pairs)
+    cpu = estimate_memory(cfg, 4, 64, "bf16", False, "cpu")
+    assert cpu["weight_casts"] == held
+    # the CPU run keeps every activation in bf16, where autocast (CUDA) keeps fp32 ones too
+    cuda = estimate_memory(cfg, 4, 64, "bf16", False, "cuda")
+    assert cpu["activations"] < cuda["activations"]
 
 
 def dtl_info(*args: str) -> dict:

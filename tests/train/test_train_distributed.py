@@ -164,3 +164,23 @@ def test_init_from_gives_every_rank_the_source_weights(padded_data, single_run, 
     assert first["step"] == 1 and "loss" in first
     _same_records(_records(one), _records(two))
     assert len(_records(two)) == len(_records(one)) >= 2
+
+
+def test_bf16_weight_copies_on_two_ranks_follow_one_process_and_resume(padded_data, tmp_path):
+    """bf16 on a CPU under DDP: the ranks train bf16 weight copies (their gradients all-reduced
+    in bf16) of fp32 masters; the losses follow one bf16 process with twice the batch within
+    bf16's rounding, the checkpoint is fp32 and --resume continues."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = run_dtl(*_args(padded_data, one, 4, steps=6), "--precision", "bf16")
+    assert done.returncode == 0, done.stderr
+    first = torchrun(*DTL[1:], *_args(padded_data, two, 2), "--precision", "bf16")
+    assert "(bf16, bf16 weights and activations, fp32 master weights)" in first.stdout
+    ran = torchrun(*DTL[1:], "train", "--resume", str(two), "--max-steps", "6", "--no-progress")
+    assert "resuming" in ran.stdout
+    a, b = _records(one), _records(two)
+    assert [r["step"] for r in b] == [r["step"] for r in a]
+    for x, y in zip(a, b, strict=True):
+        key = "val_loss" if "val_loss" in x else "loss"
+        assert y[key] == pytest.approx(x[key], abs=2e-2), (x, y)
+    model = TransformerLM.from_pretrained(latest_checkpoint(two))
+    assert all(p.dtype == torch.float32 for p in model.parameters())

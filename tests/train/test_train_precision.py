@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,10 @@ def test_auto_trains_in_bf16_where_the_cpu_has_it_and_says_so(packed_data, tmp_p
         code, out, err = cli([*argv, "--out", str(tmp_path / "auto")], capsys)
     assert code == 0, err
     first = next(line for line in out.splitlines() if line.startswith("training "))
-    assert "on cpu (bf16, auto: DTL_CPU_BF16=1 on this CPU; --precision fp32 for exact fp32)" in first
+    assert (
+        "on cpu (bf16, auto: DTL_CPU_BF16=1 on this CPU; --precision fp32 for exact fp32; "
+        "bf16 weights and activations, fp32 master weights)" in first
+    )
     config = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
     assert (config["precision"], config["precision_resolved"]) == ("auto", "bf16")
     fp32, bf16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "auto")
@@ -133,3 +137,84 @@ def test_info_fit_weighs_bf16_on_a_cpu_with_native_bf16(monkeypatch, capsys, env
     fit = json.loads(out)["fit"]
     assert {o["precision"] for o in fit["options"]} == set(want)
     assert fit["recommended"]["precision"] == want[0]
+
+
+def _bf16_trainer(data: Path, out: Path, **overrides):
+    from dtl.train import Trainer
+
+    return Trainer(tiny_config(data, out, precision="bf16", **overrides))
+
+
+def test_bf16_on_cpu_trains_bf16_weight_copies_of_fp32_masters(packed_data, tmp_path):
+    """bf16 on a CPU runs the forward on bf16 copies of the weights (not autocast): after
+    every optimizer step each copy equals its fp32 master rounded to bf16 (torch's own
+    rounding), the masters are what the optimizer holds, and the embedding is shared, fp32."""
+    trainer = _bf16_trainer(packed_data, tmp_path / "run", dropout=0.1)
+    assert trainer.prec.weight_copies and trainer.copies is not None
+    master, low = trainer.model, trainer.copies.model
+    opt_params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in opt_params} == {id(p) for p in master.parameters()}
+    assert all(p.dtype == torch.float32 for p in opt_params)
+    assert low.embedding.weight is master.embedding.weight
+    batches = iter(trainer.train_loader)
+    before = {n: p.detach().clone() for n, p in master.named_parameters()}
+    for _ in range(3):
+        loss, grad_norm, _ = trainer.train_step([next(batches)])
+        assert math.isfinite(loss) and grad_norm > 0
+        for (name, m), (name_low, c) in zip(
+            master.named_parameters(), low.named_parameters(), strict=True
+        ):
+            assert name == name_low
+            if name.startswith("embedding."):
+                assert c is m
+                continue
+            assert c.dtype == torch.bfloat16 and c.grad is None
+            assert torch.equal(c, m.detach().to(torch.bfloat16)), name
+    # the masters moved by fp32 updates smaller than a bf16 step: they are not rounded
+    moved = master.transformer_blocks[0].attention.w_q.weight
+    assert not torch.equal(moved, before["transformer_blocks.0.attention.w_q.weight"])
+    assert not torch.equal(moved, moved.to(torch.bfloat16).float())
+    # the forward really runs in bf16 between the ops: the blocks' output is bf16
+    ids = next(batches)["input_ids"]
+    assert low.hidden_states(ids).dtype == torch.bfloat16
+    assert master.hidden_states(ids).dtype == torch.float32
+
+
+def test_bf16_checkpoint_holds_fp32_masters_and_resume_rounds_them_again(packed_data, tmp_path):
+    """A bf16 run's checkpoint is fp32 (the masters, not the copies); a resumed run's copies
+    are the loaded masters rounded, so it goes on exactly as one never stopped (weights too)."""
+    from dtl import TransformerLM
+    from dtl.train import Trainer
+
+    kw = {"precision": "bf16", "schedule": "constant", "save_every": 2, "max_steps": 4,
+          "dropout": 0.1}  # fmt: skip
+    train(tiny_config(packed_data, tmp_path / "whole", **kw))
+    train(tiny_config(packed_data, tmp_path / "split", **{**kw, "max_steps": 2}))
+    saved = TransformerLM.from_pretrained(tmp_path / "split" / "checkpoints" / "step-2")
+    assert all(p.dtype == torch.float32 for p in saved.parameters())
+    resumed = Trainer(tiny_config(packed_data, tmp_path / "split", **kw), resume=True)
+    for (_, m), (name, c) in zip(
+        resumed.model.named_parameters(), resumed.copies.model.named_parameters(), strict=True
+    ):
+        assert torch.equal(m, saved.get_parameter(name))
+        assert torch.equal(c, m.detach().to(c.dtype))
+    resumed.run()
+    whole = TransformerLM.from_pretrained(tmp_path / "whole" / "checkpoints" / "step-4")
+    split = TransformerLM.from_pretrained(tmp_path / "split" / "checkpoints" / "step-4")
+    for name, p in whole.state_dict().items():
+        assert torch.equal(p, split.state_dict()[name]), name
+    assert _losses(tmp_path / "whole") == _losses(tmp_path / "split")
+
+
+def test_fp32_and_fsdp_keep_no_weight_copies():
+    """The one rule: bf16 weight copies on a CPU without FSDP; fp32 never, FSDP keeps autocast."""
+    from dtl.train.precision import with_weight_copies
+
+    bf16, fp32 = resolve_precision("bf16", CPU), resolve_precision("fp32", CPU)
+    assert with_weight_copies(bf16, CPU, fsdp=False).weight_copies
+    assert not with_weight_copies(bf16, CPU, fsdp=True).weight_copies
+    assert not with_weight_copies(fp32, CPU, fsdp=False).weight_copies
+    assert not with_weight_copies(bf16, torch.device("cuda"), fsdp=False).weight_copies
+    copies = with_weight_copies(bf16, CPU, fsdp=False)
+    with autocast(copies, CPU):  # the model runs in its own dtype: no autocast on top
+        assert (torch.randn(2, 2) @ torch.randn(2, 2)).dtype == torch.float32

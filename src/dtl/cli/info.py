@@ -216,7 +216,7 @@ TRAIN_MEMORY_ROWS = (
     ("weights", "weights (fp32 master copy)"),
     ("gradients", "gradients"),
     ("optimizer", "AdamW moments"),
-    ("weight_casts", "16-bit weight copies (autocast)"),
+    ("weight_casts", "16-bit weight copies"),
     ("activations", "activations"),
     ("head_workspace", "head + loss workspace (chunked)"),
     ("train_total", "peak (gradients mostly come as activations go)"),

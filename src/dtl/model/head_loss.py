@@ -167,7 +167,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: D102
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         if grad_out.item() != 1.0:  # e.g. gradient accumulation or a GradScaler
-            grad_hidden = grad_hidden * grad_out.to(grad_hidden.dtype)
+            # times the fp32 scalar itself: a bf16 gradient (bf16 weight copies) is scaled in
+            # fp32 and rounded once, not by the weight first rounded to bf16
+            grad_hidden = grad_hidden * grad_out
             grad_weight = grad_weight * grad_out
             grad_bias = None if grad_bias is None else grad_bias * grad_out
         h_dtype, w_dtype, b_dtype = ctx.dtypes
@@ -247,6 +249,6 @@ def _bf16_chunks(
             torch.mm(dlogits.t(), h_scaled, out=part)
         else:
             part.addmm_(dlogits.t(), h_scaled)
-    if part is not None:
-        grad_weight = part.to(f32)
+    if part is not None:  # a bf16 weight's gradient stays bf16 (backward returns its dtype)
+        grad_weight = part if weight.dtype == bf16 else part.to(f32)
     return total, grad_hidden, grad_weight, grad_bias

@@ -249,6 +249,9 @@ class TransformerLM(nn.Module):
             )
 
         x = self.embedding(input_ids) * self.embed_scale  # (B, T, d)
+        # into the blocks' dtype: a no-op unless the embedding alone is fp32 (training's bf16
+        # weight copies share the fp32 master embedding: `dtl.train.precision.WeightCopies`)
+        x = x.to(self.ln_f.weight.dtype)
         x = self.dropout(self.pos_encoding(x, position_ids, start))
         for i, block in enumerate(self.transformer_blocks):
             x = block(x, attn_mask, cache, i, None if layout is None else layout.blocks[i])

@@ -8,7 +8,7 @@ parallelize.py  the loss as the forward, activation checkpointing, DDP/FSDP, tor
 step.py         one step's arithmetic: token-weighted accumulation, clipping, evaluation
 loop.py         Trainer (the loop) and train()
 optim.py        AdamW's parameter groups and the lr schedule
-precision.py    fp32 / bf16 / fp16 autocast and the GradScaler
+precision.py    fp32 / bf16 / fp16 autocast, bf16 weight copies (CPU), the GradScaler
 checkpoint.py   what a checkpoint holds and how a run resumes from one; RNG states
 metrics.py      metrics.jsonl, TensorBoard, printed lines
 interrupt.py    Ctrl-C: stop after this step and save

@@ -142,7 +142,11 @@ class Trainer:
             load_init_weights(self.model, self.setup.init)
         if self.dist.rank > 0:  # its own dropout masks per rank
             ckpt.seed_everything(cfg.seed + 7919 * self.dist.rank)
-        self.net, self.forward = parallelize(self.model, cfg, self.dist)
+        # bf16 on a CPU: the forward runs bf16 copies of the weights; `self.model` stays the
+        # fp32 master that the optimizer updates and the checkpoints hold
+        self.copies = precision.WeightCopies(self.model) if self.prec.weight_copies else None
+        compute = self.model if self.copies is None else self.copies.model
+        self.net, self.forward = parallelize(compute, cfg, self.dist)
         self.optimizer = optim.make_optimizer(
             self.model,
             cfg.optimizer,
@@ -171,6 +175,8 @@ class Trainer:
         step_loss, stop = forward_backward(
             self.forward, self.net, batches, self.prec, self.scaler, self.dist, self._stop.requested
         )
+        if self.copies is not None:
+            self.copies.grads_to_master()  # in fp32, where the optimizer and clipping see them
         grad_norm = clip_gradients(self.optimizer, self.scaler, self.cfg.grad_clip)
         # A non-finite loss is the guard's business. Non-finite gradients under a finite loss
         # are the GradScaler's (fp16): it skips the step and halves the scale, unless the scale
@@ -188,6 +194,8 @@ class Trainer:
             self.scaler.step(self.optimizer)  # skips the update itself if fp16 grads overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)  # no partial window leaks into the next step
+        if self.copies is not None:
+            self.copies.refresh()  # the next forward's weights: the updated masters, rounded
         return step_loss, grad_norm, stop
 
     def _nonfinite(self, loss: float, grad_norm: float, note: str = "") -> None:
@@ -254,6 +262,8 @@ class Trainer:
         )
         self._check_same_data(path, state)
         load_full_model(self.net, self.model, path, self.device, fsdp=self.cfg.fsdp)
+        if self.copies is not None:
+            self.copies.refresh()
         ratios = [g.get("lr_ratio") for g in self.optimizer.param_groups]
         load_optimizer_state_dict(self.net, self.optimizer, state["optimizer"], fsdp=self.cfg.fsdp)
         for group, ratio in zip(self.optimizer.param_groups, ratios, strict=True):

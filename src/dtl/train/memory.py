@@ -7,7 +7,8 @@ counts what training really keeps alive, tensor by tensor, for DTL's own impleme
 - per block and token, the activations autograd saves: the block input, Q, K and V, the
   attention output, the two LayerNorm inputs and the FFN's ReLU output (8 x d_model + d_ff
   values), the attention's log-sum-exp (n_heads), LayerNorm statistics (4), and the dropout
-  masks (fp32 on CPU, bytes on CUDA); in mixed precision the matmul outputs are 16-bit;
+  masks (fp32 on CPU, bytes on CUDA); under autocast the matmul outputs are 16-bit; with bf16
+  weight copies (bf16 on a CPU: `dtl.train.precision.WeightCopies`) all of them are;
   with activation checkpointing only each block's input, plus one block being recomputed;
 - the fused head + loss (`dtl.model.head_loss`): one chunk of logits at a time instead of all
   (B x T x vocab) of them, plus the head's gradient held from the forward pass.
@@ -28,6 +29,7 @@ import torch
 
 from dtl.model.config import ModelConfig
 from dtl.model.head_loss import CHUNK_ELEMENTS
+from dtl.train.precision import uses_weight_copies
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 GIB = 1024**3
@@ -57,10 +59,30 @@ def parameter_breakdown(config: ModelConfig) -> dict[str, int]:
 
 
 def _activation_bytes(
-    config: ModelConfig, tokens: int, precision: str, checkpointing: bool, device: str
+    config: ModelConfig,
+    tokens: int,
+    precision: str,
+    checkpointing: bool,
+    device: str,
+    weight_copies: bool | None = None,
 ) -> tuple[int, int]:
-    """(bytes kept from the forward pass, bytes of one block recomputed in backward)."""
+    """(bytes kept from the forward pass, bytes of one block recomputed in backward).
+    `weight_copies`: the run trains bf16 weight copies, not autocast (None: what the run
+    would, `uses_weight_copies`)."""
     D, F, H, L = config.d_model, config.d_ff, config.n_heads, config.n_layers
+    if weight_copies is None:
+        weight_copies = uses_weight_copies(precision, device)
+    if weight_copies:
+        # Everything after the embedding's lookup is bf16: per block the 8 x D + F values
+        # above, the LayerNorm statistics (4) in bf16 too, the log-sum-exp (H) in fp32 and
+        # the two bf16 dropout masks; outside, ln_f's input and statistics, the token ids and
+        # the embedding dropout's mask.
+        mask = 2 if config.dropout > 0 else 0
+        block = (8 * D + F + 4) * 2 + H * 4 + 2 * D * mask
+        outside = D * 2 + 4 + 8 + D * mask
+        if checkpointing:
+            return tokens * (L * D * 2 + outside), tokens * block
+        return tokens * (L * block + outside), 0
     mixed = precision != "fp32"
     half = 2 if mixed else 4
     # Dropout masks: the activation's dtype on CPU, one byte (bool) on CUDA.
@@ -110,12 +132,14 @@ def estimate_memory(
     weights = params * 4  # fp32 master weights
     gradients = params * 4
     optimizer = params * 8  # AdamW exp_avg and exp_avg_sq
-    # Autocast keeps a 16-bit copy of each matmul weight during the step.
+    # A 16-bit copy of every weight but the embedding: autocast's, made during the step, or
+    # the bf16 weight copies a CPU run keeps (`dtl.train.precision.WeightCopies`).
     weight_casts = (
         (params - parameter_breakdown(config)["embedding"]) * 2 if precision != "fp32" else 0
     )
+    copies = uses_weight_copies(precision, device)
     activations, recomputed = _activation_bytes(
-        config, tokens, precision, activation_checkpointing, device
+        config, tokens, precision, activation_checkpointing, device, copies
     )
     chunk_rows = max(1, min(tokens, CHUNK_ELEMENTS // V))
     # One chunk of fp32 logits (+ its 16-bit copy in mixed precision) and d(hidden).
@@ -123,7 +147,9 @@ def estimate_memory(
     # The peak is at the forward's end (the head's gradient is made there; all gradients when
     # accumulating) or in backward (all gradients, plus a recomputed block with checkpointing).
     head_gradient = parameter_breakdown(config)["head"] * 4
-    if precision == "bf16":  # the head's dW is summed in a bf16 buffer, then cast to fp32
+    if copies:  # the bf16 head's dW stays bf16 until the step hands it to the fp32 master
+        head_gradient = parameter_breakdown(config)["head"] * 2
+    elif precision == "bf16":  # the head's dW is summed in a bf16 buffer, then cast to fp32
         head_gradient += parameter_breakdown(config)["head"] * 2
     at_forward_end = (gradients if grad_accum > 1 else head_gradient) + activations + head_workspace
     in_backward = gradients + (activations + recomputed if activation_checkpointing else 0)

@@ -102,6 +102,7 @@ def setup_run(cfg: TrainConfig, resume: ResumeFrom | bool | None = None) -> RunS
     if cfg.fsdp:
         distributed.check_fsdp(dist)  # before anything is written or prepared
     prec = precision.resolve_precision(cfg.precision, dist.device)
+    prec = precision.with_weight_copies(prec, dist.device, cfg.fsdp)
     init = None
     if cfg.init_from and resume is None:  # a resumed fine-tune continues from its checkpoints
         init = read_init_source(cfg.init_from)  # refused here if its weights hold NaN/Inf
