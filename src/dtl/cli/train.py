@@ -52,13 +52,27 @@ HELP = {
     "batch_size": "rows per micro-batch (per process)",
     "grad_accum": "micro-batches accumulated per optimizer step",
     "optimizer": "adamw, or muon: Muon (orthogonalised momentum) for the blocks' Q/K/V/out and "
-    "FFN matrices, AdamW for embeddings, head, biases, LayerNorms (default adamw)",
+    "FFN matrices, AdamW for embeddings, head, biases, LayerNorms; or auto: muon when the run "
+    "reads its data once, adamw when it repeats it (default adamw)",
     "lr": f"peak AdamW learning rate (default {LR_RULE}: 1e-3 at d_model 128, 4.1e-4 at 768)",
     "muon_lr": "peak Muon learning rate with --optimizer muon, same schedule (default 0.02)",
+    "embed_lr": "with --optimizer muon: the token embedding's peak lr (default --lr)",
+    "head_lr": "with --optimizer muon: the LM head matrix's peak lr (default --lr)",
+    "scalar_lr": "with --optimizer muon: the biases' and LayerNorms' peak lr (default --lr)",
+    "muon_momentum": "Muon's momentum after its warmup (default 0.95)",
+    "muon_momentum_start": "Muon's momentum at step 0, rising linearly to --muon-momentum "
+    "(default 0.85)",
+    "muon_momentum_warmup": "steps over which Muon's momentum rises (default 300; 0: none)",
+    "decay_fraction": "--schedule wsd: the last fraction of the run over which the lr decays "
+    "linearly to --min-lr (default 0.2)",
+    "data_order": "rows: the data's packed rows, shuffled, every epoch; offsets: from the "
+    "second pass on, rows start at a random offset (other contexts of the same tokens); auto: "
+    "offsets when the run reads its data more than once (default auto)",
     "min_lr": "learning-rate floor of the decay (default lr/10)",
     "warmup_steps": f"linear warmup steps (default {WARMUP_RULE.replace('%', '%%')}: 2 at --max-steps 40, "
     "50 at 1000)",
-    "schedule": "lr schedule after warmup: cosine, linear, constant",
+    "schedule": "lr schedule after warmup: cosine, linear, constant, or wsd (constant, then "
+    "linear to --min-lr over the last --decay-fraction of the run)",
     "weight_decay": "AdamW weight decay (weight matrices only)",
     "decay_all": "decay every parameter (the spec's plain recipe; worse)",
     "grad_clip": "clip the gradient norm to this (0: off)",

@@ -60,7 +60,11 @@ LR_REF, LR_REF_WIDTH = 1e-3, 128
 WARMUP_FRACTION, WARMUP_CAP = 0.05, 500
 LR_RULE = f"{LR_REF:g} * sqrt({LR_REF_WIDTH} / d_model)"
 WARMUP_RULE = f"{WARMUP_FRACTION:.0%} of max_steps, 1 to {WARMUP_CAP} steps"
-OPTIMIZERS = ("adamw", "muon")
+OPTIMIZERS = ("adamw", "muon", "auto")
+# How the train split's packed rows are cut, epoch by epoch (`dtl.data.loader.BatchLoader`):
+# rows: the data's own rows every epoch; offsets: from the second epoch on, rows that start at
+# a random offset; auto: offsets when the run reads its data more than once (`repeats_data`).
+DATA_ORDERS = ("auto", "rows", "offsets")
 POSITIVE = (
     "max_steps",
     "batch_size",
@@ -91,12 +95,24 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
-    optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW the rest)
+    # adamw; muon (Muon for the blocks' matrices, AdamW the rest); auto (`resolve_optimizer`)
+    optimizer: str = "adamw"
     lr: float | None = None  # None: LR_RULE (from the model's width)
     muon_lr: float = 0.02  # Muon's peak lr (--optimizer muon), on the same schedule
+    # --optimizer muon's AdamW groups' peak lrs (None: --lr's), on the same schedule
+    embed_lr: float | None = None  # the token embedding
+    head_lr: float | None = None  # the LM head's matrix (untied, per the spec)
+    scalar_lr: float | None = None  # biases and LayerNorms
+    # Muon's momentum rises linearly from muon_momentum_start over the first
+    # muon_momentum_warmup steps (modded-nanogpt's 0.85 -> 0.95 over 300; 0: no warmup)
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85
+    muon_momentum_warmup: int = 300
     min_lr: float | None = None  # None: lr / 10
     warmup_steps: int | None = None  # None: WARMUP_RULE
     schedule: str = "cosine"
+    decay_fraction: float = 0.2  # --schedule wsd: the last fraction of the run that decays
+    data_order: str = "auto"  # DATA_ORDERS
     weight_decay: float = 0.1
     decay_all: bool = False  # the spec's plain recipe: decay every parameter
     beta1: float = 0.9
@@ -132,19 +148,32 @@ class TrainConfig:
                 raise DtlError(f"{flag_name(name)} must be a positive integer, got {value!r}")
         if self.seq_len is not None and self.seq_len < 1:
             raise DtlError(f"--seq-len must be a positive integer, got {self.seq_len!r}")
-        for name in ("warmup_steps", "keep_last", "skip_nonfinite"):
+        for name in ("warmup_steps", "keep_last", "skip_nonfinite", "muon_momentum_warmup"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise DtlError(f"{flag_name(name)} must be >= 0, got {value}")
         if self.lr is not None and not self.lr > 0 or not self.muon_lr > 0:
             raise DtlError(f"--lr and --muon-lr must be > 0, got {self.lr} and {self.muon_lr}")
+        for name in ("embed_lr", "head_lr", "scalar_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise DtlError(f"{flag_name(name)} must be > 0, got {value}")
+        for name in ("muon_momentum", "muon_momentum_start"):
+            if not 0 <= getattr(self, name) < 1:
+                raise DtlError(f"{flag_name(name)} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.decay_fraction <= 1:
+            raise DtlError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.data_order not in DATA_ORDERS:
+            raise DtlError(
+                f"unknown --data-order {self.data_order!r}; choose {', '.join(DATA_ORDERS)}"
+            )
         if self.min_lr is not None and self.min_lr < 0:
             raise DtlError(f"--min-lr must be >= 0, got {self.min_lr}")
         if self.optimizer not in OPTIMIZERS:
             raise DtlError(
                 f"unknown --optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}"
             )
-        if self.optimizer == "muon" and self.decay_all:
+        if self.optimizer == "muon" and self.decay_all:  # auto with --decay-all: adamw
             raise DtlError(
                 "--decay-all is AdamW's plain recipe; --optimizer muon decays only the head's "
                 "matrix: drop one of the two"
@@ -155,6 +184,17 @@ class TrainConfig:
             raise DtlError(
                 f"unknown --schedule {self.schedule!r}; choose {', '.join(optim.SCHEDULES)}"
             )
+
+    def muon_options(self) -> dict[str, Any]:
+        """What `muon.build_muon` takes besides the lrs every optimizer has."""
+        return {
+            "embed_lr": self.embed_lr,
+            "head_lr": self.head_lr,
+            "scalar_lr": self.scalar_lr,
+            "momentum": self.muon_momentum,
+            "momentum_start": self.muon_momentum_start,
+            "momentum_warmup": self.muon_momentum_warmup,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -359,7 +399,8 @@ class LrSchedule:
     min_lr: float  # the floor the learning rate decays to
     warmup_steps: int
     max_steps: int
-    schedule: str  # cosine, linear, constant
+    schedule: str  # cosine, linear, constant, wsd
+    decay_fraction: float = dataclasses.field(default=0.2, repr=False)  # wsd's decay phase
 
     def at(self, step: int) -> float:
         """The lr of the optimizer step after `step` steps.
@@ -374,6 +415,7 @@ class LrSchedule:
             warmup_steps=self.warmup_steps,
             max_steps=self.max_steps,
             schedule=self.schedule,
+            decay_fraction=self.decay_fraction,
         )
 
 
@@ -386,7 +428,42 @@ def resolve_lr_schedule(cfg: TrainConfig, d_model: int) -> LrSchedule:
     if min_lr > lr:
         raise DtlError(f"--min-lr {min_lr:g} is above the peak lr {lr:.3g}; lower --min-lr")
     warmup = default_warmup(cfg.max_steps) if cfg.warmup_steps is None else cfg.warmup_steps
-    return LrSchedule(lr, min_lr, warmup, cfg.max_steps, cfg.schedule)
+    return LrSchedule(lr, min_lr, warmup, cfg.max_steps, cfg.schedule, cfg.decay_fraction)
+
+
+def repeats_data(planned_tokens: int, epoch_tokens: int) -> bool:
+    """Whether a run will read its training data more than once: the one rule behind
+    `--data-order auto` and `--optimizer auto`. `epoch_tokens` is what one pass over the
+    train split feeds (`dtl.data.loader.BatchLoader`'s batches per epoch x rows x tokens).
+
+    >>> repeats_data(1_600_000, 369_536), repeats_data(300_000, 369_536)
+    (True, False)
+    """
+    return planned_tokens > epoch_tokens
+
+
+def resolve_data_order(cfg: TrainConfig, repeats: bool) -> str:
+    """`--data-order`: rows or offsets; auto is offsets when the run `repeats` its data.
+
+    >>> resolve_data_order(TrainConfig(data="d"), repeats=True)
+    'offsets'
+    """
+    if cfg.data_order != "auto":
+        return cfg.data_order
+    return "offsets" if repeats else "rows"
+
+
+def resolve_optimizer(cfg: TrainConfig, repeats: bool) -> str:
+    """`--optimizer`: adamw or muon; auto is muon for a run that reads its data once (where
+    it measured better) and adamw for one that repeats it (where it measured worse), and
+    adamw with --decay-all (AdamW's plain recipe).
+
+    >>> resolve_optimizer(TrainConfig(data="d", optimizer="auto"), repeats=False)
+    'muon'
+    """
+    if cfg.optimizer != "auto":
+        return cfg.optimizer
+    return "muon" if not repeats and not cfg.decay_all else "adamw"
 
 
 @dataclass(frozen=True)
@@ -415,6 +492,10 @@ class ResolvedRun:
     # (None: not raised). Sinusoidal positions are computed, not learnt: no new parameters.
     preset_context: int | None = None
     precision_why: str = ""  # what --precision auto saw, said in the first line ("" if named)
+    passes: float = 0.0  # planned tokens / one pass over the train split's tokens
+    repeats: bool = False  # the run reads its train split more than once (`repeats_data`)
+    data_order: str = "rows"  # resolved --data-order: rows or offsets
+    optimizer: str = "adamw"  # resolved --optimizer: adamw or muon
 
     @property
     def tokens_per_step(self) -> int:
@@ -437,6 +518,8 @@ class ResolvedRun:
             "lr_resolved": self.schedule.lr,
             "warmup_steps_resolved": self.schedule.warmup_steps,
             "min_lr_resolved": self.schedule.min_lr,
+            "optimizer_resolved": self.optimizer,
+            "data_order_resolved": self.data_order,
         }
         if self.init_from is not None:  # the source's context is the model's max_seq_length
             record["init_from_resolved"] = str(self.init_from)
@@ -447,7 +530,7 @@ class ResolvedRun:
         """The log line a new run starts with: the model, device, batch, lr schedule and,
         when the preset's context was raised to hold the rows, that."""
         cfg, lr = self.cfg, self.schedule
-        muon = f", muon lr {cfg.muon_lr:g}" if cfg.optimizer == "muon" else ""
+        muon = f", muon lr {cfg.muon_lr:g}" if self.optimizer == "muon" else ""
         context = ""
         if self.preset_context is not None:
             context = (
@@ -459,7 +542,28 @@ class ResolvedRun:
         return (
             f"training {n_params:,} parameters on {self.device} ({self.precision}{why}){context}, "
             f"{self.tokens_per_step:,} tokens per step; adamw lr {lr.lr:.3g}{muon}, warmup "
-            f"{lr.warmup_steps} steps, {lr.schedule} to {lr.min_lr:.3g}"
+            f"{lr.warmup_steps} steps, {lr.schedule} to {lr.min_lr:.3g}; {self.recipe_note()}"
+        )
+
+    def recipe_note(self) -> str:
+        """What the data's passes decided (`repeats_data`): the optimizer and the data order,
+        each marked `(auto)` when the rule chose it.
+
+        >>> run = setup_run(TrainConfig(data="data/wiki", optimizer="auto")).run  # doctest: +SKIP
+        >>> run.recipe_note()  # doctest: +SKIP
+        'data read 4.3x: adamw (auto), random row offsets after the first pass (auto)'
+        """
+        cfg = self.cfg
+        reads = f"data read {self.passes:.2g}x" if self.repeats else "data read once"
+        if self.passes < 1:
+            reads = f"{self.passes:.0%} of the data read"
+        order = "random row offsets after the first pass"
+        if self.data_order == "rows":
+            order = "the data's rows"
+        auto = {True: " (auto)", False: ""}
+        return (
+            f"{reads}: {self.optimizer}{auto[cfg.optimizer == 'auto']}, "
+            f"{order}{auto[cfg.data_order == 'auto']}"
         )
 
 

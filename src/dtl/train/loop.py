@@ -129,12 +129,13 @@ class Trainer:
         self.net, self.forward = parallelize(self.model, cfg, self.dist)
         self.optimizer = optim.make_optimizer(
             self.model,
-            cfg.optimizer,
+            self.resolved.optimizer,
             lr=self.resolved.schedule.lr,
             muon_lr=cfg.muon_lr,
             weight_decay=cfg.weight_decay,
             betas=(cfg.beta1, cfg.beta2),
             decay_all=cfg.decay_all,
+            muon_options=cfg.muon_options(),
         )
         self.scaler = precision.grad_scaler(self.prec, self.device)
 
@@ -142,7 +143,10 @@ class Trainer:
         """Batches of (batch_size, seq_len): the train split's shuffled, the val split's fixed."""
         kw = {"rank": self.dist.rank, "world_size": self.dist.world_size, "seq_len": self.seq_len}
         data_dir, batch_size = self.resolved.data_dir, self.cfg.batch_size
-        self.train_loader = BatchLoader(data_dir, "train", batch_size, seed=self.cfg.seed, **kw)
+        offsets = self.resolved.data_order == "offsets"  # a resume keeps the saved order
+        self.train_loader = BatchLoader(
+            data_dir, "train", batch_size, seed=self.cfg.seed, offsets=offsets, **kw
+        )
         # A fresh val loader per evaluation: every pass reads the same first batches.
         self._val_loader = functools.partial(
             BatchLoader, data_dir, "val", batch_size, shuffle=False, **kw
