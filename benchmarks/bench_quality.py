@@ -385,6 +385,7 @@ def max_time_half(workloads: list[Workload], tmp: Path, args) -> None:
                 args,
                 seed,
                 max_time=minutes,
+                precision="auto",  # the defaults: bf16 on a CPU with native bf16, else fp32
                 max_steps=100 * work.steps,  # the clock ends the run, not the steps
                 eval_every=max(1, work.steps // 6),
                 log_every=max(1, work.steps // 20),

@@ -170,7 +170,10 @@ def test_the_resolved_lr_and_warmup_are_shown_saved_and_used(packed_data, tmp_pa
     cfg = tiny_config(packed_data, tmp_path / "run", lr=None, warmup_steps=None)
     train(cfg)
     first = next(line for line in capsys.readouterr().out.splitlines() if "training" in line)
-    assert "adamw lr 0.002, warmup 1 steps, cosine to 0.0002" in first, first
+    # The defaults of a run that reads its data once (--optimizer auto: muon), by hand:
+    # embedding 10 x 2e-3, head 3 x 2e-3 (EMBED_LR_RATIO, HEAD_LR_RATIO), wsd to lr / 10.
+    want = "adamw lr 0.002, muon lr 0.02, embedding lr 0.02, head lr 0.006, warmup 1 steps, wsd"
+    assert f"{want} to 0.0002; 1% of the data read: muon (auto), the data's rows (auto)" in first
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["lr"] is None and saved["warmup_steps"] is None  # as given: the rule
     assert saved["lr_resolved"] == pytest.approx(2e-3)

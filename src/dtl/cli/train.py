@@ -53,11 +53,11 @@ HELP = {
     "grad_accum": "micro-batches accumulated per optimizer step",
     "optimizer": "adamw, or muon: Muon (orthogonalised momentum) for the blocks' Q/K/V/out and "
     "FFN matrices, AdamW for embeddings, head, biases, LayerNorms; or auto: muon when the run "
-    "reads its data once, adamw when it repeats it (default adamw)",
+    "reads its data once, adamw when it repeats it (default auto)",
     "lr": f"peak AdamW learning rate (default {LR_RULE}: 1e-3 at d_model 128, 4.1e-4 at 768)",
     "muon_lr": "peak Muon learning rate with --optimizer muon, same schedule (default 0.02)",
-    "embed_lr": "with --optimizer muon: the token embedding's peak lr (default --lr)",
-    "head_lr": "with --optimizer muon: the LM head matrix's peak lr (default --lr)",
+    "embed_lr": "with --optimizer muon: the token embedding's peak lr (default 10 x the lr)",
+    "head_lr": "with --optimizer muon: the LM head matrix's peak lr (default 3 x the lr)",
     "scalar_lr": "with --optimizer muon: the biases' and LayerNorms' peak lr (default --lr)",
     "muon_momentum": "Muon's momentum after its warmup (default 0.95)",
     "muon_momentum_start": "Muon's momentum at step 0, rising linearly to --muon-momentum "

@@ -21,7 +21,7 @@ most 500 steps.
 >>> resolve_seq_len(cfg, data_max_length=128)
 128
 >>> resolve_lr_schedule(cfg, d_model=128)
-LrSchedule(lr=0.001, min_lr=0.0001, warmup_steps=10, max_steps=200, schedule='cosine')
+LrSchedule(lr=0.001, min_lr=0.0001, warmup_steps=10, max_steps=200, schedule='wsd')
 """
 
 from __future__ import annotations
@@ -61,6 +61,12 @@ WARMUP_FRACTION, WARMUP_CAP = 0.05, 500
 LR_RULE = f"{LR_REF:g} * sqrt({LR_REF_WIDTH} / d_model)"
 WARMUP_RULE = f"{WARMUP_FRACTION:.0%} of max_steps, 1 to {WARMUP_CAP} steps"
 OPTIMIZERS = ("adamw", "muon", "auto")
+# Muon's embedding lr over the AdamW lr (--embed-lr's default): measured best of 1x, 3x, 10x
+# (benchmarks/bench_quality.py, issue 23: 2.551, 2.494, 2.480 val bits/byte at 300 steps).
+EMBED_LR_RATIO = 10.0
+# Its LM head's lr over the AdamW lr (--head-lr's default): measured best of 1x, 3x, 10x
+# (with --embed-lr 3e-3: 2.494 at 1x, 2.420 at 3x).
+HEAD_LR_RATIO = 3.0
 # How the train split's packed rows are cut, epoch by epoch (`dtl.data.loader.BatchLoader`):
 # rows: the data's own rows every epoch; offsets: from the second epoch on, rows that start at
 # a random offset; auto: offsets when the run reads its data more than once (`repeats_data`).
@@ -96,10 +102,11 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     # adamw; muon (Muon for the blocks' matrices, AdamW the rest); auto (`resolve_optimizer`)
-    optimizer: str = "adamw"
+    optimizer: str = "auto"
     lr: float | None = None  # None: LR_RULE (from the model's width)
     muon_lr: float = 0.02  # Muon's peak lr (--optimizer muon), on the same schedule
-    # --optimizer muon's AdamW groups' peak lrs (None: --lr's), on the same schedule
+    # --optimizer muon's AdamW groups' peak lrs, on the same schedule; None: EMBED_LR_RATIO,
+    # HEAD_LR_RATIO and 1 times the AdamW lr
     embed_lr: float | None = None  # the token embedding
     head_lr: float | None = None  # the LM head's matrix (untied, per the spec)
     scalar_lr: float | None = None  # biases and LayerNorms
@@ -110,7 +117,7 @@ class TrainConfig:
     muon_momentum_warmup: int = 300
     min_lr: float | None = None  # None: lr / 10
     warmup_steps: int | None = None  # None: WARMUP_RULE
-    schedule: str = "cosine"
+    schedule: str = "wsd"  # measured better than cosine for AdamW and Muon (issue 23)
     decay_fraction: float = 0.2  # --schedule wsd: the last fraction of the run that decays
     data_order: str = "auto"  # DATA_ORDERS
     weight_decay: float = 0.1
@@ -185,11 +192,16 @@ class TrainConfig:
                 f"unknown --schedule {self.schedule!r}; choose {', '.join(optim.SCHEDULES)}"
             )
 
-    def muon_options(self) -> dict[str, Any]:
-        """What `muon.build_muon` takes besides the lrs every optimizer has."""
+    def muon_options(self, lr: float) -> dict[str, Any]:
+        """What `muon.build_muon` takes besides the lrs every optimizer has, at the run's
+        resolved AdamW peak `lr`.
+
+        >>> TrainConfig(data="d").muon_options(1e-3)["embed_lr"]
+        0.01
+        """
         return {
-            "embed_lr": self.embed_lr,
-            "head_lr": self.head_lr,
+            "embed_lr": EMBED_LR_RATIO * lr if self.embed_lr is None else self.embed_lr,
+            "head_lr": HEAD_LR_RATIO * lr if self.head_lr is None else self.head_lr,
             "scalar_lr": self.scalar_lr,
             "momentum": self.muon_momentum,
             "momentum_start": self.muon_momentum_start,
@@ -530,7 +542,13 @@ class ResolvedRun:
         """The log line a new run starts with: the model, device, batch, lr schedule and,
         when the preset's context was raised to hold the rows, that."""
         cfg, lr = self.cfg, self.schedule
-        muon = f", muon lr {cfg.muon_lr:g}" if self.optimizer == "muon" else ""
+        muon = ""
+        if self.optimizer == "muon":
+            groups = cfg.muon_options(lr.lr)
+            muon = (
+                f", muon lr {cfg.muon_lr:g}, embedding lr {groups['embed_lr']:.3g}, head lr "
+                f"{groups['head_lr']:.3g}"
+            )
         context = ""
         if self.preset_context is not None:
             context = (
