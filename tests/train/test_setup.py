@@ -364,18 +364,23 @@ def test_auto_optimizer_and_data_order_follow_the_planned_passes(packed_data, tm
         tiny_config(packed_data, tmp_path / "b", optimizer="auto", max_steps=epoch_steps + 1)
     ).run
     assert (once.repeats, once.optimizer, once.data_order) == (False, "muon", "rows")
-    assert (twice.repeats, twice.optimizer, twice.data_order) == (True, "adamw", "offsets")
+    assert (twice.repeats, twice.optimizer, twice.data_order) == (True, "muon", "offsets")
     assert once.passes == 1.0 and twice.passes == (epoch_steps + 1) / epoch_steps
+    # Muon's embedding and head lrs: 10x and 3x the lr (3e-3) on data read once, 1x repeated.
+    assert "embedding lr 0.03, head lr 0.009," in once.first_line(1000)
+    assert "embedding lr 0.003, head lr 0.003," in twice.first_line(1000)
     line = twice.first_line(1000)
     assert line.endswith(
-        f"; data read {twice.passes:.2g}x: adamw (auto), random row offsets after the first "
+        f"; data read {twice.passes:.2g}x: muon (auto), random row offsets after the first "
         "pass (auto)"
     ), line
     assert once.first_line(1000).endswith("; data read once: muon (auto), the data's rows (auto)")
     named = setup_run(
         tiny_config(packed_data, tmp_path / "c", data_order="rows", max_steps=10 * epoch_steps)
     ).run
-    assert (named.optimizer, named.data_order) == ("adamw", "rows")  # as given, not auto
+    assert named.data_order == "rows"  # as given, not auto
+    plain = setup_run(tiny_config(packed_data, tmp_path / "e", optimizer="auto", decay_all=True))
+    assert plain.run.optimizer == "adamw"  # --decay-all is AdamW's recipe
     # The trainer's loader cuts what the run decided.
     assert Trainer(
         setup=setup_run(tiny_config(packed_data, tmp_path / "d", max_steps=10 * epoch_steps))

@@ -52,13 +52,15 @@ HELP = {
     "batch_size": "rows per micro-batch (per process)",
     "grad_accum": "micro-batches accumulated per optimizer step",
     "optimizer": "adamw, or muon: Muon (orthogonalised momentum) for the blocks' Q/K/V/out and "
-    "FFN matrices, AdamW for embeddings, head, biases, LayerNorms; or auto: muon when the run "
-    "reads its data once, adamw when it repeats it (default auto)",
+    "FFN matrices, AdamW for embeddings, head, biases, LayerNorms; or auto: muon (measured better "
+    "whether the data repeats or not), adamw with --decay-all or --init-from (default auto)",
     "lr": f"peak AdamW learning rate (default {LR_RULE}: 1e-3 at d_model 128, 4.1e-4 at 768)",
-    "muon_lr": "peak Muon learning rate with --optimizer muon, same schedule (default 0.02)",
-    "embed_lr": "with --optimizer muon: the token embedding's peak lr (default 10 x the lr)",
-    "head_lr": "with --optimizer muon: the LM head matrix's peak lr (default 3 x the lr)",
-    "scalar_lr": "with --optimizer muon: the biases' and LayerNorms' peak lr (default --lr)",
+    "muon_lr": "peak Muon learning rate, same schedule (default 0.02)",
+    "embed_lr": "with Muon: the token embedding's peak lr (default 10 x the lr, 1 x when "
+    "the run repeats its data)",
+    "head_lr": "with Muon: the LM head matrix's peak lr (default 3 x the lr, 1 x when the "
+    "run repeats its data)",
+    "scalar_lr": "with Muon: the biases' and LayerNorms' peak lr (default --lr)",
     "muon_momentum": "Muon's momentum after its warmup (default 0.95)",
     "muon_momentum_start": "Muon's momentum at step 0, rising linearly to --muon-momentum "
     "(default 0.85)",
@@ -102,7 +104,7 @@ EXAMPLES = """examples:
   dtl train --data data/corpus --out runs/tiny --max-steps 300      # the tiny preset
   dtl train --data data/corpus --out runs/small --preset small
   dtl train --data my-notes.txt --out runs/notes          # prepares the file first
-  dtl train --data data/corpus --out runs/muon --optimizer muon
+  dtl train --data data/corpus --out runs/adamw --optimizer adamw --schedule cosine
   dtl train --config train.yaml --lr 3e-4                  # flags override the file
   dtl train --resume runs/tiny --max-steps 600             # continue exactly
   dtl train --resume runs/tiny/checkpoints/step-400        # go on from an older checkpoint

@@ -227,7 +227,7 @@ class BatchLoader:
         """Where epoch `epoch`'s rows start in the token stream: 0, or with `offsets` (pack
         mode) from epoch 1 on a random offset in [0, L) seeded by (seed, epoch).
 
-        >>> loader = BatchLoader("data/wiki", "train", 8, offsets=True)  # doctest: +SKIP
+        >>> loader = BatchLoader("data/wiki", "train", 8, offsets=True)
         >>> loader.epoch_offset(0), 0 <= loader.epoch_offset(1) < loader.dataset.max_length
         (0, True)
         """

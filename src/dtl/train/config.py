@@ -61,11 +61,12 @@ WARMUP_FRACTION, WARMUP_CAP = 0.05, 500
 LR_RULE = f"{LR_REF:g} * sqrt({LR_REF_WIDTH} / d_model)"
 WARMUP_RULE = f"{WARMUP_FRACTION:.0%} of max_steps, 1 to {WARMUP_CAP} steps"
 OPTIMIZERS = ("adamw", "muon", "auto")
-# Muon's embedding lr over the AdamW lr (--embed-lr's default): measured best of 1x, 3x, 10x
-# (benchmarks/bench_quality.py, issue 23: 2.551, 2.494, 2.480 val bits/byte at 300 steps).
+# Muon's embedding and head lrs over the AdamW lr (--embed-lr's and --head-lr's defaults) for
+# a run that reads its data once: measured best of 1x, 3x, 10x each (benchmarks/
+# bench_quality.py, issue 23, 300 steps: embedding 2.551, 2.494, 2.480 val bits/byte; head at
+# embedding 3x 2.494, 2.420, and 2.428 at 10x). A run that repeats its data keeps 1x: there
+# the higher lrs overfit (1,562 steps, 4.3 passes: 2.186 against 2.128 at 1x).
 EMBED_LR_RATIO = 10.0
-# Its LM head's lr over the AdamW lr (--head-lr's default): measured best of 1x, 3x, 10x
-# (with --embed-lr 3e-3: 2.494 at 1x, 2.420 at 3x).
 HEAD_LR_RATIO = 3.0
 # How the train split's packed rows are cut, epoch by epoch (`dtl.data.loader.BatchLoader`):
 # rows: the data's own rows every epoch; offsets: from the second epoch on, rows that start at
@@ -105,8 +106,7 @@ class TrainConfig:
     optimizer: str = "auto"
     lr: float | None = None  # None: LR_RULE (from the model's width)
     muon_lr: float = 0.02  # Muon's peak lr (--optimizer muon), on the same schedule
-    # --optimizer muon's AdamW groups' peak lrs, on the same schedule; None: EMBED_LR_RATIO,
-    # HEAD_LR_RATIO and 1 times the AdamW lr
+    # Muon's AdamW groups' peak lrs, on the same schedule; None: `muon_options`'s rule
     embed_lr: float | None = None  # the token embedding
     head_lr: float | None = None  # the LM head's matrix (untied, per the spec)
     scalar_lr: float | None = None  # biases and LayerNorms
@@ -192,16 +192,19 @@ class TrainConfig:
                 f"unknown --schedule {self.schedule!r}; choose {', '.join(optim.SCHEDULES)}"
             )
 
-    def muon_options(self, lr: float) -> dict[str, Any]:
+    def muon_options(self, lr: float, repeats: bool) -> dict[str, Any]:
         """What `muon.build_muon` takes besides the lrs every optimizer has, at the run's
-        resolved AdamW peak `lr`.
+        resolved AdamW peak `lr`: the embedding's and head's peaks are EMBED_LR_RATIO and
+        HEAD_LR_RATIO times `lr` on data read once, `lr` on data the run `repeats`
+        (`repeats_data`), unless --embed-lr / --head-lr name them.
 
-        >>> TrainConfig(data="d").muon_options(1e-3)["embed_lr"]
-        0.01
+        >>> [TrainConfig(data="d").muon_options(1e-3, r)["embed_lr"] for r in (False, True)]
+        [0.01, 0.001]
         """
+        embed, head = (1.0, 1.0) if repeats else (EMBED_LR_RATIO, HEAD_LR_RATIO)
         return {
-            "embed_lr": EMBED_LR_RATIO * lr if self.embed_lr is None else self.embed_lr,
-            "head_lr": HEAD_LR_RATIO * lr if self.head_lr is None else self.head_lr,
+            "embed_lr": embed * lr if self.embed_lr is None else self.embed_lr,
+            "head_lr": head * lr if self.head_lr is None else self.head_lr,
             "scalar_lr": self.scalar_lr,
             "momentum": self.muon_momentum,
             "momentum_start": self.muon_momentum_start,
@@ -466,16 +469,22 @@ def resolve_data_order(cfg: TrainConfig, repeats: bool) -> str:
 
 
 def resolve_optimizer(cfg: TrainConfig, repeats: bool) -> str:
-    """`--optimizer`: adamw or muon; auto is muon for a run that reads its data once (where
-    it measured better) and adamw for one that repeats it (where it measured worse), and
-    adamw with --decay-all (AdamW's plain recipe).
+    """`--optimizer`: adamw or muon; auto is muon, except with --decay-all (AdamW's plain
+    recipe) or --init-from. Measured (benchmarks/bench_quality.py, issue 23) against AdamW with the same wsd
+    schedule: better on a run that reads its data once (2.42 vs 2.76 val bits/byte at 300
+    steps) and on one that `repeats` it (2.60 vs 2.72 at 300 steps, 4.7 passes; 2.13 vs 2.19
+    at 1,562 steps, 4.3 passes), so the passes do not change the choice today; the rule keeps
+    them as its input, and the first log line shows both.
 
-    >>> resolve_optimizer(TrainConfig(data="d", optimizer="auto"), repeats=False)
+    A second stage (--init-from) keeps AdamW: Muon's fixed peak (--muon-lr) ignores the lower
+    --lr a fine-tune runs at, and fine-tunes were not measured with it.
+
+    >>> resolve_optimizer(TrainConfig(data="d"), repeats=True)
     'muon'
     """
     if cfg.optimizer != "auto":
         return cfg.optimizer
-    return "muon" if not repeats and not cfg.decay_all else "adamw"
+    return "adamw" if cfg.decay_all or cfg.init_from else "muon"
 
 
 @dataclass(frozen=True)
@@ -544,7 +553,7 @@ class ResolvedRun:
         cfg, lr = self.cfg, self.schedule
         muon = ""
         if self.optimizer == "muon":
-            groups = cfg.muon_options(lr.lr)
+            groups = cfg.muon_options(lr.lr, self.repeats)
             muon = (
                 f", muon lr {cfg.muon_lr:g}, embedding lr {groups['embed_lr']:.3g}, head lr "
                 f"{groups['head_lr']:.3g}"

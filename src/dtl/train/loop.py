@@ -135,7 +135,7 @@ class Trainer:
             weight_decay=cfg.weight_decay,
             betas=(cfg.beta1, cfg.beta2),
             decay_all=cfg.decay_all,
-            muon_options=cfg.muon_options(self.resolved.schedule.lr),
+            muon_options=cfg.muon_options(self.resolved.schedule.lr, self.resolved.repeats),
         )
         self.scaler = precision.grad_scaler(self.prec, self.device)
 
