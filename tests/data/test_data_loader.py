@@ -207,3 +207,82 @@ def test_seq_len_cuts_padded_rows_and_their_masks(tmp_path):
     for seq_len in (0, 5):
         with pytest.raises(DtlError, match=rf"seq_len {seq_len} must be in 1\.\.4"):
             TokenDataset(data, "train", seq_len=seq_len)
+
+
+# ---------------------------------------------------------------------- offsets (issue 23)
+def _positions(tmp_path, n_tokens: int = 203, max_length: int = 8):
+    """A packed train split whose token i is i: every row names the positions it read."""
+    data = tmp_path / "positions"
+    data.mkdir()
+    meta = {"tokenizer": "none", "vocab_size": 65536, "mode": "pack", "max_length": max_length,
+            "dtype": "uint16"}  # fmt: skip
+    (data / "meta.json").write_text(json.dumps(meta))
+    np.arange(n_tokens, dtype=np.uint16).tofile(data / "train.bin")
+    return data
+
+
+def _epochs(loader: BatchLoader, n: int) -> list[list[dict]]:
+    return [_take(loader, loader.batches_per_epoch) for _ in range(n)]
+
+
+def test_offsets_move_the_rows_of_later_epochs_and_reach_every_token(tmp_path):
+    data = _positions(tmp_path)  # 203 tokens, rows of 8: 25 rows reach tokens 0..200 only
+    plain = BatchLoader(data, "train", batch_size=5, seed=0)
+    moved = BatchLoader(data, "train", batch_size=5, seed=0, offsets=True)
+    plain_epochs, moved_epochs = _epochs(plain, 40), _epochs(moved, 40)
+    # The first pass is the one a run without offsets sees: a single-pass run is unchanged.
+    assert _same(moved_epochs[0], plain_epochs[0])
+    seen_plain, seen_moved, offsets = set(), set(), set()
+    for a, b in zip(plain_epochs, moved_epochs, strict=True):
+        starts_plain = {int(s) for batch in a for s in batch["input_ids"][:, 0]}
+        starts = {int(s) for batch in b for s in batch["input_ids"][:, 0]}
+        assert {s % 8 for s in starts_plain} == {0}
+        assert len({s % 8 for s in starts}) == 1  # one offset per epoch, whole rows after it
+        offsets |= {s % 8 for s in starts}
+        for batch in b:  # every row is a window of the stream: targets = inputs + 1
+            assert torch.equal(batch["targets"], batch["input_ids"] + 1)
+            assert (batch["input_ids"][:, 1:] - batch["input_ids"][:, :-1]).eq(1).all()
+            assert int(batch["targets"].max()) <= 202
+        seen_plain |= {
+            int(t) for batch in a for k in ("input_ids", "targets") for t in batch[k].flatten()
+        }
+        seen_moved |= {
+            int(t) for batch in b for k in ("input_ids", "targets") for t in batch[k].flatten()
+        }
+    assert len(offsets) > 3  # the offset is drawn anew each epoch
+    assert seen_plain == set(range(201))  # the data's rows never read the last 2 tokens
+    assert seen_moved == set(range(203))  # offsets reach every token
+
+
+def test_offsets_are_deterministic_from_the_seed(tmp_path):
+    data = _positions(tmp_path)
+    a = _epochs(BatchLoader(data, "train", 5, seed=3, offsets=True), 4)
+    b = _epochs(BatchLoader(data, "train", 5, seed=3, offsets=True), 4)
+    c = _epochs(BatchLoader(data, "train", 5, seed=4, offsets=True), 4)
+    flat = [x for epoch in a for x in epoch]
+    assert _same(flat, [x for epoch in b for x in epoch])
+    assert not _same(flat, [x for epoch in c for x in epoch])
+    # The offsets themselves come from (seed, epoch): seed 3's epoch 1 is not seed 4's.
+    starts = [{int(s) % 8 for x in run[1] for s in x["input_ids"][:, 0]} for run in (a, c)]
+    assert starts[0] != starts[1]
+
+
+def test_offsets_resume_exactly_and_a_resume_keeps_the_saved_order(tmp_path):
+    data = _positions(tmp_path)
+    unbroken = BatchLoader(data, "train", 5, seed=1, offsets=True)
+    per_epoch = unbroken.batches_per_epoch
+    stream = _take(unbroken, 4 * per_epoch)
+    for stop in (2, per_epoch, 2 * per_epoch + 3):
+        run = BatchLoader(data, "train", 5, seed=1, offsets=True)
+        _take(run, stop)
+        state = json.loads(json.dumps(run.state_dict()))  # as saved in a checkpoint
+        # Built as this launch would choose (no offsets): the saved run's order wins.
+        resumed = BatchLoader(data, "train", 5, seed=1, offsets=False)
+        resumed.load_state_dict(state)
+        assert _same(_take(resumed, per_epoch), stream[stop : stop + per_epoch])
+    # A checkpoint from before offsets existed resumes in the data's rows.
+    old = {k: v for k, v in BatchLoader(data, "train", 5, seed=1).state_dict().items()
+           if k != "offsets"}  # fmt: skip
+    later = BatchLoader(data, "train", 5, seed=1, offsets=True)
+    later.load_state_dict({**old, "epoch": 2})
+    assert {int(s) % 8 for s in later.next_batch()["input_ids"][:, 0]} == {0}

@@ -108,11 +108,11 @@ def test_seq_len_and_min_lr_are_resolved_once():
     cfg = TrainConfig(data="d", lr=1e-3, warmup_steps=7)
     assert resolve_seq_len(cfg, data_max_length=64) == 64
     assert resolve_lr_schedule(cfg, d_model=128) == LrSchedule(
-        lr=1e-3, min_lr=1e-4, warmup_steps=7, max_steps=1000, schedule="cosine"
+        lr=1e-3, min_lr=1e-4, warmup_steps=7, max_steps=1000, schedule="wsd"
     )
     short = TrainConfig(data="d", seq_len=32, min_lr=0.0, lr=1e-3, warmup_steps=0)
     assert resolve_seq_len(short, data_max_length=64) == 32
-    assert resolve_lr_schedule(short, 128) == LrSchedule(1e-3, 0.0, 0, 1000, "cosine")
+    assert resolve_lr_schedule(short, 128) == LrSchedule(1e-3, 0.0, 0, 1000, "wsd")
     assert resolve_seq_len(TrainConfig(data="d", seq_len=64), 64) == 64
     with pytest.raises(DtlError, match=r"--seq-len 65 is longer than the data's rows \(64 tokens"):
         resolve_seq_len(TrainConfig(data="d", seq_len=65), data_max_length=64)

@@ -343,5 +343,45 @@ def test_a_run_records_the_context_it_trained_at(rows_of_64, tmp_path):
     assert saved["max_seq_length"] == 256 and saved["trained_seq_len"] == 16
     model = TransformerLM.from_pretrained(done["checkpoint"])
     assert model.config.context == 16 and model.config.base_seq_len is None
-    resumed = train(tiny_config(rows_of_64, run, batch_size=2, max_steps=2, seq_len=16), resume=True)
+    resumed = train(
+        tiny_config(rows_of_64, run, batch_size=2, max_steps=2, seq_len=16), resume=True
+    )
     assert TransformerLM.from_pretrained(resumed["checkpoint"]).config.trained_seq_len == 16
+
+
+def test_auto_optimizer_and_data_order_follow_the_planned_passes(packed_data, tmp_path):
+    """`--optimizer auto` / `--data-order auto` read one rule (`repeats_data`): planned tokens
+    (max_steps x batch x seq_len) against one epoch of the train split's rows; a resume keeps
+    the data order its loader saved."""
+    from dtl.train.setup import setup_run
+
+    rows = len(BatchLoader(packed_data, "train", 4).dataset)  # rows of 32 tokens
+    epoch_steps = rows // 4  # batch 4: one pass
+    once = setup_run(
+        tiny_config(packed_data, tmp_path / "a", optimizer="auto", max_steps=epoch_steps)
+    ).run
+    twice = setup_run(
+        tiny_config(packed_data, tmp_path / "b", optimizer="auto", max_steps=epoch_steps + 1)
+    ).run
+    assert (once.repeats, once.optimizer, once.data_order) == (False, "muon", "rows")
+    assert (twice.repeats, twice.optimizer, twice.data_order) == (True, "muon", "offsets")
+    assert once.passes == 1.0 and twice.passes == (epoch_steps + 1) / epoch_steps
+    # Muon's embedding and head lrs: 10x and 3x the lr (3e-3) on data read once, 1x repeated.
+    assert "embedding lr 0.03, head lr 0.009," in once.first_line(1000)
+    assert "embedding lr 0.003, head lr 0.003," in twice.first_line(1000)
+    line = twice.first_line(1000)
+    assert line.endswith(
+        f"; data read {twice.passes:.2g}x: muon (auto), random row offsets after the first "
+        "pass (auto)"
+    ), line
+    assert once.first_line(1000).endswith("; data read once: muon (auto), the data's rows (auto)")
+    named = setup_run(
+        tiny_config(packed_data, tmp_path / "c", data_order="rows", max_steps=10 * epoch_steps)
+    ).run
+    assert named.data_order == "rows"  # as given, not auto
+    plain = setup_run(tiny_config(packed_data, tmp_path / "e", optimizer="auto", decay_all=True))
+    assert plain.run.optimizer == "adamw"  # --decay-all is AdamW's recipe
+    # The trainer's loader cuts what the run decided.
+    assert Trainer(
+        setup=setup_run(tiny_config(packed_data, tmp_path / "d", max_steps=10 * epoch_steps))
+    ).train_loader.offsets

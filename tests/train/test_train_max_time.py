@@ -14,6 +14,7 @@ import math
 import pytest
 from train_helpers import fails_here, run_dtl, tiny_config, torchrun, train_argv
 
+from dtl.data.prepare import prepare
 from dtl.run_dir import latest_checkpoint
 from dtl.train import Trainer
 from dtl.train.checkpoint import load_training_state
@@ -59,8 +60,10 @@ def timed_trainer(cfg, step_s=2.5, first_step_s=None, eval_s=100.0, save_s=1000.
 
 
 def timed_config(data, out, **overrides):
-    """tiny_config bounded by time: no step cap, no step warmup (a --max-time run's own)."""
-    return tiny_config(data, out, **{"max_steps": None, "warmup_steps": None, **overrides})
+    """tiny_config bounded by time: no step cap, no step warmup (a --max-time run's own); the
+    cosine schedule, which `cosine_lr` writes out by hand."""
+    settings = {"max_steps": None, "warmup_steps": None, "schedule": "cosine", **overrides}
+    return tiny_config(data, out, **settings)
 
 
 def cosine_lr(fraction: float, warmup: float = 0.05) -> float:
@@ -207,9 +210,9 @@ def test_the_first_lines_say_the_budget_then_the_steps_it_buys(packed_data, tmp_
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("training ") and "training for 1 min" in lines[0]
     assert "warmup 5% of the time" in lines[0]
-    assert lines[1] == (
+    assert lines[1].startswith(
         "--max-time 1 min: ~51 steps (~6.53k tokens) at 128 tokens/s "
-        "(timed over steps 2-6: 1 s a step)"
+        "(timed over steps 2-6: 1 s a step); data read ~"
     )
     assert summary["step"] == 51 and summary["tokens"] == 51 * 128  # as estimated
     logged = [line for line in lines if line.startswith("step ") and "| loss" in line]
@@ -300,3 +303,39 @@ def test_under_torchrun_every_rank_stops_at_rank_0s_time(packed_data, tmp_path):
     assert ranks == [{"step": 6, "trained_s": 15.0}] * 2
     steps, evals = records(tmp_path / "run")
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6] and [r["step"] for r in evals] == [4, 6]
+
+
+@pytest.mark.parametrize("passes", [0.5, 3.0])
+def test_a_time_run_decides_at_its_estimate_whether_it_repeats_its_data(
+    corpus, tokenizer_dir, tmp_path, capsys, passes
+):
+    """Bounded by time alone, a run plans no steps at setup; once its first steps are timed it
+    knows the tokens the budget buys (budget / 2.5 s a step x 128 tokens) and so whether it
+    reads its data more than once: Muon's embedding and head then peak at 10x / 3x the lr on
+    data read once, 1x on data repeated (`TrainConfig.muon_options`)."""
+    small = tmp_path / "small.txt"  # a short text, so a few passes are a few dozen steps
+    small.write_text(corpus.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    packed_data = tmp_path / "data"
+    prepare(
+        [small],
+        packed_data,
+        tokenizer=str(tokenizer_dir),
+        kind="text",
+        max_length=32,
+        val_fraction=0.2,
+        seed=0,
+        progress=False,
+    )
+    probe = timed_trainer(timed_config(packed_data, tmp_path / "probe", max_time=1.0))
+    epoch = probe.resolved.epoch_tokens
+    assert probe.resolved.repeats is None and probe.resolved.optimizer == "muon"
+    steps = max(6, math.ceil(passes * epoch / 128))  # 6: the estimate comes after step 6
+    cfg = timed_config(packed_data, tmp_path / "run", max_time=steps * 2.5 / 60)
+    trainer = timed_trainer(cfg)
+    trainer.run()
+    ratios = {g["role"]: g["lr_ratio"] for g in trainer.optimizer.param_groups if "role" in g}
+    repeated = steps * 128 > epoch
+    assert repeated == (passes > 1)
+    assert ratios["embed"] == pytest.approx(1.0 if repeated else 10.0)
+    assert ratios["head"] == pytest.approx(1.0 if repeated else 3.0)
+    assert f"data read ~{steps * 128 / epoch:.2g}x" in capsys.readouterr().out

@@ -49,7 +49,7 @@ def test_muon_takes_the_blocks_matrices_adamw_the_rest():
     model = _model()
     opt = build_muon(model, lr=1e-3, muon_lr=0.02, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
-    muon_group, head_group, rest = opt.param_groups
+    muon_group, head_group, embed_group, rest = opt.param_groups
     assert muon_group["use_muon"] and not head_group["use_muon"] and not rest["use_muon"]
     muon_names = {names[id(p)] for p in muon_group["params"]}
     want = {
@@ -61,12 +61,52 @@ def test_muon_takes_the_blocks_matrices_adamw_the_rest():
     assert muon_names == want
     assert {names[id(p)] for p in head_group["params"]} == {"head.weight"}
     assert head_group["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
-    assert {"embedding.weight", "ln_f.weight", "transformer_blocks.0.norm1.bias"} <= {
+    assert {names[id(p)] for p in embed_group["params"]} == {"embedding.weight"}
+    assert embed_group["weight_decay"] == 0.0
+    assert {"head.bias", "ln_f.weight", "transformer_blocks.0.norm1.bias"} <= {
         names[id(p)] for p in rest["params"]
     }
     # The schedule's value times lr_ratio: Muon's group peaks at muon_lr.
     set_lr(opt, 1e-3)
     assert muon_group["lr"] == pytest.approx(0.02) and head_group["lr"] == pytest.approx(1e-3)
+
+
+def test_each_group_peaks_at_its_own_lr_on_the_one_schedule():
+    """--embed-lr / --head-lr / --scalar-lr / --muon-lr: at a schedule value of half the
+    peak --lr, each group runs at half its own peak (by hand)."""
+    opt = build_muon(_model(), lr=1e-3, muon_lr=0.02, embed_lr=5e-3, head_lr=2e-3, scalar_lr=4e-3)
+    set_lr(opt, 5e-4)
+    lrs = [g["lr"] for g in opt.param_groups]  # muon, head, embedding, scalars
+    assert lrs == pytest.approx([0.01, 1e-3, 2.5e-3, 2e-3])
+    default = build_muon(_model(), lr=1e-3, muon_lr=0.02)  # None: every AdamW group at --lr
+    set_lr(default, 5e-4)
+    assert [g["lr"] for g in default.param_groups] == pytest.approx([0.01, 5e-4, 5e-4, 5e-4])
+
+
+def test_momentum_warms_up_from_start_to_momentum_by_hand():
+    """momentum_start 0.8 -> 0.95 over 3 updates: 0.8, 0.85, 0.9, then 0.95 for good."""
+    from dtl.train.muon import momentum_at
+
+    assert [momentum_at(s, 0.95, 0.8, 3) for s in range(5)] == pytest.approx(
+        [0.8, 0.85, 0.9, 0.95, 0.95]
+    )
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(6, 6, generator=gen)
+    grads = [torch.randn(6, 6, generator=gen) for _ in range(4)]
+    p = torch.nn.Parameter(w0.clone())
+    opt = Muon(
+        [{"params": [p], "use_muon": True, "momentum_start": 0.8, "momentum_warmup": 3}],
+        lr=0.05,
+        momentum=0.95,
+    )
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    w, b = w0, torch.zeros(6, 6)
+    for g, mu in zip(grads, (0.8, 0.85, 0.9, 0.95), strict=True):  # B <- mu B + G, U = G + mu B
+        b = mu * b + g
+        w = w - 0.05 * newton_schulz(g + mu * b)
+    torch.testing.assert_close(p.detach(), w, atol=1e-6, rtol=1e-5)
 
 
 def test_two_muon_steps_match_the_definition_by_hand():
@@ -130,7 +170,10 @@ def test_the_resolved_lr_and_warmup_are_shown_saved_and_used(packed_data, tmp_pa
     cfg = tiny_config(packed_data, tmp_path / "run", lr=None, warmup_steps=None)
     train(cfg)
     first = next(line for line in capsys.readouterr().out.splitlines() if "training" in line)
-    assert "adamw lr 0.002, warmup 1 steps, cosine to 0.0002" in first, first
+    # The defaults of a run that reads its data once (--optimizer auto: muon), by hand:
+    # embedding 10 x 2e-3, head 3 x 2e-3 (EMBED_LR_RATIO, HEAD_LR_RATIO), wsd to lr / 10.
+    want = "adamw lr 0.002, muon lr 0.02, embedding lr 0.02, head lr 0.006, warmup 1 steps, wsd"
+    assert f"{want} to 0.0002; 1% of the data read: muon (auto), the data's rows (auto)" in first
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["lr"] is None and saved["warmup_steps"] is None  # as given: the rule
     assert saved["lr_resolved"] == pytest.approx(2e-3)

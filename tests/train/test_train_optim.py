@@ -92,3 +92,37 @@ def test_linear_and_constant():
 def test_unknown_schedule_is_a_clear_error():
     with pytest.raises(DtlError, match="cosine, linear, constant"):
         lr_at(0, lr=1, min_lr=0, warmup_steps=0, max_steps=1, schedule="step")
+
+
+def test_wsd_is_warmup_then_stable_then_linear_over_the_last_fraction():
+    """lr 1e-3 -> 1e-4, 10 warmup steps, 100 steps, the last 20% decaying: by hand."""
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100, schedule="wsd")
+    want = {0: 1e-4, 5: 6e-4, 9: 1e-3, 10: 1e-3, 50: 1e-3, 80: 1e-3, 90: 5.5e-4, 99: 1.45e-4}
+    for step, lr in want.items():
+        assert lr_at(step, **kw) == pytest.approx(lr, rel=1e-12), step
+    assert lr_at(100, **kw) == pytest.approx(1e-4)  # the floor at max_steps and after
+    assert lr_at(60, **kw, decay_fraction=0.5) == pytest.approx(1e-3 - 9e-4 * 0.2)
+    # A decay that would start inside the warmup starts at its end instead.
+    assert lr_at(95, **{**kw, "warmup_steps": 90}) == pytest.approx(5.5e-4)
+
+
+def test_wsd_and_its_fraction_are_settings_of_a_run():
+    from dtl.train.clock import run_progress
+    from dtl.train.config import TrainConfig, resolve_lr_schedule
+
+    cfg = TrainConfig.from_dict(
+        {
+            "data": "d",
+            "schedule": "wsd",
+            "decay-fraction": "0.5",
+            "max-steps": 100,
+            "warmup-steps": 0,
+            "lr": 1e-3,
+            "min-lr": 0,
+        }
+    )
+    schedule = resolve_lr_schedule(cfg, d_model=128)
+    at = [schedule.at(run_progress(s, 0.0, 100, None)) for s in (49, 50, 75)]
+    assert at == pytest.approx([1e-3, 1e-3, 5e-4])
+    with pytest.raises(DtlError, match="--decay-fraction must be in"):
+        TrainConfig(data="d", decay_fraction=0).validate()

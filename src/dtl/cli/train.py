@@ -61,13 +61,29 @@ HELP = {
     "batch_size": "rows per micro-batch (per process)",
     "grad_accum": "micro-batches accumulated per optimizer step",
     "optimizer": "adamw, or muon: Muon (orthogonalised momentum) for the blocks' Q/K/V/out and "
-    "FFN matrices, AdamW for embeddings, head, biases, LayerNorms (default adamw)",
+    "FFN matrices, AdamW for embeddings, head, biases, LayerNorms; or auto: muon (measured better "
+    "whether the data repeats or not), adamw with --decay-all or --init-from (default auto)",
     "lr": f"peak AdamW learning rate (default {LR_RULE}: 1e-3 at d_model 128, 4.1e-4 at 768)",
-    "muon_lr": "peak Muon learning rate with --optimizer muon, same schedule (default 0.02)",
+    "muon_lr": "peak Muon learning rate, same schedule (default 0.02)",
+    "embed_lr": "with Muon: the token embedding's peak lr (default 10 x the lr, 1 x when "
+    "the run repeats its data)",
+    "head_lr": "with Muon: the LM head matrix's peak lr (default 3 x the lr, 1 x when the "
+    "run repeats its data)",
+    "scalar_lr": "with Muon: the biases' and LayerNorms' peak lr (default --lr)",
+    "muon_momentum": "Muon's momentum after its warmup (default 0.95)",
+    "muon_momentum_start": "Muon's momentum at step 0, rising linearly to --muon-momentum "
+    "(default 0.85)",
+    "muon_momentum_warmup": "steps over which Muon's momentum rises (default 300; 0: none)",
+    "decay_fraction": "--schedule wsd: the last fraction of the run over which the lr decays "
+    "linearly to --min-lr (default 0.2)",
+    "data_order": "rows: the data's packed rows, shuffled, every epoch; offsets: from the "
+    "second pass on, rows start at a random offset (other contexts of the same tokens); auto: "
+    "offsets when the run reads its data more than once (default auto)",
     "min_lr": "learning-rate floor of the decay (default lr/10)",
     "warmup_steps": f"linear warmup steps (default {WARMUP_RULE.replace('%', '%%')}: 2 at --max-steps 40, "
     "50 at 1000; not with --max-time, which warms up by time)",
-    "schedule": "lr schedule after warmup: cosine, linear, constant",
+    "schedule": "lr schedule after warmup: cosine, linear, constant, or wsd (constant, then "
+    "linear to --min-lr over the last --decay-fraction of the run)",
     "weight_decay": "AdamW weight decay (weight matrices only)",
     "decay_all": "decay every parameter (the spec's plain recipe; worse)",
     "grad_clip": "clip the gradient norm to this (0: off)",
@@ -98,7 +114,7 @@ EXAMPLES = """examples:
   dtl train --data data/corpus --out runs/small --preset small
   dtl train --data data/corpus --out runs/10min --max-time 10  # 10 minutes of training
   dtl train --data my-notes.txt --out runs/notes          # prepares the file first
-  dtl train --data data/corpus --out runs/muon --optimizer muon
+  dtl train --data data/corpus --out runs/adamw --optimizer adamw --schedule cosine
   dtl train --config train.yaml --lr 3e-4                  # flags override the file
   dtl train --resume runs/tiny --max-steps 600             # continue exactly
   dtl train --resume runs/tiny/checkpoints/step-400        # go on from an older checkpoint

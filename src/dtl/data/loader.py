@@ -110,11 +110,17 @@ class TokenDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n_rows
 
-    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens, loss-target flags) of row i, up to T + 1 long (T = seq_len)."""
+    def rows_at(self, offset: int) -> int:
+        """Pack mode: the whole rows of L + 1 tokens that start at `offset` + i * L."""
+        return max(len(self.tokens) - 1 - offset, 0) // self.max_length
+
+    def row(self, i: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, loss-target flags) of row i, up to T + 1 long (T = seq_len); a pack-mode
+        row starts `offset` tokens later than the data's own row i."""
         L, T = self.max_length, self.seq_len
         if self.mode == "pack":
-            start, end = i * L, i * L + T + 1
+            start = offset + i * L
+            end = start + T + 1
         else:
             start, end = (
                 int(self.offsets[i]),
@@ -129,10 +135,15 @@ class TokenDataset(torch.utils.data.Dataset):
         return ids, flags
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < self.n_rows:
-            raise IndexError(f"row {i} out of range for {self.n_rows} rows")
+        return self.item(i)
+
+    def item(self, i: int, offset: int = 0) -> dict[str, torch.Tensor]:
+        """Row i as tensors (`row`); `offset` > 0 (pack mode) shifts the row boundaries."""
+        n_rows = self.n_rows if offset == 0 else self.rows_at(offset)
+        if not 0 <= i < n_rows:
+            raise IndexError(f"row {i} out of range for {n_rows} rows")
         T = self.seq_len
-        ids, flags = self.row(i)
+        ids, flags = self.row(i, offset)
         n = len(ids) - 1  # real input positions
         input_ids = torch.full((T,), self.eos_id, dtype=torch.long)
         targets = torch.full((T,), IGNORE_INDEX, dtype=torch.long)
@@ -142,6 +153,16 @@ class TokenDataset(torch.utils.data.Dataset):
         targets[:n] = torch.where(torch.from_numpy(flags[1:]), target, IGNORE_INDEX)
         attention_mask[:n] = 1
         return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask}
+
+
+def epoch_batches(rows: int, global_batch: int) -> int:
+    """Batches in one epoch of `rows` rows: whole global batches (the tail dropped), at
+    least 1 (a split smaller than one batch repeats rows to fill it).
+
+    >>> epoch_batches(100, 8), epoch_batches(3, 8)
+    (12, 1)
+    """
+    return max(1, rows // global_batch)
 
 
 class BatchLoader:
@@ -154,6 +175,14 @@ class BatchLoader:
     [r*B:(r+1)*B] of each, so 2 ranks with batch B see exactly what 1 process with 2B sees.
     An epoch has max(1, rows // global batch) batches; the tail is dropped, or, when a split
     has fewer rows than one global batch, rows repeat to fill it.
+
+    `offsets=True` (packed data read more than once: `dtl.train.config.repeats_data`): epoch
+    e >= 1 cuts the token stream into rows that start at a random offset in [0, L), seeded by
+    (seed, e), so every later pass shows the model other contexts of the same tokens (the
+    reason nanoGPT samples windows anywhere), and the tail a whole-row cut drops is read too.
+    Epoch 0 keeps offset 0: a run that reads its data once sees exactly what it saw without.
+    The offset follows from (seed, epoch) alone, so a resume is exact; the setting is saved
+    with the position and a resume keeps the saved one. Pad-mode rows are examples: no offset.
     """
 
     def __init__(
@@ -166,6 +195,7 @@ class BatchLoader:
         world_size: int = 1,
         shuffle: bool = True,
         seq_len: int | None = None,
+        offsets: bool = False,
     ) -> None:
         if batch_size < 1:
             raise DtlError(f"batch_size must be at least 1, got {batch_size}")
@@ -176,10 +206,12 @@ class BatchLoader:
             raise DtlError(self._empty_message(data_dir, split))
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle = shuffle
+        self.offsets = offsets
         self.global_batch = batch_size * world_size
-        self.batches_per_epoch = max(1, len(self.dataset) // self.global_batch)
+        self.batches_per_epoch = epoch_batches(len(self.dataset), self.global_batch)
         self.epoch, self.batch_in_epoch = 0, 0
         self._order: np.ndarray | None = None
+        self._offset = 0  # where epoch `self.epoch`'s rows start (pack mode, `offsets`)
 
     def _empty_message(self, data_dir: Any, split: str) -> str:
         ds = self.dataset
@@ -191,8 +223,23 @@ class BatchLoader:
             )
         return f"the {split} split of {data_dir} has no examples; prepare more data or a larger --val-fraction"
 
+    def epoch_offset(self, epoch: int) -> int:
+        """Where epoch `epoch`'s rows start in the token stream: 0, or with `offsets` (pack
+        mode) from epoch 1 on a random offset in [0, L) seeded by (seed, epoch).
+
+        >>> loader = BatchLoader("data/wiki", "train", 8, offsets=True)
+        >>> loader.epoch_offset(0), 0 <= loader.epoch_offset(1) < loader.dataset.max_length
+        (0, True)
+        """
+        if not self.offsets or epoch == 0 or self.dataset.mode != "pack":
+            return 0
+        # A stream of its own (the trailing 1), so the rows' permutation keeps its draws.
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        offset = int(rng.integers(0, self.dataset.max_length))
+        return offset if self.dataset.rows_at(offset) > 0 else 0
+
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        n = len(self.dataset)
+        n = len(self.dataset) if self._offset == 0 else self.dataset.rows_at(self._offset)
         if not self.shuffle:
             return np.arange(n)
         rng = np.random.default_rng([self.seed, epoch])
@@ -201,11 +248,12 @@ class BatchLoader:
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The next batch of this rank (advances the position)."""
         if self._order is None:
+            self._offset = self.epoch_offset(self.epoch)
             self._order = self._epoch_order(self.epoch)
         n = len(self._order)
         start = self.batch_in_epoch * self.global_batch + self.rank * self.batch_size
         rows = [int(self._order[(start + j) % n]) for j in range(self.batch_size)]
-        items = [self.dataset[r] for r in rows]
+        items = [self.dataset.item(r, self._offset) for r in rows]
         self.batch_in_epoch += 1
         if self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch, self.batch_in_epoch, self._order = self.epoch + 1, 0, None
@@ -219,13 +267,14 @@ class BatchLoader:
         return self.next_batch()
 
     def state_dict(self) -> dict[str, int]:
-        """The position (plus what must match on resume)."""
+        """The position (plus what must match on resume, and `offsets`, which a resume keeps)."""
         return {
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "seed": self.seed,
             "global_batch": self.global_batch,
             "rows": len(self.dataset),
+            "offsets": int(self.offsets),
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -238,6 +287,9 @@ class BatchLoader:
                     f"dir, seed and batch_size x world_size"
                 )
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        # The data order is the run's from its start (a checkpoint from before offsets: none),
+        # even when this launch's plan (e.g. a longer --max-steps) would choose otherwise.
+        self.offsets = bool(int(state.get("offsets", 0)))
         self._order = None
 
     @property

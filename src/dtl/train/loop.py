@@ -44,11 +44,12 @@ from dtl.run_dir import ResumeFrom, latest_checkpoint, set_aside_newer
 from dtl.train import checkpoint as ckpt
 from dtl.train import distributed, optim, precision
 from dtl.train.clock import Progress, TrainClock, run_progress
-from dtl.train.config import TrainConfig, minutes
+from dtl.train.config import TrainConfig, minutes, repeats_data
 from dtl.train.init_from import load_init_weights
 from dtl.train.interrupt import StopFlag
 from dtl.train.memory import is_oom, oom_advice
 from dtl.train.metrics import MetricsLog, peak_mem_mb
+from dtl.train.muon import set_peak_lrs
 from dtl.train.parallelize import (
     full_model,
     load_full_model,
@@ -149,12 +150,13 @@ class Trainer:
         self.net, self.forward = parallelize(compute, cfg, self.dist)
         self.optimizer = optim.make_optimizer(
             self.model,
-            cfg.optimizer,
+            self.resolved.optimizer,
             lr=self.resolved.schedule.lr,
             muon_lr=cfg.muon_lr,
             weight_decay=cfg.weight_decay,
             betas=(cfg.beta1, cfg.beta2),
             decay_all=cfg.decay_all,
+            muon_options=cfg.muon_options(self.resolved.schedule.lr, self.resolved.repeats),
         )
         self.scaler = precision.grad_scaler(self.prec, self.device)
 
@@ -162,7 +164,10 @@ class Trainer:
         """Batches of (batch_size, seq_len): the train split's shuffled, the val split's fixed."""
         kw = {"rank": self.dist.rank, "world_size": self.dist.world_size, "seq_len": self.seq_len}
         data_dir, batch_size = self.resolved.data_dir, self.cfg.batch_size
-        self.train_loader = BatchLoader(data_dir, "train", batch_size, seed=self.cfg.seed, **kw)
+        offsets = self.resolved.data_order == "offsets"  # a resume keeps the saved order
+        self.train_loader = BatchLoader(
+            data_dir, "train", batch_size, seed=self.cfg.seed, offsets=offsets, **kw
+        )
         # A fresh val loader per evaluation: every pass reads the same first batches.
         self._val_loader = functools.partial(
             BatchLoader, data_dir, "val", batch_size, shuffle=False, **kw
@@ -430,7 +435,25 @@ class Trainer:
             f"--max-time {minutes(run.budget_s)}: ~{steps:,} steps (~"
             f"{count(steps * run.tokens_per_step)} tokens) at {tokens_per_s:,.0f} tokens/s "
             f"(timed over steps {estimate.first_step + 1}-{st.step}: {step_s:.3g} s a step)"
+            f"{self._decide_passes(steps, estimate)}"
         )
+
+    def _decide_passes(self, steps: int, estimate: _Estimate) -> str:
+        """A --max-time run without --max-steps plans no steps at setup, so whether it repeats
+        its data (`repeats_data`, which sets Muon's embedding and head lrs) is decided here, at
+        the estimate, once: in the launch that starts the run (a resume keeps the optimizer's
+        saved ratios). What it decided, for the estimate's line ("" if nothing was)."""
+        run, cfg = self.resolved, self.cfg
+        if run.repeats is not None or estimate.first_step != 1:
+            return ""
+        planned = steps * run.tokens_per_step
+        repeats = repeats_data(planned, run.epoch_tokens)
+        note = f"; data read ~{planned / run.epoch_tokens:.2g}x"
+        if run.optimizer == "muon":
+            peaks = cfg.muon_options(run.schedule.lr, repeats)
+            set_peak_lrs(self.optimizer, run.schedule.lr, peaks)
+            note += f": Muon's embedding/head lrs {peaks['embed_lr']:.3g}/{peaks['head_lr']:.3g}"
+        return note
 
     def _save_at(self, last_save_step: int | None) -> int:
         """Save this step unless it is saved already; the step saved."""

@@ -19,8 +19,8 @@ orthogonalised, and each rank keeps its own rows, so the result equals one proce
 >>> from dtl import ModelConfig, TransformerLM
 >>> model = TransformerLM(ModelConfig.preset("tiny", vocab_size=100))
 >>> opt = build_muon(model, lr=1e-3, muon_lr=0.02, weight_decay=0.1)
->>> [g["use_muon"] for g in opt.param_groups]
-[True, False, False]
+>>> [g["use_muon"] for g in opt.param_groups]  # blocks' matrices; head, embedding, scalars
+[True, False, False, False]
 """
 
 from __future__ import annotations
@@ -62,30 +62,89 @@ def build_muon(
     weight_decay: float = 0.1,
     betas: tuple[float, float] = (0.9, 0.95),
     momentum: float = 0.95,
+    embed_lr: float | None = None,
+    head_lr: float | None = None,
+    scalar_lr: float | None = None,
+    momentum_start: float | None = None,
+    momentum_warmup: int = 0,
 ) -> Muon:
-    """Muon over the blocks' matrices; AdamW (decay on the head's matrix only) for the rest."""
-    muon, decay, no_decay = [], [], []
+    """Muon over the blocks' matrices; AdamW for the rest, in groups with their own peak lr
+    (None: `lr`), as nanochat and modded-nanogpt tune them: the LM head's matrix (decayed),
+    the token embedding, and the scalars (biases, LayerNorms). Muon's momentum rises from
+    `momentum_start` to `momentum` over the first `momentum_warmup` steps.
+
+    Groups, in this order (empty ones left out): muon, head, embedding, scalars.
+    """
+    muon, head, embed, scalars = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if is_muon_param(name, p):
             muon.append(p)
         elif p.dim() >= 2 and "embedding" not in name:
-            decay.append(p)  # the LM head
+            head.append(p)  # the LM head's matrix
+        elif "embedding" in name:
+            embed.append(p)
         else:
-            no_decay.append(p)
+            scalars.append(p)
+    start = momentum if momentum_start is None else momentum_start
+
+    def adamw(params: list, peak: float | None, decay: float, role: str) -> dict:
+        ratio = (lr if peak is None else peak) / lr  # optim.set_lr: lr = schedule x ratio
+        return {
+            "params": params,
+            "use_muon": False,
+            "lr_ratio": ratio,
+            "weight_decay": decay,
+            "role": role,
+        }
+
     groups = [
-        {"params": muon, "use_muon": True, "lr_ratio": muon_lr / lr, "weight_decay": 0.0},
-        {"params": decay, "use_muon": False, "lr_ratio": 1.0, "weight_decay": weight_decay},
-        {"params": no_decay, "use_muon": False, "lr_ratio": 1.0, "weight_decay": 0.0},
+        {
+            "params": muon,
+            "use_muon": True,
+            "lr_ratio": muon_lr / lr,
+            "weight_decay": 0.0,
+            "momentum_start": start,
+            "momentum_warmup": momentum_warmup,
+        },
+        adamw(head, head_lr, weight_decay, "head"),
+        adamw(embed, embed_lr, 0.0, "embed"),
+        adamw(scalars, scalar_lr, 0.0, "scalar"),
     ]
     return Muon([g for g in groups if g["params"]], lr=lr, betas=betas, momentum=momentum)
+
+
+def set_peak_lrs(optimizer: torch.optim.Optimizer, lr: float, peaks: dict[str, float]) -> None:
+    """Re-aim the head's and embedding's groups at new peak lrs (`peaks["head_lr"]`,
+    `peaks["embed_lr"]`; the schedule's peak is `lr`): what a --max-time run does once its
+    first steps are timed and it knows whether it will repeat its data. The ratios live in
+    the optimizer's groups, so a checkpoint keeps them and a resume goes on with them."""
+    for group in optimizer.param_groups:
+        role = group.get("role")
+        if role in ("head", "embed"):
+            group["lr_ratio"] = peaks[f"{role}_lr"] / lr
+
+
+def momentum_at(step: int, momentum: float, start: float, warmup: int) -> float:
+    """Muon's momentum at its `step`-th update (0-based): linear from `start` to `momentum`
+    over `warmup` updates, then `momentum` (low momentum early follows the fast-changing
+    gradients of a fresh model; modded-nanogpt: 0.85 -> 0.95 over 300 steps).
+
+    >>> momentum_at(0, 0.95, 0.85, 300), round(momentum_at(150, 0.95, 0.85, 300), 9)
+    (0.85, 0.9)
+    >>> momentum_at(300, 0.95, 0.85, 300), momentum_at(5, 0.95, 0.85, 0)
+    (0.95, 0.95)
+    """
+    if warmup <= 0 or step >= warmup:
+        return momentum
+    return start + (momentum - start) * step / warmup
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for groups with `use_muon=True`, AdamW (decoupled decay) for the others.
 
-    Muon step for a matrix W (out, in) with gradient G:
+    Muon step for a matrix W (out, in) with gradient G (momentum: `momentum_at` this step):
         B <- momentum * B + G;  U = G + momentum * B   (Nesterov)
         W <- W * (1 - lr * wd) - lr * sqrt(max(1, out / in)) * newton_schulz(U)
     """
@@ -106,6 +165,8 @@ class Muon(torch.optim.Optimizer):
             eps=eps,
             weight_decay=weight_decay,
             momentum=momentum,
+            momentum_start=momentum,  # no warmup unless a group sets it
+            momentum_warmup=0,
             ns_steps=ns_steps,
             use_muon=False,
             lr_ratio=1.0,
@@ -132,7 +193,13 @@ class Muon(torch.optim.Optimizer):
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
-        buf, mu = state["momentum_buffer"], group["momentum"]
+            state["step"] = torch.tensor(0.0)  # a tensor, as AdamW's: FSDP's state dict
+        # A checkpoint from before the momentum warmup has no count: its warmup is over.
+        count = state.setdefault("step", torch.tensor(float(group["momentum_warmup"])))
+        step = int(count.item())
+        count += 1
+        mu = momentum_at(step, group["momentum"], group["momentum_start"], group["momentum_warmup"])
+        buf = state["momentum_buffer"]
         buf.mul_(mu).add_(p.grad)
         update = p.grad.add(buf, alpha=mu)
         full = _full(update)  # (out, in), whole on every rank under FSDP

@@ -21,7 +21,7 @@ from torch import nn
 
 from dtl.errors import DtlError
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
@@ -70,11 +70,18 @@ def lr_at(
     warmup_steps: int,
     max_steps: int,
     schedule: str = "cosine",
+    decay_fraction: float = 0.2,
 ) -> float:
     """The learning rate of optimizer step `step` (0-based).
 
     Linear warmup over the first `warmup_steps` steps (step 0 gets lr/warmup, so no step
-    runs at lr 0), then `cosine` or `linear` decay to `min_lr` at `max_steps`, or `constant`.
+    runs at lr 0), then `cosine` or `linear` decay to `min_lr` at `max_steps`, or `constant`,
+    or `wsd` (warmup-stable-decay, as nanochat and modded-nanogpt train): `lr` until the last
+    `decay_fraction` of the run, then linear to `min_lr` at `max_steps`.
+
+    >>> [lr_at(s, lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10, schedule="wsd")
+    ...  for s in (0, 7, 8, 9)]
+    [1.0, 1.0, 1.0, 0.5]
     """
     if schedule not in SCHEDULES:
         raise DtlError(f"unknown lr schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -82,11 +89,25 @@ def lr_at(
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return lr
+    if schedule == "wsd":
+        return _wsd(step, lr, min_lr, warmup_steps, max_steps, decay_fraction)
     span = max(1, max_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)  # 0 -> 1 over the decay phase
     if schedule == "linear":
         return lr + (min_lr - lr) * progress
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def _wsd(
+    step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int, decay_fraction: float
+) -> float:
+    """The stable and decay phases of `wsd`: the decay starts at max_steps * (1 - fraction)
+    (a point of the run's progress, not a step count), never inside the warmup."""
+    decay_start = max(float(warmup_steps), max_steps * (1.0 - decay_fraction))
+    if step < decay_start:
+        return lr
+    progress = min(1.0, (step - decay_start) / max(1.0, max_steps - decay_start))
+    return lr + (min_lr - lr) * progress
 
 
 def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
@@ -104,8 +125,10 @@ def make_optimizer(
     weight_decay: float,
     betas: tuple[float, float],
     decay_all: bool = False,
+    muon_options: dict | None = None,
 ) -> torch.optim.Optimizer:
-    """The optimizer `--optimizer` names: `adamw` (build_optimizer) or `muon` (muon.build_muon).
+    """The optimizer `--optimizer` names: `adamw` (build_optimizer) or `muon` (muon.build_muon,
+    with `muon_options`: its groups' lrs and momentum warmup, `TrainConfig.muon_options`).
 
     >>> from dtl import ModelConfig, TransformerLM
     >>> model = TransformerLM(ModelConfig.preset("tiny", vocab_size=100))
@@ -115,7 +138,14 @@ def make_optimizer(
     if name == "muon":
         from dtl.train.muon import build_muon
 
-        return build_muon(model, lr, muon_lr=muon_lr, weight_decay=weight_decay, betas=betas)
+        return build_muon(
+            model,
+            lr,
+            muon_lr=muon_lr,
+            weight_decay=weight_decay,
+            betas=betas,
+            **(muon_options or {}),
+        )
     if name != "adamw":
         raise DtlError(f"unknown optimizer {name!r}; choose adamw or muon")
     return build_optimizer(model, lr, weight_decay, betas, decay_all=decay_all)

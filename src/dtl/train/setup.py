@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from dtl.data.loader import META_FILE, read_meta
+from dtl.data.loader import META_FILE, TokenDataset, epoch_batches, read_meta
 from dtl.data.prepare import prepare
 from dtl.data.shards import sha256_file
 from dtl.errors import DtlError
@@ -50,7 +50,10 @@ from dtl.train.config import (
     TrainConfig,
     as_resume,
     prepare_length,
+    repeats_data,
+    resolve_data_order,
     resolve_lr_schedule,
+    resolve_optimizer,
     resolve_seq_len,
 )
 from dtl.train.init_from import InitSource, init_model_config, read_init_config, read_init_source
@@ -158,6 +161,7 @@ def _setup_in(
     if not cfg.init_from:  # the preset's context, if raised to hold the rows
         base = ModelConfig.preset(cfg.preset).max_seq_length
         preset_context = base if model_config.max_seq_length > base else None
+    passes, repeats, epoch_tokens = planned_passes(cfg, data_dir, seq_len, dist.world_size)
     run = ResolvedRun(
         cfg=cfg,
         run_dir=run_dir,
@@ -172,10 +176,31 @@ def _setup_in(
         resume=resume,
         init_from=init.path if init is not None else None,
         preset_context=preset_context,
+        passes=passes,
+        repeats=repeats,
+        epoch_tokens=epoch_tokens,
+        data_order=resolve_data_order(cfg, repeats),
+        optimizer=resolve_optimizer(cfg, repeats),
     )
     setup = RunSetup(run, dist, prec, tokenizer, meta, init)
     check_memory(setup)
     return setup
+
+
+def planned_passes(
+    cfg: TrainConfig, data_dir: Path, seq_len: int, world_size: int
+) -> tuple[float | None, bool | None, int]:
+    """(passes over the train split the run plans, whether it reads the data more than once:
+    `repeats_data`; the tokens of one pass): max_steps x tokens per step against one epoch of
+    the train loader. A run bounded by --max-time alone plans no steps yet: (None, None, epoch
+    tokens), and the Trainer decides once its first steps are timed (`Trainer._say_estimate`)."""
+    rows = len(TokenDataset(data_dir, "train", seq_len=seq_len))
+    global_batch = cfg.batch_size * world_size
+    epoch_tokens = epoch_batches(rows, global_batch) * global_batch * seq_len
+    if cfg.max_steps is None:
+        return None, None, epoch_tokens
+    planned = cfg.max_steps * cfg.grad_accum * global_batch * seq_len
+    return planned / epoch_tokens, repeats_data(planned, epoch_tokens), epoch_tokens
 
 
 def check_memory(setup: RunSetup) -> None:
