@@ -139,7 +139,8 @@ def dtl_config(recipe: str, work: Workload, out: Path, args, seed: int, **over):
     """The TrainConfig of one recipe's run on `work`."""
     from dtl.train import TrainConfig
 
-    steps = over.pop("max_steps", work.steps)
+    steps = over.pop("max_steps", work.steps)  # None: bounded by max_time alone
+    nominal = steps or work.steps  # the intervals below
     settings = {
         "data": str(work.data),
         "out": str(out),
@@ -148,10 +149,9 @@ def dtl_config(recipe: str, work: Workload, out: Path, args, seed: int, **over):
         "dropout": args.dropout,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
-        "max_steps": steps,
-        "log_every": max(1, steps // 4),
-        "eval_every": steps,
-        "save_every": steps,
+        "log_every": max(1, nominal // 4),
+        "eval_every": nominal,
+        "save_every": nominal,
         "device": "cpu",
         "precision": args.precision,
         "progress": False,
@@ -159,6 +159,8 @@ def dtl_config(recipe: str, work: Workload, out: Path, args, seed: int, **over):
         **recipe_settings(recipe, args),
         **over,
     }
+    if steps is not None:
+        settings["max_steps"] = steps
     return TrainConfig.from_dict(settings, source=f"recipe {recipe}")
 
 
@@ -386,7 +388,7 @@ def max_time_half(workloads: list[Workload], tmp: Path, args) -> None:
                 seed,
                 max_time=minutes,
                 precision="auto",  # the defaults: bf16 on a CPU with native bf16, else fp32
-                max_steps=100 * work.steps,  # the clock ends the run, not the steps
+                max_steps=None,  # the clock ends the run, as `dtl train --max-time` alone
                 eval_every=max(1, work.steps // 6),
                 log_every=max(1, work.steps // 20),
                 eval_batches=val_batches,
