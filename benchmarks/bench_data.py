@@ -23,15 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared_data import ENWIKI, GPT2, WIKITEXT
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-WIKITEXT = SHARED / "wikitext-2-raw" / "wiki.test.raw"
-ENWIKI = (
-    SHARED
-    / "enwiki-sample"
-    / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-)
-GPT2 = SHARED / "gpt2"
 REMNANTS = ("{{", "}}", "[[", "]]", "{|", "|}", "<ref", "&lt;", "'''")
 
 

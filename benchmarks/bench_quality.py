@@ -56,15 +56,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from shared_data import ENWIKI, WIKITEXT
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-WIKITEXT = SHARED / "wikitext-2-raw" / "wiki.test.raw"
-ENWIKI = (
-    SHARED
-    / "enwiki-sample"
-    / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-)
 IMG = ROOT / "docs" / "img"
 MODEL = {"d_model": 128, "n_heads": 4, "n_layers": 4, "d_ff": 512}
 FULL_STEPS = 1562  # 1.6M tokens at batch 8 x 128: the repeat workload's ~4.3 passes

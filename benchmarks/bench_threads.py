@@ -32,8 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared_data import WIKITEXT
+
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 MODES = {
     "old": ({"GOMP_SPINCOUNT": "300000"}, []),
     "new": ({}, []),

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 from peers import gpt2_peer
+from shared_data import WIKITEXT
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 GPT2_DIR = ROOT.parent / "shared" / "data" / "gpt2"
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from shared_data import WIKITEXT
 
 from dtl import ModelConfig, TransformerLM
 from dtl.model.head_loss import linear_cross_entropy
@@ -31,7 +32,6 @@ from dtl.train.memory import estimate_memory, fit_options, parse_size, recommend
 from dtl.train.precision import autocast, grad_scaler, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def check_head_loss(device: torch.device, precision: str) -> None:
