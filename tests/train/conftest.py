@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train_helpers import shared_path
+from train_helpers import prepared_rows, shared_path
 
-from dtl.data.prepare import prepare
 from dtl.tokenizer import train_tokenizer
 
 
@@ -28,36 +27,21 @@ def tokenizer_dir(corpus, tmp_path_factory) -> Path:
     return out
 
 
-def _prepared(source: Path, kind: str, max_length: int, tokenizer_dir: Path, out: Path) -> Path:
-    """`source` prepared with the test BPE, 20% of it held out for val."""
-    prepare(
-        [source],
-        out,
-        tokenizer=str(tokenizer_dir),
-        kind=kind,
-        max_length=max_length,
-        val_fraction=0.2,
-        seed=0,
-        progress=False,
-    )
-    return out
-
-
 @pytest.fixture(scope="session")
 def packed_data(corpus, tokenizer_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "wiki"
-    return _prepared(corpus, "wikitext", 32, tokenizer_dir, out)
+    return prepared_rows(corpus, "wikitext", 32, tokenizer_dir, out)
 
 
 @pytest.fixture(scope="session")
 def rows_of_64(corpus, tokenizer_dir, tmp_path_factory) -> Path:
     """The same text as packed_data, in rows of max_length 64."""
     out = tmp_path_factory.mktemp("data") / "wiki64"
-    return _prepared(corpus, "wikitext", 64, tokenizer_dir, out)
+    return prepared_rows(corpus, "wikitext", 64, tokenizer_dir, out)
 
 
 @pytest.fixture(scope="session")
 def padded_data(tokenizer_dir, tmp_path_factory) -> Path:
     squad = shared_path("squad", "squad-v2-dev-small.json")
     out = tmp_path_factory.mktemp("data") / "squad"
-    return _prepared(squad, "squad", 48, tokenizer_dir, out)
+    return prepared_rows(squad, "squad", 48, tokenizer_dir, out)

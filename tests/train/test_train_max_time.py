@@ -12,9 +12,8 @@ import json
 import math
 
 import pytest
-from train_helpers import fails_here, run_dtl, tiny_config, torchrun, train_argv
+from train_helpers import fails_here, prepared_rows, run_dtl, tiny_config, torchrun, train_argv
 
-from dtl.data.prepare import prepare
 from dtl.run_dir import latest_checkpoint
 from dtl.train import Trainer
 from dtl.train.checkpoint import load_training_state
@@ -315,17 +314,7 @@ def test_a_time_run_decides_at_its_estimate_whether_it_repeats_its_data(
     data read once, 1x on data repeated (`TrainConfig.muon_options`)."""
     small = tmp_path / "small.txt"  # a short text, so a few passes are a few dozen steps
     small.write_text(corpus.read_text(encoding="utf-8")[:6000], encoding="utf-8")
-    packed_data = tmp_path / "data"
-    prepare(
-        [small],
-        packed_data,
-        tokenizer=str(tokenizer_dir),
-        kind="text",
-        max_length=32,
-        val_fraction=0.2,
-        seed=0,
-        progress=False,
-    )
+    packed_data = prepared_rows(small, "text", 32, tokenizer_dir, tmp_path / "data")
     probe = timed_trainer(timed_config(packed_data, tmp_path / "probe", max_time=1.0))
     epoch = probe.resolved.epoch_tokens
     assert probe.resolved.repeats is None and probe.resolved.optimizer == "muon"

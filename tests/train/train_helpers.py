@@ -120,3 +120,20 @@ def fails_here(capsys, argv: list[str], *needles: str) -> str:
     for needle in needles:
         assert needle in err, err
     return err
+
+
+def prepared_rows(source: Path, kind: str, max_length: int, tokenizer_dir: Path, out: Path) -> Path:
+    """`source` prepared with the test BPE, 20% of it held out for val."""
+    from dtl.data.prepare import prepare
+
+    prepare(
+        [source],
+        out,
+        tokenizer=str(tokenizer_dir),
+        kind=kind,
+        max_length=max_length,
+        val_fraction=0.2,
+        seed=0,
+        progress=False,
+    )
+    return out
