@@ -26,6 +26,11 @@ import threading
 import time
 from pathlib import Path
 
+# ruff: noqa: E402  (torch must load after the wait policy is set)
+from dtl.threads import set_wait_policy
+
+set_wait_policy(verb="generate")  # torch's OpenMP waits as under `dtl generate` (dtl.threads)
+
 import torch
 from peers import gpt2_peer
 

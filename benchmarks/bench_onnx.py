@@ -30,6 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# ruff: noqa: E402  (torch must load after the wait policy is set)
+from dtl.threads import set_wait_policy
+
+set_wait_policy(verb="generate")  # torch's OpenMP waits as under `dtl generate` (dtl.threads)
+
 import numpy as np
 import torch
 

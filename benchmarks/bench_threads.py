@@ -7,7 +7,10 @@ threads sleep (OMP_WAIT_POLICY=PASSIVE, set before torch loads; see src/dtl/thre
 This runs, in one go, each verb as a user does (a fresh `python -m dtl` process) in each of:
   old       the previous behaviour: libgomp's default spin-wait (GOMP_SPINCOUNT=300000, which
             also stops DTL from setting its policy) and torch's default threads (one per core)
-  new       DTL's default now
+  new       DTL's default now (idle threads sleep; a short spin for the decode verbs,
+            `dtl.threads.DECODE_VERBS`)
+  passive   OMP_WAIT_POLICY=PASSIVE for every verb (the default before the decode verbs'
+            short spin), to measure that spin free and busy
   new -t1   `--threads 1`, for reference
 on a free machine and beside a competitor: a 2-thread torch matmul loop in its own process,
 with torch's default (spinning) OpenMP. `dtl train`: the tiny preset on a 4k BPE, --seq-len
@@ -38,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = {
     "old": ({"GOMP_SPINCOUNT": "300000"}, []),
     "new": ({}, []),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
     "new -t1": ({}, ["--threads", "1"]),
 }
 COMPETITOR = """

@@ -52,6 +52,57 @@ def test_a_users_own_wait_policy_is_kept():
     assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
 
 
+VERB_SPY = """
+import os, sys
+class Spy:  # reports the wait settings at the moment torch is first imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print("torch loads with", {k: v for k, v in os.environ.items()
+                                       if k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")})
+            sys.meta_path.remove(self)
+        return None
+sys.meta_path.insert(0, Spy())
+import dtl.cli
+try:
+    dtl.cli.main([sys.argv[1], "--help"])
+except SystemExit:
+    pass
+import torch  # a verb whose --help loads no torch (serve): what its run would load it with
+"""
+
+
+def _verb_policy(verb: str, **env: str) -> str:
+    out = _python(VERB_SPY.replace("sys.argv[1]", repr(verb)), **env)
+    return next(line for line in out.splitlines() if line.startswith("torch loads"))
+
+
+@pytest.mark.parametrize("verb", ["generate", "ask", "chat", "serve"])
+def test_decode_verbs_load_torch_with_a_short_spin(verb):
+    """A one-token step is ~30 short parallel kernels: its verbs spin briefly between them
+    (libgomp's GOMP_SPINCOUNT) instead of waking a sleeping thread for each."""
+    assert _verb_policy(verb) == "torch loads with {'GOMP_SPINCOUNT': '2000'}"
+
+
+@pytest.mark.parametrize("verb", ["train", "eval", "prepare"])
+def test_other_verbs_keep_idle_threads_sleeping(verb):
+    assert _verb_policy(verb) == "torch loads with {'OMP_WAIT_POLICY': 'PASSIVE'}"
+
+
+def test_a_users_policy_is_kept_by_decode_verbs_too():
+    assert _verb_policy("generate", OMP_WAIT_POLICY="PASSIVE") == (
+        "torch loads with {'OMP_WAIT_POLICY': 'PASSIVE'}"
+    )
+    assert _verb_policy("chat", GOMP_SPINCOUNT="0") == "torch loads with {'GOMP_SPINCOUNT': '0'}"
+
+
+def test_the_thread_line_says_how_idle_threads_wait():
+    spin = choose_threads(None, cores=2, environ={"GOMP_SPINCOUNT": "2000"}).line()
+    assert spin == (
+        "threads: 2 (one per core of 2; idle threads spin 2000 turns, then sleep; "
+        "--threads N to override)"
+    )
+
+
 def test_the_default_is_one_thread_per_usable_core():
     choice = choose_threads(None, cores=4, environ={"OMP_WAIT_POLICY": "PASSIVE"})
     assert choice.threads == 4

@@ -10,6 +10,14 @@ the user set `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` themselves; measured on 2 cor
 2-thread competitor, 2 passive threads beat 1 thread and both beat 2 spinning threads, and on
 a free machine passive costs nothing measurable (`benchmarks/bench_threads.py`).
 
+The verbs that decode token by token (`DECODE_VERBS`) take a short spin instead
+(`GOMP_SPINCOUNT=DECODE_SPINCOUNT`, then sleep): a one-row decode step is ~30 parallel kernels
+of a few microseconds each, and waking a sleeping thread for every one of them cost a quarter
+of onnxruntime's speed at batch 1 (docs/benchmarks.md). The spin is short enough to bridge the
+gaps between one step's kernels, and an idle thread still sleeps soon after, so a busy machine
+is not starved (measured with `bench_threads.py`). `dtl VERB` chooses by its verb before torch
+loads (`set_wait_policy(verb=...)`, from `dtl.cli.main`).
+
 The number of threads is one per usable core (torch's own default), or what `--threads`
 says; under torchrun each of the machine's ranks gets its share of the cores; an explicit
 `OMP_NUM_THREADS` is kept. Every verb that runs a model says its choice in its first line
@@ -34,12 +42,39 @@ from dtl.errors import DtlError
 
 # Set before torch is imported (libgomp reads it once, when it loads): see the module docs.
 WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
+DECODE_VERBS = ("generate", "ask", "chat", "serve")
+DECODE_SPINCOUNT = 2000  # spin turns before sleeping: ~tens of microseconds
+DECODE_POLICY = {"GOMP_SPINCOUNT": str(DECODE_SPINCOUNT)}
+_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
-def set_wait_policy(environ: dict = os.environ) -> None:  # type: ignore[assignment]
-    """Make idle OpenMP threads sleep instead of spin, unless the user chose a policy."""
-    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
-        environ.update(WAIT_POLICY)
+def wait_policy(verb: str | None = None) -> dict[str, str]:
+    """The OpenMP wait settings DTL uses for `dtl VERB` (None: anything else, `import dtl`).
+
+    >>> wait_policy("train"), wait_policy("generate")
+    ({'OMP_WAIT_POLICY': 'PASSIVE'}, {'GOMP_SPINCOUNT': '2000'})
+    """
+    return dict(DECODE_POLICY if verb in DECODE_VERBS else WAIT_POLICY)
+
+
+def set_wait_policy(environ: dict = os.environ, verb: str | None = None) -> None:  # type: ignore[assignment]
+    """Set `wait_policy(verb)` in `environ`, unless the user chose a policy: for the process
+    environment, one that held `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` before `import dtl`
+    (so DTL may replace its own setting by a verb's); for another mapping, one that holds
+    either. Only takes effect before torch is imported.
+
+    >>> env = {}; set_wait_policy(env, verb="chat"); env
+    {'GOMP_SPINCOUNT': '2000'}
+    """
+    users = _USERS if environ is os.environ else {k: environ[k] for k in _KEYS if k in environ}
+    if users:
+        return
+    for key in _KEYS:
+        environ.pop(key, None)
+    environ.update(wait_policy(verb))
+
+
+_USERS = {k: os.environ[k] for k in _KEYS if k in os.environ}  # before DTL sets either
 
 
 @dataclass(frozen=True)
@@ -80,7 +115,12 @@ def choose_threads(
     omp = _int(environ.get("OMP_NUM_THREADS"))
     if omp:
         return ThreadChoice(omp, f"OMP_NUM_THREADS, of {cores} cores")
-    waits = "idle threads sleep" if environ.get("OMP_WAIT_POLICY") == "PASSIVE" else "spin-wait"
+    if environ.get("OMP_WAIT_POLICY") == "PASSIVE":
+        waits = "idle threads sleep"
+    elif "GOMP_SPINCOUNT" in environ and environ.get("OMP_WAIT_POLICY") != "ACTIVE":
+        waits = f"idle threads spin {environ['GOMP_SPINCOUNT']} turns, then sleep"
+    else:
+        waits = "spin-wait"
     return ThreadChoice(cores, f"one per core of {cores}; {waits}")
 
 

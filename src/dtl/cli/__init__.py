@@ -45,12 +45,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="VERB")
-    # The top level takes no option with a value, so the first word is the verb (if any).
-    verb = next((a for a in argv or [] if not a.startswith("-")), None)
+    verb = verb_of(argv or [])
     modules = [m for m, verbs in COMMAND_MODULES.items() if verb in verbs] or COMMAND_MODULES
     for name in modules:
         importlib.import_module(name).register(subparsers)
     return parser
+
+
+def verb_of(argv: list[str]) -> str | None:
+    """The verb of a `dtl` command line: the top level takes no option with a value, so the
+    first word is the verb (if any)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def add_verb(
@@ -167,6 +172,10 @@ def _reject_unknown(parser: argparse.ArgumentParser, args, extras: list[str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "torch" not in sys.modules:  # the verb's OpenMP wait policy, before its module loads torch
+        from dtl.threads import set_wait_policy
+
+        set_wait_policy(verb=verb_of(argv))
     parser = build_parser(argv)
     args, extras = parser.parse_known_args(argv)
     if extras:
