@@ -40,7 +40,7 @@ import torch
 
 from dtl import ModelConfig, TransformerLM
 from dtl.export.onnx import export_onnx
-from dtl.generate import generate_tokens
+from dtl.generate import decode, generate_tokens
 from dtl.model.dtype import to_inference_dtype
 
 PROMPT = 16
@@ -117,6 +117,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--model", help="a trained model: also report each dtype's quality")
     parser.add_argument("--text", help="with --model: held-out text to measure it on")
+    parser.add_argument("--block-threads", action="store_true",
+                        help="also time each dtype at batch 1 with the one-row blocks on every "
+                        "thread (dtl.generate.decode.ONE_ROW_BLOCK_THREADS = None)")  # fmt: skip
     args = parser.parse_args()
     if bool(args.model) != bool(args.text):
         parser.error("--model and --text go together")
@@ -127,6 +130,13 @@ def main() -> None:
     torch.manual_seed(0)
     model = TransformerLM(ModelConfig.preset("small")).eval()
     models = {d: to_inference_dtype(copy.deepcopy(model), d) for d in DTYPES}
+    if args.block_threads:  # the same weights, each plan built with its blocks on every thread
+        chosen = dict(decode.ONE_ROW_BLOCK_THREADS)
+        for d in DTYPES:
+            models[f"{d}-all-threads"] = variant = copy.deepcopy(models[d])
+            decode.ONE_ROW_BLOCK_THREADS[d] = None
+            decode.plan_for(variant)  # built now, with the table as changed
+            decode.ONE_ROW_BLOCK_THREADS[d] = chosen[d]
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
@@ -146,6 +156,8 @@ def main() -> None:
         line = [f"batch {batch}: onnxruntime fp32 {row['ort_tokens_per_s']:7.1f} tok/s"]
         outs = {}
         for dtype, m in models.items():
+            if batch > 1 and dtype.endswith("-all-threads"):
+                continue  # several rows take another layout
             s, outs[dtype] = timed(
                 lambda ids=ids, m=m: generate_tokens(m, ids, args.new, temperature=0), args.repeats
             )
@@ -156,6 +168,8 @@ def main() -> None:
             row[f"dtl_{dtype}_same_as_fp32"] = float(
                 (new_tokens == outs["fp32"][:, PROMPT:]).float().mean()
             )
+            if dtype.endswith("-all-threads"):  # same weights, same kernels: same tokens
+                assert torch.equal(outs[dtype], outs[dtype.split("-")[0]]), dtype
             line.append(f"dtl {dtype} {rate:7.1f} tok/s ({row[f'dtl_{dtype}_vs_ort']:.2f}x)")
         row["same_tokens"] = bool(np.array_equal(outs["fp32"].numpy(), ort_out))
         row["dtl_tokens_per_s"] = row["dtl_fp32_tokens_per_s"]  # the names before bf16/int8

@@ -233,3 +233,43 @@ def test_the_lean_step_syncs_nothing_and_copies_no_cache():
     assert "aten::_local_scalar_dense" in [e.name for e in full.events()]  # the check's syncs
     top = [e for e in lean.events() if e.cpu_parent is None]
     assert len(top) < 0.75 * sum(e.cpu_parent is None for e in full.events())
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_a_one_row_step_runs_its_blocks_on_one_thread_and_the_head_on_all(dtype):
+    """One row's block products are too short to share between threads (each wake-up costs
+    more than it saves); the head, the large product, keeps every thread. The caller's
+    thread count is restored after the step, also when a product fails."""
+    from dtl.model.dtype import to_inference_dtype
+
+    model = to_inference_dtype(odd_model(), dtype)
+    plan = plan_for(model)
+    seen: list[tuple[str, int]] = []
+
+    def spy(name, product):
+        def call(x):
+            seen.append((name, torch.get_num_threads()))
+            return product(x)
+
+        return call
+
+    layout = plan.one_row
+    block = layout.blocks[1]
+    block.qkv, block.linear2 = spy("qkv", block.qkv), spy("linear2", block.linear2)
+    layout.head = spy("head", layout.head)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            cache = model.allocate_cache(1, 12)
+            model(torch.tensor([[3, 1, 4]]), cache=cache, last_only=True, layout=plan)
+            seen.clear()
+            plan.step(model, torch.tensor([5]), cache)
+            assert seen == [("qkv", 1), ("linear2", 1), ("head", 2)]
+            assert torch.get_num_threads() == 2
+            block.qkv = lambda x: 1 / 0
+            with pytest.raises(ZeroDivisionError):
+                plan.step(model, torch.tensor([5]), cache)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

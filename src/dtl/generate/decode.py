@@ -219,6 +219,12 @@ class Int8Linear:
         return op(x, self.packed, reduce_range=self.reduce_range)  # (B, out), fp32
 
 
+# Threads for a one-row step's block products, by the plan's weights (None: all): int8's
+# fbgemm and bf16's oneDNN products of one row are fixed-cost calls that a second thread only
+# slows; fp32's blocks are cut to stream on every core (`split_for`). Measured in
+# `benchmarks/bench_onnx.py --block-threads` (docs/benchmarks.md).
+ONE_ROW_BLOCK_THREADS: dict[str, int | None] = {"fp32": None, "bf16": 1, "int8": 1}
+
 # x (B, in) -> (B, out): a `SplitLinear` (fp32), a `PackedLinear` (several fp32 rows, bf16),
 # or an `Int8Linear`
 Product = Callable[[Tensor], Tensor]
@@ -247,10 +253,16 @@ class BlockPlan:
 
 @dataclass
 class Layout:
-    """Every product of the model laid out one way: what its forward takes as `layout`."""
+    """Every product of the model laid out one way: what its forward takes as `layout`.
+
+    `block_threads`: the threads a decode step runs the blocks on (None: torch's setting).
+    One row's block products are a few microseconds each, too short to share: a second thread
+    costs more in wake-ups than it saves (`ONE_ROW_BLOCK_THREADS`); the head, the one large
+    product, still runs on every thread."""
 
     blocks: list[BlockPlan]
     head: Product  # the vocabulary head: hidden (B, d) -> logits (B, V)
+    block_threads: int | None = None
 
     def for_rows(self, rows: int) -> Layout:
         return self
@@ -334,7 +346,7 @@ class DecodePlan:
         # the head (vocab x d) for one row: whole columns per core measured fastest here
         weight, bias = model.head.weight, _bias(model.head)
         head = SplitLinear.of([weight], [bias], threads, by_rows=False)
-        return cls(key, Layout(blocks, head), linears, model.head)
+        return cls(key, Layout(blocks, head, ONE_ROW_BLOCK_THREADS["fp32"]), linears, model.head)
 
     @classmethod
     def bf16_plan(cls, model: TransformerLM, key: tuple) -> DecodePlan:
@@ -356,7 +368,8 @@ class DecodePlan:
                 pack(ff.linear2),
             ))  # fmt: skip
         layout = Layout(blocks, pack(model.head))
-        return cls(key, layout, [], model.head, several=layout)
+        one_row = Layout(blocks, layout.head, ONE_ROW_BLOCK_THREADS["bf16"])
+        return cls(key, one_row, [], model.head, several=layout)
 
     @classmethod
     def int8_plan(cls, model: TransformerLM, key: tuple) -> DecodePlan:
@@ -373,7 +386,8 @@ class DecodePlan:
                 Int8Linear.of(ff.linear2),
             ))  # fmt: skip
         layout = Layout(blocks, Int8Linear.of(model.head))
-        return cls(key, layout, [], model.head, several=layout)
+        one_row = Layout(blocks, layout.head, ONE_ROW_BLOCK_THREADS["int8"])
+        return cls(key, one_row, [], model.head, several=layout)
 
 
 @dataclass
@@ -433,12 +447,19 @@ def decode_step(frame: StepFrame, layout: Layout, tokens: Tensor, cache: KVCache
         mask = key_valid[:, None, None]  # (B, 1, 1, L + 1): the new slot is always True
     H, d_k = frame.n_heads, frame.d_k
     d = H * d_k
-    for i, (p, (n1, n2)) in enumerate(zip(layout.blocks, frame.norms, strict=True)):
-        q, k, v = p.qkv(x).view(B, 3, H, 1, d_k).unbind(1)  # each (B, H, 1, d_k)
-        keys, values = cache.append(i, k, v)  # (B, H, L + 1, d_k)
-        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, d_k)
-        x = torch.layer_norm(x + p.w_o(a.reshape(B, d)), (d,), *n1)
-        x = torch.layer_norm(x + p.linear2(p.up(x)), (d,), *n2)
+    threads = torch.get_num_threads()
+    if layout.block_threads:
+        torch.set_num_threads(layout.block_threads)
+    try:
+        for i, (p, (n1, n2)) in enumerate(zip(layout.blocks, frame.norms, strict=True)):
+            q, k, v = p.qkv(x).view(B, 3, H, 1, d_k).unbind(1)  # each (B, H, 1, d_k)
+            keys, values = cache.append(i, k, v)  # (B, H, L + 1, d_k)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, d_k)
+            x = torch.layer_norm(x + p.w_o(a.reshape(B, d)), (d,), *n1)
+            x = torch.layer_norm(x + p.linear2(p.up(x)), (d,), *n2)
+    finally:
+        if layout.block_threads:
+            torch.set_num_threads(threads)
     cache.advance(1)
     return layout.head(torch.layer_norm(x, (d,), *frame.ln_f)).float()  # (B, V)
 
