@@ -118,8 +118,8 @@ def main() -> None:
     parser.add_argument("--model", help="a trained model: also report each dtype's quality")
     parser.add_argument("--text", help="with --model: held-out text to measure it on")
     parser.add_argument("--block-threads", action="store_true",
-                        help="also time each dtype at batch 1 with the one-row blocks on every "
-                        "thread (dtl.generate.decode.ONE_ROW_BLOCK_THREADS = None)")  # fmt: skip
+                        help="also time each dtype with the other choice of threads for the blocks "
+                        "(dtl.generate.decode.ONE_ROW_/SEVERAL_ROWS_BLOCK_THREADS: 1 <-> all)")  # fmt: skip
     args = parser.parse_args()
     if bool(args.model) != bool(args.text):
         parser.error("--model and --text go together")
@@ -130,13 +130,18 @@ def main() -> None:
     torch.manual_seed(0)
     model = TransformerLM(ModelConfig.preset("small")).eval()
     models = {d: to_inference_dtype(copy.deepcopy(model), d) for d in DTYPES}
-    if args.block_threads:  # the same weights, each plan built with its blocks on every thread
-        chosen = dict(decode.ONE_ROW_BLOCK_THREADS)
+    if args.block_threads:  # the same weights, each plan built with the other thread choice
+        tables = (decode.ONE_ROW_BLOCK_THREADS, decode.SEVERAL_ROWS_BLOCK_THREADS)
+        chosen = [dict(t) for t in tables]
         for d in DTYPES:
-            models[f"{d}-all-threads"] = variant = copy.deepcopy(models[d])
-            decode.ONE_ROW_BLOCK_THREADS[d] = None
-            decode.plan_for(variant)  # built now, with the table as changed
-            decode.ONE_ROW_BLOCK_THREADS[d] = chosen[d]
+            models[f"{d}-flipped"] = variant = copy.deepcopy(models[d])
+            for table in tables:
+                table[d] = None if table[d] else 1
+            decode.plan_for(variant).for_rows(max(args.batches))  # both layouts, built now
+            for table, before in zip(tables, chosen, strict=True):
+                table[d] = before[d]
+        print("block threads, one row / several:",
+              {d: (tables[0][d], tables[1][d]) for d in DTYPES}, "('flipped': the other)")  # fmt: skip
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
@@ -156,8 +161,6 @@ def main() -> None:
         line = [f"batch {batch}: onnxruntime fp32 {row['ort_tokens_per_s']:7.1f} tok/s"]
         outs = {}
         for dtype, m in models.items():
-            if batch > 1 and dtype.endswith("-all-threads"):
-                continue  # several rows take another layout
             s, outs[dtype] = timed(
                 lambda ids=ids, m=m: generate_tokens(m, ids, args.new, temperature=0), args.repeats
             )
@@ -168,7 +171,7 @@ def main() -> None:
             row[f"dtl_{dtype}_same_as_fp32"] = float(
                 (new_tokens == outs["fp32"][:, PROMPT:]).float().mean()
             )
-            if dtype.endswith("-all-threads"):  # same weights, same kernels: same tokens
+            if dtype.endswith("-flipped"):  # same weights, same kernels: same tokens
                 assert torch.equal(outs[dtype], outs[dtype.split("-")[0]]), dtype
             line.append(f"dtl {dtype} {rate:7.1f} tok/s ({row[f'dtl_{dtype}_vs_ort']:.2f}x)")
         row["same_tokens"] = bool(np.array_equal(outs["fp32"].numpy(), ort_out))

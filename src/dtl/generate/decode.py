@@ -219,11 +219,13 @@ class Int8Linear:
         return op(x, self.packed, reduce_range=self.reduce_range)  # (B, out), fp32
 
 
-# Threads for a one-row step's block products, by the plan's weights (None: all): int8's
-# fbgemm and bf16's oneDNN products of one row are fixed-cost calls that a second thread only
-# slows; fp32's blocks are cut to stream on every core (`split_for`). Measured in
-# `benchmarks/bench_onnx.py --block-threads` (docs/benchmarks.md).
+# Threads for a step's blocks (their products, attention and LayerNorms), by the plan's
+# weights, for one row and for several (None: all of torch's): int8's fbgemm and bf16's
+# oneDNN products of one row are fixed-cost calls that a second thread only slows; fp32's
+# one-row blocks are cut to stream on every core (`split_for`). The head always runs on
+# every thread. Measured in `benchmarks/bench_onnx.py --block-threads` (docs/benchmarks.md).
 ONE_ROW_BLOCK_THREADS: dict[str, int | None] = {"fp32": None, "bf16": 1, "int8": 1}
+SEVERAL_ROWS_BLOCK_THREADS: dict[str, int | None] = {"fp32": None, "bf16": None, "int8": None}
 
 # x (B, in) -> (B, out): a `SplitLinear` (fp32), a `PackedLinear` (several fp32 rows, bf16),
 # or an `Int8Linear`
@@ -316,12 +318,14 @@ class DecodePlan:
         head = packed([self.head_linear])
         blocks = [BlockPlan(packed(qkv), packed(w_o), packed(up, relu=True), packed(down))
                   for qkv, w_o, up, down in self.linears] if head is not None else []  # fmt: skip
+        threads = SEVERAL_ROWS_BLOCK_THREADS["fp32"]
         if head is None or any(p is None for b in blocks for p in vars(b).values()):
             parts = 8 * max(2, torch.get_num_threads())
             h = self.head_linear
             return Layout(self.one_row.blocks,
-                          SplitLinear.of([h.weight], [_bias(h)], parts, by_rows=False))  # fmt: skip
-        return Layout(blocks, head)
+                          SplitLinear.of([h.weight], [_bias(h)], parts, by_rows=False),
+                          threads)  # fmt: skip
+        return Layout(blocks, head, threads)
 
     @classmethod
     def build(cls, model: TransformerLM, key: tuple, threads: int) -> DecodePlan:
@@ -367,7 +371,7 @@ class DecodePlan:
                 pack(a.w_q, a.w_k, a.w_v), pack(a.w_o), pack(ff.linear1, relu=True),
                 pack(ff.linear2),
             ))  # fmt: skip
-        layout = Layout(blocks, pack(model.head))
+        layout = Layout(blocks, pack(model.head), SEVERAL_ROWS_BLOCK_THREADS["bf16"])
         one_row = Layout(blocks, layout.head, ONE_ROW_BLOCK_THREADS["bf16"])
         return cls(key, one_row, [], model.head, several=layout)
 
@@ -385,7 +389,7 @@ class DecodePlan:
                 Int8Linear.of(qkv), Int8Linear.of(a.w_o), Int8Linear.of(ff.linear1, relu=True),
                 Int8Linear.of(ff.linear2),
             ))  # fmt: skip
-        layout = Layout(blocks, Int8Linear.of(model.head))
+        layout = Layout(blocks, Int8Linear.of(model.head), SEVERAL_ROWS_BLOCK_THREADS["int8"])
         one_row = Layout(blocks, layout.head, ONE_ROW_BLOCK_THREADS["int8"])
         return cls(key, one_row, [], model.head, several=layout)
 
