@@ -132,6 +132,9 @@ def test_stops_when_the_budget_is_spent_then_evaluates_and_saves(packed_data, tm
         # 128 tokens in 2.5 s: the evaluation and the save after step 4 are not in step 5's rate
         assert record["tokens_per_s"] == pytest.approx(4 * 32 / 2.5)
     assert [r["step"] for r in evals] == [4, 6]  # the interval's, then the end's
+    # each evaluation records the training clock (the loss against minutes): step 4's
+    # evaluation and save (1,100 s of fake time) are not in step 6's
+    assert [r["trained_s"] for r in evals] == [10.0, 15.0]
     assert latest_checkpoint(run).name == "step-6"
     assert load_training_state(latest_checkpoint(run))["progress"]["trained_s"] == 15.0
     assert summary["step"] == 6 and summary["trained_s"] == 15.0

@@ -86,24 +86,27 @@ class TrainClock:
         self._base = trained_s
         self._start: float | None = None
         self._depth = 0  # nested pauses (a save inside an evaluation's pause) count once
+        self._began = 0.0  # when the current pause began
 
     def start(self) -> None:
         self._start = self._now()
 
     def seconds(self) -> float:
-        """The seconds trained so far (the resumed run's included)."""
+        """The seconds trained so far (the resumed run's included); inside `paused()`, the
+        seconds when the pause began."""
         if self._start is None:
             return self._base
-        return self._base + (self._now() - self._start)
+        return self._base + ((self._began if self._depth else self._now()) - self._start)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """What runs inside is not training time."""
+        if self._depth == 0:
+            self._began = self._now()
         self._depth += 1
-        began = self._now() if self._depth == 1 else 0.0
         try:
             yield
         finally:
             self._depth -= 1
             if self._depth == 0 and self._start is not None:
-                self._start += self._now() - began  # the pause moves the start forward
+                self._start += self._now() - self._began  # the pause moves the start forward

@@ -500,7 +500,10 @@ class Trainer:
     def _eval_and_log(self) -> bool:
         """Evaluate, log, and say whether this is a new best (then it is saved and kept)."""
         result = self.evaluate()
-        self.metrics.write({"step": self.state.step, **result})
+        # trained_s: the training clock at this evaluation (evaluating and saving left out),
+        # so metrics.jsonl gives the loss against training time as well as against steps
+        trained = round(self.clock.seconds(), 3)
+        self.metrics.write({"step": self.state.step, "trained_s": trained, **result})
         self.metrics.print(
             f"step {self.state.step} | val_loss {result['val_loss']:.4f} | "
             f"val_ppl {result['val_ppl']:.2f}"
