@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw as adamw_update  # the functional form
 
 # The quintic iteration's coefficients (Keller Jordan's): chosen to raise small singular
 # values fast; the result's singular values land in about [0.7, 1.2], not exactly 1, which
@@ -180,52 +181,135 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["use_muon"]:
-                    self._muon_step(p, group)
-                else:
-                    self._adamw_step(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["use_muon"]:
+                self._muon_group(params, group)
+            else:
+                self._adamw_group(params, group)
         return loss
 
-    def _muon_step(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-            state["step"] = torch.tensor(0.0)  # a tensor, as AdamW's: FSDP's state dict
-        # A checkpoint from before the momentum warmup has no count: its warmup is over.
-        count = state.setdefault("step", torch.tensor(float(group["momentum_warmup"])))
-        step = int(count.item())
-        count += 1
-        mu = momentum_at(step, group["momentum"], group["momentum_start"], group["momentum_warmup"])
-        buf = state["momentum_buffer"]
-        buf.mul_(mu).add_(p.grad)
-        update = p.grad.add(buf, alpha=mu)
-        full = _full(update)  # (out, in), whole on every rank under FSDP
-        ortho = newton_schulz(full, group["ns_steps"])
-        ortho = _like(ortho, p)  # this rank's rows under FSDP
-        scale = max(1.0, full.size(0) / full.size(1)) ** 0.5
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(ortho, alpha=-group["lr"] * scale)
+    def _muon_group(self, params: list[torch.Tensor], group: dict) -> None:
+        """One Muon step of a group's matrices: the momentum by foreach ops (one call for all
+        of them, not one per matrix), then the matrices of one shape orthogonalised together
+        (`newton_schulz_batched`)."""
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+                state["step"] = torch.tensor(0.0)  # a tensor, as AdamW's: FSDP's state dict
+            # A checkpoint from before the momentum warmup has no count: its warmup is over.
+            state.setdefault("step", torch.tensor(float(group["momentum_warmup"])))
+        # Each matrix's momentum at its own update count (the same for all but after a
+        # change of groups): the matrices that share one are updated together.
+        counts = torch.stack([self.state[p]["step"] for p in params]).tolist()  # one read
+        by_mu: dict[float, list[torch.Tensor]] = {}
+        for p, count in zip(params, counts, strict=True):
+            mu = momentum_at(
+                int(count), group["momentum"], group["momentum_start"], group["momentum_warmup"]
+            )
+            by_mu.setdefault(mu, []).append(p)
+        updates: dict[int, torch.Tensor] = {}
+        for mu, ps in by_mu.items():
+            grads = [p.grad for p in ps]
+            bufs = [self.state[p]["momentum_buffer"] for p in ps]
+            torch._foreach_add_([self.state[p]["step"] for p in ps], 1.0)
+            torch._foreach_mul_(bufs, mu)  # B <- mu B + G
+            torch._foreach_add_(bufs, grads)
+            # U = G + mu B (Nesterov)
+            for p, u in zip(ps, torch._foreach_add(grads, bufs, alpha=mu), strict=True):
+                updates[id(p)] = u
+        fulls = [_full(updates[id(p)]) for p in params]  # (out, in), whole under FSDP
+        orthos = newton_schulz_batched(fulls, group["ns_steps"])
+        lr, decay = group["lr"], group["weight_decay"]
+        if decay:
+            torch._foreach_mul_(params, 1 - lr * decay)
+        by_scale: dict[float, tuple[list, list]] = {}
+        for p, full, ortho in zip(params, fulls, orthos, strict=True):
+            scale = max(1.0, full.size(0) / full.size(1)) ** 0.5
+            ps, os_ = by_scale.setdefault(scale, ([], []))
+            ps.append(p)
+            os_.append(_like(ortho, p))  # this rank's rows under FSDP
+        for scale, (ps, os_) in by_scale.items():
+            torch._foreach_add_(ps, os_, alpha=-lr * scale)
 
-    def _adamw_step(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        step = state["step"].item()
+    def _adamw_group(self, params: list[torch.Tensor], group: dict) -> None:
+        """One AdamW step (decoupled decay) of a group: torch's own, fused (one kernel over
+        all the group's tensors) where it can be, else foreach; equal to torch.optim.AdamW's."""
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+        states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        lr, grad = group["lr"], p.grad
-        p.mul_(1 - lr * group["weight_decay"])
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-        denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+        # The fused kernel takes plain CPU/CUDA tensors of one float dtype; FSDP's DTensors
+        # (and anything else) take the foreach path, which dispatches per op, not per tensor.
+        fused = _fusable(params)
+        adamw_update(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            foreach=not fused,
+            fused=fused,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+
+def newton_schulz_batched(mats: list[torch.Tensor], steps: int = 5) -> list[torch.Tensor]:
+    """`newton_schulz` of each matrix, the matrices of one (wide) shape stacked and iterated
+    together: one batched matmul per product instead of one per matrix (a model's blocks
+    have a handful of shapes, so ~20 matrices take 3-4 batches).
+
+    >>> a, b = torch.randn(4, 8), torch.randn(8, 4)  # b is tall: iterated as its (4, 8) .T
+    >>> [tuple(x.shape) for x in newton_schulz_batched([a, b])]
+    [(4, 8), (8, 4)]
+    """
+    wide = [m.T if m.size(0) > m.size(1) else m for m in mats]
+    buckets: dict[tuple, list[int]] = {}
+    for i, m in enumerate(wide):
+        buckets.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
+    out: list[torch.Tensor] = [mats[0]] * len(mats)
+    for idx in buckets.values():
+        x = torch.stack([wide[i] for i in idx])  # (n, rows, cols), rows <= cols
+        for i, o in zip(idx, _ns_stacked(x, steps).unbind(0), strict=True):
+            out[i] = o.T if mats[i].size(0) > mats[i].size(1) else o
+    return out
+
+
+def _ns_stacked(x: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """`newton_schulz`'s iteration on a stack of wide matrices (n, rows, cols)."""
+    a, b, c = NS_COEFFS
+    norms = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (n, 1, 1)
+    x = x / (norms + eps)
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)  # (n, rows, rows)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G @ G
+        x = torch.baddbmm(x, poly, x, beta=a)  # a X + poly @ X
+    return x
+
+
+def _fusable(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these tensors: plain (not DTensor), floating,
+    one dtype, on a CPU or CUDA device."""
+    first = params[0]
+    return all(
+        type(p) is torch.nn.Parameter or type(p) is torch.Tensor for p in params
+    ) and all(
+        p.dtype == first.dtype and p.device == first.device and p.is_floating_point()
+        for p in params
+    ) and first.device.type in ("cpu", "cuda")
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
