@@ -115,7 +115,9 @@ def _attention_in_fp32(q: Tensor) -> bool:
     """Whether bf16 training on a CPU runs the attention kernel in fp32: torch 2.13's CPU
     flash-attention backward is slower in bf16 than in fp32 at d_k 32 (fwd + bwd, 1 thread:
     14.4 against 4.7 ms at B=8, H=4, T=128; 40.5 against 32.0 at B=8, H=8, T=256), and fp32
-    inside a bf16 step loses nothing. Inference (no gradient) keeps the bf16 kernel.
+    inside a bf16 step loses nothing. Inference (no gradient) keeps the bf16 kernel, and so
+    does autocast (FSDP's bf16), which would cast fp32 inputs back. The memory plan counts
+    the fp32 copies (`dtl.train.memory._activation_bytes`).
 
     >>> _attention_in_fp32(torch.zeros(1, dtype=torch.bfloat16, requires_grad=True))
     True
@@ -125,6 +127,7 @@ def _attention_in_fp32(q: Tensor) -> bool:
         and q.device.type == "cpu"
         and q.requires_grad
         and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")  # autocast would cast it back to bf16
     )
 
 
