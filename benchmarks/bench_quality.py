@@ -14,7 +14,9 @@ pretraining default), T=128, batch 8, 1,562 steps (1.6M tokens), fp32.
 
 Recipes (every one sees `steps * batch * T` training tokens; `--recipes`, and `--define
 NAME=key=value,...` for one of your own over `dtl train`'s settings):
-  dtl-default   `dtl train` with no recipe flags: whatever the defaults are
+  dtl-default   `dtl train` with no recipe flags: whatever the defaults are (at --precision)
+  dtl-auto      `dtl train` with no flags at all: the defaults and --precision auto (bf16 on a
+                CPU with native bf16), what a user gets
   dtl-adamw     --optimizer adamw (the defaults before issue 23)  dtl-muon  --optimizer muon
   dtl-rows / dtl-offsets   --data-order rows / offsets
   dtl-muon-14   Muon as issue 14 measured it: no momentum warmup, rows, cosine
@@ -36,6 +38,7 @@ go to docs/img/quality-curve.csv and .png.
     python benchmarks/bench_quality.py --jobs 2                        # full budget, both
     python benchmarks/bench_quality.py --steps 300 --workload repeat   # a quick look
     python benchmarks/bench_quality.py --speed --recipes dtl-default dtl-adamw dtl-muon
+    python benchmarks/bench_quality.py --speed --recipes nanogpt dtl-auto   # per minute vs ref
     python benchmarks/bench_quality.py --max-time-half                 # the issue-23 goal
 """
 
@@ -67,6 +70,7 @@ WORKLOADS = ("single", "repeat")
 # Named recipes: settings over `dtl train`'s defaults (None: the reference loop).
 RECIPES: dict[str, dict | None] = {
     "dtl-default": {},
+    "dtl-auto": {"precision": "auto"},  # no flags at all: --precision auto as well
     "dtl-adamw": {"optimizer": "adamw"},
     "dtl-muon": {"optimizer": "muon"},
     "dtl-rows": {"data_order": "rows"},
@@ -178,11 +182,9 @@ def lr_nanogpt(step: int, steps: int, peak: float) -> float:
     return lr_min + 0.5 * (peak - lr_min) * (1 + math.cos(math.pi * progress))
 
 
-def run_nanogpt(work: Workload, args, seed: int, curve_points: int = 0):
+def nanogpt_step(work: Workload, args, seed: int):
     """The reference: nanoGPT's loop on random windows, written independently of dtl.train.
-    Returns (model, tokenizer, training seconds, curve): with `curve_points`, the val bits
-    per byte at that many evenly spaced steps, against training minutes (evaluation excluded).
-    """
+    Returns (model, tokenizer, step): `step(i)` trains its optimizer step i (0-based)."""
     from dtl import ModelConfig, TransformerLM
     from dtl.tokenizer import load_tokenizer
 
@@ -200,14 +202,10 @@ def run_nanogpt(work: Workload, args, seed: int, curve_points: int = 0):
         betas=(0.9, 0.95),
     )
     T, B, steps, ids = args.seq_len, args.batch_size, work.steps, work.train_ids
-    at = (
-        {round(steps * (k + 1) / curve_points) for k in range(curve_points)} if curve_points else ()
-    )
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    curve, trained = [], 0.0
-    for step in range(steps):
-        started = time.perf_counter()
+
+    def train_step(step: int) -> None:
         for group in opt.param_groups:
             group["lr"] = lr_nanogpt(step, steps, args.ref_lr)
         starts = torch.randint(0, len(ids) - T - 1, (B,), generator=gen)
@@ -218,6 +216,23 @@ def run_nanogpt(work: Workload, args, seed: int, curve_points: int = 0):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+
+    return model, tokenizer, train_step
+
+
+def run_nanogpt(work: Workload, args, seed: int, curve_points: int = 0):
+    """The reference (`nanogpt_step`) over the budget. Returns (model, tokenizer, training
+    seconds, curve): with `curve_points`, the val bits per byte at that many evenly spaced
+    steps, against training minutes (evaluation excluded)."""
+    model, tokenizer, train_step = nanogpt_step(work, args, seed)
+    steps, T, B = work.steps, args.seq_len, args.batch_size
+    at = (
+        {round(steps * (k + 1) / curve_points) for k in range(curve_points)} if curve_points else ()
+    )
+    curve, trained = [], 0.0
+    for step in range(steps):
+        started = time.perf_counter()
+        train_step(step)
         trained += time.perf_counter() - started
         if step + 1 in at:
             bpb = val_bits_per_byte(model, work.data, tokenizer, B, T)
@@ -306,30 +321,37 @@ def prepare_workload(name: str, tmp: Path, args) -> Workload:
 # ---------------------------------------------------------------------- --speed
 def speed(work: Workload, tmp: Path, args) -> None:
     """Each recipe's optimizer step timed in turns in this process (A, B, A, B, ...), the
-    best of `--speed-rounds` rounds of `--speed-steps` steps: steps/s and the ratio to the
-    first recipe."""
+    best of `--speed-rounds` rounds of `--speed-steps` steps: steps/s, tokens/s and the ratio
+    to the first recipe (`nanogpt` first: against the fp32 AdamW reference)."""
     from dtl.train import Trainer
 
-    recipes = [r for r in args.recipes if r != "nanogpt"]
-    trainers = {}
-    for recipe in recipes:
-        cfg = dtl_config(recipe, work, tmp / f"speed-{recipe}", args, args.seeds[0])
-        trainers[recipe] = Trainer(cfg)
+    steps = {}  # recipe -> a function that trains one step
+    for recipe in args.recipes:
+        if recipe == "nanogpt":
+            _, _, train_step = nanogpt_step(work, args, args.seeds[0])
+            counter = iter(range(10**9))
+            steps[recipe] = lambda f=train_step, c=counter: f(next(c))
+        else:
+            cfg = dtl_config(recipe, work, tmp / f"speed-{recipe}", args, args.seeds[0])
+            trainer = Trainer(cfg)
+            print(f"{recipe}: {trainer.resolved.first_line(trainer.model.num_parameters())}")
+            steps[recipe] = lambda t=trainer: t.train_step([next(t.train_loader)])
         for _ in range(2):  # warm up: first calls allocate
-            trainers[recipe].train_step([next(trainers[recipe].train_loader)])
-    best = dict.fromkeys(recipes, math.inf)
+            steps[recipe]()
+    best = dict.fromkeys(steps, math.inf)
     for _ in range(args.speed_rounds):
-        for recipe in recipes:
-            trainer = trainers[recipe]
+        for recipe, step in steps.items():
             started = time.perf_counter()
             for _ in range(args.speed_steps):
-                trainer.train_step([next(trainer.train_loader)])
+                step()
             best[recipe] = min(best[recipe], (time.perf_counter() - started) / args.speed_steps)
-    base = best[recipes[0]]
+    first = args.recipes[0]
+    tokens = args.batch_size * args.seq_len
     print(f"\nsteps/s, interleaved, best of {args.speed_rounds} x {args.speed_steps} steps")
-    for recipe in recipes:
+    for recipe in steps:
         print(
-            f"{recipe:14s} {1 / best[recipe]:7.2f} steps/s  {base / best[recipe]:.3f}x {recipes[0]}"
+            f"{recipe:14s} {1 / best[recipe]:7.2f} steps/s  {tokens / best[recipe]:8,.0f} "
+            f"tokens/s  {best[first] / best[recipe]:.3f}x {first}"
         )
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from dtl import DtlError, ModelConfig, TransformerLM
 from dtl.model import TransformerBlock
 from dtl.model.head_loss import linear_cross_entropy
+from dtl.model.transformer import MultiHeadAttention
 from dtl.train.memory import parameter_breakdown
 
 TINY = dict(vocab_size=97, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_seq_length=40)
@@ -495,3 +496,39 @@ def test_bf16_head_loss_gradient_scaled_by_the_fp32_weight_not_a_rounded_one():
     (linear_cross_entropy(h, w, b, t) * weight).backward()
     assert torch.equal(h.grad, (g1.float() * weight).to(torch.bfloat16))
     assert torch.equal(w.grad, (gw1.float() * weight).to(torch.bfloat16))
+
+
+def _attention_by_hand(attn, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The attention block's output with its causal attention computed in `dtype`: the
+    projections in x's dtype, softmax(QK^T / sqrt(d_k)) V written out, the result rounded
+    back to x's dtype before the output projection."""
+    B, T, D = x.shape
+    heads = [
+        f(x).view(B, T, attn.n_heads, attn.d_k).transpose(1, 2).to(dtype)
+        for f in (attn.w_q, attn.w_k, attn.w_v)
+    ]
+    q, k, v = heads  # (B, H, T, d_k)
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(attn.d_k)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    out = (weights @ v.float()).to(x.dtype).transpose(1, 2).reshape(B, T, D)
+    return attn.w_o(out)
+
+
+def test_bf16_training_on_a_cpu_runs_attention_in_fp32_inference_in_bf16():
+    """A bf16 training forward on a CPU computes attention in fp32 (torch's bf16 CPU kernel is
+    slower there, and fp32 is the more exact): its output is the fp32 computation's, rounded,
+    not bf16's; without gradients (generation) the bf16 kernel is kept."""
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(64, 2).to(torch.bfloat16)
+    x = torch.randn(2, 48, 64).to(torch.bfloat16)
+    train_out = attn(x)
+    assert train_out.requires_grad and train_out.dtype == torch.bfloat16
+    with torch.no_grad():
+        exact = _attention_by_hand(attn, x, torch.float32)
+        low = _attention_by_hand(attn, x, torch.bfloat16)
+        infer_out = attn(x)
+    err_train = float((train_out.detach().float() - exact.float()).abs().max())
+    err_low = float((low.float() - exact.float()).abs().max())
+    assert err_train <= 0.25 * err_low  # fp32's rounding, not bf16's
+    assert float((infer_out.float() - exact.float()).abs().max()) > err_train

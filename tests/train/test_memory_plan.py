@@ -112,9 +112,10 @@ def test_bf16_cpu_plan_counts_the_weight_copies_a_run_keeps():
     held = sum(c.numel() * c.element_size() for _, c in copies.pairs)
     cpu = estimate_memory(cfg, 4, 64, "bf16", False, "cpu")
     assert cpu["weight_casts"] == held
-    # the CPU run keeps every activation in bf16, where autocast (CUDA) keeps fp32 ones too
-    cuda = estimate_memory(cfg, 4, 64, "bf16", False, "cuda")
-    assert cpu["activations"] < cuda["activations"]
+    # the CPU run keeps its activations in bf16 but attention's (fp32 there: `dtl.model.
+    # transformer._attention_in_fp32`; counted exactly in the test above): less than fp32's
+    fp32 = estimate_memory(cfg, 4, 64, "fp32", False, "cpu")
+    assert cpu["activations"] < 0.7 * fp32["activations"]
 
 
 def dtl_info(*args: str) -> dict:

@@ -143,6 +143,104 @@ def test_the_adamw_groups_match_torch_adamw():
     torch.testing.assert_close(ours.detach(), ref.detach(), atol=1e-6, rtol=1e-5)
 
 
+def test_batched_newton_schulz_equals_each_matrix_alone():
+    """The matrices of one shape are orthogonalised as one stack: each result is what the
+    one-matrix iteration gives it (tall ones iterated as their transpose, as alone)."""
+    from dtl.train.muon import newton_schulz_batched
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(16, 16), (48, 16), (16, 48), (16, 16), (48, 16), (8, 24)]
+    mats = [torch.randn(*s, generator=gen) * (i + 1) for i, s in enumerate(shapes)]
+    got = newton_schulz_batched(mats)
+    assert [tuple(x.shape) for x in got] == shapes
+    for m, x in zip(mats, got, strict=True):
+        torch.testing.assert_close(x, newton_schulz(m), atol=2e-5, rtol=1e-4)
+
+
+def test_the_adamw_groups_are_torch_fused_adamw_to_the_bit():
+    """Muon's AdamW groups (several tensors, decayed and not) step exactly as
+    torch.optim.AdamW(fused=True) does: one kernel over each group's tensors."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(300, 8), (5, 3), (7,), (2, 2)]
+    ws = [torch.randn(*s, generator=gen) for s in shapes]
+    ours = [torch.nn.Parameter(w.clone()) for w in ws]
+    ref = [torch.nn.Parameter(w.clone()) for w in ws]
+
+    def groups(ps: list) -> list[dict]:
+        return [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}]
+
+    opt = Muon(groups(ours), lr=0.01, betas=(0.9, 0.95))
+    torch_opt = torch.optim.AdamW(groups(ref), lr=0.01, betas=(0.9, 0.95), fused=True)
+    for _ in range(6):
+        for a, b in zip(ours, ref, strict=True):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        opt.step()
+        torch_opt.step()
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def test_bf16_newton_schulz_returns_the_matrices_dtype_within_bf16_rounding():
+    """dtype=bf16: the iteration in bf16, the result back in fp32, near the fp32 iteration's
+    (bf16 keeps ~3 significant digits; the singular values stay near 1 either way)."""
+    from dtl.train.muon import newton_schulz_batched
+
+    gen = torch.Generator().manual_seed(5)
+    mats = [torch.randn(16, 48, generator=gen), torch.randn(48, 16, generator=gen)]
+    for m, low in zip(mats, newton_schulz_batched(mats, dtype=torch.bfloat16), strict=True):
+        assert low.dtype == torch.float32 and low.shape == m.shape
+        torch.testing.assert_close(low, newton_schulz(m), atol=0.05, rtol=0.05)
+        s = torch.linalg.svdvals(low)
+        assert 0.6 < float(s.min()) and float(s.max()) < 1.3
+
+
+@pytest.mark.parametrize(("precision", "ns_dtype"), [("bf16", torch.bfloat16), ("fp32", None)])
+def test_a_bf16_run_orthogonalises_in_bf16_an_fp32_run_in_fp32(
+    packed_data, tmp_path, precision, ns_dtype
+):
+    """The run's precision sets Muon's Newton–Schulz dtype: fp32 stays exact fp32."""
+    from dtl.train import Trainer
+
+    cfg = tiny_config(packed_data, tmp_path, optimizer="muon", precision=precision, max_steps=1)
+    assert Trainer(cfg).optimizer.ns_dtype == ns_dtype
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators dispatched inside it (each one is a Python -> C++ round trip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(n_layers: int) -> tuple[int, int]:
+    """(operators dispatched by the second Muon step of a tiny model, its parameter count)."""
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig.preset("tiny", vocab_size=100, n_layers=n_layers))
+    opt = build_muon(model, lr=1e-3)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        count = _CountOps()
+        with count:
+            opt.step()
+    return count.n, len(list(model.parameters()))
+
+
+def test_a_step_works_on_all_tensors_at_once_not_one_by_one():
+    """The optimizer's cost in Python does not grow with the model's depth: twice the layers
+    (32 more tensors) add fewer operators than tensors (fused AdamW, foreach momentum, the
+    matrices of one shape orthogonalised as one stack), not ~25 per tensor."""
+    small, small_params = _ops_per_step(2)
+    deep, deep_params = _ops_per_step(4)
+    assert deep - small < deep_params - small_params
+
+
 def _losses(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x)["loss"] for x in lines if "loss" in json.loads(x)]

@@ -99,11 +99,36 @@ class MultiHeadAttention(nn.Module):
         # Without a cache or a mask this is plain causal attention (the fused kernel's fast
         # path). With a cache and no mask, T == 1 and the one query may see every key.
         is_causal = attn_mask is None and cache is None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        if _attention_in_fp32(q):  # (B, H, T, d_k) each: small next to the projections
+            out = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=attn_mask, is_causal=is_causal
+            ).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(B, T, D)  # concatenate heads
         if layout is None:
             return self.w_o(out)
         return layout.w_o(out.view(B * T, D)).view(B, T, D)
+
+
+def _attention_in_fp32(q: Tensor) -> bool:
+    """Whether bf16 training on a CPU runs the attention kernel in fp32: torch 2.13's CPU
+    flash-attention backward is slower in bf16 than in fp32 at d_k 32 (fwd + bwd, 1 thread:
+    14.4 against 4.7 ms at B=8, H=4, T=128; 40.5 against 32.0 at B=8, H=8, T=256), and fp32
+    inside a bf16 step loses nothing. Inference (no gradient) keeps the bf16 kernel, and so
+    does autocast (FSDP's bf16), which would cast fp32 inputs back. The memory plan counts
+    the fp32 copies (`dtl.train.memory._activation_bytes`).
+
+    >>> _attention_in_fp32(torch.zeros(1, dtype=torch.bfloat16, requires_grad=True))
+    True
+    """
+    return (
+        q.dtype == torch.bfloat16
+        and q.device.type == "cpu"
+        and q.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")  # autocast would cast it back to bf16
+    )
 
 
 class FeedForward(nn.Module):

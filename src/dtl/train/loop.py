@@ -157,6 +157,7 @@ class Trainer:
             betas=(cfg.beta1, cfg.beta2),
             decay_all=cfg.decay_all,
             muon_options=cfg.muon_options(self.resolved.schedule.lr, self.resolved.repeats),
+            precision=self.prec.name,
         )
         self.scaler = precision.grad_scaler(self.prec, self.device)
 

@@ -76,9 +76,11 @@ def _activation_bytes(
         # Everything after the embedding's lookup is bf16: per block the 8 x D + F values
         # above, the LayerNorm statistics (4) in bf16 too, the log-sum-exp (H) in fp32 and
         # the two bf16 dropout masks; outside, ln_f's input and statistics, the token ids and
-        # the embedding dropout's mask.
+        # the embedding dropout's mask. Attention runs in fp32 there (`_attention_in_fp32`):
+        # it keeps fp32 Q, K, V and output (+2 bytes each over bf16's) and the output projection
+        # its own bf16 copy of the output (+2): 10 x D more.
         mask = 2 if config.dropout > 0 else 0
-        block = (8 * D + F + 4) * 2 + H * 4 + 2 * D * mask
+        block = (8 * D + F + 4) * 2 + 10 * D + H * 4 + 2 * D * mask
         outside = D * 2 + 4 + 8 + D * mask
         if checkpointing:
             return tokens * (L * D * 2 + outside), tokens * block

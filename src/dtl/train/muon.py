@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw as adamw_update  # the functional form
 
 # The quintic iteration's coefficients (Keller Jordan's): chosen to raise small singular
 # values fast; the result's singular values land in about [0.7, 1.2], not exactly 1, which
@@ -50,6 +51,18 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return x.T if tall else x
 
 
+def ns_dtype_for(precision: str) -> torch.dtype | None:
+    """The dtype Newton–Schulz runs in for a run in `precision` (resolved): bf16 for a bf16
+    run (as modded-nanogpt runs it: its matmuls ~2.3x faster on a CPU with AVX512-BF16, and
+    the iteration only needs singular values near 1, which bf16 keeps; measured in
+    docs/benchmarks.md), the parameters' own (None) otherwise, so fp32 stays exact fp32.
+
+    >>> ns_dtype_for("bf16"), ns_dtype_for("fp32")
+    (torch.bfloat16, None)
+    """
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def is_muon_param(name: str, p: nn.Parameter) -> bool:
     """A block's weight matrix (attention Q/K/V/out, FFN): Muon's. Everything else: AdamW's."""
     return p.dim() == 2 and name.startswith("transformer_blocks.")
@@ -67,11 +80,13 @@ def build_muon(
     scalar_lr: float | None = None,
     momentum_start: float | None = None,
     momentum_warmup: int = 0,
+    ns_dtype: torch.dtype | None = None,
 ) -> Muon:
     """Muon over the blocks' matrices; AdamW for the rest, in groups with their own peak lr
     (None: `lr`), as nanochat and modded-nanogpt tune them: the LM head's matrix (decayed),
     the token embedding, and the scalars (biases, LayerNorms). Muon's momentum rises from
-    `momentum_start` to `momentum` over the first `momentum_warmup` steps.
+    `momentum_start` to `momentum` over the first `momentum_warmup` steps. `ns_dtype`: the
+    dtype Newton–Schulz runs in (`ns_dtype_for`; None: the parameters').
 
     Groups, in this order (empty ones left out): muon, head, embedding, scalars.
     """
@@ -112,7 +127,8 @@ def build_muon(
         adamw(embed, embed_lr, 0.0, "embed"),
         adamw(scalars, scalar_lr, 0.0, "scalar"),
     ]
-    return Muon([g for g in groups if g["params"]], lr=lr, betas=betas, momentum=momentum)
+    kept = [g for g in groups if g["params"]]
+    return Muon(kept, lr=lr, betas=betas, momentum=momentum, ns_dtype=ns_dtype)
 
 
 def set_peak_lrs(optimizer: torch.optim.Optimizer, lr: float, peaks: dict[str, float]) -> None:
@@ -158,6 +174,7 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.95,
         ns_steps: int = 5,
+        ns_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -172,6 +189,9 @@ class Muon(torch.optim.Optimizer):
             lr_ratio=1.0,
         )
         super().__init__(params, defaults)
+        # Not a group setting: it follows the run's precision, so a checkpoint does not carry
+        # it and a resume in another precision uses its own.
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -180,52 +200,139 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["use_muon"]:
-                    self._muon_step(p, group)
-                else:
-                    self._adamw_step(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["use_muon"]:
+                self._muon_group(params, group)
+            else:
+                self._adamw_group(params, group)
         return loss
 
-    def _muon_step(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-            state["step"] = torch.tensor(0.0)  # a tensor, as AdamW's: FSDP's state dict
-        # A checkpoint from before the momentum warmup has no count: its warmup is over.
-        count = state.setdefault("step", torch.tensor(float(group["momentum_warmup"])))
-        step = int(count.item())
-        count += 1
-        mu = momentum_at(step, group["momentum"], group["momentum_start"], group["momentum_warmup"])
-        buf = state["momentum_buffer"]
-        buf.mul_(mu).add_(p.grad)
-        update = p.grad.add(buf, alpha=mu)
-        full = _full(update)  # (out, in), whole on every rank under FSDP
-        ortho = newton_schulz(full, group["ns_steps"])
-        ortho = _like(ortho, p)  # this rank's rows under FSDP
-        scale = max(1.0, full.size(0) / full.size(1)) ** 0.5
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(ortho, alpha=-group["lr"] * scale)
+    def _muon_group(self, params: list[torch.Tensor], group: dict) -> None:
+        """One Muon step of a group's matrices: the momentum by foreach ops (one call for all
+        of them, not one per matrix), then the matrices of one shape orthogonalised together
+        (`newton_schulz_batched`)."""
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+                state["step"] = torch.tensor(0.0)  # a tensor, as AdamW's: FSDP's state dict
+            # A checkpoint from before the momentum warmup has no count: its warmup is over.
+            state.setdefault("step", torch.tensor(float(group["momentum_warmup"])))
+        # Each matrix's momentum at its own update count (the same for all but after a
+        # change of groups): the matrices that share one are updated together.
+        counts = torch.stack([self.state[p]["step"] for p in params]).tolist()  # one read
+        by_mu: dict[float, list[torch.Tensor]] = {}
+        for p, count in zip(params, counts, strict=True):
+            mu = momentum_at(
+                int(count), group["momentum"], group["momentum_start"], group["momentum_warmup"]
+            )
+            by_mu.setdefault(mu, []).append(p)
+        updates: dict[int, torch.Tensor] = {}
+        for mu, ps in by_mu.items():
+            grads = [p.grad for p in ps]
+            bufs = [self.state[p]["momentum_buffer"] for p in ps]
+            torch._foreach_add_([self.state[p]["step"] for p in ps], 1.0)
+            torch._foreach_mul_(bufs, mu)  # B <- mu B + G
+            torch._foreach_add_(bufs, grads)
+            # U = G + mu B (Nesterov)
+            for p, u in zip(ps, torch._foreach_add(grads, bufs, alpha=mu), strict=True):
+                updates[id(p)] = u
+        fulls = [_full(updates[id(p)]) for p in params]  # (out, in), whole under FSDP
+        orthos = newton_schulz_batched(fulls, group["ns_steps"], self.ns_dtype)
+        lr, decay = group["lr"], group["weight_decay"]
+        if decay:
+            torch._foreach_mul_(params, 1 - lr * decay)
+        by_scale: dict[float, tuple[list, list]] = {}
+        for p, full, ortho in zip(params, fulls, orthos, strict=True):
+            scale = max(1.0, full.size(0) / full.size(1)) ** 0.5
+            ps, os_ = by_scale.setdefault(scale, ([], []))
+            ps.append(p)
+            os_.append(_like(ortho, p))  # this rank's rows under FSDP
+        for scale, (ps, os_) in by_scale.items():
+            torch._foreach_add_(ps, os_, alpha=-lr * scale)
 
-    def _adamw_step(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        step = state["step"].item()
+    def _adamw_group(self, params: list[torch.Tensor], group: dict) -> None:
+        """One AdamW step (decoupled decay) of a group: torch's own functional AdamW, fused
+        (one kernel over all the group's tensors) where it can be (`_adamw_kernel`)."""
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+        states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        lr, grad = group["lr"], p.grad
-        p.mul_(1 - lr * group["weight_decay"])
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-        denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+        foreach, fused = _adamw_kernel(params)
+        adamw_update(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            foreach=foreach,
+            fused=fused,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+
+def newton_schulz_batched(
+    mats: list[torch.Tensor], steps: int = 5, dtype: torch.dtype | None = None
+) -> list[torch.Tensor]:
+    """`newton_schulz` of each matrix, the matrices of one (wide) shape stacked and iterated
+    together: one batched matmul per product instead of one per matrix (a model's blocks
+    have a handful of shapes, so ~20 matrices take 3-4 batches). `dtype`: the iteration's
+    (None: the matrices'); the results come back in the matrices' dtype.
+
+    >>> a, b = torch.randn(4, 8), torch.randn(8, 4)  # b is tall: iterated as its (4, 8) .T
+    >>> [tuple(x.shape) for x in newton_schulz_batched([a, b])]
+    [(4, 8), (8, 4)]
+    """
+    wide = [m.T if m.size(0) > m.size(1) else m for m in mats]
+    buckets: dict[tuple, list[int]] = {}
+    for i, m in enumerate(wide):
+        buckets.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
+    out: list[torch.Tensor] = [mats[0]] * len(mats)
+    for idx in buckets.values():
+        x = torch.stack([wide[i] for i in idx])  # (n, rows, cols), rows <= cols
+        ortho = _ns_stacked(x if dtype is None else x.to(dtype), steps).to(x.dtype)
+        for i, o in zip(idx, ortho.unbind(0), strict=True):
+            out[i] = o.T if mats[i].size(0) > mats[i].size(1) else o
+    return out
+
+
+def _ns_stacked(x: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """`newton_schulz`'s iteration on a stack of wide matrices (n, rows, cols)."""
+    a, b, c = NS_COEFFS
+    norms = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (n, 1, 1)
+    x = x / (norms + eps)
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)  # (n, rows, rows)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G @ G
+        x = torch.baddbmm(x, poly, x, beta=a)  # a X + poly @ X
+    return x
+
+
+def _adamw_kernel(params: list[torch.Tensor]) -> tuple[bool, bool]:
+    """(foreach, fused) for torch's functional AdamW over `params`, whose step counts are CPU
+    tensors (as they always were: checkpoints hold them so). On a CPU: fused (one kernel over
+    all the tensors) for plain tensors of one float dtype, foreach for FSDP's DTensors. On
+    other devices, the per-tensor path as before: the fused and foreach kernels want the step
+    counts on the parameters' device."""
+    if any(p.device.type != "cpu" for p in params):
+        return False, False
+    first = params[0]
+    plain = all(type(p) in (torch.nn.Parameter, torch.Tensor) for p in params)
+    one_dtype = all(p.dtype == first.dtype and p.is_floating_point() for p in params)
+    return not (plain and one_dtype), plain and one_dtype
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -126,9 +126,11 @@ def make_optimizer(
     betas: tuple[float, float],
     decay_all: bool = False,
     muon_options: dict | None = None,
+    precision: str = "fp32",
 ) -> torch.optim.Optimizer:
     """The optimizer `--optimizer` names: `adamw` (build_optimizer) or `muon` (muon.build_muon,
-    with `muon_options`: its groups' lrs and momentum warmup, `TrainConfig.muon_options`).
+    with `muon_options`: its groups' lrs and momentum warmup, `TrainConfig.muon_options`;
+    `precision`, the run's resolved one, sets the dtype Muon orthogonalises in).
 
     >>> from dtl import ModelConfig, TransformerLM
     >>> model = TransformerLM(ModelConfig.preset("tiny", vocab_size=100))
@@ -136,7 +138,7 @@ def make_optimizer(
     'Muon'
     """
     if name == "muon":
-        from dtl.train.muon import build_muon
+        from dtl.train.muon import build_muon, ns_dtype_for
 
         return build_muon(
             model,
@@ -144,6 +146,7 @@ def make_optimizer(
             muon_lr=muon_lr,
             weight_decay=weight_decay,
             betas=betas,
+            ns_dtype=ns_dtype_for(precision),
             **(muon_options or {}),
         )
     if name != "adamw":

@@ -157,9 +157,11 @@ class WeightCopies:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Round the masters into the copies (after every optimizer step and every load)."""
-        for master, low in self.pairs:
-            low.copy_(master)
+        """Round the masters into the copies (after every optimizer step and every load):
+        one foreach copy over all of them, not one call per tensor."""
+        if self.pairs:
+            lows, masters = zip(*[(low, master) for master, low in self.pairs], strict=True)
+            torch._foreach_copy_(list(lows), list(masters))
 
 
 def _kept_fp32(name: str) -> bool:
