@@ -72,7 +72,8 @@ def test_bf16_runs_weights_and_cache_in_bf16_and_returns_fp32_logits():
                     plan.for_rows(1).head):  # fmt: skip
         assert isinstance(product, PackedLinear) and product.weight.dtype == torch.bfloat16
     assert plan.blocks[1].up.relu  # the FFN's ReLU fused into its up-projection
-    assert plan.for_rows(8) is plan.for_rows(1)  # one packed layout for any rows: no 2nd copy
+    one, several = plan.for_rows(1), plan.for_rows(8)  # one packed copy for any rows:
+    assert several.blocks is one.blocks and several.head is one.head  # no second copy
     a, b = model.allocate_cache(1, 8), model.allocate_cache(1, 8)
     with torch.no_grad():
         model(ids, cache=a), model(ids, cache=b)
@@ -133,7 +134,7 @@ def test_int8_one_token_steps_run_the_int8_weights():
         torch.testing.assert_close(bp.qkv(x), torch.cat([a.w_q(x), a.w_k(x), a.w_v(x)], 1),
                                    atol=0, rtol=0)  # fmt: skip
     assert plan.for_rows(1).head.packed is _packed(model.head)
-    assert plan.for_rows(8) is plan.for_rows(1)
+    assert plan.for_rows(8).blocks is plan.for_rows(1).blocks  # the same int8 layers
     prompt = torch.tensor([[3, 1, 4], [1, 5, 9]])
     caches = [m.allocate_cache(2, 8) for m in (model, model, fp32)]
     with torch.no_grad():
