@@ -21,8 +21,8 @@ import pytest
 from data_helpers import run_cli
 
 from dtl.corpus import corpus_files
+from dtl.data import dumps, wikipedia
 from dtl.data import extract as extract_module
-from dtl.data import wikipedia
 from dtl.data.dumps import Unit, dump_units, index_beside, split_export, write_multistream
 from dtl.data.extract import extract
 from dtl.data.wikipedia import WorkerLost, iter_wikipedia
@@ -501,3 +501,71 @@ def test_the_last_tasks_go_out_largest_first_and_come_back_in_order(
     size = {n: u.end - u.start for n, u in enumerate(units)}
     last = sorted(range(4, len(units)), key=lambda n: (-size[n], n))
     assert _InlineExecutor.handed_out == [0, 1, 2, 3, *last]
+
+
+def _many_streams(folder: Path, count: int) -> Path:
+    """A multistream dump of `count` one-page streams (tiny synthetic pages)."""
+    header = '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.11/"><siteinfo></siteinfo>'
+    pages = [
+        (n, f"Page {n}", f"<page><title>Page {n}</title><ns>0</ns><id>{n}</id><revision>"
+         f"<text>Page {n} is a page.</text></revision></page>")
+        for n in range(1, count + 1)
+    ]  # fmt: skip
+    dump = folder / "many-multistream.xml.bz2"
+    write_multistream(header, pages, dump, per_stream=1)
+    return dump
+
+
+def test_a_big_index_is_spot_checked_before_the_workers_start(tmp_path, monkeypatch):
+    """The English index lists ~240k streams: reading 3 bytes at each before any work is a
+    seek per stream in front of the workers (minutes on a disk). A few spread checks refuse a
+    wrong index at once; the workers check every stream they read (next test)."""
+    dump = _many_streams(tmp_path, 2000)
+    seeks: list[int] = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def seek(self, offset, *args):
+            seeks.append(offset)
+            return self.f.seek(offset, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Counting(f) if Path(path) == dump and "b" in mode else f
+
+    monkeypatch.setattr(dumps, "open", counting_open, raising=False)
+    units = dump_units([dump])
+    assert len(units) == 2001  # siteinfo, 2000 one-page streams (the last with </mediawiki>)
+    assert 10 <= len(seeks) <= 70
+
+
+def test_a_wrong_offset_deep_in_the_index_stops_the_run_in_one_line(tmp_path, capsys):
+    """An offset that the spot checks skip is found by the worker that reads it: one line,
+    nothing left behind."""
+    dump = _many_streams(tmp_path, 300)
+    index = index_beside(dump)
+    lines = bz2.decompress(index.read_bytes()).decode().splitlines()
+    offset, rest = lines[100].split(":", 1)  # stream 101: not one of the ~64 spot checks
+    lines[100] = f"{int(offset) + 1}:{rest}"
+    index.write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
+    for processes in (1, 2):
+        err = _error(
+            capsys, "extract", dump, "-o", tmp_path / "out.jsonl", "--processes", processes
+        )
+        assert f"no bz2 stream starts at byte {int(offset) + 1}" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "many-multistream-index.txt.bz2",
+            "many-multistream.xml.bz2",
+        ]
