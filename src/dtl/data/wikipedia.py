@@ -295,15 +295,19 @@ def _unit_job(task: tuple[int, tuple[Unit, ...], int, Settings]) -> Batch:
                 _add(_add(counts, read_counts), more)
                 failed += bad
         return Batch((number + 1, 0), done, str(path), counts, failed)
-    # Cleaned chunk by chunk as the pages are read: a worker holds ~CHUNK_BYTES of wikitext,
-    # not a whole task's, which keeps its working set small beside the other workers'.
+    # A stream's pages are all read before any is cleaned: bz2's decompressor works over a
+    # ~4 MB table that cleaning between its blocks would push out of the cache (cleaning
+    # chunk by chunk as the pages came cost 10-20% more CPU, measured in one process).
     parts: list = []
     for i, unit in enumerate(units):
+        pages = []
         for _, _, chunk, read_counts, _ in _unit_chunks(unit, skip if i == 0 else 0, settings):
-            records, more, bad = _clean_pages(chunk, settings)
-            parts.append(records)
-            _add(_add(counts, read_counts), more)
-            failed += bad
+            pages += chunk
+            _add(counts, read_counts)
+        records, more, bad = _clean_pages(pages, settings)
+        parts.append(records)
+        _add(counts, more)
+        failed += bad
     payload: Any = b"".join(parts) if settings.as_json else [r for p in parts for r in p]
     return Batch((number + len(units), 0), done, payload, counts, failed)
 
