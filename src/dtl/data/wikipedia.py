@@ -348,7 +348,7 @@ def task_ranges(units: list[Unit], first: int, processes: int) -> list[tuple[int
 
     >>> ranges = task_ranges(dump_units(["enwiki-multistream.xml.bz2"]), 0, 64)  # doctest: +SKIP
     >>> [b - a for a, b in ranges[:3]], [b - a for a, b in ranges[-3:]]        # doctest: +SKIP
-    ([11, 11, 11], [1, 1, 1])
+    ([11, 10, 10], [1, 1, 1])
     """
     left = sum(u.end - u.start for u in units[first:])
     ranges, a = [], first
