@@ -18,6 +18,7 @@
     python benchmarks/bench_extract.py --mb 5             # a smoke run
     python benchmarks/bench_extract.py --mb 1000 --processes 2
     python benchmarks/bench_extract.py --mb 60 --scaling --processes 2   # 1 vs 2 processes
+    python benchmarks/bench_extract.py --mb 60 --scaling --src ../main/src  # another checkout's
 
 `--scaling`: `dtl extract` alone, at 1 process and at `--processes`, in alternating rounds
 (`--rounds`, the order swapped each round, so a busy moment on a shared box hits both), and the
@@ -408,10 +409,13 @@ def main() -> int:
     parser.add_argument("--scaling", action="store_true",
                         help="dtl extract alone at 1 and at --processes, interleaved")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="--scaling rounds (3)")
+    parser.add_argument("--src", default=str(ROOT / "src"),
+                        help="the dtl package's folder to measure (another checkout's src/, "
+                        "e.g. main's, to compare with this one's)")  # fmt: skip
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(args.src).resolve())}
     dump, pages = build_dump(args.mb, work, args.processes)
     size = dump.stat().st_size
     print(f"dump {dump.name}: {size / 1e6:.1f} MB bz2, {pages:,} pages; --processes "
