@@ -17,6 +17,16 @@
     pip install wikiextractor            # the peer (benchmarks/requirements.txt); pure Python
     python benchmarks/bench_extract.py --mb 5             # a smoke run
     python benchmarks/bench_extract.py --mb 1000 --processes 2
+    python benchmarks/bench_extract.py --mb 60 --scaling --processes 2   # 1 vs 2 processes
+    python benchmarks/bench_extract.py --mb 60 --scaling --src ../main/src  # another checkout's
+
+`--scaling`: `dtl extract` alone, at 1 process and at `--processes`, in alternating rounds
+(`--rounds`, the order swapped each round, so a busy moment on a shared box hits both), and the
+ratio of the fastest of each; then where the N-process run's core-seconds went: the workers'
+task CPU (against the 1-process run's: how much slower a core works beside the others), their
+CPU outside tasks, the main process's CPU, the start before the first task, each worker's idle
+tail after its last task, and the rest (waiting, other processes on the box). First it times a
+pure-Python loop alone and N at once: the most this box gives N CPU-bound processes.
 """
 
 from __future__ import annotations
@@ -225,20 +235,194 @@ def bench_prepare(records: Path, work: Path, env: dict) -> None:
           f"{bare_tokens / bare / 1e6:.2f} M tokens/s  (read + encode_ordinary_batch, no writing)")  # fmt: skip
 
 
+# --- scaling: 1 process vs N, and where the N-process run's time went ---------------------------
+
+
+def probe(dump: str, out: str, processes: int, trace: str) -> None:
+    """Run in a child (`--probe`): `extract` with each worker task timed into `trace`
+    (a file per process: start, end, CPU seconds, compressed bytes, streams), then one JSON
+    line on stdout: when extract started and ended, and the CPU of this process and of its
+    workers (which the pool has joined by then)."""
+    import resource
+
+    started = time.monotonic()
+    import dtl.data.wikipedia as wikipedia
+    from dtl.data.extract import extract
+
+    job = wikipedia._unit_job
+
+    def _unit_job(task):  # the pool pickles it by name: it must be the module's attribute
+        t, cpu = time.monotonic(), time.process_time()
+        batch = job(task)
+        units = task[1] if isinstance(task[1], tuple) else (task[1],)
+        line = [t, time.monotonic(), time.process_time() - cpu,
+                sum(u.end - u.start for u in units), len(units)]  # fmt: skip
+        with open(Path(trace) / str(os.getpid()), "a") as f:
+            f.write(json.dumps(line) + "\n")
+        return batch
+
+    _unit_job.__module__, _unit_job.__qualname__ = wikipedia.__name__, "_unit_job"
+    wikipedia._unit_job = _unit_job
+    begin = time.monotonic()
+    extract(dump, out, "wikipedia", progress=False, processes=processes, force=True)
+    end = time.monotonic()
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"started": started, "begin": begin, "end": end,
+                      "main_cpu": me.ru_utime + me.ru_stime,
+                      "workers_cpu": kids.ru_utime + kids.ru_stime}))  # fmt: skip
+
+
+def _probe_run(dump: Path, work: Path, processes: int, env: dict) -> dict:
+    trace = work / f"trace-{processes}"
+    shutil.rmtree(trace, ignore_errors=True)
+    trace.mkdir()
+    out = work / f"scaling-{processes}.jsonl"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, __file__, "--probe", str(dump), str(out), str(processes),
+                           str(trace)], env=env, capture_output=True, text=True)  # fmt: skip
+    wall = time.monotonic() - start
+    if done.returncode != 0:
+        sys.exit(f"dtl extract --processes {processes} failed:\n{done.stderr[-2000:]}")
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    run["wall"], run["start"] = wall, start
+    run["workers"] = {
+        f.name: [json.loads(line) for line in f.read_text().splitlines()] for f in trace.iterdir()
+    }
+    run["md5"] = _md5(out)
+    out.unlink()
+    return run
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _spin(iterations: int) -> float:
+    """A fixed pure-Python CPU loop (no memory to speak of); returns its CPU seconds."""
+    cpu = time.process_time()
+    total = 0
+    for i in range(iterations):
+        total += i * i % 7
+    return time.process_time() - cpu
+
+
+_STREAM: list[bytes] = []  # the dump's largest bz2 stream, for the bz2 ceiling
+
+
+def _unbz2(times: int) -> float:
+    """Decompress _STREAM `times` times; returns the CPU seconds."""
+    cpu = time.process_time()
+    for _ in range(times):
+        bz2.decompress(_STREAM[0])
+    return time.process_time() - cpu
+
+
+def ceiling(processes: int, dump: Path) -> None:
+    """The box's own scaling: the same work alone, then `processes` copies at once; a
+    pure-Python loop (arithmetic: what SMT siblings or a busy host cost) and bz2 decompression
+    (a ~4 MB table per stream, bigger than a core's L2 cache: what shared caches and memory
+    cost; it is about a third of dtl extract's CPU)."""
+    from dtl.data.dumps import dump_units
+
+    unit = max(dump_units([dump]), key=lambda u: u.end - u.start)
+    with open(unit.path, "rb") as f:
+        f.seek(unit.start)
+        _STREAM[:] = [f.read(unit.end - unit.start)]
+    ctx = multiprocessing.get_context("fork")
+    for name, fn, n in (("a pure-Python loop", _spin, 20_000_000),
+                        (f"bz2 decompression ({len(_STREAM[0]) / 1e6:.1f} MB stream)", _unbz2,
+                         max(1, int(4e6 / len(_STREAM[0]))) * 2)):  # fmt: skip
+        start = time.monotonic()
+        alone_cpu = fn(n)
+        alone = time.monotonic() - start
+        start = time.monotonic()
+        with ctx.Pool(processes) as pool:
+            cpus = pool.map(fn, [n] * processes, chunksize=1)
+        together = time.monotonic() - start
+        print(f"ceiling, {name}: {alone:.2f} s alone ({alone_cpu:.2f} s CPU), {processes} at "
+              f"once {together:.2f} s ({sum(cpus) / processes:.2f} s CPU each, "
+              f"{100 * (sum(cpus) / processes / alone_cpu - 1):+.0f}%): this box runs "
+              f"{processes} of them at {processes * alone / together:.2f}x one")  # fmt: skip
+
+
+def scaling(dump: Path, work: Path, processes: int, rounds: int, env: dict) -> None:
+    ceiling(processes, dump)
+    runs: dict[int, list] = {1: [], processes: []}
+    for r in range(rounds):
+        for p in (1, processes) if r % 2 == 0 else (processes, 1):
+            run = _probe_run(dump, work, p, env)
+            runs[p].append(run)
+            print(f"round {r + 1}: dtl extract --processes {p}: {run['wall']:.2f} s", flush=True)
+    one = min(runs[1], key=lambda r: r["wall"])
+    many = min(runs[processes], key=lambda r: r["wall"])
+    same = {r["md5"] for rs in runs.values() for r in rs}
+    print(f"dtl extract scaling, --processes 1 -> {processes} (fastest of {rounds} interleaved "
+          f"rounds each): {one['wall']:.2f} / {many['wall']:.2f} s = "
+          f"**{one['wall'] / many['wall']:.2f}x** (ideal {processes}x); outputs "
+          f"{'identical' if len(same) == 1 else 'DIFFER'}")  # fmt: skip
+    tasks_one = [t for ts in one["workers"].values() for t in ts]
+    tasks = many["workers"]  # pid -> its tasks
+    work_one = sum(t[2] for t in tasks_one)
+    work_many = sum(t[2] for ts in tasks.values() for t in ts)
+    cores = many["wall"] * processes
+    outside = many["workers_cpu"] - work_many
+    first = min(t[0] for ts in tasks.values() for t in ts)
+    lasts = sorted(max(t[1] for t in ts) for ts in tasks.values())
+    before = first - many["start"]
+    tails = [many["start"] + many["wall"] - last for last in lasts]
+    tails += [many["wall"] - before] * (processes - len(lasts))  # a worker that got no task
+    other = cores - work_many - outside - many["main_cpu"] - before * processes - sum(tails)
+    sizes = sorted(t[3] for ts in tasks.values() for t in ts)
+    print(f"where the {processes}-process run's {cores:.1f} core-seconds went "
+          f"({many['wall']:.2f} s x {processes}):")  # fmt: skip
+    print(f"  the workers' tasks          {work_many:6.2f} core-s (the 1-process run's: "
+          f"{work_one:.2f}, so {100 * (work_many / work_one - 1):+.1f}% beside the others)")  # fmt: skip
+    print(f"  workers outside their tasks {outside:6.2f} core-s (taking tasks, sending results)")
+    print(f"  the main process            {many['main_cpu']:6.2f} core-s (imports, index, "
+          f"writing; at 1 process it also runs the tasks: {one['main_cpu']:.2f})")  # fmt: skip
+    print(f"  before the first task       {before:6.2f} s x {processes} (start-up, index)")
+    print(f"  idle after the last task    {', '.join(f'{t:.2f}' for t in tails)} s (the tail, "
+          "per worker)")  # fmt: skip
+    print(f"  the rest                    {other:6.2f} core-s (waiting on each other, "
+          "other processes on the box)")  # fmt: skip
+    print(f"  tasks: {len(sizes)} ({', '.join(str(len(ts)) for ts in tasks.values())} per "
+          f"worker), {sizes[0] / 1e6:.2f}-{sizes[-1] / 1e6:.2f} MB of bz2, median "
+          f"{sizes[len(sizes) // 2] / 1e6:.2f} MB; at 1 process {len(tasks_one)}")  # fmt: skip
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--probe":
+        probe(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=1000, help="dump size in MB of bz2 (1000)")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--work", default="/tmp/bench-extract", help="where the dump is kept")
     parser.add_argument("--no-prepare", action="store_true", help="skip the prepare step")
+    parser.add_argument("--scaling", action="store_true",
+                        help="dtl extract alone at 1 and at --processes, interleaved")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="--scaling rounds (3)")
+    parser.add_argument("--src", default=str(ROOT / "src"),
+                        help="the dtl package's folder to measure (another checkout's src/, "
+                        "e.g. main's, to compare with this one's)")  # fmt: skip
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(args.src).resolve())}
     dump, pages = build_dump(args.mb, work, args.processes)
     size = dump.stat().st_size
     print(f"dump {dump.name}: {size / 1e6:.1f} MB bz2, {pages:,} pages; --processes "
           f"{args.processes}, {os.cpu_count()} cores here")  # fmt: skip
+    if args.scaling:
+        scaling(dump, work, args.processes, args.rounds, env)
+        return 0
     records = bench_extract(dump, work, args.processes, env)
     if not args.no_prepare:
         bench_prepare(records, work, env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import heapq
 import json
 import os
 import random
@@ -13,15 +14,16 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 from data_helpers import run_cli
 
 from dtl.corpus import corpus_files
+from dtl.data import dumps, wikipedia
 from dtl.data import extract as extract_module
-from dtl.data import wikipedia
-from dtl.data.dumps import dump_units, index_beside, split_export, write_multistream
+from dtl.data.dumps import Unit, dump_units, index_beside, split_export, write_multistream
 from dtl.data.extract import extract
 from dtl.data.wikipedia import WorkerLost, iter_wikipedia
 
@@ -384,3 +386,186 @@ def test_a_second_extract_to_the_same_output_stops_at_once(multistream, tmp_path
         holder.kill()
         holder.wait()
         holder.stdout.close()
+
+
+# --- sharing the streams out: tasks sized by bytes, the last ones largest first ---------------
+
+
+def _streams(sizes: list[int], whole: tuple[int, ...] = ()) -> list[Unit]:
+    """Units laid end to end with these compressed sizes (those numbered in `whole`: files)."""
+    units, at = [], 0
+    for number, size in enumerate(sizes):
+        units.append(
+            Unit(f"d{number}" if number in whole else "d", at, at + size, 0, number in whole)
+        )
+        at += size
+    return units
+
+
+def _greedy_makespan(costs: list[float], processes: int) -> float:
+    """When the last of `processes` workers is done, each taking the next task as it comes
+    free (as the pool hands them out)."""
+    free = [0.0] * processes
+    for cost in costs:
+        heapq.heapreplace(free, free[0] + cost)
+    return max(free)
+
+
+@pytest.mark.parametrize("processes", [2, 8, 64])
+def test_streams_are_shared_out_in_tasks_sized_by_bytes(processes):
+    """A real dump's streams are ~0.1 MB: one task each would pay a task's fixed cost
+    (hand-out, a result through a pipe) for every ~40 ms of work. Grouped by bytes, the tasks
+    stay few, each at most 1 MB (unless one stream is bigger), cover the dump in order, leave
+    many per worker, and shrink toward the end so the workers finish together."""
+    rng = random.Random(processes)
+    sizes = [rng.randint(50_000, 150_000) for _ in range(24_000)]  # ~2.4 GB of bz2
+    sizes[5] = 3_000_000  # one stream bigger than a task: alone
+    units = _streams(sizes)
+    ranges = wikipedia.task_ranges(units, 0, processes)
+    assert [a for a, _ in ranges] == [0] + [b for _, b in ranges[:-1]] and ranges[-1][1] == len(
+        units
+    )
+    task_bytes = [sum(sizes[a:b]) for a, b in ranges]
+    assert all(t <= 1_000_000 or b - a == 1 for t, (a, b) in zip(task_bytes, ranges, strict=True))
+    assert (5, 6) in ranges
+    assert 8 * processes <= len(ranges) <= len(sizes) / 5  # many per worker, ~8 streams a task
+    assert ranges[-1][1] - ranges[-1][0] == 1  # the last task: one stream
+    # Each worker taking the next task as it comes free (cost = bytes): done within 2% of a
+    # perfect share.
+    assert _greedy_makespan(task_bytes, processes) <= 1.02 * sum(sizes) / processes
+
+
+def test_a_task_starts_where_a_stopped_run_did_and_whole_files_go_alone():
+    sizes = [600, 100_000, 100_000, 100_000, 5_000_000, 100_000, 100_000]
+    ranges = wikipedia.task_ranges(_streams(sizes, whole=(4,)), 2, 2)
+    assert ranges[0][0] == 2 and (4, 5) in ranges and ranges[-1][1] == 7
+    assert all(not (a < 4 < b) for a, b in ranges)  # no task runs across the whole file
+
+
+def test_small_streams_give_the_same_bytes_and_resume_across_groupings(
+    export, reference, tmp_path, monkeypatch
+):
+    """One page a stream: several streams to a task. A run stopped after 3 tasks records a
+    stream boundary past stream 3; a rerun with another --processes (so other tasks) continues
+    there and ends with the one-document bytes."""
+    header, pages = export
+    dump = tmp_path / "small-multistream.xml.bz2"
+    write_multistream(header, pages, dump, per_stream=1)  # 106 streams of ~16 kB
+    units = dump_units([dump])
+    batches = list(wikipedia.wikipedia_batches(units, wikipedia.Settings(as_json=True), 2))
+    assert b"".join(b.payload for b in batches) == reference[1]
+    assert len(batches) < len(units) / 2  # grouped (one task a stream before)
+    out = tmp_path / "wiki.jsonl"
+    real = _stop_after(monkeypatch, dump, out, batches=3, processes=2)
+    position = json.loads((tmp_path / ".wiki.jsonl.progress.json").read_text())["position"]
+    assert 3 < position[0] < len(units) and position[1] == 0
+    monkeypatch.setattr(extract_module, "_write_payload", real)
+    extract(dump, out, processes=3, progress=False)
+    assert out.read_bytes() == reference[1]
+
+
+class _InlineExecutor:
+    """A ProcessPoolExecutor stand-in that runs each task as it is submitted, in this
+    process, and notes the order in which tasks were handed out."""
+
+    handed_out: list = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def submit(self, fn, task):
+        self.handed_out.append(task[0])
+        future = Future()
+        future.set_result(fn(task))
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False) -> None:
+        pass
+
+
+def test_the_last_tasks_go_out_largest_first_and_come_back_in_order(
+    multistream, reference, monkeypatch
+):
+    """At the end a worker that is handed a big stream last keeps the others waiting: the
+    last window of tasks goes out largest first (the small ones fill in), and the records
+    still come back in dump order."""
+    monkeypatch.setattr(wikipedia, "ProcessPoolExecutor", _InlineExecutor)
+    _InlineExecutor.handed_out = []
+    units = dump_units([multistream])  # 12 streams (siteinfo, 10 pages each, 6 pages)
+    settings = wikipedia.Settings(as_json=True)
+    batches = list(wikipedia.wikipedia_batches(units, settings, processes=2))
+    assert b"".join(b.payload for b in batches) == reference[1]
+    assert sorted(_InlineExecutor.handed_out) == list(range(len(units)))  # one stream a task
+    # The window is 4 x 2 tasks: the first 4 go out in order, the last 8 by size, largest
+    # first (sizes from the index's offsets, as laid out in the file).
+    size = {n: u.end - u.start for n, u in enumerate(units)}
+    last = sorted(range(4, len(units)), key=lambda n: (-size[n], n))
+    assert _InlineExecutor.handed_out == [0, 1, 2, 3, *last]
+
+
+def _many_streams(folder: Path, count: int) -> Path:
+    """A multistream dump of `count` one-page streams (tiny synthetic pages)."""
+    header = '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.11/"><siteinfo></siteinfo>'
+    pages = [
+        (n, f"Page {n}", f"<page><title>Page {n}</title><ns>0</ns><id>{n}</id><revision>"
+         f"<text>Page {n} is a page.</text></revision></page>")
+        for n in range(1, count + 1)
+    ]  # fmt: skip
+    dump = folder / "many-multistream.xml.bz2"
+    write_multistream(header, pages, dump, per_stream=1)
+    return dump
+
+
+def test_a_big_index_is_spot_checked_before_the_workers_start(tmp_path, monkeypatch):
+    """The English index lists ~240k streams: reading 3 bytes at each before any work is a
+    seek per stream in front of the workers (minutes on a disk). A few spread checks refuse a
+    wrong index at once; the workers check every stream they read (next test)."""
+    dump = _many_streams(tmp_path, 2000)
+    seeks: list[int] = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def seek(self, offset, *args):
+            seeks.append(offset)
+            return self.f.seek(offset, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Counting(f) if Path(path) == dump and "b" in mode else f
+
+    monkeypatch.setattr(dumps, "open", counting_open, raising=False)
+    units = dump_units([dump])
+    assert len(units) == 2001  # siteinfo, 2000 one-page streams (the last with </mediawiki>)
+    assert 10 <= len(seeks) <= 70
+
+
+def test_a_wrong_offset_deep_in_the_index_stops_the_run_in_one_line(tmp_path, capsys):
+    """An offset that the spot checks skip is found by the worker that reads it: one line,
+    nothing left behind."""
+    dump = _many_streams(tmp_path, 300)
+    index = index_beside(dump)
+    lines = bz2.decompress(index.read_bytes()).decode().splitlines()
+    offset, rest = lines[100].split(":", 1)  # stream 101: not one of the ~64 spot checks
+    lines[100] = f"{int(offset) + 1}:{rest}"
+    index.write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
+    for processes in (1, 2):
+        err = _error(
+            capsys, "extract", dump, "-o", tmp_path / "out.jsonl", "--processes", processes
+        )
+        assert f"no bz2 stream starts at byte {int(offset) + 1}" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "many-multistream-index.txt.bz2",
+            "many-multistream.xml.bz2",
+        ]
