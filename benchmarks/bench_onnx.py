@@ -131,17 +131,15 @@ def main() -> None:
     model = TransformerLM(ModelConfig.preset("small")).eval()
     models = {d: to_inference_dtype(copy.deepcopy(model), d) for d in DTYPES}
     if args.block_threads:  # the same weights, each plan built with the other thread choice
-        tables = (decode.ONE_ROW_BLOCK_THREADS, decode.SEVERAL_ROWS_BLOCK_THREADS)
-        chosen = [dict(t) for t in tables]
+        chosen = decode.block_threads
+        decode.block_threads = lambda table, d: None if chosen(table, d) else 1
         for d in DTYPES:
             models[f"{d}-flipped"] = variant = copy.deepcopy(models[d])
-            for table in tables:
-                table[d] = None if table[d] else 1
             decode.plan_for(variant).for_rows(max(args.batches))  # both layouts, built now
-            for table, before in zip(tables, chosen, strict=True):
-                table[d] = before[d]
+        decode.block_threads = chosen
+        tables = (decode.ONE_ROW_BLOCK_THREADS, decode.SEVERAL_ROWS_BLOCK_THREADS)
         print("block threads, one row / several:",
-              {d: (tables[0][d], tables[1][d]) for d in DTYPES}, "('flipped': the other)")  # fmt: skip
+              {d: tuple(chosen(t, d) for t in tables) for d in DTYPES}, "('flipped': the other)")  # fmt: skip
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1

@@ -236,12 +236,16 @@ def test_the_lean_step_syncs_nothing_and_copies_no_cache():
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
-def test_a_one_row_step_runs_its_blocks_on_one_thread_and_the_head_on_all(dtype):
-    """One row's block products are too short to share between threads (each wake-up costs
-    more than it saves); the head, the large product, keeps every thread. The caller's
-    thread count is restored after the step, also when a product fails."""
+def test_a_one_row_step_runs_its_blocks_on_one_thread_and_the_head_on_all(dtype, monkeypatch):
+    """Where idle threads sleep, one row's block products are too short to share between
+    threads (each wake-up costs more than it saves); the head, the large product, keeps every
+    thread. The caller's thread count is restored after the step, also when a product fails.
+    Where idle threads spin (the decode verbs), the blocks keep every thread."""
     from dtl.model.dtype import to_inference_dtype
 
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    spinning = to_inference_dtype(odd_model(), dtype)
     model = to_inference_dtype(odd_model(), dtype)
     plan = plan_for(model)
     seen: list[tuple[str, int]] = []
@@ -273,3 +277,6 @@ def test_a_one_row_step_runs_its_blocks_on_one_thread_and_the_head_on_all(dtype)
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "2000")
+    assert plan_for(spinning).one_row.block_threads is None

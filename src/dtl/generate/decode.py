@@ -51,6 +51,7 @@ False
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -220,12 +221,20 @@ class Int8Linear:
 
 
 # Threads for a step's blocks (their products, attention and LayerNorms), by the plan's
-# weights, for one row and for several (None: all of torch's): int8's fbgemm and bf16's
-# oneDNN products of one row are fixed-cost calls that a second thread only slows; fp32's
-# one-row blocks are cut to stream on every core (`split_for`). The head always runs on
-# every thread. Measured in `benchmarks/bench_onnx.py --block-threads` (docs/benchmarks.md).
+# weights, for one row and for several (None: all of torch's), where idle OpenMP threads
+# sleep (`OMP_WAIT_POLICY=PASSIVE`, what `import dtl` sets): there int8's fbgemm and bf16's
+# oneDNN products of one row are fixed-cost calls too short for the wake-up of a second
+# thread to pay; fp32's one-row blocks are cut to stream on every core (`split_for`). Where
+# idle threads spin a while (the decode verbs, `dtl.threads.DECODE_VERBS`), a second thread
+# comes at once and every block keeps every thread. The head always runs on every thread.
+# Measured in `benchmarks/bench_onnx.py --block-threads` (docs/benchmarks.md).
 ONE_ROW_BLOCK_THREADS: dict[str, int | None] = {"fp32": None, "bf16": 1, "int8": 1}
 SEVERAL_ROWS_BLOCK_THREADS: dict[str, int | None] = {"fp32": None, "bf16": None, "int8": None}
+
+
+def block_threads(table: dict[str, int | None], dtype: str) -> int | None:
+    """The threads for a step's blocks (`table`'s, where idle threads sleep; else None)."""
+    return table[dtype] if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else None
 
 # x (B, in) -> (B, out): a `SplitLinear` (fp32), a `PackedLinear` (several fp32 rows, bf16),
 # or an `Int8Linear`
@@ -318,7 +327,7 @@ class DecodePlan:
         head = packed([self.head_linear])
         blocks = [BlockPlan(packed(qkv), packed(w_o), packed(up, relu=True), packed(down))
                   for qkv, w_o, up, down in self.linears] if head is not None else []  # fmt: skip
-        threads = SEVERAL_ROWS_BLOCK_THREADS["fp32"]
+        threads = block_threads(SEVERAL_ROWS_BLOCK_THREADS, "fp32")
         if head is None or any(p is None for b in blocks for p in vars(b).values()):
             parts = 8 * max(2, torch.get_num_threads())
             h = self.head_linear
@@ -350,7 +359,8 @@ class DecodePlan:
         # the head (vocab x d) for one row: whole columns per core measured fastest here
         weight, bias = model.head.weight, _bias(model.head)
         head = SplitLinear.of([weight], [bias], threads, by_rows=False)
-        return cls(key, Layout(blocks, head, ONE_ROW_BLOCK_THREADS["fp32"]), linears, model.head)
+        one_row = Layout(blocks, head, block_threads(ONE_ROW_BLOCK_THREADS, "fp32"))
+        return cls(key, one_row, linears, model.head)
 
     @classmethod
     def bf16_plan(cls, model: TransformerLM, key: tuple) -> DecodePlan:
@@ -371,8 +381,9 @@ class DecodePlan:
                 pack(a.w_q, a.w_k, a.w_v), pack(a.w_o), pack(ff.linear1, relu=True),
                 pack(ff.linear2),
             ))  # fmt: skip
-        layout = Layout(blocks, pack(model.head), SEVERAL_ROWS_BLOCK_THREADS["bf16"])
-        one_row = Layout(blocks, layout.head, ONE_ROW_BLOCK_THREADS["bf16"])
+        several = block_threads(SEVERAL_ROWS_BLOCK_THREADS, "bf16")
+        layout = Layout(blocks, pack(model.head), several)
+        one_row = Layout(blocks, layout.head, block_threads(ONE_ROW_BLOCK_THREADS, "bf16"))
         return cls(key, one_row, [], model.head, several=layout)
 
     @classmethod
@@ -389,8 +400,9 @@ class DecodePlan:
                 Int8Linear.of(qkv), Int8Linear.of(a.w_o), Int8Linear.of(ff.linear1, relu=True),
                 Int8Linear.of(ff.linear2),
             ))  # fmt: skip
-        layout = Layout(blocks, Int8Linear.of(model.head), SEVERAL_ROWS_BLOCK_THREADS["int8"])
-        one_row = Layout(blocks, layout.head, ONE_ROW_BLOCK_THREADS["int8"])
+        several = block_threads(SEVERAL_ROWS_BLOCK_THREADS, "int8")
+        layout = Layout(blocks, Int8Linear.of(model.head), several)
+        one_row = Layout(blocks, layout.head, block_threads(ONE_ROW_BLOCK_THREADS, "int8"))
         return cls(key, one_row, [], model.head, several=layout)
 
 
