@@ -75,7 +75,7 @@ HELP = {
     "(default 0.85)",
     "muon_momentum_warmup": "steps over which Muon's momentum rises (default 300; 0: none)",
     "decay_fraction": "--schedule wsd: the last fraction of the run over which the lr decays "
-    "linearly to --min-lr (default 0.2)",
+    "linearly to --min-lr (default 0.4)",
     "data_order": "rows: the data's packed rows, shuffled, every epoch; offsets: from the "
     "second pass on, rows start at a random offset (other contexts of the same tokens); auto: "
     "offsets when the run reads its data more than once (default auto)",

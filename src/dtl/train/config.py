@@ -124,7 +124,7 @@ class TrainConfig:
     min_lr: float | None = None  # None: lr / 10
     warmup_steps: int | None = None  # None: WARMUP_RULE
     schedule: str = "wsd"  # measured better than cosine for AdamW and Muon (issue 23)
-    decay_fraction: float = 0.2  # --schedule wsd: the last fraction of the run that decays
+    decay_fraction: float = optim.DECAY_FRACTION  # --schedule wsd: the last share of the run, decaying
     data_order: str = "auto"  # DATA_ORDERS
     weight_decay: float = 0.1
     decay_all: bool = False  # the spec's plain recipe: decay every parameter
@@ -463,7 +463,7 @@ class LrSchedule:
     schedule: str  # cosine, linear, constant, wsd
     # Under --max-time: the warmup's share of the run (TIME_WARMUP_RULE); None: by steps.
     warmup_fraction: float | None = None
-    decay_fraction: float = dataclasses.field(default=0.2, repr=False)  # wsd's decay phase
+    decay_fraction: float = dataclasses.field(default=optim.DECAY_FRACTION, repr=False)  # wsd's decay
 
     def at(self, progress: Progress) -> float:
         """The lr of the optimizer step taken at `progress` (`dtl.train.clock.run_progress`).
