@@ -83,8 +83,8 @@ def lr_at(
     `decay_fraction` of the run, then linear to `min_lr` at `max_steps`.
 
     >>> [lr_at(s, lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10, schedule="wsd")
-    ...  for s in (0, 7, 8, 9)]
-    [1.0, 1.0, 1.0, 0.5]
+    ...  for s in (0, 5, 6, 7, 8, 9)]  # the last 0.4 of 10 steps decays
+    [1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
     """
     if schedule not in SCHEDULES:
         raise DtlError(f"unknown lr schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
