@@ -476,6 +476,27 @@ def test_bf16_head_loss_is_fp32_cross_entropy_within_bf16_rounding(autocast):
     assert summed.item() == pytest.approx(want, rel=1e-3)
 
 
+def test_bf16_head_loss_is_finite_and_exact_when_a_target_is_far_below_the_best_logit():
+    """The bf16 path takes the loss from an fp32 softmax; a target whose probability
+    underflows fp32 (a logit gap of 120 nats: e^-120 = 7.7e-53) still gets its loss, the gap
+    plus the rest, as torch's cross-entropy of the same bf16 logits computes it, not inf;
+    its gradient is the softmax's (1 at the winner, -1 at the target)."""
+    h = torch.eye(4, 8, dtype=torch.bfloat16, requires_grad=True)  # row i picks column i
+    w = torch.zeros(6, 8)
+    w[0, 0], w[1, 1], w[2, 2], w[3, 3] = 120.0, 1.0, 2.0, 70.0  # (V=6, D=8)
+    w = w.to(torch.bfloat16).requires_grad_()
+    t = torch.tensor([5, 1, 4, 0])  # row 0: 120 nats short; row 3: 70 (p ~ 4e-31)
+    loss = linear_cross_entropy(h, w, None, t, reduction="sum")
+    logits = (h.detach() @ w.detach().T).float()
+    want = F.cross_entropy(logits, t, reduction="sum")
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert loss.item() > 190  # 120 + 70 from the two far targets
+    loss.backward()
+    assert torch.isfinite(h.grad.float()).all()
+    assert h.grad[0, 0].item() == pytest.approx(w[0, 0].item() - w[5, 0].item(), rel=1e-2)
+
+
 def test_bf16_head_loss_gradient_scaled_by_the_fp32_weight_not_a_rounded_one():
     """Gradient accumulation weights a micro-batch's loss by its token share (0.4987...): a
     bf16 model's (training's bf16 weight copies) hidden-state gradient is the unweighted one
@@ -532,3 +553,35 @@ def test_bf16_training_on_a_cpu_runs_attention_in_fp32_inference_in_bf16():
     err_low = float((low.float() - exact.float()).abs().max())
     assert err_train <= 0.25 * err_low  # fp32's rounding, not bf16's
     assert float((infer_out.float() - exact.float()).abs().max()) > err_train
+
+
+def test_dropout_on_cpu_drops_p_of_the_values_and_scales_the_rest_unbiased():
+    """`Dropout` on a CPU: in training about p of the values are zeroed (within 5 standard
+    deviations of the binomial), in each of the four 16-bit lanes of its random words alike;
+    the rest are x / (1 - p) with p as rounded to 1/65536, so the mean is kept; the gradient
+    is the same mask and scale; the same seed gives the same mask; eval is the identity."""
+    from dtl.model.transformer import Dropout
+
+    n, p = 1 << 18, 0.1
+    drop = Dropout(p).train()
+    x = torch.rand(n) + 1.0  # no zeros of its own
+    torch.manual_seed(0)
+    x.requires_grad_()
+    y = drop(x)
+    zero = y == 0
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(zero.sum().item() - n * p) < 5 * sd
+    for lane in range(4):  # element i comes from lane i % 4 of a 64-bit word
+        m = n // 4
+        assert abs(zero[lane::4].sum().item() - m * p) < 5 * math.sqrt(m * p * (1 - p))
+    keep_p = 1 - round(p * 65536) / 65536
+    assert torch.allclose(y[~zero], x.detach()[~zero] / keep_p, rtol=3e-7, atol=0)  # 1 ulp
+    y.sum().backward()
+    assert torch.allclose(x.grad, (~zero).float() / keep_p, rtol=3e-7, atol=0)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x.detach()) == 0, zero)
+    assert not torch.equal(drop(x.detach()) == 0, zero)  # the next draw differs
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    bf = x.detach().bfloat16()
+    assert drop.train()(bf).dtype == torch.bfloat16

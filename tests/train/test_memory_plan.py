@@ -113,9 +113,10 @@ def test_bf16_cpu_plan_counts_the_weight_copies_a_run_keeps():
     cpu = estimate_memory(cfg, 4, 64, "bf16", False, "cpu")
     assert cpu["weight_casts"] == held
     # the CPU run keeps its activations in bf16 but attention's (fp32 there: `dtl.model.
-    # transformer._attention_in_fp32`; counted exactly in the test above): less than fp32's
+    # transformer._attention_in_fp32`; counted exactly in the test above) and the dropout
+    # masks (bools in both): less than fp32's
     fp32 = estimate_memory(cfg, 4, 64, "fp32", False, "cpu")
-    assert cpu["activations"] < 0.7 * fp32["activations"]
+    assert cpu["activations"] < 0.75 * fp32["activations"]
 
 
 def dtl_info(*args: str) -> dict:

@@ -7,7 +7,7 @@ counts what training really keeps alive, tensor by tensor, for DTL's own impleme
 - per block and token, the activations autograd saves: the block input, Q, K and V, the
   attention output, the two LayerNorm inputs and the FFN's ReLU output (8 x d_model + d_ff
   values), the attention's log-sum-exp (n_heads), LayerNorm statistics (4), and the dropout
-  masks (fp32 on CPU, bytes on CUDA); under autocast the matmul outputs are 16-bit; with bf16
+  masks (a byte a value: `dtl.model.transformer.Dropout`); under autocast the matmul outputs are 16-bit; with bf16
   weight copies (bf16 on a CPU: `dtl.train.precision.WeightCopies`) all of them are;
   with activation checkpointing only each block's input, plus one block being recomputed;
 - the fused head + loss (`dtl.model.head_loss`): one chunk of logits at a time instead of all
@@ -75,11 +75,11 @@ def _activation_bytes(
     if weight_copies:
         # Everything after the embedding's lookup is bf16: per block the 8 x D + F values
         # above, the LayerNorm statistics (4) in bf16 too, the log-sum-exp (H) in fp32 and
-        # the two bf16 dropout masks; outside, ln_f's input and statistics, the token ids and
+        # the two dropout masks (bools); outside, ln_f's input and statistics, the token ids and
         # the embedding dropout's mask. Attention runs in fp32 there (`_attention_in_fp32`):
         # it keeps fp32 Q, K, V and output (+2 bytes each over bf16's) and the output projection
         # its own bf16 copy of the output (+2): 10 x D more.
-        mask = 2 if config.dropout > 0 else 0
+        mask = 1 if config.dropout > 0 else 0
         block = (8 * D + F + 4) * 2 + 10 * D + H * 4 + 2 * D * mask
         outside = D * 2 + 4 + 8 + D * mask
         if checkpointing:
@@ -87,8 +87,8 @@ def _activation_bytes(
         return tokens * (L * block + outside), 0
     mixed = precision != "fp32"
     half = 2 if mixed else 4
-    # Dropout masks: the activation's dtype on CPU, one byte (bool) on CUDA.
-    mask = (half if device == "cpu" else 1) if config.dropout > 0 else 0
+    # Dropout masks: one byte (bool) a value, on every device (`Dropout`).
+    mask = 1 if config.dropout > 0 else 0
     # Per block and token. fp32: input, Q, K, V, attention out, LN1 in, LN2 in (7 x D) + ReLU
     # out (F), all 4 bytes. Mixed: 16-bit copies of the matmul inputs and outputs (autocast
     # casts the block input once per projection: 3 copies; Q, K, V, attention out, LN1 out,
@@ -98,9 +98,8 @@ def _activation_bytes(
     else:
         block = (8 * D + F) * 4
     block += (H + 4) * 4 + 2 * D * mask  # log-sum-exp, LN mean/rstd, two dropout masks
-    # ln_f input and stats, token ids, the embedding dropout's mask (its input is fp32).
-    emb_mask = (4 if device == "cpu" else 1) if config.dropout > 0 else 0
-    outside = D * 4 + 8 + 8 + D * emb_mask
+    # ln_f input and stats, token ids, the embedding dropout's mask.
+    outside = D * 4 + 8 + 8 + D * mask
     if checkpointing:  # only block inputs are kept; one block is recomputed at a time
         return tokens * (L * D * 4 + outside), tokens * block
     return tokens * (L * block + outside), 0
