@@ -536,10 +536,11 @@ def _attention_by_hand(attn, x: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return attn.w_o(out)
 
 
-def test_bf16_training_on_a_cpu_runs_attention_in_fp32_inference_in_bf16():
-    """A bf16 training forward on a CPU computes attention in fp32 (torch's bf16 CPU kernel is
-    slower there, and fp32 is the more exact): its output is the fp32 computation's, rounded,
-    not bf16's; without gradients (generation) the bf16 kernel is kept."""
+def test_bf16_attention_on_a_cpu_runs_in_fp32_in_training_and_generation():
+    """bf16 attention on a CPU is computed in fp32 (torch's bf16 CPU kernel is slower there,
+    and fp32 is the more exact), training and generating alike: the output is the fp32
+    computation's, rounded, not bf16's; a bf16 model's KV cache is fp32, and its cached
+    steps give its full forward's logits; under autocast the bf16 kernel is kept."""
     torch.manual_seed(0)
     attn = MultiHeadAttention(64, 2).to(torch.bfloat16)
     x = torch.randn(2, 48, 64).to(torch.bfloat16)
@@ -549,10 +550,21 @@ def test_bf16_training_on_a_cpu_runs_attention_in_fp32_inference_in_bf16():
         exact = _attention_by_hand(attn, x, torch.float32)
         low = _attention_by_hand(attn, x, torch.bfloat16)
         infer_out = attn(x)
-    err_train = float((train_out.detach().float() - exact.float()).abs().max())
     err_low = float((low.float() - exact.float()).abs().max())
-    assert err_train <= 0.25 * err_low  # fp32's rounding, not bf16's
-    assert float((infer_out.float() - exact.float()).abs().max()) > err_train
+    for out in (train_out.detach(), infer_out):
+        assert float((out.float() - exact.float()).abs().max()) <= 0.25 * err_low
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        amp_out = MultiHeadAttention(64, 2)(x.float())
+    assert amp_out.dtype == torch.bfloat16
+    model = TransformerLM(ModelConfig.preset("tiny", vocab_size=97)).to(torch.bfloat16).eval()
+    cache = model.allocate_cache(1, 8)
+    assert cache.keys[0].dtype == torch.float32
+    ids = torch.tensor([[5, 3, 9, 1, 7]])
+    with torch.no_grad():
+        full = model(ids)[0, -1]
+        model(ids[:, :4], cache=cache)
+        step = model(ids[:, 4:], cache=cache)[0, -1]
+    torch.testing.assert_close(step.float(), full.float(), atol=0.05, rtol=0.05)
 
 
 def test_dropout_on_cpu_drops_p_of_the_values_and_scales_the_rest_unbiased():

@@ -463,14 +463,18 @@ def decode_step(frame: StepFrame, layout: Layout, tokens: Tensor, cache: KVCache
         mask = key_valid[:, None, None]  # (B, 1, 1, L + 1): the new slot is always True
     H, d_k = frame.n_heads, frame.d_k
     d = H * d_k
-    threads = torch.get_num_threads()
+    threads = layout.block_threads and torch.get_num_threads()  # torch's, to restore
     if layout.block_threads:
         torch.set_num_threads(layout.block_threads)
     try:
         for i, (p, (n1, n2)) in enumerate(zip(layout.blocks, frame.norms, strict=True)):
             q, k, v = p.qkv(x).view(B, 3, H, 1, d_k).unbind(1)  # each (B, H, 1, d_k)
-            keys, values = cache.append(i, k, v)  # (B, H, L + 1, d_k)
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, d_k)
+            keys, values = cache.append(i, k, v)  # (B, H, L + 1, d_k), the cache's dtype
+            if keys.dtype == q.dtype:
+                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            else:  # a bf16 model attends in its fp32 cache's dtype, as its forward does
+                a = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask)
+                a = a.to(x.dtype)  # (B, H, 1, d_k)
             x = torch.layer_norm(x + p.w_o(a.reshape(B, d)), (d,), *n1)
             x = torch.layer_norm(x + p.linear2(p.up(x)), (d,), *n2)
     finally:

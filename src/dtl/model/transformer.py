@@ -100,7 +100,7 @@ class MultiHeadAttention(nn.Module):
         # path). With a cache and no mask, T == 1 and the one query may see every key.
         is_causal = attn_mask is None and cache is None
         if _attention_in_fp32(q):  # (B, H, T, d_k) each: small next to the projections
-            out = F.scaled_dot_product_attention(
+            out = F.scaled_dot_product_attention(  # the cache's keys are fp32 already
                 q.float(), k.float(), v.float(), attn_mask=attn_mask, is_causal=is_causal
             ).to(q.dtype)
         else:
@@ -112,23 +112,33 @@ class MultiHeadAttention(nn.Module):
 
 
 def _attention_in_fp32(q: Tensor) -> bool:
-    """Whether bf16 training on a CPU runs the attention kernel in fp32: torch 2.13's CPU
-    flash-attention backward is slower in bf16 than in fp32 at d_k 32 (fwd + bwd, 1 thread:
-    14.4 against 4.7 ms at B=8, H=4, T=128; 40.5 against 32.0 at B=8, H=8, T=256), and fp32
-    inside a bf16 step loses nothing. Inference (no gradient) keeps the bf16 kernel, and so
-    does autocast (FSDP's bf16), which would cast fp32 inputs back. The memory plan counts
-    the fp32 copies (`dtl.train.memory._activation_bytes`).
+    """Whether bf16 attention on a CPU runs its kernel in fp32 (and a bf16 model's KV cache
+    is fp32, `attention_dtype`). torch 2.13's CPU attention is slower in bf16 than in fp32
+    at d_k 32, both ways: training (fwd + bwd, 1 thread: 14.4 against 4.7 ms at B=8, H=4,
+    T=128; 40.5 against 32.0 at B=8, H=8, T=256) and a decode step (one query against 80
+    cached keys, H=8, 2 threads: ~50 against ~9 us a layer), and fp32 inside a bf16 model
+    loses nothing. Autocast (FSDP's bf16) keeps bf16: it would cast fp32 inputs back. The
+    memory plan counts the fp32 copies (`dtl.train.memory._activation_bytes`).
 
-    >>> _attention_in_fp32(torch.zeros(1, dtype=torch.bfloat16, requires_grad=True))
+    >>> _attention_in_fp32(torch.zeros(1, dtype=torch.bfloat16))
     True
     """
     return (
         q.dtype == torch.bfloat16
         and q.device.type == "cpu"
-        and q.requires_grad
-        and torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")  # autocast would cast it back to bf16
     )
+
+
+def attention_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype a model whose activations are in `weight`'s dtype attends in, so its KV
+    cache's: fp32 for bf16 on a CPU (`_attention_in_fp32`: a decode step then casts only its
+    new keys and values, never the cache), else the activations' own.
+
+    >>> attention_dtype(torch.zeros(1, dtype=torch.bfloat16))
+    torch.float32
+    """
+    return torch.float32 if _attention_in_fp32(weight) else weight.dtype
 
 
 class FeedForward(nn.Module):
@@ -415,10 +425,11 @@ class TransformerLM(nn.Module):
         return n
 
     def allocate_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache on this model's device and in its activations' dtype (the
-        embedding's: an int8 model's head has no float weight)."""
+        """An empty KV cache on this model's device, in the dtype it attends in
+        (`attention_dtype` of its activations', the embedding's: an int8 model's head has no
+        float weight)."""
         p = self.embedding.weight
-        return KVCache.allocate(self.config, batch_size, max_len, p.device, p.dtype)
+        return KVCache.allocate(self.config, batch_size, max_len, p.device, attention_dtype(p))
 
     # ------------------------------------------------------------------ saving and loading
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

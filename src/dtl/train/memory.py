@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from dtl.model.config import ModelConfig
-from dtl.model.head_loss import CHUNK_ELEMENTS
+from dtl.model.head_loss import CHUNK_ELEMENTS, SUB_ROWS
 from dtl.train.precision import uses_weight_copies
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -143,8 +143,13 @@ def estimate_memory(
         config, tokens, precision, activation_checkpointing, device, copies
     )
     chunk_rows = max(1, min(tokens, CHUNK_ELEMENTS // V))
-    # One chunk of fp32 logits (+ its 16-bit copy in mixed precision) and d(hidden).
-    head_workspace = chunk_rows * V * (4 + (2 if precision != "fp32" else 0)) + tokens * D * 4
+    # One chunk of fp32 logits and d(hidden); in mixed precision the chunk is 16-bit, and the
+    # fp32 passes over it take it whole (CUDA) or `SUB_ROWS` rows at a time (a CPU's bf16).
+    fp32_rows = chunk_rows
+    if precision != "fp32" and device == "cpu":
+        fp32_rows = min(chunk_rows, SUB_ROWS)
+    low_rows = chunk_rows if precision != "fp32" else 0
+    head_workspace = (fp32_rows * 4 + low_rows * 2) * V + tokens * D * 4
     # The peak is at the forward's end (the head's gradient is made there; all gradients when
     # accumulating) or in backward (all gradients, plus a recomputed block with checkpointing).
     head_gradient = parameter_breakdown(config)["head"] * 4
@@ -157,7 +162,9 @@ def estimate_memory(
     train_total = weights + optimizer + weight_casts + max(at_forward_end, in_backward)
 
     infer_bytes = 4 if precision == "fp32" else 2
-    kv_cache = 2 * config.n_layers * seq_len * D * infer_bytes * batch_size
+    # a bf16 model on a CPU keeps an fp32 cache: it attends in fp32 (`attention_dtype`)
+    kv_bytes = 4 if device == "cpu" else infer_bytes
+    kv_cache = 2 * config.n_layers * seq_len * D * kv_bytes * batch_size
     inference_weights = params * infer_bytes
     return {
         "weights": weights,

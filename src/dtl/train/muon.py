@@ -35,20 +35,15 @@ from torch.optim.adamw import adamw as adamw_update  # the functional form
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """About U @ V.T of `g` = U S V.T (a 2-D tensor): its singular values moved near 1.
+    Computed in `g`'s dtype (fp32 for fp32 parameters); `newton_schulz_batched` of one.
 
-    Computed in `g`'s dtype (fp32 for fp32 parameters).
+    >>> x = newton_schulz(torch.randn(8, 4))
+    >>> bool(((torch.linalg.svdvals(x) - 1).abs() < 0.35).all())
+    True
     """
-    a, b, c = NS_COEFFS
-    x = g / (g.norm() + eps)  # singular values <= 1, where the iteration converges
-    tall = x.size(0) > x.size(1)
-    if tall:  # iterate on the wide form: X @ X.T is then the smaller Gram matrix
-        x = x.T
-    for _ in range(steps):
-        gram = x @ x.T  # (rows, rows)
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
+    return newton_schulz_batched([g], steps)[0]
 
 
 def ns_dtype_for(precision: str) -> torch.dtype | None:
@@ -223,23 +218,23 @@ class Muon(torch.optim.Optimizer):
         # Each matrix's momentum at its own update count (the same for all but after a
         # change of groups): the matrices that share one are updated together.
         counts = torch.stack([self.state[p]["step"] for p in params]).tolist()  # one read
-        by_mu: dict[float, list[torch.Tensor]] = {}
-        for p, count in zip(params, counts, strict=True):
+        by_mu: dict[float, list[int]] = {}  # momentum -> the indices of its matrices
+        for i, count in enumerate(counts):
             mu = momentum_at(
                 int(count), group["momentum"], group["momentum_start"], group["momentum_warmup"]
             )
-            by_mu.setdefault(mu, []).append(p)
-        updates: dict[int, torch.Tensor] = {}
-        for mu, ps in by_mu.items():
-            grads = [p.grad for p in ps]
-            bufs = [self.state[p]["momentum_buffer"] for p in ps]
-            torch._foreach_add_([self.state[p]["step"] for p in ps], 1.0)
+            by_mu.setdefault(mu, []).append(i)
+        updates: list[torch.Tensor] = [params[0]] * len(params)  # each filled below
+        for mu, idx in by_mu.items():
+            grads = [params[i].grad for i in idx]
+            bufs = [self.state[params[i]]["momentum_buffer"] for i in idx]
+            torch._foreach_add_([self.state[params[i]]["step"] for i in idx], 1.0)
             torch._foreach_mul_(bufs, mu)  # B <- mu B + G
             torch._foreach_add_(bufs, grads)
             # U = G + mu B (Nesterov)
-            for p, u in zip(ps, torch._foreach_add(grads, bufs, alpha=mu), strict=True):
-                updates[id(p)] = u
-        fulls = [_full(updates[id(p)]) for p in params]  # (out, in), whole under FSDP
+            for i, u in zip(idx, torch._foreach_add(grads, bufs, alpha=mu), strict=True):
+                updates[i] = u
+        fulls = [_full(u) for u in updates]  # (out, in), whole under FSDP
         orthos = newton_schulz_batched(fulls, group["ns_steps"], self.ns_dtype)
         lr, decay = group["lr"], group["weight_decay"]
         if decay:
@@ -310,7 +305,9 @@ def newton_schulz_batched(
 
 
 def _ns_stacked(x: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
-    """`newton_schulz`'s iteration on a stack of wide matrices (n, rows, cols)."""
+    """The quintic iteration on a stack of wide matrices (n, rows, cols): each scaled to
+    norm 1 (singular values <= 1, where it converges), then X <- a X + (b G + c G^2) X with
+    G = X X^T, the smaller Gram matrix of the wide form."""
     a, b, c = NS_COEFFS
     norms = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (n, 1, 1)
     x = x / (norms + eps)
