@@ -34,6 +34,9 @@ IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 25  # ~33M logits (128 MB fp32) per chunk: big matmuls, bounded memory
 
 
+# `--compile` leaves it eager: its chunk loop reads the number of scored targets (a host
+# sync), so dynamo would break its graph there anyway, with a warning each run.
+@torch.compiler.disable
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,

@@ -401,6 +401,8 @@ class TransformerLM(nn.Module):
                 f"sequence of {past + T} tokens is longer than the model's max_seq_length "
                 f"({limit}); truncate the input or use a model with a longer context"
             )
+        if torch.compiler.is_compiling():  # `--compile`: reading the ids' range would break
+            return  # the graph (a host sync); an id out of range still fails in the embedding
         lo, hi = torch.aminmax(input_ids)
         if int(lo) < 0 or int(hi) >= self.config.vocab_size:
             raise DtlError(
