@@ -233,7 +233,8 @@ def _memory_rows(mem: dict) -> list[str]:
         "",
         _row(f"Memory, inference ({seq_len} tokens, batch {batch})", "fp32", "16-bit"),
         _row("  weights", _mb(fp["inference_weights"]), _mb(mx["inference_weights"])),
-        _row("  KV cache", _mb(fp["kv_cache"]), _mb(mx["kv_cache"])),
+        _row("  KV cache" + (" (fp32 on a CPU)" if mem["device"] == "cpu" else ""),
+             _mb(fp["kv_cache"]), _mb(mx["kv_cache"])),  # fmt: skip
         _row("  total", _mb(fp["inference_total"]), _mb(mx["inference_total"])),
     ]
     return rows
