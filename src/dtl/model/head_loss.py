@@ -306,7 +306,10 @@ def _softmax_passes(
     for s in range(0, c, step):
         lg, t, v = logits[s : s + step], t_safe[s : s + step], valid[s : s + step]
         p = full[: lg.size(0)].copy_(lg)  # (r, V) fp32
-        torch._softmax(p, 1, False, out=p)  # row by row, in place
+        if p.device.type == "cpu":
+            torch._softmax(p, 1, False, out=p)  # row by row, in place (the CPU kernel allows it)
+        else:  # a GPU's allocator caches the new tensor; its kernels are not checked in place
+            p = torch.softmax(p, 1)
         nll[s : s + lg.size(0)] = _target_nll(p, lg, t)
         if not need_grad:
             continue
