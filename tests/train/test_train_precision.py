@@ -90,13 +90,19 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
 
 
+def _small_run(data: Path, layers: int, steps: int, extra: list[str]) -> list[str]:
+    """`dtl train` argv: a d_model-32 model of `layers` blocks, `steps` steps of batch 4,
+    a loss line each step, no dropout, no evaluation, no progress bar; then `extra`."""
+    return ["train", "--data", str(data), "--preset", "tiny", "--d-model", "32",
+            "--n-heads", "2", "--n-layers", str(layers), "--d-ff", "64",
+            "--max-steps", str(steps), "--batch-size", "4", "--log-every", "1",
+            "--eval-every", "1000", "--dropout", "0", *extra, "--no-progress"]  # fmt: skip
+
+
 def test_auto_trains_in_bf16_where_the_cpu_has_it_and_says_so(packed_data, tmp_path, capsys):
     """A run with the default --precision on a CPU with native bf16: its first line says bf16
     and why, config.yaml records it, and its losses follow an fp32 run's."""
-    argv = ["train", "--data", str(packed_data), "--preset", "tiny", "--d-model", "32",
-            "--n-heads", "2", "--n-layers", "2", "--d-ff", "64", "--max-steps", "8",
-            "--batch-size", "4", "--log-every", "1", "--eval-every", "1000", "--dropout", "0",
-            "--lr", "3e-3", "--no-progress"]  # fmt: skip
+    argv = _small_run(packed_data, layers=2, steps=8, extra=["--lr", "3e-3"])
     code, out, err = cli([*argv, "--out", str(tmp_path / "fp32")], capsys)
     assert code == 0, err
     assert "(fp32, auto: DTL_CPU_BF16=0)" in out
@@ -226,10 +232,7 @@ def test_compiled_training_follows_eager_and_warns_of_no_graph_break(
     """`--compile` trains what eager trains (the same losses to fp32 rounding of the fused
     kernels) and prints no dynamo graph-break warning (the input check and the chunked head,
     which read values on the host, stay out of the graph)."""
-    argv = ["train", "--data", str(packed_data), "--preset", "tiny", "--d-model", "32",
-            "--n-heads", "2", "--n-layers", "1", "--d-ff", "64", "--max-steps", "3",
-            "--batch-size", "4", "--log-every", "1", "--eval-every", "1000", "--dropout", "0",
-            "--precision", "fp32", "--no-progress"]  # fmt: skip
+    argv = _small_run(packed_data, layers=1, steps=3, extra=["--precision", "fp32"])
     code, _, err = cli([*argv, "--out", str(tmp_path / "eager")], capfd)
     assert code == 0, err
     code, out, err = cli([*argv, "--compile", "--out", str(tmp_path / "compiled")], capfd)

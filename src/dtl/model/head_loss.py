@@ -219,8 +219,8 @@ def _bf16_chunks(
     # Backward likewise: a row of ones under h^T makes the bias's gradient (the column sums
     # of dlogits) one more output row of dW^T's product instead of a pass of its own (6 ms a
     # chunk); it is then rounded to bf16 per chunk, as dW is.
-    w_in = w if b is None or w.device.type != "cpu" else torch.cat([w, b[:, None]], 1)
-    bias_row = int(w_in is not w)  # 1: the bias's gradient is part's last row
+    bias_row = int(b is not None and w.device.type == "cpu")  # 1: db is part's last row
+    w_in = torch.cat([w, b[:, None]], 1) if bias_row else w  # (V, D + bias_row)
     chunk_size = -(-n // -(-n // chunk_size))  # equal chunks: 3 x 683 rows, not 3 x 667 + 47
     rows = min(chunk_size, n)
     low = hidden.new_empty(rows, vocab, dtype=bf16)  # a chunk's logits, then its dlogits
@@ -230,7 +230,8 @@ def _bf16_chunks(
     grad_hidden = grad_weight = grad_bias = part = None
     if need_grad:
         grad_hidden = hidden.new_empty(n, d, dtype=torch.promote_types(hidden.dtype, bf16))
-        grad_bias = None if bias is None else torch.zeros(vocab, dtype=f32, device=weight.device)
+        if bias is not None and not bias_row:  # summed pass by pass (`_softmax_passes`)
+            grad_bias = torch.zeros(vocab, dtype=f32, device=weight.device)
         part = weight.new_empty(d + bias_row, vocab, dtype=bf16)  # dW^T (and db), summed
     for start in range(0, n, chunk_size):
         h = hidden[start : start + chunk_size]  # (C, D)
@@ -241,12 +242,11 @@ def _bf16_chunks(
         logits = low[:c]  # (C, V) bf16
         if b is None:
             torch.mm(h_low, w.t(), out=logits)
-        elif w_in is not w:  # the bias as an input column (above)
+        elif bias_row:  # the bias as an input column (above)
             torch.mm(torch.cat([h_low, h_low.new_ones(c, 1)], 1), w_in.t(), out=logits)
         else:
             torch.addmm(b, h_low, w.t(), out=logits)
-        nll = _softmax_passes(logits, full, t_safe, v, grad_bias if not bias_row else None,
-                              scale, need_grad)  # fmt: skip
+        nll = _softmax_passes(logits, full, t_safe, v, grad_bias, scale, need_grad)
         total += (nll * v).sum()
         if not need_grad:
             continue
@@ -267,8 +267,9 @@ def _bf16_chunks(
     if part is not None:  # a bf16 weight's gradient stays bf16 (backward returns its dtype)
         if bias_row:
             grad_bias = part[d].to(f32).mul_(scale)
-        dw_t = part[:d]  # (D, V), contiguous
-        grad_weight = _transposed(dw_t if weight.dtype == bf16 else dw_t.to(f32))
+        grad_weight = _transposed(part[:d])  # (V, D) bf16: part's first D rows, turned
+        if weight.dtype != bf16:  # autocast's fp32 weight: turned in bf16, then cast
+            grad_weight = grad_weight.to(f32)
     return total, grad_hidden, grad_weight, grad_bias
 
 

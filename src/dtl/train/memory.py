@@ -152,11 +152,12 @@ def estimate_memory(
     head_workspace = (fp32_rows * 4 + low_rows * 2) * V + tokens * D * 4
     # The peak is at the forward's end (the head's gradient is made there; all gradients when
     # accumulating) or in backward (all gradients, plus a recomputed block with checkpointing).
-    head_gradient = parameter_breakdown(config)["head"] * 4
-    if copies:  # the bf16 head's dW stays bf16 until the step hands it to the fp32 master
-        head_gradient = parameter_breakdown(config)["head"] * 2
-    elif precision == "bf16":  # the head's dW is summed in a bf16 buffer, then cast to fp32
-        head_gradient += parameter_breakdown(config)["head"] * 2
+    head = parameter_breakdown(config)["head"]
+    head_gradient = head * 4
+    if precision == "bf16":  # dW^T is summed in a bf16 buffer, then turned into a second
+        # bf16 one (both alive at the turn): that is the gradient of the bf16 weight copies;
+        # under autocast it is then cast to fp32 as well
+        head_gradient = head * 2 * 2 + (0 if copies else head * 4)
     at_forward_end = (gradients if grad_accum > 1 else head_gradient) + activations + head_workspace
     in_backward = gradients + (activations + recomputed if activation_checkpointing else 0)
     train_total = weights + optimizer + weight_casts + max(at_forward_end, in_backward)
