@@ -116,7 +116,7 @@ def _attention_in_fp32(q: Tensor) -> bool:
     is fp32, `attention_dtype`). torch 2.13's CPU attention is slower in bf16 than in fp32
     at d_k 32, both ways: training (fwd + bwd, 1 thread: 14.4 against 4.7 ms at B=8, H=4,
     T=128; 40.5 against 32.0 at B=8, H=8, T=256) and a decode step (one query against 80
-    cached keys, H=8, 2 threads: ~50 against ~9 us a layer), and fp32 inside a bf16 model
+    cached keys, H=8, 2 threads: 26 against 9 us a layer), and fp32 inside a bf16 model
     loses nothing. Autocast (FSDP's bf16) keeps bf16: it would cast fp32 inputs back. The
     memory plan counts the fp32 copies (`dtl.train.memory._activation_bytes`).
 
