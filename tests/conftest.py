@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,12 @@ import torch
 from testkit import run_cli, shared_path
 
 from dtl.tokenizer import load_tokenizer
+
+# DTL's step kernel is built into a folder of this test session's own, not the user's cache
+# (`dtl.generate.step_kernel.kernel_dir`); subprocesses the tests start inherit it.
+_KERNELS = tempfile.mkdtemp(prefix="dtl-test-kernels-")
+os.environ.setdefault("DTL_CACHE_DIR", _KERNELS)
+atexit.register(shutil.rmtree, _KERNELS, ignore_errors=True)
 
 
 @pytest.fixture

@@ -184,7 +184,8 @@ def test_training_mode_with_dropout_keeps_the_models_path():
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_the_lean_step_is_the_forward_bit_for_bit(dtype, rows):
-    """`DecodePlan.step` (what the token loop calls) against the model's own forward with the
+    """`DecodePlan.eager_step` (what the token loop calls where DTL's step kernel does not
+    run) against the model's own forward with the
     plan as its layout: the same logits and the same cache, bit for bit, step after step,
     with left padding in the batch (its mask and positions) and without (one row)."""
     from dtl.model.dtype import to_inference_dtype
@@ -200,7 +201,7 @@ def test_the_lean_step_is_the_forward_bit_for_bit(dtype, rows):
             model(ids, mask, cache=cache, last_only=True, layout=plan)
         for t in range(7):
             token = torch.tensor([11, 40, 2])[:rows] + t
-            got = plan.step(model, token, lean)
+            got = plan.eager_step(model, token, lean)
             want = model(token[:, None], cache=full, last_only=True, layout=plan)[:, -1]
             assert got.dtype == torch.float32 and torch.equal(got, want), f"step {t}"
         assert lean.length == full.length == 12 and lean.has_padding == (rows > 1)
@@ -208,7 +209,7 @@ def test_the_lean_step_is_the_forward_bit_for_bit(dtype, rows):
         for a, b in zip(lean.keys + lean.values, full.keys + full.values, strict=True):
             assert torch.equal(a, b)
         with pytest.raises(DtlError, match="KV cache is full"):
-            plan.step(model, token, lean)
+            plan.eager_step(model, token, lean)
 
 
 def test_the_lean_step_syncs_nothing_and_copies_no_cache():
@@ -268,12 +269,12 @@ def test_a_one_row_step_runs_its_blocks_on_one_thread_and_the_head_on_all(dtype,
             cache = model.allocate_cache(1, 12)
             model(torch.tensor([[3, 1, 4]]), cache=cache, last_only=True, layout=plan)
             seen.clear()
-            plan.step(model, torch.tensor([5]), cache)
+            plan.eager_step(model, torch.tensor([5]), cache)
             assert seen == [("qkv", 1), ("linear2", 1), ("head", 2)]
             assert torch.get_num_threads() == 2
             block.qkv = lambda x: 1 / 0
             with pytest.raises(ZeroDivisionError):
-                plan.step(model, torch.tensor([5]), cache)
+                plan.eager_step(model, torch.tensor([5]), cache)
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

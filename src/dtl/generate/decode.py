@@ -65,6 +65,8 @@ from dtl.model.dtype import fuse_int8_linears, is_int8_linear
 from dtl.model.kv_cache import KVCache
 from dtl.model.transformer import TransformerLM
 
+from .step_kernel import StepKernel, step_for
+
 
 @dataclass
 class SplitLinear:
@@ -293,6 +295,7 @@ class DecodePlan:
     samples: list[Tensor] = field(default_factory=list)  # see `plan_for`
     several: Layout | None = None
     frame: StepFrame | None = None  # what `step` reads of the model, made on its first call
+    kernel: StepKernel | bool | None = None  # DTL's step kernel (False: none here), ditto
 
     @property
     def blocks(self) -> list[BlockPlan]:
@@ -304,8 +307,17 @@ class DecodePlan:
 
     def step(self, model: TransformerLM, tokens: Tensor, cache: KVCache) -> Tensor:
         """The next-token logits (B, V), fp32, after one new token per row (`tokens` (B,))
-        through `cache`: `model(tokens[:, None], cache=cache, last_only=True, layout=self)`,
-        bit for bit, in a third of its dispatcher calls (`decode_step`)."""
+        through `cache`: DTL's step kernel where it runs (`dtl.generate.step_kernel`: one
+        call for the whole step, the same logits to float rounding), else `eager_step`."""
+        if self.kernel is None:
+            self.kernel = step_for(model) or False
+        if self.kernel:
+            return self.kernel(tokens, cache)
+        return self.eager_step(model, tokens, cache)
+
+    def eager_step(self, model: TransformerLM, tokens: Tensor, cache: KVCache) -> Tensor:
+        """`step` in torch's kernels: `model(tokens[:, None], cache=cache, last_only=True,
+        layout=self)`, bit for bit, in a third of its dispatcher calls (`decode_step`)."""
         if self.frame is None:
             self.frame = StepFrame.of(model)
         return decode_step(self.frame, self.for_rows(tokens.size(0)), tokens, cache)

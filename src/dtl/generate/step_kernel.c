@@ -1,0 +1,280 @@
+/* DTL's decode step on the CPU, whole: one new token per row through every block, the final
+ * LayerNorm and the vocabulary head, in one call (`dtl.generate.step_kernel` builds and calls it).
+ *
+ * Why a kernel of our own: a one-token step of the `small` preset is ~190 calls into torch, each
+ * with a fixed cost of a few microseconds (dispatch, an OpenMP fork, a join), ~0.6 ms a step that
+ * no eager layout removes (docs/benchmarks.md, "Decode, session 10"). Here the step is one OpenMP
+ * parallel region: the threads stay up from the first product to the last, meeting at a barrier
+ * between the phases that need each other's results.
+ *
+ * Shapes (B rows, d = H * d_k model width, F the feed-forward width, V the vocabulary):
+ *   x (B, d) the residual stream, fp32 always; q|k|v (B, 3d); attention out (B, d); ff (B, F).
+ *   Weights are nn.Linear's (out, in), row-major, in one of three formats (`wtype`):
+ *   fp32; bf16 (the top 16 bits of an fp32); int8 with one fp32 scale per output row
+ *   (w = scale[o] * q[o][i]). Biases, LayerNorms and scales are fp32.
+ *   The KV cache: fp32, per layer (B, H, max_len, d_k) with strides (sb, sh, d_k, 1).
+ *
+ * A product multiplies each weight row with every input row while the row is in L1, so the
+ * weights stream from memory once per step at any B; four rows at a time give four independent
+ * sums (`omp simd reduction` lets the compiler vectorise them without -ffast-math).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+
+typedef struct {
+    const void *w;      /* (panels, in, PANEL): W (out, in) in panels of 32 outputs, zero-padded */
+    const float *scale; /* (out,) for int8, else NULL */
+    const float *bias;  /* (out,) */
+    int32_t out, in;
+} Linear;
+
+typedef struct {
+    Linear qkv, wo, up, down;
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    float eps1, eps2;
+} Block;
+
+typedef struct {
+    int32_t n_layers, d, n_heads, d_k, d_ff, vocab, n_pos, wtype, emb_bf16;
+    float embed_scale, eps_f;
+    const void *embedding; /* (V, d), fp32 or bf16 (emb_bf16) */
+    const float *pe;       /* (n_pos, d) */
+    const Block *blocks;   /* n_layers of them */
+    Linear head;
+    const float *lnf_w, *lnf_b;
+} Model;
+
+typedef struct {
+    float **keys, **values; /* n_layers pointers to (B, H, max_len, d_k) */
+    int64_t sb, sh;         /* element strides of a row and of a head */
+} Cache;
+
+/* 16 floats, and the same loaded from any address (GCC/Clang vector extensions: AVX-512 here,
+ * two or four narrower registers elsewhere). */
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t v16w __attribute__((vector_size(64)));
+typedef int8_t v16b __attribute__((vector_size(16), aligned(1)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+#define PANEL 32 /* outputs per panel: two vectors of 16 */
+
+/* Load 16 weights of each format as fp32 (bf16: the top half of an fp32; int8: its value). */
+static inline v16 load_f32(const float *p) { return *(const v16u *)p; }
+static inline v16 load_bf16(const uint16_t *p) {
+    return (v16)(__builtin_convertvector(*(const v16h *)p, v16w) << 16);
+}
+static inline v16 load_i8(const int8_t *p) {
+#ifdef __AVX512F__ /* GCC 12 widens an int8 vector one lane at a time; this is two instructions */
+    return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#else
+    return __builtin_convertvector(__builtin_convertvector(*(const v16b *)p, v16i), v16);
+#endif
+}
+
+/* The panels [p0, p1) of a product against RB input rows:
+ * y[r][o] = sum_i x[r][i] W[o][i] (* scale[o]) + bias[o] (+ add[r][o]) (ReLU).
+ * W is packed in panels of PANEL outputs: panel p holds W[p*32 + j][i] at [p][i][j], so a panel
+ * streams from memory in order and each input value multiplies 32 weights (two vectors) at once;
+ * the RB rows share every load of the weights. PREFETCH bytes ahead are asked for as they go:
+ * the hardware's prefetcher alone kept too few lines in flight (2x slower, measured). */
+#define PREFETCH 2048
+#define DEFINE_PANELS(NAME, WT, LOAD, RB)                                                        \
+    static void NAME(const Linear *L, const float *x, float *y, const float *add, int relu,     \
+                     int p0, int p1) {                                                            \
+        const int n = L->in, out = L->out;                                                        \
+        for (int p = p0; p < p1; p++) {                                                           \
+            const WT *w = (const WT *)L->w + (int64_t)p * n * PANEL;                              \
+            v16 a0[RB], a1[RB];                                                                   \
+            for (int r = 0; r < RB; r++) a0[r] = a1[r] = (v16){0};                                \
+            for (int i = 0; i < n; i++, w += PANEL) {                                             \
+                __builtin_prefetch((const char *)w + PREFETCH, 0, 0);                             \
+                if (sizeof(WT) == 4) __builtin_prefetch((const char *)w + PREFETCH + 64, 0, 0);   \
+                const v16 w0 = LOAD(w), w1 = LOAD(w + 16);                                        \
+                for (int r = 0; r < RB; r++) {                                                    \
+                    const float xi = x[(int64_t)r * n + i];                                       \
+                    a0[r] += w0 * xi;                                                             \
+                    a1[r] += w1 * xi;                                                             \
+                }                                                                                 \
+            }                                                                                     \
+            for (int r = 0; r < RB; r++)                                                          \
+                finish(L, a0[r], a1[r], p, y + (int64_t)r * out,                                  \
+                       add ? add + (int64_t)r * out : NULL, relu);                                \
+        }                                                                                         \
+    }
+
+/* A panel's two sums of one row, finished: scale, bias, the residual, ReLU; stored for the
+ * outputs the panel has (the last one may be short). */
+static inline void finish(const Linear *L, v16 s0, v16 s1, int p, float *y, const float *add,
+                          int relu) {
+    float s[PANEL];
+    memcpy(s, &s0, sizeof s0);
+    memcpy(s + 16, &s1, sizeof s1);
+    const int o0 = p * PANEL, m = L->out - o0 < PANEL ? L->out - o0 : PANEL;
+    for (int j = 0; j < m; j++) {
+        float v = s[j];
+        if (L->scale) v *= L->scale[o0 + j];
+        v += L->bias[o0 + j];
+        if (add) v += add[o0 + j];
+        if (relu && v < 0.f) v = 0.f;
+        y[o0 + j] = v;
+    }
+}
+
+#define DEFINE_FORMAT(SUFFIX, WT, LOAD)                                                          \
+    DEFINE_PANELS(panels_##SUFFIX##_1, WT, LOAD, 1)                                              \
+    DEFINE_PANELS(panels_##SUFFIX##_2, WT, LOAD, 2)                                              \
+    DEFINE_PANELS(panels_##SUFFIX##_4, WT, LOAD, 4)                                              \
+    DEFINE_PANELS(panels_##SUFFIX##_8, WT, LOAD, 8)                                              \
+    static void panels_##SUFFIX(const Linear *L, const float *x, int B, float *y,                \
+                                const float *add, int relu, int p0, int p1) {                     \
+        for (int b = 0; b < B;) { /* rows 8, 4, 2, 1 at a time */                                \
+            const int64_t xo = (int64_t)b * L->in, yo = (int64_t)b * L->out;                     \
+            const float *ad = add ? add + yo : NULL;                                              \
+            if (B - b >= 8) { panels_##SUFFIX##_8(L, x + xo, y + yo, ad, relu, p0, p1); b += 8; } \
+            else if (B - b >= 4) { panels_##SUFFIX##_4(L, x + xo, y + yo, ad, relu, p0, p1); b += 4; } \
+            else if (B - b >= 2) { panels_##SUFFIX##_2(L, x + xo, y + yo, ad, relu, p0, p1); b += 2; } \
+            else { panels_##SUFFIX##_1(L, x + xo, y + yo, ad, relu, p0, p1); b += 1; }          \
+        }                                                                                         \
+    }
+
+DEFINE_FORMAT(f32, float, load_f32)
+DEFINE_FORMAT(bf16, uint16_t, load_bf16)
+DEFINE_FORMAT(i8, int8_t, load_i8)
+
+/* One thread's share of a product: whole panels, split evenly (no barrier here). */
+static void product(const Model *m, const Linear *L, const float *x, int B, float *y,
+                    const float *add, int relu) {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int panels = (L->out + PANEL - 1) / PANEL;
+    const int p0 = (int)((int64_t)panels * t / nt), p1 = (int)((int64_t)panels * (t + 1) / nt);
+    if (p0 >= p1) return;
+    if (m->wtype == W_F32) panels_f32(L, x, B, y, add, relu, p0, p1);
+    else if (m->wtype == W_BF16) panels_bf16(L, x, B, y, add, relu, p0, p1);
+    else panels_i8(L, x, B, y, add, relu, p0, p1);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+/* x[b] = LayerNorm(x[b]) for this thread's share of the rows (as torch: biased variance) */
+static void layer_norm_rows(float *x, int B, int d, const float *w, const float *bias,
+                            float eps) {
+    #pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) {
+        float *r = x + (int64_t)b * d;
+        double mean = 0.0, var = 0.0;
+        for (int i = 0; i < d; i++) mean += r[i];
+        mean /= d;
+        for (int i = 0; i < d; i++) { const double c = r[i] - mean; var += c * c; }
+        var /= d;
+        const float rstd = (float)(1.0 / sqrt(var + eps)), mu = (float)mean;
+        for (int i = 0; i < d; i++) r[i] = (r[i] - mu) * rstd * w[i] + bias[i];
+    }
+}
+
+/* One head of one row: store its new key and value at `pos` in the cache, then attend over
+ * positions 0..pos (those `mask` marks real; the new one always is). scores: (pos + 1,) */
+static void attend(const Model *m, const Cache *c, int layer, int b, int h, int pos,
+                   const uint8_t *mask, int64_t mask_stride, const float *qkv, float *out,
+                   float *scores) {
+    const int d = m->d, dk = m->d_k;
+    const float *q = qkv + (int64_t)b * 3 * d + h * dk;
+    float *K = c->keys[layer] + b * c->sb + h * c->sh;
+    float *Vv = c->values[layer] + b * c->sb + h * c->sh;
+    memcpy(K + (int64_t)pos * dk, q + d, sizeof(float) * dk);
+    memcpy(Vv + (int64_t)pos * dk, q + 2 * d, sizeof(float) * dk);
+    const uint8_t *valid = mask ? mask + b * mask_stride : NULL;
+    const float scale = 1.0f / sqrtf((float)dk);
+    float best = -INFINITY;
+    for (int j = 0; j <= pos; j++) {
+        if (valid && !valid[j]) { scores[j] = -INFINITY; continue; }
+        const float *k = K + (int64_t)j * dk;
+        float s = 0.f;
+        #pragma omp simd reduction(+ : s)
+        for (int i = 0; i < dk; i++) s += q[i] * k[i];
+        s *= scale;
+        scores[j] = s;
+        if (s > best) best = s;
+    }
+    float total = 0.f;
+    for (int j = 0; j <= pos; j++) {
+        const float e = scores[j] == -INFINITY ? 0.f : expf(scores[j] - best);
+        scores[j] = e;
+        total += e;
+    }
+    float *o = out + (int64_t)b * d + h * dk;
+    for (int i = 0; i < dk; i++) o[i] = 0.f;
+    for (int j = 0; j <= pos; j++) {
+        if (scores[j] == 0.f) continue;
+        const float p = scores[j] / total, *v = Vv + (int64_t)j * dk;
+        #pragma omp simd
+        for (int i = 0; i < dk; i++) o[i] += p * v[i];
+    }
+}
+
+/* The step. tokens (B,); pos: the cache slot the new tokens take (its length before the step);
+ * mask: the cache's key mask (B rows of mask_stride bytes) when it holds padding, else NULL;
+ * logits (B, V) out. work: B * (2d + 3d + d + F) + threads * (pos + 1) floats.
+ * Returns 0, or 1 + the first row whose token id is outside the vocabulary (nothing run). */
+int dtl_decode_step(const Model *m, const Cache *c, int B, int pos, const int64_t *tokens,
+                     const uint8_t *mask, int64_t mask_stride, float *logits, float *work,
+                     int threads) {
+    const int d = m->d, F = m->d_ff, H = m->n_heads;
+    float *x = work, *tmp = x + (int64_t)B * d, *qkv = tmp + (int64_t)B * d;
+    float *att = qkv + (int64_t)B * 3 * d, *ff = att + (int64_t)B * d;
+    float *scores_all = ff + (int64_t)B * F;
+    for (int b = 0; b < B; b++)
+        if (tokens[b] < 0 || tokens[b] >= m->vocab) return b + 1; /* row b's id is no token */
+    #pragma omp parallel num_threads(threads)
+    {
+        float *scores = scores_all + (int64_t)omp_get_thread_num() * (pos + 1);
+        #pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) { /* embedding * scale + the position's sinusoid */
+            int p = pos;
+            if (mask) { /* a padded row's position counts its real tokens */
+                p = 0;
+                for (int j = 0; j < pos; j++) p += mask[b * mask_stride + j] != 0;
+            }
+            const float *pe = m->pe + (int64_t)p * d;
+            float *r = x + (int64_t)b * d;
+            if (m->emb_bf16) {
+                const uint16_t *e = (const uint16_t *)m->embedding + tokens[b] * d;
+                for (int i = 0; i < d; i++) r[i] = bf16_to_f32(e[i]) * m->embed_scale + pe[i];
+            } else {
+                const float *e = (const float *)m->embedding + tokens[b] * d;
+                for (int i = 0; i < d; i++) r[i] = e[i] * m->embed_scale + pe[i];
+            }
+        }
+        for (int l = 0; l < m->n_layers; l++) {
+            const Block *blk = &m->blocks[l];
+            product(m, &blk->qkv, x, B, qkv, NULL, 0);
+            #pragma omp barrier
+            #pragma omp for schedule(static)
+            for (int bh = 0; bh < B * H; bh++)
+                attend(m, c, l, bh / H, bh % H, pos, mask, mask_stride, qkv, att, scores);
+            product(m, &blk->wo, att, B, tmp, x, 0); /* + the residual */
+            #pragma omp barrier
+            layer_norm_rows(tmp, B, d, blk->ln1_w, blk->ln1_b, blk->eps1);
+            product(m, &blk->up, tmp, B, ff, NULL, 1);
+            #pragma omp barrier
+            product(m, &blk->down, ff, B, x, tmp, 0); /* + the residual */
+            #pragma omp barrier
+            layer_norm_rows(x, B, d, blk->ln2_w, blk->ln2_b, blk->eps2);
+        }
+        layer_norm_rows(x, B, d, m->lnf_w, m->lnf_b, m->eps_f);
+        product(m, &m->head, x, B, logits, NULL, 0);
+    }
+    return 0;
+}

@@ -1,0 +1,315 @@
+"""DTL's own decode-step kernel (`step_kernel.c`): a whole one-token step of a CPU model, every
+block, the final LayerNorm and the head, in one call and one OpenMP parallel region.
+
+The eager step (`dtl.generate.decode.decode_step`) makes ~190 calls into torch per token, each
+with a fixed cost of a few microseconds; on the `small` preset that is about a third of a step
+(docs/benchmarks.md). The kernel makes one. It reads the model's weights in place (fp32 and
+bf16 as they are; an int8 model's int8 values and per-row scales, copied once), writes the
+new keys and values into the same `KVCache` the eager step uses, and returns fp32 logits, so
+the token loop, the sampler and the cache's row bookkeeping are unchanged.
+
+It is built the first time it is needed, with the machine's C compiler (`cc`, or `$CC`) and
+`-O3 -march=native -fopenmp`, into DTL's cache folder (`kernel_dir`), keyed by the source, the
+compiler and the CPU's feature flags; every later process loads the built library. Where there
+is no compiler, or the build fails, or a model is not one it runs (a GPU model, a layout it
+does not know), `step_for(model)` returns None and the eager step runs: the same tokens to float
+rounding, only slower. `DTL_STEP_KERNEL=0` turns it off. `dtl info` says which one runs.
+
+Numerics: every product sums in fp32, whatever the weights' format; the residual stream, the
+LayerNorms, attention and the KV cache are fp32 too. So an fp32 model's logits match the eager
+step's to float rounding (the sums run in another order), a bf16 model's are closer to fp32's
+than the eager bf16 step's (which rounds activations to bf16), and an int8 model's products are
+int8 weights times fp32 activations (the eager fbgemm path also rounds each input row to 8 bits).
+
+>>> import torch
+>>> from dtl import ModelConfig, TransformerLM
+>>> model = TransformerLM(ModelConfig.preset("tiny", vocab_size=100)).eval()
+>>> step = step_for(model)  # None where no compiler is found
+>>> cache = model.allocate_cache(1, 8)
+>>> logits = model(torch.tensor([[1, 2, 3]]), cache=cache, last_only=True)
+>>> (step(torch.tensor([4]), cache) if step else model(torch.tensor([[4]]), cache=cache,
+...     last_only=True)[:, -1]).shape
+torch.Size([1, 100])
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dtl.errors import DtlError
+from dtl.model.dtype import is_int8_linear
+from dtl.model.kv_cache import KVCache
+from dtl.model.transformer import TransformerLM
+
+SOURCE = Path(__file__).with_name("step_kernel.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+W_F32, W_BF16, W_I8 = 0, 1, 2
+
+P = ctypes.c_void_p
+I32, I64, F32 = ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("w", P), ("scale", P), ("bias", P), ("out", I32), ("in_", I32)]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [("qkv", _Linear), ("wo", _Linear), ("up", _Linear), ("down", _Linear),
+                ("ln1_w", P), ("ln1_b", P), ("ln2_w", P), ("ln2_b", P),
+                ("eps1", F32), ("eps2", F32)]  # fmt: skip
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("n_layers", I32), ("d", I32), ("n_heads", I32), ("d_k", I32), ("d_ff", I32),
+                ("vocab", I32), ("n_pos", I32), ("wtype", I32), ("emb_bf16", I32),
+                ("embed_scale", F32), ("eps_f", F32), ("embedding", P), ("pe", P),
+                ("blocks", ctypes.POINTER(_Block)), ("head", _Linear),
+                ("lnf_w", P), ("lnf_b", P)]  # fmt: skip
+
+
+class _Cache(ctypes.Structure):
+    _fields_ = [("keys", ctypes.POINTER(P)), ("values", ctypes.POINTER(P)),
+                ("sb", I64), ("sh", I64)]  # fmt: skip
+
+
+def kernel_dir() -> Path:
+    """Where built kernels are kept: `$DTL_CACHE_DIR/kernels`, else `$XDG_CACHE_HOME/dtl/kernels`,
+    else `~/.cache/dtl/kernels`."""
+    if os.environ.get("DTL_CACHE_DIR"):
+        return Path(os.environ["DTL_CACHE_DIR"]) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dtl" / "kernels"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (a build with -march=native runs only where they are the same)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+@dataclass
+class _Build:
+    library: ctypes.CDLL | None = None
+    why_not: str = ""  # when library is None: what a user reads in `dtl info`
+
+
+_BUILD: _Build | None = None
+
+
+def _compile() -> _Build:
+    if os.environ.get("DTL_STEP_KERNEL", "1") == "0":
+        return _Build(why_not="off (DTL_STEP_KERNEL=0)")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return _Build(why_not="no C compiler found (install gcc, or set CC)")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return _Build(why_not=f"{cc} does not run ({e})")
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    target = kernel_dir() / f"step_kernel-{key}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                                      capture_output=True, text=True, timeout=300)  # fmt: skip
+                if done.returncode != 0:
+                    return _Build(why_not=f"{cc} failed: {done.stderr.strip()[-300:]}")
+                os.replace(built, target)  # atomic: a concurrent build leaves one whole file
+        except (OSError, subprocess.SubprocessError) as e:
+            return _Build(why_not=f"could not build in {target.parent} ({e})")
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError as e:
+        return _Build(why_not=f"could not load {target} ({e})")
+    library.dtl_decode_step.restype = I32
+    library.dtl_decode_step.argtypes = [P, P, I32, I32, P, P, I64, P, P, I32]
+    return _Build(library)
+
+
+def kernel_library() -> _Build:
+    """The built kernel (built or loaded once per process), or why there is none."""
+    global _BUILD
+    if _BUILD is None:
+        _BUILD = _compile()
+    return _BUILD
+
+
+def kernel_status() -> str:
+    """One line for `dtl info`: whether decoding runs DTL's step kernel, and if not, why."""
+    build = kernel_library()
+    return "DTL's step kernel (C, OpenMP)" if build.library else f"eager torch ({build.why_not})"
+
+
+PANEL = 32  # outputs per panel (step_kernel.c)
+
+
+def panels(weight: Tensor) -> Tensor:
+    """nn.Linear's weight (out, in) as the kernel streams it: (ceil(out / 32), in, 32), panel p
+    holding outputs 32p.. as rows of 32 (zero-padded), so one input value multiplies a row.
+
+    >>> panels(torch.arange(6.0).view(3, 2))[0, :, :4]  # outputs 0-2 of inputs 0 and 1
+    tensor([[0., 2., 4., 0.],
+            [1., 3., 5., 0.]])
+    """
+    out, n_in = weight.shape
+    padded = weight.new_zeros(-(-out // PANEL) * PANEL, n_in)
+    padded[:out] = weight
+    return padded.view(-1, PANEL, n_in).transpose(1, 2).contiguous()
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.detach().float().contiguous()
+
+
+@dataclass
+class StepKernel:
+    """A model's weights as the kernel reads them, and its calls: `step(tokens, cache)`."""
+
+    library: ctypes.CDLL
+    model: _Model
+    keep: list = field(default_factory=list)  # every tensor / array the structs point into
+    n_layers: int = 0
+    d: int = 0
+    d_ff: int = 0
+    n_heads: int = 0
+    vocab: int = 0
+    _seen: tuple | None = None  # (weakref to the last cache, its first key's address, its struct)
+
+    @classmethod
+    def of(cls, model: TransformerLM, library: ctypes.CDLL) -> StepKernel | None:
+        """The kernel's view of `model`, or None where it cannot run it."""
+        c = model.config
+        weight = model.embedding.weight
+        if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        int8 = is_int8_linear(model.head)
+        wtype = W_I8 if int8 else (W_BF16 if model.head.weight.dtype == torch.bfloat16 else W_F32)
+        keep: list = []
+
+        def ptr(t: Tensor) -> int:
+            keep.append(t)
+            return t.data_ptr()
+
+        def linear(layers: list[nn.Module]) -> _Linear:
+            if int8:
+                ws = [m.weight() for m in layers]
+                if any(w.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine)
+                       or bool(w.q_per_channel_zero_points().ne(0).any()) for w in ws):  # fmt: skip
+                    raise _Unsupported
+                w = torch.cat([x.int_repr() for x in ws]).contiguous()
+                scale = torch.cat([x.q_per_channel_scales() for x in ws]).float().contiguous()
+                bias = torch.cat([_f32(m.bias()) for m in layers])
+            else:
+                w = torch.cat([m.weight.detach() for m in layers])
+                if w.dtype != (torch.bfloat16 if wtype == W_BF16 else torch.float32):
+                    raise _Unsupported
+                scale = None
+                bias = torch.cat([_f32(m.bias) for m in layers])
+            out, n_in = w.shape
+            return _Linear(ptr(panels(w)), ptr(scale) if scale is not None else None, ptr(bias),
+                           out, n_in)  # fmt: skip
+
+        try:
+            blocks = (_Block * c.n_layers)()
+            for i, blk in enumerate(model.transformer_blocks):
+                a, ff = blk.attention, blk.feed_forward
+                blocks[i] = _Block(
+                    linear([a.w_q, a.w_k, a.w_v]), linear([a.w_o]), linear([ff.linear1]),
+                    linear([ff.linear2]), ptr(_f32(blk.norm1.weight)), ptr(_f32(blk.norm1.bias)),
+                    ptr(_f32(blk.norm2.weight)), ptr(_f32(blk.norm2.bias)),
+                    blk.norm1.eps, blk.norm2.eps,
+                )  # fmt: skip
+            head = linear([model.head])
+        except _Unsupported:
+            return None
+        keep.append(blocks)
+        emb = weight.detach().contiguous()
+        pe = _f32(model.pos_encoding.pe.reshape(-1, c.d_model))
+        m = _Model(
+            c.n_layers, c.d_model, c.n_heads, c.d_k, c.d_ff, c.vocab_size, pe.size(0), wtype,
+            int(emb.dtype == torch.bfloat16), model.embed_scale, model.ln_f.eps, ptr(emb),
+            ptr(pe), blocks, head, ptr(_f32(model.ln_f.weight)), ptr(_f32(model.ln_f.bias)),
+        )  # fmt: skip
+        return cls(library, m, keep, c.n_layers, c.d_model, c.d_ff, c.n_heads, c.vocab_size)
+
+    def _cache_struct(self, cache: KVCache) -> _Cache:
+        """The cache's per-layer pointers, rebuilt when the step meets another cache."""
+        seen = self._seen  # read once: another thread may step another cache meanwhile
+        if seen is not None and seen[0]() is cache and seen[1] == cache.keys[0].data_ptr():
+            return seen[2]
+        k0 = cache.keys[0]
+        for t in (*cache.keys, *cache.values):
+            if (t.dtype != torch.float32 or t.stride(3) != 1 or t.stride(2) != t.size(3)
+                    or t.stride() != k0.stride()):  # fmt: skip
+                raise DtlError("the step kernel needs an fp32 KV cache of (B, H, slots, d_k) rows")
+        if cache.key_mask.stride(1) != 1:
+            raise DtlError("the step kernel needs a KV cache key mask of contiguous rows")
+        keys = (P * self.n_layers)(*[t.data_ptr() for t in cache.keys])
+        values = (P * self.n_layers)(*[t.data_ptr() for t in cache.values])
+        struct = _Cache(keys, values, k0.stride(0), k0.stride(1))
+        self._seen = (weakref.ref(cache), k0.data_ptr(), struct)
+        return struct
+
+    def __call__(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """The next-token logits (B, V), fp32, after one new token per row (`tokens` (B,))
+        through `cache` (which it appends to and advances, as the eager step does)."""
+        B, L = tokens.size(0), cache.length
+        if B != cache.batch_size:
+            raise DtlError(f"KV cache holds {cache.batch_size} rows but the batch has {B}")
+        if L >= cache.max_len:
+            raise DtlError(f"the KV cache is full: its {cache.max_len} positions are all used")
+        if L >= self.model.n_pos:
+            raise DtlError(f"position {L} is past the model's {self.model.n_pos}")
+        key_valid = cache.write_mask(None, 1)
+        threads = torch.get_num_threads()
+        work = torch.empty(B * (6 * self.d + self.d_ff) + threads * cache.max_len)  # per call:
+        # callers on several threads may share one model
+        tokens = tokens.to(torch.int64).contiguous()
+        logits = torch.empty(B, self.vocab)
+        mask = cache.key_mask if key_valid is not None else None
+        bad = self.library.dtl_decode_step(
+            ctypes.addressof(self.model), ctypes.addressof(self._cache_struct(cache)), B, L,
+            tokens.data_ptr(), mask.data_ptr() if mask is not None else None,
+            mask.stride(0) if mask is not None else 0, logits.data_ptr(),
+            work.data_ptr(), threads,
+        )  # fmt: skip
+        if bad:
+            raise DtlError(f"token id {int(tokens[bad - 1])} (row {bad - 1}) is outside the "
+                           f"model's vocabulary of {self.vocab}")  # fmt: skip
+        cache.advance(1)
+        return logits
+
+
+class _Unsupported(Exception):
+    """A model the kernel does not run (the eager step does)."""
+
+
+def step_for(model: nn.Module) -> StepKernel | None:
+    """The kernel's step for `model` (a CPU `TransformerLM` in fp32, bf16 or int8), or None
+    where it cannot run here (no compiler, off, another kind of model)."""
+    if not isinstance(model, TransformerLM):
+        return None
+    library = kernel_library().library
+    return StepKernel.of(model, library) if library is not None else None

@@ -1,0 +1,208 @@
+"""DTL's decode-step kernel (`dtl.generate.step_kernel`) against the model's own forward.
+
+The oracle is always an fp32 forward over the whole sequence (no cache, torch's kernels): for
+an fp32 model the model itself; for bf16 a copy of the fp32 model whose every weight and
+buffer is rounded to bf16 (the kernel reads bf16 weights and computes in fp32); for int8 a
+copy whose linear layers hold the int8 model's dequantized weights (int8 value x its row's
+scale). So each checks that the kernel computes that model, not that it matches itself."""
+
+from __future__ import annotations
+
+import copy
+import os
+import stat
+
+import pytest
+import torch
+from test_decode import odd_model
+
+from dtl.errors import DtlError
+from dtl.generate import step_kernel
+from dtl.generate.decode import plan_for
+from dtl.generate.step_kernel import kernel_library, step_for
+from dtl.model.dtype import to_inference_dtype
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The kernel, built here. Without a C compiler it cannot be: the tests skip with why,
+    and fail under CI=true (CI has one: `dtl train --compile`'s inductor needs it too)."""
+    build = kernel_library()
+    if build.library is None:
+        message = f"no step kernel here: {build.why_not}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return build
+
+
+def oracle_for(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """The fp32 model that `to_inference_dtype(model, dtype)` approximates, exactly."""
+    ref = copy.deepcopy(model)
+    if dtype == "bf16":
+        with torch.no_grad():
+            for t in [*ref.parameters(), *ref.buffers()]:
+                if t.is_floating_point():
+                    t.copy_(t.bfloat16().float())
+    elif dtype == "int8":
+        quantized = to_inference_dtype(copy.deepcopy(model), "int8")
+        layers = dict(quantized.named_modules())
+        with torch.no_grad():
+            for name, module in ref.named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(layers[name].weight().dequantize())
+                    module.bias.copy_(layers[name].bias())
+    return ref
+
+
+def sharp_model() -> torch.nn.Module:
+    """`odd_model` with its attention made to matter: a freshly initialised model attends
+    almost evenly and its scaled embeddings swamp what attention adds, so a wrong attention
+    would hardly move its logits. Here queries and keys are 10x (peaked attention), values and
+    outputs 8x (a 5% error in the attention scale moves the logits by ~1e-3)."""
+    model = odd_model(d_model=24)
+    with torch.no_grad():
+        for block in model.transformer_blocks:
+            a = block.attention
+            for w, k in ((a.w_q, 10), (a.w_k, 10), (a.w_v, 8), (a.w_o, 8)):
+                w.weight.mul_(k)
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_each_step_is_the_forward_of_the_model_it_runs(built, dtype):
+    """Token by token from an empty cache, every step's logits are the full forward's at that
+    position (odd sizes: 3 heads, vocabulary 101, so no product splits evenly into 4 rows)."""
+    model = sharp_model()
+    ref = oracle_for(model, dtype)
+    run = to_inference_dtype(copy.deepcopy(model), dtype)
+    kernel = step_for(run)
+    assert kernel is not None
+    ids = torch.tensor([7, 3, 99, 0, 42, 100, 5, 5, 61, 12])
+    with torch.no_grad():
+        want = ref(ids[None])[0]  # (T, V)
+        cache = run.allocate_cache(1, 16)
+        for t, token in enumerate(ids):
+            got = kernel(token[None], cache)[0]
+            torch.testing.assert_close(got, want[t], rtol=1e-5, atol=2e-5, msg=f"position {t}")
+    assert cache.length == len(ids)
+
+
+def test_a_cache_from_the_forward_with_padding_and_after_rows_leave(built):
+    """The forward fills the cache for a left-padded batch; then the rows step on through the
+    kernel, three at once and, after `keep_rows`, one (a new cache, less its padded slots):
+    each step's logits and the keys it stored are the forward's."""
+    model = sharp_model()
+    kernel = step_for(model)
+    ids = torch.tensor([[0, 0, 5, 9, 14], [3, 1, 4, 1, 5], [0, 0, 0, 0, 7]])
+    mask = (torch.arange(5)[None] >= torch.tensor([[2], [0], [4]])).long()
+    new = torch.tensor([[11, 40, 2], [12, 41, 3], [13, 42, 4]])  # (steps, B)
+    with torch.no_grad():
+        cache, full = model.allocate_cache(3, 12), model.allocate_cache(3, 12)
+        for c in (cache, full):
+            model(ids, mask, cache=c, last_only=True)
+        for step in new[:2]:
+            got = kernel(step, cache)
+            want = model(step[:, None], cache=full, last_only=True)[:, -1]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+        for a, b in zip(cache.keys + cache.values, full.keys + full.values, strict=True):
+            torch.testing.assert_close(a[:, :, : full.length], b[:, :, : full.length])
+        one, one_full = cache.keep_rows([0]), full.keep_rows([0])
+        got = kernel(new[2, :1], one)
+        want = model(new[2, :1, None], cache=one_full, last_only=True)[:, -1]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_token_loop_runs_the_kernel(built, rows, monkeypatch):
+    """`DecodePlan.step` goes through the kernel (spied on), and greedy decoding gives the
+    eager step's tokens."""
+    model = odd_model()
+    plan = plan_for(model)
+    calls = []
+    real = step_kernel.StepKernel.__call__
+    monkeypatch.setattr(step_kernel.StepKernel, "__call__",
+                        lambda self, t, c: calls.append(t.size(0)) or real(self, t, c))  # fmt: skip
+    tokens = {}
+    with torch.no_grad():
+        for way in ("kernel", "eager"):
+            cache = model.allocate_cache(rows, 30)
+            prompt = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])[:rows]
+            logits = model(prompt, cache=cache, last_only=True)[:, -1]
+            out = []
+            for _ in range(20):
+                token = logits.argmax(-1)
+                out.append(token.tolist())
+                step = plan.step if way == "kernel" else plan.eager_step
+                logits = step(model, token, cache)
+            tokens[way] = out
+    assert calls == [rows] * 20
+    assert tokens["kernel"] == tokens["eager"]
+
+
+def test_a_bad_token_id_is_refused_not_read(built):
+    model = odd_model()
+    kernel = step_for(model)
+    cache = model.allocate_cache(2, 8)
+    with pytest.raises(DtlError, match=r"token id 101 \(row 1\) is outside the model's vocab"):
+        kernel(torch.tensor([3, 101]), cache)
+    assert cache.length == 0
+    with pytest.raises(DtlError, match="token id -1"):
+        kernel(torch.tensor([-1, 0]), cache)
+
+
+def test_it_is_built_once_and_then_loaded(tmp_path, monkeypatch):
+    """The first process builds into DTL's cache folder; a later one finds it there and runs no
+    compiler (a `cc` wrapper counts the builds)."""
+    real = step_kernel.shutil.which("cc") or step_kernel.shutil.which("gcc")
+    if real is None:
+        message = "no C compiler here"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    log = tmp_path / "builds.log"
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *-shared*) echo build >> "{log}";; esac\n'
+                       f'exec "{real}" "$@"\n')  # fmt: skip
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("DTL_CACHE_DIR", str(tmp_path / "cache"))
+    first = step_kernel._compile()
+    second = step_kernel._compile()
+    assert first.library is not None and second.library is not None
+    assert log.read_text().splitlines() == ["build"]
+    assert len(list((tmp_path / "cache" / "kernels").glob("step_kernel-*.so"))) == 1
+
+
+@pytest.mark.parametrize(("env", "why"), [
+    ({"DTL_STEP_KERNEL": "0"}, "off (DTL_STEP_KERNEL=0)"),
+    ({"CC": "/nonexistent/cc"}, "/nonexistent/cc does not run"),
+])  # fmt: skip
+def test_without_the_kernel_the_eager_step_runs_and_info_says_why(env, why, tmp_path,
+                                                                 monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DTL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(step_kernel, "_BUILD", None)
+    assert step_kernel.kernel_status().startswith(f"eager torch ({why}")
+    model = odd_model()
+    assert step_for(model) is None
+    plan = plan_for(model)
+    with torch.no_grad():
+        a, b = model.allocate_cache(1, 8), model.allocate_cache(1, 8)
+        for c in (a, b):
+            model(torch.tensor([[1, 2]]), cache=c, last_only=True)
+        assert torch.equal(plan.step(model, torch.tensor([3]), a),
+                           plan.eager_step(model, torch.tensor([3]), b))  # fmt: skip
+
+
+def test_a_compiler_error_is_reported_not_raised(tmp_path, monkeypatch):
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\ncase \"$*\" in *--version*) echo fake 1.0; exit 0;; esac\n"
+                      "echo 'step_kernel.c:1: error: no' >&2; exit 1\n")  # fmt: skip
+    broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("DTL_CACHE_DIR", str(tmp_path / "cache"))
+    build = step_kernel._compile()
+    assert build.library is None and "failed: step_kernel.c:1: error: no" in build.why_not
+    assert not list((tmp_path / "cache").rglob("*.so"))  # no half-built library left
