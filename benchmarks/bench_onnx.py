@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import tempfile
 import time
@@ -79,10 +80,29 @@ def ort_greedy(session, ids: np.ndarray, new: int) -> np.ndarray:
     return np.concatenate(out_tokens, axis=1)
 
 
+def step_perplexity(model: TransformerLM, ids: list[int], window: int) -> float:
+    """The perplexity of `ids` with every prediction made by the token loop's decode step
+    (`DecodePlan.step`: DTL's step kernel where it is built), from an empty KV cache at the
+    start of each window of `window` tokens: what generation computes, where `dtl eval`'s
+    perplexity is the forward's."""
+    plan = decode.plan_for(model)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, window):
+            chunk = ids[start : start + window + 1]
+            cache = model.allocate_cache(1, len(chunk))
+            for t in range(len(chunk) - 1):
+                logits = plan.step(model, torch.tensor([chunk[t]]), cache)  # (1, V)
+                nll -= float(torch.log_softmax(logits[0], -1)[chunk[t + 1]])
+                n += 1
+    return math.exp(nll / n)
+
+
 def quality(spec: str, text_path: str, continuations: int = 8, new: int = 32) -> dict:
-    """Each dtype's perplexity on the held-out text, and how many of `new` greedy tokens after
-    each of the text's first `continuations` 32-token prompts agree with fp32's (up to the
-    first difference, and in all)."""
+    """Each dtype's perplexity on the held-out text (the forward's, as `dtl eval` computes it,
+    and the decode steps', `step_perplexity`), and how many of `new` greedy tokens after each
+    of the text's first `continuations` 32-token prompts agree with fp32's (up to the first
+    difference, and in all)."""
     from dtl.generate.evaluate import evaluate_lm
     from dtl.model.store import load_model
 
@@ -93,6 +113,7 @@ def quality(spec: str, text_path: str, continuations: int = 8, new: int = 32) ->
         model, tok = load_model(spec, dtype=dtype)
         ppl = evaluate_lm(model, tok, [text], 8, None, False)["perplexity"]
         ids = tok.encode(text)
+        steps = step_perplexity(model, ids, model.config.context)
         prompts = [ids[i * 32 : (i + 1) * 32] for i in range(continuations)]
         greedy = [generate_tokens(model, torch.tensor([p]), new, temperature=0)[0, 32:].tolist()
                   for p in prompts if len(p) == 32]  # fmt: skip
@@ -100,11 +121,12 @@ def quality(spec: str, text_path: str, continuations: int = 8, new: int = 32) ->
         prefix = [next((i for i, (a, b) in enumerate(zip(g, r, strict=True)) if a != b), len(g))
                   for g, r in zip(greedy, reference, strict=True)]  # fmt: skip
         same = sum(a == b for g, r in zip(greedy, reference, strict=True) for a, b in zip(g, r, strict=True))
-        out[dtype] = {"perplexity": ppl, "same_tokens": same, "of": sum(map(len, greedy)),
-                      "same_prefix": prefix}  # fmt: skip
-        base = out["fp32"]["perplexity"]
-        print(f"{dtype}: perplexity {ppl:.3f} ({100 * (ppl / base - 1):+.2f}% vs fp32); greedy "
-              f"tokens as fp32's: {same}/{out[dtype]['of']}, identical prefixes {prefix}")  # fmt: skip
+        out[dtype] = {"perplexity": ppl, "step_perplexity": steps, "same_tokens": same,
+                      "of": sum(map(len, greedy)), "same_prefix": prefix}  # fmt: skip
+        base, step_base = out["fp32"]["perplexity"], out["fp32"]["step_perplexity"]
+        print(f"{dtype}: perplexity {ppl:.3f} ({100 * (ppl / base - 1):+.2f}% vs fp32), decode "
+              f"steps' {steps:.3f} ({100 * (steps / step_base - 1):+.2f}%); greedy tokens as "
+              f"fp32's: {same}/{out[dtype]['of']}, identical prefixes {prefix}")  # fmt: skip
     return out
 
 

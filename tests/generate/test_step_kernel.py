@@ -9,18 +9,21 @@ scale). So each checks that the kernel computes that model, not that it matches 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import stat
 
 import pytest
 import torch
 from test_decode import odd_model
+from testkit import run_cli
 
 from dtl.errors import DtlError
 from dtl.generate import step_kernel
 from dtl.generate.decode import plan_for
 from dtl.generate.step_kernel import kernel_library, step_for
 from dtl.model.dtype import to_inference_dtype
+from dtl.model.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +143,21 @@ def test_the_token_loop_runs_the_kernel(built, rows, monkeypatch):
     assert tokens["kernel"] == tokens["eager"]
 
 
+def test_a_cache_it_does_not_read_takes_the_eager_step(built):
+    """A bf16 model's bf16 KV cache (made by hand: on a CPU `allocate_cache` makes it fp32)
+    steps through the eager plan."""
+    model = to_inference_dtype(odd_model(), "bf16")
+    plan = plan_for(model)
+    cache = KVCache.allocate(model.config, 1, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2]]), cache=cache, last_only=True)
+        assert not step_for(model).takes(cache)
+        assert plan.step(model, torch.tensor([3]), cache).shape == (1, 101)
+        with pytest.raises(DtlError, match="reads an fp32 KV cache"):
+            step_for(model)(torch.tensor([4]), cache)
+    assert cache.length == 3
+
+
 def test_a_bad_token_id_is_refused_not_read(built):
     model = odd_model()
     kernel = step_for(model)
@@ -184,7 +202,7 @@ def test_without_the_kernel_the_eager_step_runs_and_info_says_why(env, why, tmp_
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("DTL_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(step_kernel, "_BUILD", None)
-    assert step_kernel.kernel_status().startswith(f"eager torch ({why}")
+    assert step_kernel.kernel_status().startswith(f"torch's ops, eager: {why}")
     model = odd_model()
     assert step_for(model) is None
     plan = plan_for(model)
@@ -194,6 +212,16 @@ def test_without_the_kernel_the_eager_step_runs_and_info_says_why(env, why, tmp_
             model(torch.tensor([[1, 2]]), cache=c, last_only=True)
         assert torch.equal(plan.step(model, torch.tensor([3]), a),
                            plan.eager_step(model, torch.tensor([3]), b))  # fmt: skip
+
+
+def test_dtl_info_says_what_decodes_here(built, tmp_path, monkeypatch, capsys):
+    code, out, _ = run_cli(["info", "--preset", "tiny"], capsys)
+    assert code == 0 and out.rstrip().endswith("Decode steps on this CPU: DTL's step kernel "
+                                               "(C, OpenMP)")  # fmt: skip
+    monkeypatch.setenv("DTL_STEP_KERNEL", "0")
+    monkeypatch.setattr(step_kernel, "_BUILD", None)
+    code, out, _ = run_cli(["info", "--preset", "tiny", "--json"], capsys)
+    assert code == 0 and json.loads(out)["decode_step"] == "torch's ops, eager: off (DTL_STEP_KERNEL=0)"
 
 
 def test_a_compiler_error_is_reported_not_raised(tmp_path, monkeypatch):

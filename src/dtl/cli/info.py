@@ -105,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
             "train_mixed": train["bf16"],
         },
     }
+    if device == "cpu":  # what decodes here: DTL's step kernel, or why the eager step does
+        from dtl.generate.step_kernel import kernel_status
+
+        result["decode_step"] = kernel_status()
     fit = _fit(args, config, seq_len, device) if args.fit else None
     if fit is not None:
         result["fit"] = fit
@@ -112,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(format_report(name, config, params, result["memory"], fit))
+        if "decode_step" in result:
+            print(f"\nDecode steps on this CPU: {result['decode_step']}")
     if fit is not None and fit["recommended"] is None:
         tried = "16-bit precision and " if len(fit_precisions(device)) > 1 else ""
         raise DtlError(

@@ -5,6 +5,8 @@
               PenaltyState, what the penalties remember of each row
     context   fit_context: does a prompt and its answer fit the context (the one rule)
     decode    the CPU decode plan: the model's weights laid out for one-token steps
+    step_kernel  DTL's decode step in C (OpenMP): every block and the head in one call,
+              built on first use; the plan's step runs it (else the eager step)
     loop      the one token loop (`TokenLoop`), and `generate_tokens` on token ids
     batch     continuous batching: requests join and leave a running loop, as text
     text      `generate`, `stream`, `stream_batch`: text in, text out

@@ -1,6 +1,10 @@
 """The CPU decode plan: every weight matrix of a `TransformerLM` laid out for the
 matrix-vector products of a one-token step, which the model's own forward then uses.
 
+Where DTL's step kernel is built (`dtl.generate.step_kernel`: C and OpenMP, the whole step in
+one call), `DecodePlan.step` runs it, and what follows serves the model's forward (a prompt's
+tokens) and the eager step (`eager_step`), which runs where the kernel is not built.
+
 Decoding one token multiplies a single row (B = 1) by every weight of the blocks and the
 vocabulary head, so it is bound by how fast those weights stream from memory. On the CPU,
 MKL's matrix-vector kernel behind `F.linear` runs on one core at a fraction of the memory
@@ -26,9 +30,9 @@ format (`PackedLinear`), the FFN's ReLU fused into its up-projection (a batch-8 
 faster, docs/benchmarks.md). Where this torch has no oneDNN, several rows use the one-row
 layout with the head in 8 column blocks per thread.
 
-The token loop runs each step through `DecodePlan.step` (`decode_step`): the forward's
-kernels for that one case (one new token per row through the cache), in the same order, so
-the logits are the same bit for bit, without what the general forward needs and a step does
+Without the kernel, the token loop runs each step through `eager_step` (`decode_step`): the
+forward's kernels for that one case (one new token per row through the cache), in the same
+order, so the logits are the same bit for bit, without what the general forward needs and a step does
 not (module calls, input checks with their host syncs, (B, T, d) views, dropout calls): a
 third fewer dispatcher calls per step (docs/benchmarks.md).
 
@@ -283,19 +287,30 @@ class Layout:
 
 @dataclass
 class DecodePlan:
-    """The model's weights laid out for one row (`one_row`, made with the plan) and for
-    several (`several`, made on the first step of more than one row: generating or serving
-    batches keeps a second copy of the weights, 70 MB for `small`). The plan itself is a
-    layout too: the model's forward asks it `for_rows(B)`."""
+    """The model's weights laid out for one row (`one_row`) and for several (`several`), each
+    made on its first use, and DTL's step kernel (`kernel`, its own copy, made on the first
+    step). The plan itself is a layout too: the model's forward asks it `for_rows(B)`. Where
+    the kernel runs, the layouts serve the forward only (a prompt of several tokens takes
+    `several`), so an fp32 model keeps two copies of its weights beside its own (the kernel's
+    and `several`, 70 MB each for `small`), three where a one-token prompt or the eager step
+    needs `one_row`."""
 
     key: tuple  # (data_ptr, _version, dtype) of every parameter when it was built
-    one_row: Layout
+    built_one_row: Layout | None  # None: `one_row` lays it out on first use
     linears: list[list[nn.Linear]]  # per block: [q, k, v], [w_o], [linear1], [linear2]
     head_linear: nn.Linear
+    threads: int = 2  # the one-row blocks are cut for this many
     samples: list[Tensor] = field(default_factory=list)  # see `plan_for`
     several: Layout | None = None
     frame: StepFrame | None = None  # what `step` reads of the model, made on its first call
     kernel: StepKernel | bool | None = None  # DTL's step kernel (False: none here), ditto
+
+    @property
+    def one_row(self) -> Layout:
+        """The layout for one row (an fp32 model's: cut into blocks, `split_for`)."""
+        if self.built_one_row is None:
+            self.built_one_row = self._one_row()
+        return self.built_one_row
 
     @property
     def blocks(self) -> list[BlockPlan]:
@@ -311,7 +326,7 @@ class DecodePlan:
         call for the whole step, the same logits to float rounding), else `eager_step`."""
         if self.kernel is None:
             self.kernel = step_for(model) or False
-        if self.kernel:
+        if self.kernel and self.kernel.takes(cache):
             return self.kernel(tokens, cache)
         return self.eager_step(model, tokens, cache)
 
@@ -358,21 +373,25 @@ class DecodePlan:
             return cls.int8_plan(model, key)
         if model.head.weight.dtype == torch.bfloat16 and packs_bf16():
             return cls.bf16_plan(model, key)
-
-        def split(linears: list[nn.Linear]) -> SplitLinear:
-            return split_for([x.weight for x in linears], [_bias(x) for x in linears], threads)
-
-        linears, blocks = [], []
+        linears = []
         for block in model.transformer_blocks:
             a, ff = block.attention, block.feed_forward
-            qkv, w_o, up, down = [a.w_q, a.w_k, a.w_v], [a.w_o], [ff.linear1], [ff.linear2]
-            linears.append([qkv, w_o, up, down])
-            blocks.append(BlockPlan(split(qkv), split(w_o), ReluAfter(split(up)), split(down)))
+            linears.append([[a.w_q, a.w_k, a.w_v], [a.w_o], [ff.linear1], [ff.linear2]])
+        return cls(key, None, linears, model.head, threads)
+
+    def _one_row(self) -> Layout:
+        """An fp32 model's one-row layout: every product cut into blocks (`split_for`)."""
+
+        def split(linears: list[nn.Linear]) -> SplitLinear:
+            weights, biases = [x.weight for x in linears], [_bias(x) for x in linears]
+            return split_for(weights, biases, self.threads)
+
+        blocks = [BlockPlan(split(qkv), split(w_o), ReluAfter(split(up)), split(down))
+                  for qkv, w_o, up, down in self.linears]  # fmt: skip
         # the head (vocab x d) for one row: whole columns per core measured fastest here
-        weight, bias = model.head.weight, _bias(model.head)
-        head = SplitLinear.of([weight], [bias], threads, by_rows=False)
-        one_row = Layout(blocks, head, block_threads(ONE_ROW_BLOCK_THREADS, "fp32"))
-        return cls(key, one_row, linears, model.head)
+        h = self.head_linear
+        head = SplitLinear.of([h.weight], [_bias(h)], self.threads, by_rows=False)
+        return Layout(blocks, head, block_threads(ONE_ROW_BLOCK_THREADS, "fp32"))
 
     @classmethod
     def bf16_plan(cls, model: TransformerLM, key: tuple) -> DecodePlan:

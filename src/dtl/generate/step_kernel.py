@@ -3,10 +3,13 @@ block, the final LayerNorm and the head, in one call and one OpenMP parallel reg
 
 The eager step (`dtl.generate.decode.decode_step`) makes ~190 calls into torch per token, each
 with a fixed cost of a few microseconds; on the `small` preset that is about a third of a step
-(docs/benchmarks.md). The kernel makes one. It reads the model's weights in place (fp32 and
-bf16 as they are; an int8 model's int8 values and per-row scales, copied once), writes the
-new keys and values into the same `KVCache` the eager step uses, and returns fp32 logits, so
-the token loop, the sampler and the cache's row bookkeeping are unchanged.
+(docs/benchmarks.md). The kernel makes one. It keeps its own copy of the model's linear
+weights in their format (fp32, bf16, or an int8 model's int8 values and per-output scales),
+packed in panels of 32 outputs (`panels`), writes the new keys and values into the same
+`KVCache` the eager step uses, and returns fp32 logits, so the token loop, the sampler and
+the cache's row bookkeeping are unchanged. Measured against the eager step in one process
+(small preset, 2 threads): fp32 1.4-1.5x at batch 1 and 1.6-1.8x at batch 8, bf16 2.9-3.0x and
+1.5x, int8 3.9x and 1.5x (docs/benchmarks.md).
 
 It is built the first time it is needed, with the machine's C compiler (`cc`, or `$CC`) and
 `-O3 -march=native -fopenmp`, into DTL's cache folder (`kernel_dir`), keyed by the source, the
@@ -159,7 +162,9 @@ def kernel_library() -> _Build:
 def kernel_status() -> str:
     """One line for `dtl info`: whether decoding runs DTL's step kernel, and if not, why."""
     build = kernel_library()
-    return "DTL's step kernel (C, OpenMP)" if build.library else f"eager torch ({build.why_not})"
+    if build.library is None:
+        return f"torch's ops, eager: {build.why_not}"
+    return "DTL's step kernel (C, OpenMP)"
 
 
 PANEL = 32  # outputs per panel (step_kernel.c)
@@ -254,18 +259,25 @@ class StepKernel:
         )  # fmt: skip
         return cls(library, m, keep, c.n_layers, c.d_model, c.d_ff, c.n_heads, c.vocab_size)
 
-    def _cache_struct(self, cache: KVCache) -> _Cache:
-        """The cache's per-layer pointers, rebuilt when the step meets another cache."""
+    def takes(self, cache: KVCache) -> bool:
+        """Whether the kernel can step `cache`: fp32 keys and values in (B, H, slots, d_k)
+        rows, as `allocate_cache` makes them on a CPU (a cache made otherwise takes the eager
+        step)."""
+        return self._cache_struct(cache) is not None
+
+    def _cache_struct(self, cache: KVCache) -> _Cache | None:
+        """The cache's per-layer pointers (None: a layout the kernel does not read), rebuilt
+        when the step meets another cache."""
         seen = self._seen  # read once: another thread may step another cache meanwhile
         if seen is not None and seen[0]() is cache and seen[1] == cache.keys[0].data_ptr():
             return seen[2]
         k0 = cache.keys[0]
-        for t in (*cache.keys, *cache.values):
-            if (t.dtype != torch.float32 or t.stride(3) != 1 or t.stride(2) != t.size(3)
-                    or t.stride() != k0.stride()):  # fmt: skip
-                raise DtlError("the step kernel needs an fp32 KV cache of (B, H, slots, d_k) rows")
-        if cache.key_mask.stride(1) != 1:
-            raise DtlError("the step kernel needs a KV cache key mask of contiguous rows")
+        if cache.key_mask.stride(1) != 1 or any(
+            t.dtype != torch.float32 or t.stride(3) != 1 or t.stride(2) != t.size(3)
+            or t.stride() != k0.stride() or t.device.type != "cpu"
+            for t in (*cache.keys, *cache.values)
+        ):  # fmt: skip
+            return None
         keys = (P * self.n_layers)(*[t.data_ptr() for t in cache.keys])
         values = (P * self.n_layers)(*[t.data_ptr() for t in cache.values])
         struct = _Cache(keys, values, k0.stride(0), k0.stride(1))
@@ -275,6 +287,10 @@ class StepKernel:
     def __call__(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """The next-token logits (B, V), fp32, after one new token per row (`tokens` (B,))
         through `cache` (which it appends to and advances, as the eager step does)."""
+        struct = self._cache_struct(cache)
+        if struct is None:
+            raise DtlError("the step kernel reads an fp32 KV cache of (B, H, slots, d_k) rows; "
+                           "this one is not (check `takes(cache)` first)")  # fmt: skip
         B, L = tokens.size(0), cache.length
         if B != cache.batch_size:
             raise DtlError(f"KV cache holds {cache.batch_size} rows but the batch has {B}")
@@ -290,7 +306,7 @@ class StepKernel:
         logits = torch.empty(B, self.vocab)
         mask = cache.key_mask if key_valid is not None else None
         bad = self.library.dtl_decode_step(
-            ctypes.addressof(self.model), ctypes.addressof(self._cache_struct(cache)), B, L,
+            ctypes.addressof(self.model), ctypes.addressof(struct), B, L,
             tokens.data_ptr(), mask.data_ptr() if mask is not None else None,
             mask.stride(0) if mask is not None else 0, logits.data_ptr(),
             work.data_ptr(), threads,
