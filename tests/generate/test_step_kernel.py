@@ -169,9 +169,9 @@ def test_a_bad_token_id_is_refused_not_read(built):
         kernel(torch.tensor([-1, 0]), cache)
 
 
-def test_it_is_built_once_and_then_loaded(tmp_path, monkeypatch):
-    """The first process builds into DTL's cache folder; a later one finds it there and runs no
-    compiler (a `cc` wrapper counts the builds)."""
+def test_it_is_built_once_and_then_loaded(tmp_path, monkeypatch, capfd):
+    """The first process builds into DTL's cache folder, and says so; a later one finds it
+    there and runs no compiler (a `cc` wrapper counts the builds)."""
     real = step_kernel.shutil.which("cc") or step_kernel.shutil.which("gcc")
     if real is None:
         message = "no C compiler here"
@@ -189,6 +189,8 @@ def test_it_is_built_once_and_then_loaded(tmp_path, monkeypatch):
     second = step_kernel._compile()
     assert first.library is not None and second.library is not None
     assert log.read_text().splitlines() == ["build"]
+    said = capfd.readouterr().err
+    assert said.count("building DTL's decode-step kernel for this CPU") == 1, said
     assert len(list((tmp_path / "cache" / "kernels").glob("step_kernel-*.so"))) == 1
 
 

@@ -98,12 +98,12 @@ static inline v16 load_i8(const int8_t *p) {
         for (int p = p0; p < p1; p++) {                                                           \
             const WT *w = (const WT *)L->w + (int64_t)p * n * PANEL;                              \
             v16 a0[RB], a1[RB];                                                                   \
-            for (int r = 0; r < RB; r++) a0[r] = a1[r] = (v16){0};                                \
+            _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) a0[r] = a1[r] = (v16){0};       \
             for (int i = 0; i < n; i++, w += PANEL) {                                             \
                 __builtin_prefetch((const char *)w + PREFETCH, 0, 0);                             \
                 if (sizeof(WT) == 4) __builtin_prefetch((const char *)w + PREFETCH + 64, 0, 0);   \
                 const v16 w0 = LOAD(w), w1 = LOAD(w + 16);                                        \
-                for (int r = 0; r < RB; r++) {                                                    \
+                _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {                           \
                     const float xi = x[(int64_t)r * n + i];                                       \
                     a0[r] += w0 * xi;                                                             \
                     a1[r] += w1 * xi;                                                             \

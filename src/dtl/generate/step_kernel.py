@@ -13,7 +13,8 @@ the cache's row bookkeeping are unchanged. Measured against the eager step in on
 
 It is built the first time it is needed, with the machine's C compiler (`cc`, or `$CC`) and
 `-O3 -march=native -fopenmp`, into DTL's cache folder (`kernel_dir`), keyed by the source, the
-compiler and the CPU's feature flags; every later process loads the built library. Where there
+compiler and the CPU's feature flags (a few seconds, said on stderr); every later process
+loads the built library. Where there
 is no compiler, or the build fails, or a model is not one it runs (a GPU model, a layout it
 does not know), `step_for(model)` returns None and the eager step runs: the same tokens to float
 rounding, only slower. `DTL_STEP_KERNEL=0` turns it off. `dtl info` says which one runs.
@@ -43,6 +44,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import weakref
 from dataclasses import dataclass, field
@@ -131,6 +133,8 @@ def _compile() -> _Build:
     ).hexdigest()[:16]
     target = kernel_dir() / f"step_kernel-{key}.so"
     if not target.exists():
+        print(f"building DTL's decode-step kernel for this CPU into {target.parent} (once, a "
+              "few seconds)", file=sys.stderr, flush=True)  # fmt: skip
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
