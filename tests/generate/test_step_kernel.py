@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import platform
 import stat
 
 import pytest
@@ -89,6 +90,36 @@ def test_each_step_is_the_forward_of_the_model_it_runs(built, dtype):
             got = kernel(token[None], cache)[0]
             torch.testing.assert_close(got, want[t], rtol=1e-5, atol=2e-5, msg=f"position {t}")
     assert cache.length == len(ids)
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v2", "x86-64"])
+def test_the_kernel_built_for_narrower_vectors_computes_the_same(built, march, tmp_path,
+                                                                 monkeypatch):
+    """Built for AVX2 (8-wide vectors), SSE4 and plain x86-64 (4-wide), as on CPUs without
+    AVX-512: each format's steps against its oracle, at 1 and 5 rows (5: 4 rows at a time,
+    then 1)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("these -march levels are x86's")
+    flags = [f"-march={march}" if f == "-march=native" else f for f in step_kernel.FLAGS]
+    monkeypatch.setattr(step_kernel, "FLAGS", flags)
+    monkeypatch.setenv("DTL_CACHE_DIR", str(tmp_path))
+    library = step_kernel._compile().library
+    assert library is not None
+    model = sharp_model()
+    ids = torch.tensor([[7, 3, 99, 0, 42, 100], [5, 5, 61, 12, 1, 2], [9, 8, 7, 6, 5, 4],
+                        [1, 1, 1, 1, 1, 1], [0, 50, 100, 50, 0, 3]])  # fmt: skip
+    for dtype in ("fp32", "bf16", "int8"):
+        ref = oracle_for(model, dtype)
+        run = to_inference_dtype(copy.deepcopy(model), dtype)
+        kernel = step_kernel.StepKernel.of(run, library)
+        for rows in (1, 5):
+            with torch.no_grad():
+                want = ref(ids[:rows])  # (rows, T, V)
+                cache = run.allocate_cache(rows, 8)
+                for t in range(ids.size(1)):
+                    got = kernel(ids[:rows, t], cache)
+                    torch.testing.assert_close(got, want[:, t], rtol=1e-5, atol=2e-5,
+                                               msg=f"{dtype}, {rows} rows, position {t}")  # fmt: skip
 
 
 def test_a_cache_from_the_forward_with_padding_and_after_rows_leave(built):

@@ -26,7 +26,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE4_1__)
 #include <immintrin.h>
 #endif
 
@@ -60,34 +60,55 @@ typedef struct {
     int64_t sb, sh;         /* element strides of a row and of a head */
 } Cache;
 
-/* 16 floats, and the same loaded from any address (GCC/Clang vector extensions: AVX-512 here,
- * two or four narrower registers elsewhere). */
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t v16w __attribute__((vector_size(64)));
-typedef int8_t v16b __attribute__((vector_size(16), aligned(1)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-#define PANEL 32 /* outputs per panel: two vectors of 16 */
-
-/* Load 16 weights of each format as fp32 (bf16: the top half of an fp32; int8: its value). */
-static inline v16 load_f32(const float *p) { return *(const v16u *)p; }
-static inline v16 load_bf16(const uint16_t *p) {
-    return (v16)(__builtin_convertvector(*(const v16h *)p, v16w) << 16);
-}
-static inline v16 load_i8(const int8_t *p) {
-#ifdef __AVX512F__ /* GCC 12 widens an int8 vector one lane at a time; this is two instructions */
-    return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+/* A vector of VW floats, the CPU's widest (GCC/Clang vector extensions), and how many input
+ * rows a product takes at once (ROWS_MAX: more share each weight load, until their sums no
+ * longer fit in registers). A wider vector than the CPU's is lowered through memory: 3-30x
+ * slower, measured with AVX2 and SSE2 builds on the AVX-512 box. */
+#if defined(__AVX512F__)
+#define VW 16
+#define ROWS 8
+#elif defined(__AVX__) /* 4 rows: 1.3-1.7x faster than 2 at batch 8 on AVX2 or SSE */
+#define VW 8
+#define ROWS 4
 #else
-    return __builtin_convertvector(__builtin_convertvector(*(const v16b *)p, v16i), v16);
+#define VW 4
+#define ROWS 4
+#endif
+#ifndef ROWS_MAX
+#define ROWS_MAX ROWS
+#endif
+#define PANEL 32          /* outputs per panel */
+#define NV (PANEL / VW)   /* vectors per panel row */
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vf_u __attribute__((vector_size(VW * 4), aligned(4)));    /* any address */
+typedef uint16_t vh_u __attribute__((vector_size(VW * 2), aligned(2)));
+typedef uint32_t vw __attribute__((vector_size(VW * 4)));
+typedef int8_t vb_u __attribute__((vector_size(VW), aligned(1)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+/* Load VW weights of each format as fp32 (bf16: the top half of an fp32; int8: its value). */
+static inline vf load_f32(const float *p) { return *(const vf_u *)p; }
+static inline vf load_bf16(const uint16_t *p) {
+    return (vf)(__builtin_convertvector(*(const vh_u *)p, vw) << 16);
+}
+static inline vf load_i8(const int8_t *p) { /* GCC 12 widens int8 lanes one at a time: by hand */
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#elif defined(__SSE4_1__) && VW == 4
+    int32_t four;
+    memcpy(&four, p, 4);
+    return (vf)_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(four)));
+#else
+    return __builtin_convertvector(__builtin_convertvector(*(const vb_u *)p, vi), vf);
 #endif
 }
 
 /* The panels [p0, p1) of a product against RB input rows:
  * y[r][o] = sum_i x[r][i] W[o][i] (* scale[o]) + bias[o] (+ add[r][o]) (ReLU).
  * W is packed in panels of PANEL outputs: panel p holds W[p*32 + j][i] at [p][i][j], so a panel
- * streams from memory in order and each input value multiplies 32 weights (two vectors) at once;
+ * streams from memory in order and each input value multiplies a row of 32 weights at once;
  * the RB rows share every load of the weights. PREFETCH bytes ahead are asked for as they go:
  * the hardware's prefetcher alone kept too few lines in flight (2x slower, measured). */
 #define PREFETCH 2048
@@ -97,31 +118,29 @@ static inline v16 load_i8(const int8_t *p) {
         const int n = L->in, out = L->out;                                                        \
         for (int p = p0; p < p1; p++) {                                                           \
             const WT *w = (const WT *)L->w + (int64_t)p * n * PANEL;                              \
-            v16 a0[RB], a1[RB];                                                                   \
-            _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) a0[r] = a1[r] = (v16){0};       \
+            vf acc[RB][NV];                                                                       \
+            _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++)                                  \
+                _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) acc[r][j] = (vf){0};         \
             for (int i = 0; i < n; i++, w += PANEL) {                                             \
                 __builtin_prefetch((const char *)w + PREFETCH, 0, 0);                             \
                 if (sizeof(WT) == 4) __builtin_prefetch((const char *)w + PREFETCH + 64, 0, 0);   \
-                const v16 w0 = LOAD(w), w1 = LOAD(w + 16);                                        \
-                _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {                           \
+                vf wv[NV];                                                                        \
+                _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) wv[j] = LOAD(w + j * VW);    \
+                _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {                            \
                     const float xi = x[(int64_t)r * n + i];                                       \
-                    a0[r] += w0 * xi;                                                             \
-                    a1[r] += w1 * xi;                                                             \
+                    _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) acc[r][j] += wv[j] * xi; \
                 }                                                                                 \
             }                                                                                     \
             for (int r = 0; r < RB; r++)                                                          \
-                finish(L, a0[r], a1[r], p, y + (int64_t)r * out,                                  \
+                finish(L, (const float *)acc[r], p, y + (int64_t)r * out,                         \
                        add ? add + (int64_t)r * out : NULL, relu);                                \
         }                                                                                         \
     }
 
-/* A panel's two sums of one row, finished: scale, bias, the residual, ReLU; stored for the
- * outputs the panel has (the last one may be short). */
-static inline void finish(const Linear *L, v16 s0, v16 s1, int p, float *y, const float *add,
+/* A panel's sums of one row (PANEL of them), finished: scale, bias, the residual, ReLU;
+ * stored for the outputs the panel has (the last one may be short). */
+static inline void finish(const Linear *L, const float *s, int p, float *y, const float *add,
                           int relu) {
-    float s[PANEL];
-    memcpy(s, &s0, sizeof s0);
-    memcpy(s + 16, &s1, sizeof s1);
     const int o0 = p * PANEL, m = L->out - o0 < PANEL ? L->out - o0 : PANEL;
     for (int j = 0; j < m; j++) {
         float v = s[j];
@@ -140,12 +159,13 @@ static inline void finish(const Linear *L, v16 s0, v16 s1, int p, float *y, cons
     DEFINE_PANELS(panels_##SUFFIX##_8, WT, LOAD, 8)                                              \
     static void panels_##SUFFIX(const Linear *L, const float *x, int B, float *y,                \
                                 const float *add, int relu, int p0, int p1) {                     \
-        for (int b = 0; b < B;) { /* rows 8, 4, 2, 1 at a time */                                \
+        for (int b = 0; b < B;) { /* rows 8, 4, 2, 1 at a time (up to ROWS_MAX) */              \
             const int64_t xo = (int64_t)b * L->in, yo = (int64_t)b * L->out;                     \
             const float *ad = add ? add + yo : NULL;                                              \
-            if (B - b >= 8) { panels_##SUFFIX##_8(L, x + xo, y + yo, ad, relu, p0, p1); b += 8; } \
-            else if (B - b >= 4) { panels_##SUFFIX##_4(L, x + xo, y + yo, ad, relu, p0, p1); b += 4; } \
-            else if (B - b >= 2) { panels_##SUFFIX##_2(L, x + xo, y + yo, ad, relu, p0, p1); b += 2; } \
+            const int left = B - b < ROWS_MAX ? B - b : ROWS_MAX;                                 \
+            if (left >= 8) { panels_##SUFFIX##_8(L, x + xo, y + yo, ad, relu, p0, p1); b += 8; } \
+            else if (left >= 4) { panels_##SUFFIX##_4(L, x + xo, y + yo, ad, relu, p0, p1); b += 4; } \
+            else if (left >= 2) { panels_##SUFFIX##_2(L, x + xo, y + yo, ad, relu, p0, p1); b += 2; } \
             else { panels_##SUFFIX##_1(L, x + xo, y + yo, ad, relu, p0, p1); b += 1; }          \
         }                                                                                         \
     }
