@@ -3,8 +3,9 @@ DTL in fp32, bf16 and int8 (`--dtype`, `dtl.model.dtype`).
 
 The `small` preset with random weights (d_model 256, 6 layers, d_ff 1024, GPT-2 vocabulary)
 on the CPU: a 16-token prompt and 128 new tokens, greedy, at batch 1 and 8, in one run.
-DTL: `generate_tokens(..., temperature=0)` (its KV cache and CPU decode plan, in the model's
-dtype). onnxruntime: the fp32 graph `dtl export --format onnx` writes, the prompt in one call
+DTL: `generate_tokens(..., temperature=0)` (its KV cache and its decode step, DTL's step
+kernel where it is built, in the model's dtype). Each figure is the best of `--repeats` runs,
+the peers taking turns run by run (`interleaved`). onnxruntime: the fp32 graph `dtl export --format onnx` writes, the prompt in one call
 and then one token per call with the previous call's present keys/values as the past. DTL
 fp32 and onnxruntime draw the same tokens (checked), so their ratio compares the same work;
 bf16 and int8 are timed on the same prompts, and the share of their tokens that match fp32's
@@ -12,8 +13,8 @@ is printed (random weights give near-tied logits, so this is a stress test, not 
 figure). Every ratio is against onnxruntime fp32.
 
 Quality on a trained model: `--model RUN_DIR --text HELD_OUT.txt` also prints each dtype's
-perplexity on the text (as `dtl eval` computes it) and how many of 32 greedy tokens after
-each of the text's first prompts match fp32's.
+perplexity on the text (as `dtl eval` computes it, and through the decode steps) and how many
+of 32 greedy tokens after each of the text's first prompts match fp32's.
 
     python benchmarks/bench_onnx.py                    # batch 1 and 8, 2 threads
     python benchmarks/bench_onnx.py --batches 1 --repeats 1 --new 16   # a smoke run
@@ -48,15 +49,19 @@ PROMPT = 16
 DTYPES = ("fp32", "bf16", "int8")
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """(best wall time of `repeats` calls after one warm-up, the last result)."""
-    result = fn()
-    best = float("inf")
+def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """({name: best wall time of `repeats` calls}, {name: its last result}), after one warm-up
+    call each. The calls take turns (A, B, C, A, B, C, ...): this box's memory bandwidth, which
+    bounds every decoder here, drifts by tens of percent from minute to minute, and taking
+    turns gives each peer the same windows."""
+    results = {name: fn() for name, fn in fns.items()}
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        t = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, result
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            results[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best, results
 
 
 def ort_greedy(session, ids: np.ndarray, new: int) -> np.ndarray:
@@ -133,7 +138,7 @@ def quality(spec: str, text_path: str, continuations: int = 8, new: int = 32) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new", type=int, default=128, help="new tokens per row (default 128)")
     parser.add_argument("--json", help="also write the figures to this file")
@@ -175,16 +180,15 @@ def main() -> None:
     for batch in args.batches:
         g = torch.Generator().manual_seed(batch)
         ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), generator=g)
-        ort_s, ort_out = timed(lambda ids=ids: ort_greedy(session, ids.numpy(), args.new),
-                               args.repeats)  # fmt: skip
-        row = {"batch": batch, "ort_tokens_per_s": batch * args.new / ort_s}
-        line = [f"batch {batch}: onnxruntime fp32 {row['ort_tokens_per_s']:7.1f} tok/s"]
-        outs = {}
+        fns = {"ort": lambda ids=ids: ort_greedy(session, ids.numpy(), args.new)}
         for dtype, m in models.items():
-            s, outs[dtype] = timed(
-                lambda ids=ids, m=m: generate_tokens(m, ids, args.new, temperature=0), args.repeats
-            )
-            rate = batch * args.new / s
+            fns[dtype] = lambda ids=ids, m=m: generate_tokens(m, ids, args.new, temperature=0)
+        best, outs = interleaved(fns, args.repeats)
+        ort_out = outs.pop("ort")
+        row = {"batch": batch, "ort_tokens_per_s": batch * args.new / best["ort"]}
+        line = [f"batch {batch}: onnxruntime fp32 {row['ort_tokens_per_s']:7.1f} tok/s"]
+        for dtype in models:
+            rate = batch * args.new / best[dtype]
             row[f"dtl_{dtype}_tokens_per_s"] = rate
             row[f"dtl_{dtype}_vs_ort"] = rate / row["ort_tokens_per_s"]
             new_tokens = outs[dtype][:, PROMPT:]
