@@ -257,7 +257,7 @@ def test_dtl_info_says_what_decodes_here(built, tmp_path, monkeypatch, capsys):
     assert code == 0 and json.loads(out)["decode_step"] == "torch's ops, eager: off (DTL_STEP_KERNEL=0)"
 
 
-def test_a_compiler_error_is_reported_not_raised(tmp_path, monkeypatch):
+def test_a_compiler_error_is_reported_not_raised_and_not_retried(tmp_path, monkeypatch, capfd):
     broken = tmp_path / "cc"
     broken.write_text("#!/bin/sh\ncase \"$*\" in *--version*) echo fake 1.0; exit 0;; esac\n"
                       "echo 'step_kernel.c:1: error: no' >&2; exit 1\n")  # fmt: skip
@@ -267,3 +267,9 @@ def test_a_compiler_error_is_reported_not_raised(tmp_path, monkeypatch):
     build = step_kernel._compile()
     assert build.library is None and "failed: step_kernel.c:1: error: no" in build.why_not
     assert not list((tmp_path / "cache").rglob("*.so"))  # no half-built library left
+    broken.write_text("#!/bin/sh\ncase \"$*\" in *--version*) echo fake 1.0; exit 0;; esac\n"
+                      "echo 'called again' >&2; exit 1\n")  # fmt: skip  (the same key: no rerun)
+    again = step_kernel._compile()
+    assert again.why_not == build.why_not
+    said = capfd.readouterr().err
+    assert said.count("could not build it") == 1 and "decoding runs on torch's ops" in said

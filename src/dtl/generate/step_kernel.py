@@ -8,16 +8,16 @@ weights in their format (fp32, bf16, or an int8 model's int8 values and per-outp
 packed in panels of 32 outputs (`panels`), writes the new keys and values into the same
 `KVCache` the eager step uses, and returns fp32 logits, so the token loop, the sampler and
 the cache's row bookkeeping are unchanged. Measured against the eager step in one process
-(small preset, 2 threads): fp32 1.4-1.5x at batch 1 and 1.6-1.8x at batch 8, bf16 2.9-3.0x and
-1.5x, int8 3.9x and 1.5x (docs/benchmarks.md).
+(small preset, 2 threads, `benchmarks/bench_decode_step.py`): fp32 1.3x at batch 1 and 1.8x
+at batch 8, bf16 3.2x and 1.5x, int8 3.2x and 1.4x (docs/benchmarks.md).
 
 It is built the first time it is needed, with the machine's C compiler (`cc`, or `$CC`) and
 `-O3 -march=native -fopenmp`, into DTL's cache folder (`kernel_dir`), keyed by the source, the
 compiler and the CPU's feature flags (a few seconds, said on stderr); every later process
-loads the built library. Where there
-is no compiler, or the build fails, or a model is not one it runs (a GPU model, a layout it
-does not know), `step_for(model)` returns None and the eager step runs: the same tokens to float
-rounding, only slower. `DTL_STEP_KERNEL=0` turns it off. `dtl info` says which one runs.
+loads the built library. Where there is no compiler, or the build fails (Apple's clang has no
+`-fopenmp`), or a model is not one it runs (a GPU model, a layout it does not know),
+`step_for(model)` returns None and the eager step runs: the same model, only slower.
+`DTL_STEP_KERNEL=0` turns it off. `dtl info` says which one runs.
 
 Numerics: every product sums in fp32, whatever the weights' format; the residual stream, the
 LayerNorms, attention and the KV cache are fp32 too. So an fp32 model's logits match the eager
@@ -38,6 +38,7 @@ torch.Size([1, 100])
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -132,20 +133,19 @@ def _compile() -> _Build:
         "\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_flags()]).encode()
     ).hexdigest()[:16]
     target = kernel_dir() / f"step_kernel-{key}.so"
+    failed = target.with_suffix(".failed")  # a failed build's message: not tried again
+    if failed.exists():
+        return _Build(why_not=failed.read_text(encoding="utf-8", errors="replace"))
     if not target.exists():
         print(f"building DTL's decode-step kernel for this CPU into {target.parent} (once, a "
               "few seconds)", file=sys.stderr, flush=True)  # fmt: skip
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                built = Path(tmp) / target.name
-                done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                                      capture_output=True, text=True, timeout=300)  # fmt: skip
-                if done.returncode != 0:
-                    return _Build(why_not=f"{cc} failed: {done.stderr.strip()[-300:]}")
-                os.replace(built, target)  # atomic: a concurrent build leaves one whole file
-        except (OSError, subprocess.SubprocessError) as e:
-            return _Build(why_not=f"could not build in {target.parent} ({e})")
+        why_not = _build(cc, target)
+        if why_not:
+            print(f"could not build it: {why_not}\ndecoding runs on torch's ops instead "
+                  "(slower); `dtl info` says why", file=sys.stderr, flush=True)  # fmt: skip
+            with contextlib.suppress(OSError):
+                failed.write_text(why_not, encoding="utf-8")
+            return _Build(why_not=why_not)
     try:
         library = ctypes.CDLL(str(target))
     except OSError as e:
@@ -153,6 +153,22 @@ def _compile() -> _Build:
     library.dtl_decode_step.restype = I32
     library.dtl_decode_step.argtypes = [P, P, I32, I32, P, P, I64, P, P, I32]
     return _Build(library)
+
+
+def _build(cc: str, target: Path) -> str:
+    """Compile the kernel into `target`; "" when built, else why not."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+            if done.returncode != 0:
+                return f"{cc} failed: {done.stderr.strip()[-300:]}"
+            os.replace(built, target)  # atomic: a concurrent build leaves one whole file
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"could not build in {target.parent} ({e})"
+    return ""
 
 
 def kernel_library() -> _Build:
