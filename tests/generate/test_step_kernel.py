@@ -20,7 +20,7 @@ from test_decode import odd_model
 from testkit import run_cli
 
 from dtl.errors import DtlError
-from dtl.generate import step_kernel
+from dtl.generate import generate_tokens, step_kernel
 from dtl.generate.decode import plan_for
 from dtl.generate.step_kernel import kernel_library, step_for
 from dtl.model.dtype import to_inference_dtype
@@ -149,6 +149,89 @@ def test_a_cache_from_the_forward_with_padding_and_after_rows_leave(built):
         got = kernel(new[2, :1], one)
         want = model(new[2, :1, None], cache=one_full, last_only=True)[:, -1]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_a_padded_prompt_prefills_as_the_forward_and_steps_on(built, dtype, threads,
+                                                              monkeypatch):
+    """A left-padded batch's prompt in one call (`run`, T = 5) and then two steps: each call's
+    logits are the oracle forward's at each row's last token, over the whole text so far (no
+    cache), and the real tokens' keys are the forward's. On 3 threads too: the work split
+    unevenly, each phase waiting for the one before."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the kernel asks for
+    model = sharp_model()
+    ref = oracle_for(model, dtype)
+    run = to_inference_dtype(copy.deepcopy(model), dtype)
+    kernel = step_for(run)
+    ids = torch.tensor([[0, 0, 5, 9, 14], [3, 1, 4, 1, 5], [0, 0, 0, 0, 7]])
+    mask = (torch.arange(5)[None] >= torch.tensor([[2], [0], [4]])).long()
+    new = torch.tensor([[11, 40, 2], [12, 41, 3]])  # (steps, B)
+    with torch.no_grad():
+        cache = run.allocate_cache(3, 12)
+        got = kernel.run(ids, cache, mask)
+        torch.testing.assert_close(got, ref(ids, mask)[:, -1], rtol=1e-5, atol=2e-5)
+        for step in new:
+            ids = torch.cat([ids, step[:, None]], 1)
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+            got = kernel(step, cache)
+            torch.testing.assert_close(got, ref(ids, mask)[:, -1], rtol=1e-5, atol=2e-5)
+        if dtype == "fp32":
+            full = model.allocate_cache(3, 12)
+            model(ids, mask, cache=full)
+            real = mask.bool()[:, None, :, None]  # (B, 1, T, 1): padding slots hold anything
+            for a, b in zip(cache.keys + cache.values, full.keys + full.values, strict=True):
+                torch.testing.assert_close((a[:, :, :7] * real), (b[:, :, :7] * real))
+
+
+def test_generating_through_the_kernel_lays_out_no_second_copy(built):
+    """Prompts and steps of a batch go through the kernel, so the plan's oneDNN-packed and
+    one-row layouts (a copy of the weights each) are never made; greedy tokens are those of
+    the forward's own loop without a cache."""
+    model = odd_model()
+    ids = torch.tensor([[0, 4, 5], [1, 2, 3]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    out = generate_tokens(model, ids, 12, temperature=0, attention_mask=mask)
+    plan = plan_for(model)
+    assert plan.several is None and plan.built_one_row is None and plan.kernel
+    ref = generate_tokens(model, ids, 12, temperature=0, attention_mask=mask, use_cache=False)
+    assert torch.equal(out, ref)
+
+
+def test_large_calls_go_to_torchs_kernels(built, monkeypatch):
+    """Steps of more than STEP_ROWS rows and prompts of more than PREFILL_TOKENS tokens in all
+    run on torch's ops (its matrix kernels win there, docs/benchmarks.md); the rest on DTL's."""
+    model = odd_model()
+    plan = plan_for(model)
+    seen = []
+    real = step_kernel.StepKernel.run
+    monkeypatch.setattr(step_kernel.StepKernel, "run",
+                        lambda self, ids, c, m=None: seen.append(ids.shape) or real(self, ids, c, m))  # fmt: skip
+    monkeypatch.setattr(step_kernel, "STEP_ROWS", 4)  # this model's context is 40 tokens
+    monkeypatch.setattr(step_kernel, "PREFILL_TOKENS", 16)
+    with torch.no_grad():
+        for rows, new in [(4, 1), (5, 1), (1, 16), (2, 8), (1, 17), (3, 6)]:
+            cache = model.allocate_cache(rows, 20)
+            plan.last_logits(model, torch.ones(rows, new, dtype=torch.long), None, cache)
+            assert cache.length == new
+    assert seen == [(4, 1), (1, 16), (2, 8)]
+
+
+def test_a_bad_prompt_gets_the_forwards_message_and_leaves_the_cache(built):
+    model = odd_model()
+    plan = plan_for(model)
+    cache = model.allocate_cache(2, 6)
+    cases = [
+        (torch.tensor([[1.0, 2.0]] * 2), None, "input_ids must be an integer tensor"),
+        (torch.tensor([[1, 2, 3]] * 2), torch.ones(2, 2), "attention_mask shape"),
+        (torch.tensor([[1, 2, 3, 4, 5, 6, 7]] * 2), None, "the KV cache is full"),
+        (torch.tensor([[1, 2, 300], [0, 1, 2]]), torch.tensor([[0, 1, 1], [1, 1, 1]]),
+         "token ids must be in"),
+    ]  # fmt: skip
+    for ids, mask, message in cases:
+        with pytest.raises(DtlError, match=message):
+            plan.last_logits(model, ids, mask, cache)
+        assert cache.length == 0 and not cache.has_padding
 
 
 @pytest.mark.parametrize("rows", [1, 3])

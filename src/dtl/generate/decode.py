@@ -69,7 +69,7 @@ from dtl.model.dtype import fuse_int8_linears, is_int8_linear
 from dtl.model.kv_cache import KVCache
 from dtl.model.transformer import TransformerLM
 
-from .step_kernel import StepKernel, step_for
+from .step_kernel import StepKernel, kernel_fits, step_for
 
 
 @dataclass
@@ -326,9 +326,28 @@ class DecodePlan:
         call for the whole step, the same logits to float rounding), else `eager_step`."""
         if self.kernel is None:
             self.kernel = step_for(model) or False
-        if self.kernel and self.kernel.takes(cache):
+        if self.kernel and kernel_fits(tokens.size(0), 1) and self.kernel.takes(cache):
             return self.kernel(tokens, cache)
         return self.eager_step(model, tokens, cache)
+
+    def last_logits(
+        self, model: TransformerLM, input_ids: Tensor, attention_mask: Tensor | None,
+        cache: KVCache,
+    ) -> Tensor:
+        """The next-token logits (B, V), fp32, after `input_ids` (B, T) (left-padded where
+        `attention_mask` has zeros) through `cache`: a prompt's prefill or one step. DTL's step
+        kernel where it runs and the call is small enough to gain (`kernel_fits`), else the
+        eager step for one token per row, else the model's forward on this plan's layouts."""
+        if self.kernel is None:
+            self.kernel = step_for(model) or False
+        if (self.kernel and input_ids.dim() == 2 and kernel_fits(*input_ids.shape)
+                and self.kernel.takes(cache)):  # fmt: skip
+            if attention_mask is not None or input_ids.size(1) != 1:
+                model._check_inputs(input_ids, attention_mask, cache)  # the forward's checks
+            return self.kernel.run(input_ids, cache, attention_mask)  # (a step's: in the kernel)
+        if attention_mask is None and input_ids.size(1) == 1:
+            return self.eager_step(model, input_ids[:, 0], cache)
+        return model(input_ids, attention_mask, cache=cache, last_only=True, layout=self)[:, -1]
 
     def eager_step(self, model: TransformerLM, tokens: Tensor, cache: KVCache) -> Tensor:
         """`step` in torch's kernels: `model(tokens[:, None], cache=cache, last_only=True,

@@ -81,13 +81,12 @@ def last_logits(
     plan: DecodePlan | None = None,
 ) -> Tensor:
     """The next-token logits (B, V) after `input_ids`: only the last position goes through
-    the vocabulary head. With a `DecodePlan` (CPU models, `dtl.generate.decode`) the model's
-    forward runs one-token steps and the head on weights laid out for memory speed; the loop
-    gets the plan once, not every step. One new token per row through the cache takes the
-    plan's lean step (`DecodePlan.step`): the forward's kernels, bit for bit, without its
-    module calls, input checks and views."""
-    if plan is not None and cache is not None and attention_mask is None and input_ids.size(1) == 1:
-        return plan.step(model, input_ids[:, 0], cache)  # (B, V)
+    the vocabulary head. With a `DecodePlan` (CPU models, `dtl.generate.decode`) and a cache,
+    the prompt and every step go through the plan (`DecodePlan.last_logits`: DTL's step
+    kernel, else the eager step or the forward on its layouts); the loop gets the plan once,
+    not every step."""
+    if plan is not None and cache is not None:
+        return plan.last_logits(model, input_ids, attention_mask, cache)  # (B, V)
     return model(input_ids, attention_mask, cache=cache, last_only=True, layout=plan)[:, -1]
 
 

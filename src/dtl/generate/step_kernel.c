@@ -247,22 +247,31 @@ static void layer_norm_rows(float *x, int B, int d, const float *w, const float 
     }
 }
 
-/* One head of one row: store its new key and value at `pos` in the cache, then attend over
- * positions 0..pos (those `mask` marks real; the new one always is). scores: (pos + 1,) */
-static void attend(const Model *m, const Cache *c, int layer, int b, int h, int pos,
-                   const uint8_t *mask, int64_t mask_stride, const float *qkv, float *out,
-                   float *scores) {
+/* Store row r's new key and value of head h (row r = b * T + t, the token at cache slot
+ * `slot` of batch row b) in the cache. */
+static void store(const Model *m, const Cache *c, int layer, int b, int h, int slot,
+                  const float *qkv_row) {
     const int d = m->d, dk = m->d_k;
-    const float *q = qkv + (int64_t)b * 3 * d + h * dk;
-    float *K = c->keys[layer] + b * c->sb + h * c->sh;
-    float *Vv = c->values[layer] + b * c->sb + h * c->sh;
-    memcpy(K + (int64_t)pos * dk, q + d, sizeof(float) * dk);
-    memcpy(Vv + (int64_t)pos * dk, q + 2 * d, sizeof(float) * dk);
+    const int64_t at = b * c->sb + h * c->sh + (int64_t)slot * dk;
+    memcpy(c->keys[layer] + at, qkv_row + d + h * dk, sizeof(float) * dk);
+    memcpy(c->values[layer] + at, qkv_row + 2 * d + h * dk, sizeof(float) * dk);
+}
+
+/* One head of one new token: attend over cache slots 0..slot of its batch row b, those `mask`
+ * marks real, and its own slot always (the forward's rule). out_row: its (d,) attention
+ * output; scores: (slot + 1,) of this thread's. */
+static void attend(const Model *m, const Cache *c, int layer, int b, int h, int slot,
+                   const uint8_t *mask, int64_t mask_stride, const float *qkv_row,
+                   float *out_row, float *scores) {
+    const int dk = m->d_k;
+    const float *q = qkv_row + h * dk;
+    const float *K = c->keys[layer] + b * c->sb + h * c->sh;
+    const float *Vv = c->values[layer] + b * c->sb + h * c->sh;
     const uint8_t *valid = mask ? mask + b * mask_stride : NULL;
     const float scale = 1.0f / sqrtf((float)dk);
     float best = -INFINITY;
-    for (int j = 0; j <= pos; j++) {
-        if (valid && !valid[j]) { scores[j] = -INFINITY; continue; }
+    for (int j = 0; j <= slot; j++) {
+        if (valid && !valid[j] && j != slot) { scores[j] = -INFINITY; continue; }
         const float *k = K + (int64_t)j * dk;
         float s = 0.f;
         #pragma omp simd reduction(+ : s)
@@ -272,14 +281,14 @@ static void attend(const Model *m, const Cache *c, int layer, int b, int h, int 
         if (s > best) best = s;
     }
     float total = 0.f;
-    for (int j = 0; j <= pos; j++) {
+    for (int j = 0; j <= slot; j++) {
         const float e = scores[j] == -INFINITY ? 0.f : expf(scores[j] - best);
         scores[j] = e;
         total += e;
     }
-    float *o = out + (int64_t)b * d + h * dk;
+    float *o = out_row + h * dk;
     for (int i = 0; i < dk; i++) o[i] = 0.f;
-    for (int j = 0; j <= pos; j++) {
+    for (int j = 0; j <= slot; j++) {
         if (scores[j] == 0.f) continue;
         const float p = scores[j] / total, *v = Vv + (int64_t)j * dk;
         #pragma omp simd
@@ -287,64 +296,84 @@ static void attend(const Model *m, const Cache *c, int layer, int b, int h, int 
     }
 }
 
-/* The step. tokens (B,); pos: the cache slot the new tokens take (its length before the step);
- * mask: the cache's key mask (B rows of mask_stride bytes) when it holds padding, else NULL;
- * logits (B, V) out. work: B * (2d + 3d + d + F) + threads * (pos + 1) floats.
- * Returns 0, or 1 + the first row whose token id is outside the vocabulary (nothing run). */
-int dtl_decode_step(const Model *m, const Cache *c, int B, int pos, const int64_t *tokens,
-                     const uint8_t *mask, int64_t mask_stride, float *logits, float *work,
-                     int threads) {
-    const int d = m->d, F = m->d_ff, H = m->n_heads;
-    float *x = work, *tmp = x + (int64_t)B * d, *qkv = tmp + (int64_t)B * d;
-    float *att = qkv + (int64_t)B * 3 * d, *ff = att + (int64_t)B * d;
-    float *scores_all = ff + (int64_t)B * F;
-    for (int b = 0; b < B; b++)
-        if (tokens[b] < 0 || tokens[b] >= m->vocab) return b + 1; /* row b's id is no token */
+/* T new tokens per row through the cache, and the next-token logits after each row's last.
+ * tokens (B, T); pos: the first cache slot they take (its length before); mask: the cache's key
+ * mask (B rows of mask_stride bytes, the new slots already written) when it holds padding, else
+ * NULL; logits (B, V) out. work: B * T * (2d + 3d + d + F) + B * d + threads * (pos + T) floats.
+ * Rows r = b * T + t run together through every product. A one-token step (T = 1) stores and
+ * attends in one phase; with T > 1 every new key is stored before any query attends.
+ * Returns 0, or 1 + the first row (b * T + t) whose token id is outside the vocabulary (nothing
+ * run then). */
+int dtl_decode_step(const Model *m, const Cache *c, int B, int T, int pos,
+                    const int64_t *tokens, const uint8_t *mask, int64_t mask_stride,
+                    float *logits, float *work, int threads) {
+    const int d = m->d, F = m->d_ff, H = m->n_heads, R = B * T;
+    float *x = work, *tmp = x + (int64_t)R * d, *qkv = tmp + (int64_t)R * d;
+    float *att = qkv + (int64_t)R * 3 * d, *ff = att + (int64_t)R * d;
+    float *last = ff + (int64_t)R * F, *scores_all = last + (int64_t)B * d;
+    for (int r = 0; r < R; r++)
+        if (tokens[r] < 0 || tokens[r] >= m->vocab) return r + 1; /* row r's id is no token */
     Barrier barrier = {0, 0};
     #pragma omp parallel num_threads(threads)
     {
         int phase = 0, lo, hi;
-        float *scores = scores_all + (int64_t)omp_get_thread_num() * (pos + 1);
-        share(B, &lo, &hi);
-        for (int b = lo; b < hi; b++) { /* embedding * scale + the position's sinusoid */
-            int p = pos;
-            if (mask) { /* a padded row's position counts its real tokens */
+        float *scores = scores_all + (int64_t)omp_get_thread_num() * (pos + T);
+        share(R, &lo, &hi);
+        for (int r = lo; r < hi; r++) { /* embedding * scale + the position's sinusoid */
+            const int b = r / T, slot = pos + r % T;
+            int p = slot;
+            if (mask) { /* a row's position counts its real tokens before it */
                 p = 0;
-                for (int j = 0; j < pos; j++) p += mask[b * mask_stride + j] != 0;
+                for (int j = 0; j < slot; j++) p += mask[b * mask_stride + j] != 0;
             }
             const float *pe = m->pe + (int64_t)p * d;
-            float *r = x + (int64_t)b * d;
+            float *x_r = x + (int64_t)r * d;
             if (m->emb_bf16) {
-                const uint16_t *e = (const uint16_t *)m->embedding + tokens[b] * d;
-                for (int i = 0; i < d; i++) r[i] = bf16_to_f32(e[i]) * m->embed_scale + pe[i];
+                const uint16_t *e = (const uint16_t *)m->embedding + tokens[r] * d;
+                for (int i = 0; i < d; i++) x_r[i] = bf16_to_f32(e[i]) * m->embed_scale + pe[i];
             } else {
-                const float *e = (const float *)m->embedding + tokens[b] * d;
-                for (int i = 0; i < d; i++) r[i] = e[i] * m->embed_scale + pe[i];
+                const float *e = (const float *)m->embedding + tokens[r] * d;
+                for (int i = 0; i < d; i++) x_r[i] = e[i] * m->embed_scale + pe[i];
             }
         }
         barrier_wait(&barrier, &phase);
         for (int l = 0; l < m->n_layers; l++) {
             const Block *blk = &m->blocks[l];
-            product(m, &blk->qkv, x, B, qkv, NULL, 0);
+            product(m, &blk->qkv, x, R, qkv, NULL, 0);
             barrier_wait(&barrier, &phase);
-            share(B * H, &lo, &hi);
-            for (int bh = lo; bh < hi; bh++)
-                attend(m, c, l, bh / H, bh % H, pos, mask, mask_stride, qkv, att, scores);
+            share(R * H, &lo, &hi);
+            if (T > 1) { /* every new key in place before any query reads it */
+                for (int rh = lo; rh < hi; rh++) {
+                    const int r = rh / H;
+                    store(m, c, l, r / T, rh % H, pos + r % T, qkv + (int64_t)r * 3 * d);
+                }
+                barrier_wait(&barrier, &phase);
+            }
+            for (int rh = lo; rh < hi; rh++) {
+                const int r = rh / H, b = r / T, h = rh % H, slot = pos + r % T;
+                const float *qkv_r = qkv + (int64_t)r * 3 * d;
+                if (T == 1) store(m, c, l, b, h, slot, qkv_r);
+                attend(m, c, l, b, h, slot, mask, mask_stride, qkv_r, att + (int64_t)r * d,
+                       scores);
+            }
             barrier_wait(&barrier, &phase);
-            product(m, &blk->wo, att, B, tmp, x, 0); /* + the residual */
+            product(m, &blk->wo, att, R, tmp, x, 0); /* + the residual */
             barrier_wait(&barrier, &phase);
-            layer_norm_rows(tmp, B, d, blk->ln1_w, blk->ln1_b, blk->eps1);
+            layer_norm_rows(tmp, R, d, blk->ln1_w, blk->ln1_b, blk->eps1);
             barrier_wait(&barrier, &phase);
-            product(m, &blk->up, tmp, B, ff, NULL, 1);
+            product(m, &blk->up, tmp, R, ff, NULL, 1);
             barrier_wait(&barrier, &phase);
-            product(m, &blk->down, ff, B, x, tmp, 0); /* + the residual */
+            product(m, &blk->down, ff, R, x, tmp, 0); /* + the residual */
             barrier_wait(&barrier, &phase);
-            layer_norm_rows(x, B, d, blk->ln2_w, blk->ln2_b, blk->eps2);
+            layer_norm_rows(x, R, d, blk->ln2_w, blk->ln2_b, blk->eps2);
             barrier_wait(&barrier, &phase);
         }
-        layer_norm_rows(x, B, d, m->lnf_w, m->lnf_b, m->eps_f);
+        share(B, &lo, &hi); /* each row's last token only goes through the head */
+        for (int b = lo; b < hi; b++)
+            memcpy(last + (int64_t)b * d, x + ((int64_t)b * T + T - 1) * d, sizeof(float) * d);
+        layer_norm_rows(last, B, d, m->lnf_w, m->lnf_b, m->eps_f);
         barrier_wait(&barrier, &phase);
-        product(m, &m->head, x, B, logits, NULL, 0);
+        product(m, &m->head, last, B, logits, NULL, 0);
     }
     return 0;
 }
