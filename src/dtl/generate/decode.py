@@ -2,8 +2,9 @@
 matrix-vector products of a one-token step, which the model's own forward then uses.
 
 Where DTL's step kernel is built (`dtl.generate.step_kernel`: C and OpenMP, the whole step in
-one call), `DecodePlan.step` runs it, and what follows serves the model's forward (a prompt's
-tokens) and the eager step (`eager_step`), which runs where the kernel is not built.
+one call), `DecodePlan.step` and `DecodePlan.last_logits` run it for steps and short prompts,
+and what follows serves the rest: the model's forward (long prompts) and the eager step
+(`eager_step`: steps of many rows, and every step where the kernel is not built).
 
 Decoding one token multiplies a single row (B = 1) by every weight of the blocks and the
 vocabulary head, so it is bound by how fast those weights stream from memory. On the CPU,
@@ -289,11 +290,11 @@ class Layout:
 class DecodePlan:
     """The model's weights laid out for one row (`one_row`) and for several (`several`), each
     made on its first use, and DTL's step kernel (`kernel`, its own copy, made on the first
-    step). The plan itself is a layout too: the model's forward asks it `for_rows(B)`. Where
-    the kernel runs, the layouts serve the forward only (a prompt of several tokens takes
-    `several`), so an fp32 model keeps two copies of its weights beside its own (the kernel's
-    and `several`, 70 MB each for `small`), three where a one-token prompt or the eager step
-    needs `one_row`."""
+    call). The plan itself is a layout too: the model's forward asks it `for_rows(B)`. Where
+    the kernel runs, the layouts serve only what it does not take (`kernel_fits`: prompts of
+    more than 64 tokens in all, steps of more than 16 rows), so an fp32 model generating
+    short prompts keeps one copy of its weights beside its own (the kernel's, 70 MB for
+    `small`), and one more per layout such calls make."""
 
     key: tuple  # (data_ptr, _version, dtype) of every parameter when it was built
     built_one_row: Layout | None  # None: `one_row` lays it out on first use

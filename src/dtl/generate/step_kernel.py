@@ -1,5 +1,6 @@
 """DTL's own decode-step kernel (`step_kernel.c`): a whole one-token step of a CPU model, every
-block, the final LayerNorm and the head, in one call and one OpenMP parallel region.
+block, the final LayerNorm and the head, in one call and one OpenMP parallel region; a short
+prompt's prefill too (`StepKernel.run`: T new tokens per row; `kernel_fits` says which calls).
 
 The eager step (`dtl.generate.decode.decode_step`) makes ~190 calls into torch per token, each
 with a fixed cost of a few microseconds; on the `small` preset that is about a third of a step
