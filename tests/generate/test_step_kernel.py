@@ -344,6 +344,25 @@ def test_dtl_info_says_what_decodes_here(built, tmp_path, monkeypatch, capsys):
     assert code == 0 and json.loads(out)["decode_step"] == "torch's ops, eager: off (DTL_STEP_KERNEL=0)"
 
 
+def test_dtl_info_counts_the_kernels_copy_of_the_weights(capsys):
+    """On a CPU the inference estimate counts the kernel's panels: every product's weights,
+    each padded to a multiple of 32 outputs (computed here by hand), 4 bytes in fp32, 2 in
+    16-bit; none on CUDA."""
+    code, out, _ = run_cli(["info", "--preset", "tiny", "--vocab-size", "1000", "--json"], capsys)
+    assert code == 0
+    mem = json.loads(out)["memory"]
+    c = json.loads(out)["config"]
+    d, f, layers = c["d_model"], c["d_ff"], c["n_layers"]
+    padded = layers * (3 * d * d + d * d + f * d + d * f) + 1024 * d  # 1000 outputs -> 1024
+    assert mem["train_fp32"]["decode_copy"] == 4 * padded
+    assert mem["train_mixed"]["decode_copy"] == 2 * padded
+    inference = ("inference_weights", "kv_cache", "decode_copy")
+    assert mem["train_fp32"]["inference_total"] == sum(mem["train_fp32"][k] for k in inference) \
+        + 8 * 1000 * 4  # fmt: skip  (and one fp32 logits row per sequence of the batch)
+    code, out, _ = run_cli(["info", "--preset", "tiny", "--device", "cuda", "--json"], capsys)
+    assert json.loads(out)["memory"]["train_fp32"]["decode_copy"] == 0
+
+
 def test_a_compiler_error_is_reported_not_raised_and_not_retried(tmp_path, monkeypatch, capfd):
     broken = tmp_path / "cc"
     broken.write_text("#!/bin/sh\ncase \"$*\" in *--version*) echo fake 1.0; exit 0;; esac\n"

@@ -241,6 +241,11 @@ def _memory_rows(mem: dict) -> list[str]:
         _row("  weights", _mb(fp["inference_weights"]), _mb(mx["inference_weights"])),
         _row("  KV cache" + (" (fp32 on a CPU)" if mem["device"] == "cpu" else ""),
              _mb(fp["kv_cache"]), _mb(mx["kv_cache"])),  # fmt: skip
+    ]
+    if mem["device"] == "cpu":
+        rows.append(_row("  the decode step's copy of the weights", _mb(fp["decode_copy"]),
+                         _mb(mx["decode_copy"])))  # fmt: skip
+    rows += [
         _row("  total", _mb(fp["inference_total"]), _mb(mx["inference_total"])),
     ]
     return rows

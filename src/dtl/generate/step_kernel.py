@@ -238,7 +238,25 @@ class _Arena:
 
 
 def _panel_bytes(out: int, n_in: int, itemsize: int) -> int:
-    return -(-out // PANEL) * PANEL * n_in * itemsize + 64
+    return -(-out // PANEL) * PANEL * n_in * itemsize
+
+
+def _linear_shapes(config) -> list[tuple[int, int]]:
+    """(out, in) of every product the kernel keeps, in its order: per block Q|K|V, W_O, the
+    feed-forward pair; then the head."""
+    d, f = config.d_model, config.d_ff
+    return [(3 * d, d), (d, d), (f, d), (d, f)] * config.n_layers + [(config.vocab_size, d)]
+
+
+def copy_bytes(config, itemsize: int) -> int:
+    """The bytes of weights the kernel keeps for a model of `config` whose weights take
+    `itemsize` bytes each (4 fp32, 2 bf16, 1 int8): every product in panels of 32 outputs.
+
+    >>> from dtl import ModelConfig
+    >>> copy_bytes(ModelConfig.preset("small"), 4) / 2**20  # MiB
+    67.09375
+    """
+    return sum(_panel_bytes(o, i, itemsize) for o, i in _linear_shapes(config))
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -269,10 +287,9 @@ class StepKernel:
         int8 = is_int8_linear(model.head)
         wtype = W_I8 if int8 else (W_BF16 if model.head.weight.dtype == torch.bfloat16 else W_F32)
         keep: list = []
-        d, f = c.d_model, c.d_ff
         itemsize = 1 if int8 else (2 if wtype == W_BF16 else 4)
-        sizes = [(3 * d, d), (d, d), (f, d), (d, f)] * c.n_layers + [(c.vocab_size, d)]
-        arena = _Arena(sum(_panel_bytes(o, i, itemsize) for o, i in sizes))
+        shapes = _linear_shapes(c)
+        arena = _Arena(copy_bytes(c, itemsize) + 64 * len(shapes))  # + each one's alignment
         keep.append(arena.memory)
 
         def ptr(t: Tensor) -> int:

@@ -167,6 +167,11 @@ def estimate_memory(
     kv_bytes = 4 if device == "cpu" else infer_bytes
     kv_cache = 2 * config.n_layers * seq_len * D * kv_bytes * batch_size
     inference_weights = params * infer_bytes
+    decode_copy = 0
+    if device == "cpu":  # DTL's step kernel keeps every product's weights in its own layout
+        from dtl.generate.step_kernel import copy_bytes
+
+        decode_copy = copy_bytes(config, infer_bytes)
     return {
         "weights": weights,
         "gradients": gradients,
@@ -177,7 +182,9 @@ def estimate_memory(
         "train_total": train_total,
         "inference_weights": inference_weights,
         "kv_cache": kv_cache,
-        "inference_total": inference_weights + kv_cache + batch_size * V * 4,  # + one logits row
+        "decode_copy": decode_copy,
+        # + one logits row
+        "inference_total": inference_weights + kv_cache + decode_copy + batch_size * V * 4,
     }
 
 
