@@ -363,6 +363,35 @@ def test_dtl_info_counts_the_kernels_copy_of_the_weights(capsys):
     assert json.loads(out)["memory"]["train_fp32"]["decode_copy"] == 0
 
 
+@pytest.mark.parametrize("refused", [["-fopenmp"], ["-fopenmp", "-march=native"]])
+def test_a_compiler_that_refuses_a_flag_builds_without_it(built, refused, tmp_path,
+                                                          monkeypatch, capsys):
+    """Apple's clang refuses -fopenmp (and some ARM compilers -march=native): the kernel is
+    built without them, runs on one thread, computes the same, and `dtl info` says so."""
+    real = step_kernel.shutil.which("cc") or step_kernel.shutil.which("gcc")
+    wrapper = tmp_path / "cc"
+    checks = "".join(f'case "$*" in *{flag}*) echo "unsupported option {flag}" >&2; exit 1;; '
+                     "esac\n" for flag in refused)  # fmt: skip
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *--version*) exec "{real}" "$@";; esac\n'
+                       f'{checks}exec "{real}" "$@"\n')  # fmt: skip
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("DTL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(step_kernel, "_BUILD", None)
+    assert step_kernel.kernel_status() == (
+        "DTL's step kernel (C, one thread: the compiler has no OpenMP)")
+    model = sharp_model()
+    kernel = step_for(model)
+    ids = torch.tensor([[7, 3, 99, 0, 42, 100], [5, 5, 61, 12, 1, 2]])
+    with torch.no_grad():
+        cache = model.allocate_cache(2, 8)
+        got = kernel.run(ids[:, :4], cache)
+        torch.testing.assert_close(got, model(ids[:, :4])[:, -1], rtol=1e-5, atol=2e-5)
+        for t in (4, 5):
+            got = kernel(ids[:, t], cache)
+            torch.testing.assert_close(got, model(ids[:, : t + 1])[:, -1], rtol=1e-5, atol=2e-5)
+
+
 def test_a_compiler_error_is_reported_not_raised_and_not_retried(tmp_path, monkeypatch, capfd):
     broken = tmp_path / "cc"
     broken.write_text("#!/bin/sh\ncase \"$*\" in *--version*) echo fake 1.0; exit 0;; esac\n"

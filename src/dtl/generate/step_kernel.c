@@ -25,7 +25,21 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
 #include <omp.h>
+#else /* a compiler without OpenMP (Apple's clang): the same step on one thread */
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
+
+/* Whether this build runs a step on several threads (built with OpenMP). */
+int dtl_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE4_1__)
 #include <immintrin.h>
 #endif

@@ -15,10 +15,11 @@ at batch 8, bf16 3.2x and 1.5x, int8 3.2x and 1.4x (docs/benchmarks.md).
 It is built the first time it is needed, with the machine's C compiler (`cc`, or `$CC`) and
 `-O3 -march=native -fopenmp`, into DTL's cache folder (`kernel_dir`), keyed by the source, the
 compiler and the CPU's feature flags (a few seconds, said on stderr); every later process
-loads the built library. Where there is no compiler, or the build fails (Apple's clang has no
-`-fopenmp`), or a model is not one it runs (a GPU model, a layout it does not know),
-`step_for(model)` returns None and the eager step runs: the same model, only slower.
-`DTL_STEP_KERNEL=0` turns it off. `dtl info` says which one runs.
+loads the built library. A compiler that refuses `-fopenmp` (Apple's clang) or
+`-march=native` builds it without them (without OpenMP a step runs on one thread). Where there
+is no compiler, or the build fails, or a model is not one it runs (a GPU model, a layout it
+does not know), `step_for(model)` returns None and the eager step runs: the same model, only
+slower. `DTL_STEP_KERNEL=0` turns it off. `dtl info` says which one runs.
 
 Numerics: every product sums in fp32, whatever the weights' format; the residual stream, the
 LayerNorms, attention and the KV cache are fp32 too. So an fp32 model's logits match the eager
@@ -62,6 +63,10 @@ from dtl.model.transformer import TransformerLM
 
 SOURCE = Path(__file__).with_name("step_kernel.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+# Where a compiler refuses a flag, the build is tried again without it, in this order: Apple's
+# clang has no -fopenmp (the kernel then runs on one thread), and some compilers for ARM take
+# no -march=native.
+OPTIONAL_FLAGS = ("-fopenmp", "-march=native")
 W_F32, W_BF16, W_I8 = 0, 1, 2
 
 P = ctypes.c_void_p
@@ -151,25 +156,32 @@ def _compile() -> _Build:
         library = ctypes.CDLL(str(target))
     except OSError as e:
         return _Build(why_not=f"could not load {target} ({e})")
+    library.dtl_has_openmp.restype = I32
     library.dtl_decode_step.restype = I32
     library.dtl_decode_step.argtypes = [P, P, I32, I32, I32, P, P, I64, P, P, I32]
     return _Build(library)
 
 
 def _build(cc: str, target: Path) -> str:
-    """Compile the kernel into `target`; "" when built, else why not."""
+    """Compile the kernel into `target` (with `FLAGS`, else without the optional ones the
+    compiler refused, one at a time); "" when built, else why not (the first error)."""
+    flags, first_error = list(FLAGS), ""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                                  capture_output=True, text=True, timeout=300)  # fmt: skip
-            if done.returncode != 0:
-                return f"{cc} failed: {done.stderr.strip()[-300:]}"
-            os.replace(built, target)  # atomic: a concurrent build leaves one whole file
+            for dropped in (None, *OPTIONAL_FLAGS):
+                if dropped is not None:
+                    flags.remove(dropped)
+                done = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"],
+                                      capture_output=True, text=True, timeout=300)  # fmt: skip
+                if done.returncode == 0:
+                    os.replace(built, target)  # atomic: a concurrent build leaves one whole file
+                    return ""
+                first_error = first_error or f"{cc} failed: {done.stderr.strip()[-300:]}"
     except (OSError, subprocess.SubprocessError) as e:
         return f"could not build in {target.parent} ({e})"
-    return ""
+    return first_error
 
 
 def kernel_library() -> _Build:
@@ -185,6 +197,8 @@ def kernel_status() -> str:
     build = kernel_library()
     if build.library is None:
         return f"torch's ops, eager: {build.why_not}"
+    if not build.library.dtl_has_openmp():
+        return "DTL's step kernel (C, one thread: the compiler has no OpenMP)"
     return "DTL's step kernel (C, OpenMP)"
 
 
