@@ -33,9 +33,9 @@ layout with the head in 8 column blocks per thread.
 
 Without the kernel, the token loop runs each step through `eager_step` (`decode_step`): the
 forward's kernels for that one case (one new token per row through the cache), in the same
-order, so the logits are the same bit for bit, without what the general forward needs and a step does
-not (module calls, input checks with their host syncs, (B, T, d) views, dropout calls): a
-third fewer dispatcher calls per step (docs/benchmarks.md).
+order, so the logits are the same bit for bit, without what the general forward needs and a
+step does not (module calls, input checks with their host syncs, (B, T, d) views, dropout
+calls): a third fewer dispatcher calls per step (docs/benchmarks.md).
 
 The plan is in the model's dtype (`dtl.model.dtype`, `--dtype`): a bf16 model's products are
 bf16 weights packed for oneDNN (`PackedLinear`, one layout for any rows), and an int8 model's plan is its own packed
@@ -325,11 +325,19 @@ class DecodePlan:
         """The next-token logits (B, V), fp32, after one new token per row (`tokens` (B,))
         through `cache`: DTL's step kernel where it runs (`dtl.generate.step_kernel`: one
         call for the whole step, the same logits to float rounding), else `eager_step`."""
+        kernel = self._kernel_for(model, tokens.size(0), 1, cache)
+        return kernel(tokens, cache) if kernel else self.eager_step(model, tokens, cache)
+
+    def _kernel_for(
+        self, model: TransformerLM, rows: int, new: int, cache: KVCache
+    ) -> StepKernel | None:
+        """DTL's step kernel (made on the first call) where it takes a call of `rows` rows of
+        `new` tokens through `cache` (`kernel_fits`), else None."""
         if self.kernel is None:
             self.kernel = step_for(model) or False
-        if self.kernel and kernel_fits(tokens.size(0), 1) and self.kernel.takes(cache):
-            return self.kernel(tokens, cache)
-        return self.eager_step(model, tokens, cache)
+        if self.kernel and kernel_fits(rows, new) and self.kernel.takes(cache):
+            return self.kernel
+        return None
 
     def last_logits(
         self, model: TransformerLM, input_ids: Tensor, attention_mask: Tensor | None,
@@ -339,13 +347,11 @@ class DecodePlan:
         `attention_mask` has zeros) through `cache`: a prompt's prefill or one step. DTL's step
         kernel where it runs and the call is small enough to gain (`kernel_fits`), else the
         eager step for one token per row, else the model's forward on this plan's layouts."""
-        if self.kernel is None:
-            self.kernel = step_for(model) or False
-        if (self.kernel and input_ids.dim() == 2 and kernel_fits(*input_ids.shape)
-                and self.kernel.takes(cache)):  # fmt: skip
+        kernel = self._kernel_for(model, *input_ids.shape, cache) if input_ids.dim() == 2 else None
+        if kernel:
             if attention_mask is not None or input_ids.size(1) != 1:
                 model._check_inputs(input_ids, attention_mask, cache)  # the forward's checks
-            return self.kernel.run(input_ids, cache, attention_mask)  # (a step's: in the kernel)
+            return kernel.run(input_ids, cache, attention_mask)  # (a step's: in the kernel)
         if attention_mask is None and input_ids.size(1) == 1:
             return self.eager_step(model, input_ids[:, 0], cache)
         return model(input_ids, attention_mask, cache=cache, last_only=True, layout=self)[:, -1]

@@ -80,16 +80,13 @@ typedef struct {
  * slower, measured with AVX2 and SSE2 builds on the AVX-512 box. */
 #if defined(__AVX512F__)
 #define VW 16
-#define ROWS 8
+#define ROWS_MAX 8
 #elif defined(__AVX__) /* 4 rows: 1.3-1.7x faster than 2 at batch 8 on AVX2 or SSE */
 #define VW 8
-#define ROWS 4
+#define ROWS_MAX 4
 #else
 #define VW 4
-#define ROWS 4
-#endif
-#ifndef ROWS_MAX
-#define ROWS_MAX ROWS
+#define ROWS_MAX 4
 #endif
 #define PANEL 32          /* outputs per panel */
 #define NV (PANEL / VW)   /* vectors per panel row */

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -205,6 +206,11 @@ def kernel_status() -> str:
 PANEL = 32  # outputs per panel (step_kernel.c)
 
 
+def panel_shape(out: int, n_in: int) -> tuple[int, int, int]:
+    """The shape `panels` lays an (out, in) weight out in: (ceil(out / 32), in, 32)."""
+    return -(-out // PANEL), n_in, PANEL
+
+
 def panels(weight: Tensor, out: Tensor | None = None) -> Tensor:
     """nn.Linear's weight (out, in) as the kernel streams it: (ceil(out / 32), in, 32), panel p
     holding outputs 32p.. as rows of 32 (zero-padded), so one input value multiplies a row;
@@ -215,9 +221,10 @@ def panels(weight: Tensor, out: Tensor | None = None) -> Tensor:
             [1., 3., 5., 0.]])
     """
     n_out, n_in = weight.shape
-    padded = weight.new_zeros(-(-n_out // PANEL) * PANEL, n_in)
+    n_panels = panel_shape(n_out, n_in)[0]
+    padded = weight.new_zeros(n_panels * PANEL, n_in)
     padded[:n_out] = weight
-    laid = padded.view(-1, PANEL, n_in).transpose(1, 2)
+    laid = padded.view(n_panels, PANEL, n_in).transpose(1, 2)
     return laid.contiguous() if out is None else out.view_as(laid).copy_(laid)
 
 
@@ -251,10 +258,6 @@ class _Arena:
         return self.memory[start : start + n].view(dtype).view(shape)
 
 
-def _panel_bytes(out: int, n_in: int, itemsize: int) -> int:
-    return -(-out // PANEL) * PANEL * n_in * itemsize
-
-
 def _linear_shapes(config) -> list[tuple[int, int]]:
     """(out, in) of every product the kernel keeps, in its order: per block Q|K|V, W_O, the
     feed-forward pair; then the head."""
@@ -270,7 +273,7 @@ def copy_bytes(config, itemsize: int) -> int:
     >>> copy_bytes(ModelConfig.preset("small"), 4) / 2**20  # MiB
     67.09375
     """
-    return sum(_panel_bytes(o, i, itemsize) for o, i in _linear_shapes(config))
+    return sum(math.prod(panel_shape(o, i)) * itemsize for o, i in _linear_shapes(config))
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -282,13 +285,8 @@ class StepKernel:
     """A model's weights as the kernel reads them, and its calls: `step(tokens, cache)`."""
 
     library: ctypes.CDLL
-    model: _Model
+    model: _Model  # its sizes (`model.d`, `model.vocab`, ...) too
     keep: list = field(default_factory=list)  # every tensor / array the structs point into
-    n_layers: int = 0
-    d: int = 0
-    d_ff: int = 0
-    n_heads: int = 0
-    vocab: int = 0
     _seen: tuple | None = None  # (weakref to the last cache, its first key's address, its struct)
 
     @classmethod
@@ -326,7 +324,7 @@ class StepKernel:
                 scale = None
                 bias = torch.cat([_f32(m.bias) for m in layers])
             out, n_in = w.shape
-            laid = panels(w, arena.take((-(-out // PANEL), n_in, PANEL), w.dtype))
+            laid = panels(w, arena.take(panel_shape(out, n_in), w.dtype))
             return _Linear(laid.data_ptr(), ptr(scale) if scale is not None else None, ptr(bias),
                            out, n_in)  # fmt: skip
 
@@ -351,7 +349,7 @@ class StepKernel:
             int(emb.dtype == torch.bfloat16), model.embed_scale, model.ln_f.eps, ptr(emb),
             ptr(pe), blocks, head, ptr(_f32(model.ln_f.weight)), ptr(_f32(model.ln_f.bias)),
         )  # fmt: skip
-        return cls(library, m, keep, c.n_layers, c.d_model, c.d_ff, c.n_heads, c.vocab_size)
+        return cls(library, m, keep)
 
     def takes(self, cache: KVCache) -> bool:
         """Whether the kernel can step `cache`: fp32 keys and values in (B, H, slots, d_k)
@@ -372,8 +370,8 @@ class StepKernel:
             for t in (*cache.keys, *cache.values)
         ):  # fmt: skip
             return None
-        keys = (P * self.n_layers)(*[t.data_ptr() for t in cache.keys])
-        values = (P * self.n_layers)(*[t.data_ptr() for t in cache.values])
+        keys = (P * self.model.n_layers)(*[t.data_ptr() for t in cache.keys])
+        values = (P * self.model.n_layers)(*[t.data_ptr() for t in cache.values])
         struct = _Cache(keys, values, k0.stride(0), k0.stride(1))
         self._seen = (weakref.ref(cache), k0.data_ptr(), struct)
         return struct
@@ -414,8 +412,9 @@ class StepKernel:
         key_valid = cache.write_mask(new_mask, T)
         threads = torch.get_num_threads()
         # per call: callers on several threads may share one model
-        work = torch.empty(B * T * (6 * self.d + self.d_ff) + B * self.d + threads * cache.max_len)
-        logits = torch.empty(B, self.vocab)
+        d, f = self.model.d, self.model.d_ff
+        work = torch.empty(B * T * (6 * d + f) + B * d + threads * cache.max_len)
+        logits = torch.empty(B, self.model.vocab)
         mask = cache.key_mask if key_valid is not None else None
         bad = self.library.dtl_decode_step(
             ctypes.addressof(self.model), ctypes.addressof(struct), B, T, L,
@@ -429,12 +428,12 @@ class StepKernel:
         return logits
 
     def _check_ids(self, tokens: Tensor) -> None:
-        bad = ((tokens < 0) | (tokens >= self.vocab)).nonzero()
+        bad = ((tokens < 0) | (tokens >= self.model.vocab)).nonzero()
         if len(bad):
             b, t = (int(i) for i in bad[0])
             where = f"row {b}" if tokens.size(1) == 1 else f"row {b}, position {t}"
             raise DtlError(f"token id {int(tokens[b, t])} ({where}) is outside the model's "
-                           f"vocabulary of {self.vocab}")  # fmt: skip
+                           f"vocabulary of {self.model.vocab}")  # fmt: skip
 
 
 # The most rows a call gives the kernel: beyond them the products are compute-bound and
