@@ -401,14 +401,15 @@ class TransformerLM(nn.Module):
                 f"sequence of {past + T} tokens is longer than the model's max_seq_length "
                 f"({limit}); truncate the input or use a model with a longer context"
             )
-        if torch.compiler.is_compiling():  # `--compile`: reading the ids' range would break
-            return  # the graph (a host sync); an id out of range still fails in the embedding
-        lo, hi = torch.aminmax(input_ids)
-        if int(lo) < 0 or int(hi) >= self.config.vocab_size:
-            raise DtlError(
-                f"token ids must be in [0, {self.config.vocab_size}), got ids from {int(lo)} to "
-                f"{int(hi)}; was the text encoded with a tokenizer of another vocabulary?"
-            )
+        # `--compile`: reading the ids' range would break the graph (a host sync); an id out of
+        # range still fails in the embedding
+        if not torch.compiler.is_compiling():
+            lo, hi = torch.aminmax(input_ids)
+            if int(lo) < 0 or int(hi) >= self.config.vocab_size:
+                raise DtlError(
+                    f"token ids must be in [0, {self.config.vocab_size}), got ids from {int(lo)} "
+                    f"to {int(hi)}; was the text encoded with a tokenizer of another vocabulary?"
+                )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise DtlError(
                 f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
